@@ -1,0 +1,1 @@
+"""dockyard's configuration data: the default `dockyard.toml` and the image recipes."""

@@ -1,0 +1,383 @@
+"""The Docker backend: the only module that talks to the Docker daemon.
+
+docker-py is blocking, so every call hops to a worker thread. Attached execs (stdin, streamed
+stdout/stderr) use the Engine API's hijacked connection directly over an async socket, so a
+long-running command holds no thread and can be abandoned the moment it times out.
+docker-py errors are translated into the engine's error tree here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlparse
+
+import anyio
+import anyio.abc
+import docker
+import docker.errors
+import requests.exceptions
+
+from dockyard.runtime.errors import BackendError, DockerUnavailableError
+
+__all__ = ["ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel", "STDERR", "STDOUT"]
+
+T = TypeVar("T")
+STDOUT = 1
+STDERR = 2
+_FRAME_HEADER = struct.Struct(">BxxxL")
+
+
+class ContainerGoneError(BackendError):
+    """Raised when the container behind a runtime no longer exists."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one hardened runtime container."""
+
+    image: str
+    name: str
+    labels: dict[str, str]
+    user: str
+    command: list[str]
+    network: str
+    cpus: float
+    memory_mb: int
+    pids_limit: int
+    tmpfs: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+    read_only: bool = True
+
+
+def _translate(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.NotFound as exc:
+            raise ContainerGoneError(f"docker: {exc.explanation or exc}") from exc
+        except docker.errors.APIError as exc:
+            raise BackendError(f"docker: {exc.explanation or exc}") from exc
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+            raise DockerUnavailableError(
+                "the Docker daemon is not reachable; start it (e.g. `sudo systemctl start docker`) "
+                "and check `dockyard doctor`"
+            ) from exc
+
+    return wrapper
+
+
+class ExecChannel:
+    """One attached exec: write stdin, read (stream, bytes) frames, then ask for the exit code."""
+
+    def __init__(self, backend: DockerBackend, exec_id: str, stream: anyio.abc.ByteStream, pending: bytes) -> None:
+        self.exec_id = exec_id
+        self._backend = backend
+        self._stream = stream
+        self._buffer = bytearray(pending)
+
+    async def send(self, data: bytes) -> None:
+        """Write to the process's stdin."""
+        await self._stream.send(data)
+
+    async def close_stdin(self) -> None:
+        """Half-close: the process reads end-of-file on stdin."""
+        await self._stream.send_eof()  # type: ignore[attr-defined]
+
+    async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (STDOUT|STDERR, chunk) until the process's output ends."""
+        while True:
+            while len(self._buffer) < _FRAME_HEADER.size:
+                if not await self._fill():
+                    return
+            kind, size = _FRAME_HEADER.unpack_from(self._buffer)
+            while len(self._buffer) < _FRAME_HEADER.size + size:
+                if not await self._fill():
+                    return
+            chunk = bytes(self._buffer[_FRAME_HEADER.size : _FRAME_HEADER.size + size])
+            del self._buffer[: _FRAME_HEADER.size + size]
+            yield kind, chunk
+
+    async def _fill(self) -> bool:
+        try:
+            data = await self._stream.receive(65536)
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        self._buffer += data
+        return True
+
+    async def exit_code(self) -> int | None:
+        """The exit code once the process has ended, or None if it is still running."""
+        for _ in range(50):
+            info = await self._backend.exec_inspect(self.exec_id)
+            if not info["Running"]:
+                return info["ExitCode"]
+            await anyio.sleep(0.02)
+        return None
+
+    async def aclose(self) -> None:
+        """Drop the connection; the process is not killed by this."""
+        await self._stream.aclose()
+
+
+class DockerBackend:
+    """Blocking docker-py calls off the event loop, plus async attached execs."""
+
+    def __init__(self, docker_host: str, timeout_s: float) -> None:
+        self._host = docker_host
+        self._timeout_s = timeout_s
+        self._client: docker.DockerClient | None = None
+        # Exec and archive calls are many and short; give them room beyond anyio's default pool.
+        self._limiter = anyio.CapacityLimiter(64)
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = _translate(docker.DockerClient)(base_url=self._host, timeout=int(self._timeout_s))
+        return self._client
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(_translate(fn), *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await anyio.to_thread.run_sync(self._client.close)
+            self._client = None
+
+    # -- daemon -------------------------------------------------------------------------
+
+    async def version(self) -> dict[str, Any]:
+        """The daemon's version document (also a reachability check)."""
+        return await self._run(lambda: self.client.version())
+
+    # -- containers ---------------------------------------------------------------------
+
+    async def run_container(self, spec: ContainerSpec) -> str:
+        """Create and start a hardened container; on a failed start nothing is left behind."""
+
+        def create() -> str:
+            api = self.client.api
+            host_config = api.create_host_config(
+                init=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                pids_limit=spec.pids_limit,
+                mem_limit=f"{spec.memory_mb}m",
+                memswap_limit=f"{spec.memory_mb}m",
+                nano_cpus=int(spec.cpus * 1e9),
+                read_only=spec.read_only,
+                tmpfs=spec.tmpfs,
+                network_mode=spec.network,
+                ipc_mode="private",
+            )
+            created = api.create_container(
+                spec.image,
+                command=spec.command,
+                name=spec.name,
+                user=spec.user,
+                labels=spec.labels,
+                environment=spec.env,
+                host_config=host_config,
+                network_disabled=spec.network == "none",
+            )
+            container_id = created["Id"]
+            try:
+                api.start(container_id)
+            except BaseException:
+                api.remove_container(container_id, force=True, v=True)
+                raise
+            return container_id
+
+        return await self._run(create)
+
+    async def remove_container(self, container_id: str) -> None:
+        """Remove a container and its anonymous volumes; a missing one is not an error."""
+        try:
+            await self._run(self.client.api.remove_container, container_id, force=True, v=True)
+        except ContainerGoneError:
+            pass
+
+    async def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return await self._run(self.client.api.inspect_container, container_id)
+
+    async def start_container(self, container_id: str) -> None:
+        await self._run(self.client.api.start, container_id)
+
+    async def pause(self, container_id: str) -> None:
+        await self._run(self.client.api.pause, container_id)
+
+    async def unpause(self, container_id: str) -> None:
+        await self._run(self.client.api.unpause, container_id)
+
+    async def list_containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Every container (running or not) carrying all of these labels."""
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        return await self._run(self.client.api.containers, all=True, filters=filters)
+
+    # -- exec ---------------------------------------------------------------------------
+
+    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        return await self._run(self.client.api.exec_inspect, exec_id)
+
+    @asynccontextmanager
+    async def exec_attached(
+        self,
+        container_id: str,
+        argv: list[str],
+        *,
+        user: str,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+    ) -> AsyncIterator[ExecChannel]:
+        """Start `argv` in the container with stdin, stdout and stderr attached."""
+        exec_id = (
+            await self._run(
+                self.client.api.exec_create,
+                container_id,
+                argv,
+                stdin=True,
+                user=user,
+                environment=env or {},
+                workdir=workdir,
+            )
+        )["Id"]
+        stream, pending = await self._hijack(f"/exec/{exec_id}/start", {"Detach": False, "Tty": False})
+        channel = ExecChannel(self, exec_id, stream, pending)
+        try:
+            yield channel
+        finally:
+            with anyio.CancelScope(shield=True):
+                await channel.aclose()
+
+    async def _hijack(self, path: str, body: dict[str, Any]) -> tuple[anyio.abc.ByteStream, bytes]:
+        """POST to the Engine API and take over the connection as a raw stream."""
+        url = urlparse(self._host)
+        try:
+            if url.scheme == "unix":
+                stream: anyio.abc.ByteStream = await anyio.connect_unix(url.path)
+            elif url.scheme in ("tcp", "http"):
+                stream = await anyio.connect_tcp(url.hostname or "127.0.0.1", url.port or 2375)
+            else:
+                raise BackendError(f"attached exec supports unix:// and tcp:// docker hosts, not {self._host}")
+        except OSError as exc:
+            raise DockerUnavailableError("the Docker daemon is not reachable; check `dockyard doctor`") from exc
+        payload = json.dumps(body).encode()
+        version = self.client.api._version  # noqa: SLF001 - the negotiated API version
+        request = (
+            f"POST /v{version}{path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+            f"Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+        try:
+            await stream.send(request)
+            head = bytearray()
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive(65536)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        header, _, rest = bytes(head).partition(b"\r\n\r\n")
+        status = int(header.split(b" ", 2)[1])
+        if status not in (101, 200):
+            await stream.aclose()
+            message = rest.decode(errors="replace").strip()
+            if status == 404:
+                raise ContainerGoneError(f"docker: {message}")
+            raise BackendError(f"docker: exec failed ({status}): {message}")
+        return stream, rest
+
+    # -- archives -----------------------------------------------------------------------
+
+    async def put_archive(self, container_id: str, path: str, data: bytes | BinaryIO) -> None:
+        """Extract a tar archive at `path` inside the container."""
+        await self._run(self.client.api.put_archive, container_id, path, data)
+
+    async def get_archive_to(self, container_id: str, path: str, sink: BinaryIO) -> int:
+        """Stream a tar of `path` inside the container into `sink`; returns bytes written."""
+
+        def copy() -> int:
+            chunks, _ = self.client.api.get_archive(container_id, path)
+            written = 0
+            for chunk in chunks:
+                sink.write(chunk)
+                written += len(chunk)
+            return written
+
+        return await self._run(copy)
+
+    # -- networks -----------------------------------------------------------------------
+
+    async def ensure_network(self, name: str, labels: dict[str, str], *, internal: bool) -> None:
+        """Create a bridge network unless one of that name exists."""
+
+        def ensure() -> None:
+            if self.client.api.networks(names=[name]):
+                return
+            self.client.api.create_network(name, driver="bridge", internal=internal, labels=labels)
+
+        await self._run(ensure)
+
+    async def remove_network_if_unused(self, name: str) -> None:
+        def remove() -> None:
+            for net in self.client.api.networks(names=[name]):
+                detail = self.client.api.inspect_network(net["Id"])
+                if not detail.get("Containers"):
+                    self.client.api.remove_network(net["Id"])
+
+        try:
+            await self._run(remove)
+        except BackendError:
+            pass  # still in use by a container being created: the next destroy retries
+
+    async def list_networks(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        return await self._run(self.client.api.networks, filters=filters)
+
+    async def remove_network(self, network_id: str) -> None:
+        try:
+            await self._run(self.client.api.remove_network, network_id)
+        except ContainerGoneError:
+            pass
+
+    # -- images -------------------------------------------------------------------------
+
+    async def image_labels(self, tag: str) -> dict[str, str] | None:
+        """The labels of a local image, or None if there is no such image."""
+        try:
+            info = await self._run(self.client.api.inspect_image, tag)
+        except ContainerGoneError:
+            return None
+        return (info.get("Config") or {}).get("Labels") or {}
+
+    async def pull(self, ref: str) -> None:
+        await self._run(self.client.api.pull, ref)
+
+    async def tag(self, image: str, repository: str, tag: str) -> None:
+        await self._run(self.client.api.tag, image, repository, tag, force=True)
+
+    async def import_rootfs(self, tar_path: str, repository: str, tag: str, changes: list[str]) -> None:
+        """Import a root filesystem tarball as an image."""
+
+        def load() -> None:
+            with open(tar_path, "rb") as fh:
+                self.client.api.import_image(src=fh, repository=repository, tag=tag, changes=changes)
+
+        await self._run(load)
+
+    def build_lines(self, context: str, tag: str, labels: dict[str, str], buildargs: dict[str, str]) -> Iterator[dict]:
+        """Blocking: build an image and yield the daemon's JSON progress records."""
+        try:
+            yield from self.client.api.build(
+                path=context, tag=tag, labels=labels, buildargs=buildargs, rm=True, forcerm=True, decode=True
+            )
+        except docker.errors.APIError as exc:
+            raise BackendError(f"docker build: {exc.explanation or exc}") from exc
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+            raise DockerUnavailableError("the Docker daemon is not reachable; check `dockyard doctor`") from exc

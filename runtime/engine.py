@@ -1,0 +1,105 @@
+"""The engine: everything the tools act on, opened and closed as one unit."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.errors import BackendError, DockyardError
+from dockyard.runtime.images import ImageService
+from dockyard.runtime.sandboxes import SandboxService
+from dockyard.runtime.settings import Identity, Settings
+from dockyard.runtime.store import Store
+
+__all__ = ["Engine", "instance_id"]
+
+log = logging.getLogger(__name__)
+
+
+def instance_id(settings: Settings) -> str:
+    """This data dir's dockyard instance id (created on first use); it labels our containers."""
+    path = settings.data_dir / "instance-id"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(5) + "\n")
+    return path.read_text().strip()
+
+
+@dataclass
+class Engine:
+    """The store, Docker backend, images and services of one dockyard instance."""
+
+    settings: Settings
+    instance: str
+    store: Store
+    audit: AuditLog
+    docker: DockerBackend
+    images: ImageService
+    sandboxes: SandboxService
+
+    @property
+    def operator(self) -> Identity:
+        """The identity of the local (stdio) operator."""
+        return self.settings.operator
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Engine]:
+        """Open the store, reconcile containers, start background work; close it all on exit.
+
+        Start-up never waits for Docker or an image build: a client's handshake is answered
+        at once, and tools that need an image wait for it (or say the build is under way).
+        """
+        instance = instance_id(settings)
+        store = Store(settings.store_path)
+        await store.open()
+        docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+        images = ImageService(settings.images, docker, settings.data_dir / "build")
+        audit = AuditLog(store)
+        engine = cls(
+            settings=settings,
+            instance=instance,
+            store=store,
+            audit=audit,
+            docker=docker,
+            images=images,
+            sandboxes=SandboxService(settings, instance, store, audit, docker, images),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                images.attach(tg)
+                engine.sandboxes.ports.attach(tg)
+                tg.start_soon(engine._start_up)
+                tg.start_soon(engine._reap_loop)
+                try:
+                    yield engine
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await docker.close()
+                await store.close()
+
+    async def _start_up(self) -> None:
+        try:
+            await self.sandboxes.reconcile()
+        except DockyardError as exc:
+            log.warning("start-up reconciliation skipped: %s", exc)
+        if self.settings.images.build_on_start:
+            for template in {t.image for t in self.settings.templates.values()}:
+                self.images.start(template)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.sandbox.reaper_interval_s)
+            try:
+                await self.sandboxes.reap_expired()
+            except BackendError as exc:
+                log.warning("expiry sweep failed: %s", exc)

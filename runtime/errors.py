@@ -1,0 +1,111 @@
+"""The one error tree of the dockyard engine.
+
+Every failure the engine reports on purpose is a `DockyardError`; its message is one
+sentence written for the caller (often an LLM): what was wrong and what to do instead.
+The tool layer passes that message on unchanged and hides everything else.
+
+    DockyardError
+    ├── NotFoundError                 an id or name the caller gave does not exist
+    │   ├── SandboxNotFoundError
+    │   ├── SnapshotNotFoundError
+    │   └── TemplateNotFoundError
+    ├── InvalidRequestError           input the schema cannot catch
+    │   ├── PathOutsideWorkspaceError
+    │   ├── SizeLimitError
+    │   ├── EncodingError
+    │   └── NetworkNotAllowedError
+    ├── ImageError
+    │   ├── ImageBuildingError        the image is still being built; try again soon
+    │   └── ImageBuildFailedError
+    └── BackendError                  the container engine failed or is unreachable
+        └── DockerUnavailableError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "DockerUnavailableError",
+    "DockyardError",
+    "EncodingError",
+    "ImageBuildFailedError",
+    "ImageBuildingError",
+    "ImageError",
+    "InvalidRequestError",
+    "NetworkNotAllowedError",
+    "NotFoundError",
+    "PathOutsideWorkspaceError",
+    "SandboxNotFoundError",
+    "SizeLimitError",
+    "SnapshotNotFoundError",
+    "TemplateNotFoundError",
+]
+
+
+class DockyardError(Exception):
+    """Base of every error the engine raises on purpose; the message is safe to show."""
+
+
+class NotFoundError(DockyardError):
+    """Raised when an id or name given by the caller does not exist (or is not theirs)."""
+
+
+class SandboxNotFoundError(NotFoundError):
+    """Raised when a sandbox id is unknown, destroyed, or owned by another workspace."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"unknown sandbox '{sandbox_id}'; call sandbox_list to see your sandboxes")
+
+
+class SnapshotNotFoundError(NotFoundError):
+    """Raised when a snapshot id is unknown or owned by another workspace."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(f"unknown snapshot '{snapshot_id}'; sandbox_snapshot returns the ids you can use")
+
+
+class TemplateNotFoundError(NotFoundError):
+    """Raised when a template name is not in the configuration."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown template '{name}'; allowed: {', '.join(sorted(known))}")
+
+
+class InvalidRequestError(DockyardError):
+    """Raised for input the schema cannot catch: it names the problem and what is allowed."""
+
+
+class PathOutsideWorkspaceError(InvalidRequestError):
+    """Raised when a file path leaves /workspace, by '..', an absolute path or a symlink."""
+
+
+class SizeLimitError(InvalidRequestError):
+    """Raised when content is larger than the configured cap."""
+
+
+class EncodingError(InvalidRequestError):
+    """Raised when content is not valid in the encoding the caller named."""
+
+
+class NetworkNotAllowedError(InvalidRequestError):
+    """Raised when a network mode is unknown or disabled by configuration."""
+
+
+class ImageError(DockyardError):
+    """Base of errors about runtime images."""
+
+
+class ImageBuildingError(ImageError):
+    """Raised when a tool needs an image that is still being built after the wait allowed."""
+
+
+class ImageBuildFailedError(ImageError):
+    """Raised when the last attempt to build an image failed; the message says why."""
+
+
+class BackendError(DockyardError):
+    """Raised when the container engine rejects or fails an operation."""
+
+
+class DockerUnavailableError(BackendError):
+    """Raised when the Docker daemon cannot be reached."""

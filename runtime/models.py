@@ -1,0 +1,97 @@
+"""Domain results the engine returns; the tools hand them to clients as structured output."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ExecResult",
+    "FileContent",
+    "FileEntry",
+    "FileListing",
+    "FileWritten",
+    "PortInfo",
+    "SandboxInfo",
+    "SnapshotInfo",
+]
+
+
+class SandboxInfo(BaseModel):
+    """A sandbox as its owner sees it."""
+
+    sandbox_id: str
+    template: str
+    status: str
+    network: str
+    cpus: float
+    memory_mb: int
+    created_at: datetime
+    expires_at: datetime | None = Field(None, description="When the sandbox is destroyed automatically (UTC).")
+    from_snapshot: str | None = None
+    ports: dict[int, str] = Field(default_factory=dict, description="Exposed ports and their URLs.")
+
+
+class ExecResult(BaseModel):
+    """How a command ended and what it printed."""
+
+    exit_code: int = Field(description="The command's exit code; 124 when it was killed at its timeout.")
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool = Field(description="True when stdout or stderr was cut at the output cap.")
+    duration_ms: float
+
+
+class FileWritten(BaseModel):
+    """A file written into /workspace."""
+
+    path: str = Field(description="The path relative to /workspace.")
+    size: int
+
+
+class FileContent(BaseModel):
+    """A file read from /workspace."""
+
+    path: str
+    encoding: Literal["utf-8", "base64"]
+    content: str
+    size: int = Field(description="The file's full size in bytes.")
+    truncated: bool = Field(description="True when only the first max_bytes were returned.")
+
+
+class FileEntry(BaseModel):
+    """One entry of a directory listing."""
+
+    path: str
+    type: Literal["file", "dir", "symlink"]
+    size: int
+    mtime: float
+
+
+class FileListing(BaseModel):
+    """The entries under a directory of /workspace."""
+
+    path: str
+    entries: list[FileEntry]
+    truncated: bool
+
+
+class PortInfo(BaseModel):
+    """A sandbox port reachable from this machine."""
+
+    sandbox_id: str
+    port: int
+    url: str
+
+
+class SnapshotInfo(BaseModel):
+    """A saved copy of a sandbox's /workspace and home directory."""
+
+    snapshot_id: str
+    sandbox_id: str
+    label: str | None
+    size_bytes: int
+    created_at: datetime

@@ -1,0 +1,148 @@
+"""Typed settings: `config/dockyard.toml`, then the user's file, then `DOCKYARD_*` variables.
+
+`load_settings()` is the only place that reads configuration; every component receives the
+`Settings` object (or the part it needs) through its constructor.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "Identity",
+    "ImageSettings",
+    "NetworkMode",
+    "SandboxSettings",
+    "Settings",
+    "TemplateSettings",
+    "load_settings",
+]
+
+NetworkMode = Literal["none", "workspace", "internet"]
+
+DEFAULT_CONFIG = resources.files("dockyard.config").joinpath("dockyard.toml")
+
+
+class Identity(BaseModel):
+    """Who a caller is: the attribution chain every runtime and audit row carries."""
+
+    workspace_id: str = "local"
+    project_id: str = "default"
+    user_id: str = "operator"
+    run_id: str | None = None
+
+
+class TemplateSettings(BaseModel):
+    """A named runtime recipe: which image and which limits a sandbox gets."""
+
+    image: str = "sandbox"
+    cpus: float = Field(1.0, gt=0, le=64)
+    memory_mb: int = Field(1024, ge=64, le=65536)
+    pids_limit: int = Field(256, ge=16, le=65536)
+    tmp_size_mb: int = Field(256, ge=1, le=65536)
+    network: NetworkMode = "none"
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxSettings(BaseModel):
+    """Caps and defaults of the sandbox tools."""
+
+    default_template: str = "default"
+    default_ttl_s: int = Field(3600, ge=0)
+    max_ttl_s: int = Field(86400, ge=1)
+    allow_internet: bool = False
+    max_cpus: float = Field(4.0, gt=0)
+    max_memory_mb: int = Field(8192, ge=64)
+    exec_default_timeout_s: int = Field(60, ge=1)
+    exec_max_timeout_s: int = Field(3600, ge=1)
+    output_cap_bytes: int = Field(65536, ge=1024)
+    read_cap_bytes: int = Field(1 << 20, ge=1024)
+    write_cap_bytes: int = Field(10 << 20, ge=1024)
+    list_max_entries: int = Field(1000, ge=1)
+    reaper_interval_s: float = Field(5.0, gt=0)
+
+
+class ImageSettings(BaseModel):
+    """Where runtime images come from: recipes in config, a base pulled or bootstrapped."""
+
+    prefix: str = "dockyard"
+    base_pull: str = "debian:bookworm-slim"
+    pull_timeout_s: float = Field(20.0, gt=0)
+    suite: str = "bookworm"
+    variant: str = "minbase"
+    debian_mirror: str | None = None
+    wait_s: float = Field(45.0, ge=0)
+    build_on_start: bool = True
+
+
+class Settings(BaseSettings):
+    """Everything dockyard is configured with, loaded once by `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOCKYARD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "dockyard")
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock",
+        validation_alias=AliasChoices("docker_host", "DOCKYARD_DOCKER_HOST", "DOCKER_HOST"),
+    )
+    docker_timeout_s: float = Field(120.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    operator: Identity = Field(default_factory=Identity)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file of the store."""
+        return self.data_dir / "dockyard.db"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Where snapshot archives are kept."""
+        return self.data_dir / "snapshots"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = settings_cls.model_config.get("toml_file") or [Path(str(DEFAULT_CONFIG))]
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True)
+        return (init_settings, env_settings, toml)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Build the settings: defaults file, then `config_file`, then environment, then overrides."""
+    files = [Path(str(DEFAULT_CONFIG))]
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        files.append(config_file)
+    # pydantic-settings reads its file list from the class, so the user's file rides on a subclass.
+    loaded = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
+    return loaded(**overrides)

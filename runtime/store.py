@@ -1,0 +1,152 @@
+"""The store: SQLModel tables in one SQLite file (WAL), reached from async code via one thread.
+
+Writes are serialised through a single-slot limiter, so SQLite never sees two writers and a
+slow query never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.engine import Engine as SqlEngine
+from sqlmodel import Field, Session, SQLModel, create_engine
+
+__all__ = ["AuditEvent", "Runtime", "RuntimeStatus", "Snapshot", "Store", "utcnow"]
+
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    """Now, in UTC (stored times are always timezone-aware UTC)."""
+    return datetime.now(UTC)
+
+
+class RuntimeStatus:
+    """The states a runtime row moves through."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DESTROYED = "destroyed"
+    LOST = "lost"
+    FAILED = "failed"
+
+
+class Runtime(SQLModel, table=True):
+    """A sandbox (later also a computer): one container doing work for one workspace."""
+
+    id: str = Field(primary_key=True)
+    kind: str = "sandbox"
+    template: str
+    image: str
+    container_id: str | None = None
+    container_name: str
+    status: str = Field(default=RuntimeStatus.STARTING, index=True)
+    network: str
+    cpus: float
+    memory_mb: int
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    run_id: str | None = None
+    from_snapshot: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class Snapshot(SQLModel, table=True):
+    """An archive of a sandbox's /workspace and home, restorable into a new sandbox."""
+
+    id: str = Field(primary_key=True)
+    sandbox_id: str
+    template: str
+    label: str | None = None
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    path: str
+    size_bytes: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(SQLModel, table=True):
+    """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
+
+    Rows are append-only and chained: `hash` covers the row and `prev_hash`, its predecessor's.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, index=True)
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str = Field(index=True)
+    run_id: str | None = None
+    kind: str = Field(index=True)
+    target: str | None = Field(default=None, index=True)
+    outcome: str
+    detail: str = "{}"
+    duration_ms: float = 0.0
+    prev_hash: str
+    hash: str
+
+
+@event.listens_for(SqlEngine, "connect")
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+
+class Store:
+    """Owns the database engine; `run(fn)` calls `fn(session)` in the store's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._engine: SqlEngine | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def open_() -> SqlEngine:
+            engine = create_engine(f"sqlite:///{self.path}", connect_args={"check_same_thread": False})
+            SQLModel.metadata.create_all(engine)
+            return engine
+
+        self._engine = await anyio.to_thread.run_sync(open_, limiter=self._limiter)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await anyio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
+            self._engine = None
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn` in one transaction; it commits if `fn` returns, rolls back if it raises."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("store is not open")
+
+        def call() -> T:
+            with Session(engine, expire_on_commit=False) as session, session.begin():
+                return fn(session)
+
+        with anyio.CancelScope(shield=True):  # a started write always finishes
+            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def get(self, model: type[T], key: object) -> T | None:
+        return await self.run(lambda s: s.get(model, key))
+
+    async def add(self, row: T) -> T:
+        def add(session: Session) -> T:
+            session.add(row)
+            return row
+
+        return await self.run(add)

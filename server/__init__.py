@@ -1,0 +1,1 @@
+"""The dockyard MCP server process: CLI, settings loading, app wiring and transports."""
