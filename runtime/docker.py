@@ -199,8 +199,16 @@ class DockerBackend:
 
     async def remove_container(self, container_id: str) -> None:
         """Remove a container and its anonymous volumes; a missing one is not an error."""
+
+        def remove() -> None:
+            try:
+                self.client.api.remove_container(container_id, force=True, v=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: a removal is already under way
+                    raise
+
         try:
-            await self._run(self.client.api.remove_container, container_id, force=True, v=True)
+            await self._run(remove)
         except ContainerGoneError:
             pass
 

@@ -76,7 +76,8 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)
                 engine.sandboxes.ports.attach(tg)
-                tg.start_soon(engine._start_up)
+                await engine._reconcile()
+                tg.start_soon(engine._build_images)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine
@@ -87,11 +88,15 @@ class Engine:
                 await docker.close()
                 await store.close()
 
-    async def _start_up(self) -> None:
-        try:
-            await self.sandboxes.reconcile()
-        except DockyardError as exc:
-            log.warning("start-up reconciliation skipped: %s", exc)
+    async def _reconcile(self) -> None:
+        # Bounded: a daemon that hangs must not hold up the client's handshake.
+        with anyio.move_on_after(15):
+            try:
+                await self.sandboxes.reconcile()
+            except DockyardError as exc:
+                log.warning("start-up reconciliation skipped: %s", exc)
+
+    async def _build_images(self) -> None:
         if self.settings.images.build_on_start:
             for template in {t.image for t in self.settings.templates.values()}:
                 self.images.start(template)

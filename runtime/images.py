@@ -26,19 +26,20 @@ from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, ImageBuildFailedError, ImageBuildingError
 from dockyard.runtime.settings import ImageSettings
 
-__all__ = ["BuildState", "ImageService", "ImageStatus", "recipe_names"]
+__all__ = ["BuildState", "ImageService", "ImageStatus", "packaged_recipes", "recipe_names"]
 
 _HASH_LABEL = "dockyard.recipe-hash"
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
 
 
-def _recipes_root() -> Path:
+def packaged_recipes() -> Path:
+    """The recipes shipped with dockyard, in config/images."""
     return Path(str(resources.files("dockyard.config").joinpath("images")))
 
 
-def recipe_names() -> list[str]:
-    """The image recipes shipped in config/images."""
-    return sorted(p.name for p in _recipes_root().iterdir() if (p / "Dockerfile").is_file())
+def recipe_names(root: Path) -> list[str]:
+    """The image recipes (folders with a Dockerfile) under `root`."""
+    return sorted(p.name for p in root.iterdir() if (p / "Dockerfile").is_file())
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ImageService:
         self._states: dict[str, BuildState] = {}
         self._ready: set[str] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._roots = [root for root in (settings.recipes_dir, packaged_recipes()) if root is not None]
 
     def attach(self, task_group: anyio.abc.TaskGroup) -> None:
         """Give the service a task group for builds that outlive the request that asked."""
@@ -95,10 +97,18 @@ class ImageService:
     def recipe_hash(self, recipe: str) -> str:
         """A digest of the recipe's files and the base it builds on."""
         digest = hashlib.sha256(self.base_tag.encode())
-        root = _recipes_root() / recipe
+        root = self._recipe_dir(recipe)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
         return digest.hexdigest()[:16]
+
+    def _recipe_dir(self, recipe: str) -> Path:
+        """The recipe's folder: the configured recipes dir first, then the packaged one."""
+        for root in self._roots:
+            if (root / recipe / "Dockerfile").is_file():
+                return root / recipe
+        known = sorted({name for root in self._roots for name in recipe_names(root)})
+        raise ImageBuildFailedError(f"no image recipe '{recipe}'; recipes: {', '.join(known)}")
 
     async def status(self, recipe: str) -> ImageStatus:
         labels = await self._docker.image_labels(self.tag(recipe))
@@ -112,14 +122,14 @@ class ImageService:
         """Build the recipe's image if it is missing or stale; returns its tag."""
         if recipe in self._ready:
             return self.tag(recipe)
-        if not (_recipes_root() / recipe / "Dockerfile").is_file():
-            raise ImageBuildFailedError(f"no image recipe '{recipe}'; recipes: {', '.join(recipe_names())}")
+        self._recipe_dir(recipe)
         lock = self._locks.setdefault(recipe, anyio.Lock())
         async with lock:
             if recipe in self._ready:
                 return self.tag(recipe)
-            state = BuildState(recipe)
-            self._states[recipe] = state
+            state = self._states.get(recipe)
+            if state is None or state.done.is_set():
+                state = self._states[recipe] = BuildState(recipe)
             try:
                 if not (await self.status(recipe)).is_current:
                     await self._ensure_base(state)
@@ -159,10 +169,10 @@ class ImageService:
         state = self._states[recipe]
         with anyio.move_on_after(wait_s):
             while not state.done.is_set():
-                if notify is not None:
-                    await notify(state)
                 with anyio.move_on_after(1.0):
                     await state.done.wait()
+                if notify is not None and not state.done.is_set():
+                    await notify(state)
         if recipe in self._ready:
             return self.tag(recipe)
         if state.error is not None:
@@ -230,7 +240,7 @@ class ImageService:
     async def _build(self, recipe: str, state: BuildState) -> None:
         state.phase, state.message = "build", f"building {self.tag(recipe)}"
         labels = {_HASH_LABEL: self.recipe_hash(recipe), "dockyard.recipe": recipe}
-        context = str(_recipes_root() / recipe)
+        context = str(self._recipe_dir(recipe))
 
         def build() -> None:
             for record in self._docker.build_lines(context, self.tag(recipe), labels, {"BASE_IMAGE": self.base_tag}):

@@ -82,9 +82,10 @@ class SandboxService:
         notify: BuildNotify | None = None,
     ) -> SandboxInfo:
         """Start a sandbox from a template (and optionally a snapshot) and return it."""
-        name = template or (await self._snapshot_template(who, from_snapshot)) or self._limits.default_template
-        tpl = self._template(name)
-        async with self._audit.record(who, "sandbox.create", template=name, from_snapshot=from_snapshot) as rec:
+        async with self._audit.record(who, "sandbox.create", template=template, from_snapshot=from_snapshot) as rec:
+            name = template or (await self._snapshot_template(who, from_snapshot)) or self._limits.default_template
+            rec.detail["template"] = name
+            tpl = self._template(name)
             spec_network = self._network(network or tpl.network)
             cpus = self._capped("cpus", cpus or tpl.cpus, self._limits.max_cpus)
             memory_mb = int(self._capped("memory_mb", memory_mb or tpl.memory_mb, self._limits.max_memory_mb))

@@ -84,6 +84,7 @@ class ImageSettings(BaseModel):
     debian_mirror: str | None = None
     wait_s: float = Field(45.0, ge=0)
     build_on_start: bool = True
+    recipes_dir: Path | None = Field(None, description="Where recipes live; default: the ones shipped in config/images.")
 
 
 class Settings(BaseSettings):

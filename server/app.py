@@ -1,0 +1,41 @@
+"""Wires the layers: builds the MCPServer, registers the tools, owns the engine's lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from mcp.server.mcpserver import MCPServer
+
+from dockyard.runtime.engine import Engine
+from dockyard.runtime.settings import Settings
+from dockyard.tools import sandbox
+
+__all__ = ["build_server"]
+
+INSTRUCTIONS = """\
+dockyard gives you isolated Linux sandboxes (Docker containers, no network by default).
+Create one with sandbox_create, run commands with sandbox_exec, move files with
+sandbox_write_file / sandbox_read_file, and destroy it with sandbox_destroy when done.
+Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sandboxes."""
+
+
+def build_server(settings: Settings) -> MCPServer[Engine]:
+    """An MCP server whose lifespan opens one engine for these settings."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
+        async with Engine.open(settings) as engine:
+            yield engine
+
+    server: MCPServer[Engine] = MCPServer(
+        "dockyard",
+        title="dockyard",
+        instructions=INSTRUCTIONS,
+        version=version("dockyard"),
+        lifespan=lifespan,
+        log_level=settings.log_level,
+    )
+    sandbox.register(server)
+    return server

@@ -1,0 +1,110 @@
+"""Operator commands behind the CLI: image builds with a progress display, and `doctor`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.engine import instance_id
+from dockyard.runtime.errors import DockyardError
+from dockyard.runtime.images import ImageService
+from dockyard.runtime.settings import Settings
+from dockyard.runtime.store import Store
+
+__all__ = ["build_images", "doctor", "show_images"]
+
+console = Console(stderr=True)
+
+
+def _images(settings: Settings) -> tuple[DockerBackend, ImageService]:
+    docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+    return docker, ImageService(settings.images, docker, settings.data_dir / "build")
+
+
+async def build_images(settings: Settings, recipes: list[str]) -> bool:
+    """Build each recipe's image, showing the phase and step of each; False if one failed."""
+    docker, images = _images(settings)
+    ok = True
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        for recipe in recipes:
+            task = progress.add_task(images.tag(recipe), total=None, note="checking")
+            async with anyio.create_task_group() as tg:
+
+                async def watch(recipe: str = recipe, task: int = task) -> None:
+                    while True:
+                        state = images.state(recipe)
+                        if state is not None:
+                            progress.update(task, total=state.total or None, completed=state.step, note=state.describe()[:70])
+                        await anyio.sleep(0.2)
+
+                tg.start_soon(watch)
+                try:
+                    await images.ensure(recipe)
+                    progress.update(task, total=1, completed=1, note="[green]ready")
+                except DockyardError as exc:
+                    ok = False
+                    progress.update(task, total=1, completed=0, note="[red]failed")
+                    console.print(f"[red]{recipe}:[/red] {exc}")
+                tg.cancel_scope.cancel()
+    await docker.close()
+    return ok
+
+
+async def show_images(settings: Settings) -> None:
+    docker, images = _images(settings)
+    table = Table("recipe", "image", "present", "current")
+    for recipe in sorted({t.image for t in settings.templates.values()}):
+        status = await images.status(recipe)
+        table.add_row(recipe, status.tag, _mark(status.is_present), _mark(status.is_current))
+    Console().print(table)
+    await docker.close()
+
+
+async def doctor(settings: Settings) -> bool:
+    """Check everything dockyard needs and print what to fix; True when all is well."""
+    table = Table("check", "status", "detail")
+    healthy = True
+
+    def row(name: str, ok: bool, detail: str, fix: str = "") -> None:
+        nonlocal healthy
+        healthy &= ok
+        table.add_row(name, _mark(ok), detail if ok else f"{detail}\n[yellow]fix:[/yellow] {fix}")
+
+    row("config", True, f"templates: {', '.join(settings.templates)}; data dir {settings.data_dir}")
+    try:
+        store = Store(settings.store_path)
+        await store.open()
+        await store.close()
+        row("store", True, f"{settings.store_path} (instance {instance_id(settings)})")
+    except OSError as exc:
+        row("store", False, str(exc), "make the data dir writable or set DOCKYARD_DATA_DIR")
+
+    docker, images = _images(settings)
+    try:
+        info = await docker.version()
+        row("docker", True, f"Docker Engine {info.get('Version')} (API {info.get('ApiVersion')}) at {settings.docker_host}")
+    except DockyardError as exc:
+        row("docker", False, str(exc), "start Docker (e.g. `sudo systemctl start docker`) or set DOCKER_HOST")
+        Console().print(table)
+        return False
+    for recipe in sorted({t.image for t in settings.templates.values()}):
+        status = await images.status(recipe)
+        detail = f"{status.tag}: " + ("built and current" if status.is_current else "stale" if status.is_present else "missing")
+        row(f"image {recipe}", status.is_current, detail, "run `dockyard images build` (also done on first use)")
+    if shutil.which("debootstrap") is None:
+        hint = "installed automatically when running as root" if os.geteuid() == 0 else "`sudo apt-get install debootstrap`"
+        table.add_row("debootstrap", _mark(None), f"not installed; needed only where no registry answers ({hint})")
+    await docker.close()
+    Console().print(table)
+    return healthy
+
+
+def _mark(ok: bool | None) -> str:
+    return {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]note[/yellow]"}[ok]

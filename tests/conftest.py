@@ -1,0 +1,115 @@
+"""Fixtures: real Docker, a fresh SQLite file and data dir per test, the official MCP client.
+
+Each test's data dir gives it its own dockyard instance id, so its containers carry their own
+label; teardown removes every container and network with that label, even after a failure.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import pytest
+from mcp import Client
+
+from dockyard.runtime.engine import Engine, instance_id
+from dockyard.runtime.images import ImageService
+from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.settings import Settings, load_settings
+from dockyard.server.app import build_server
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """The Docker daemon is part of the test environment: no daemon is a failure, not a skip."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(
+            f"Docker is not reachable ({exc}). Start the daemon (`sudo systemctl start docker` or "
+            "`sudo dockerd &`) and make sure this user may use it.",
+            pytrace=False,
+        )
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(docker_client: docker.DockerClient) -> str:
+    """Build (or find cached) the sandbox image once per session."""
+    settings = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="dockyard-images-")))
+    backend = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+    images = ImageService(settings.images, backend, settings.data_dir / "build")
+    return anyio.run(images.ensure, "sandbox")
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for one test: its own data dir, fast loops."""
+    sandbox = {"reaper_interval_s": 0.5, **overrides.pop("sandbox", {})}
+    return load_settings(data_dir=data_dir, sandbox=sandbox, **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sandbox_image: str) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str]:
+    """Remove every container and network of the settings' instance; returns container names."""
+    label = f"dockyard.instance={instance_id(settings)}"
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": label}):
+        removed.append(container.name)
+        container.remove(force=True, v=True)
+    for network in client.networks.list(filters={"label": label}):
+        network.remove()
+    return removed
+
+
+@pytest.fixture
+def cleanup(docker_client: docker.DockerClient, settings: Settings) -> Iterator[None]:
+    yield
+    remove_instance(docker_client, settings)
+
+
+@pytest.fixture
+async def engine(settings: Settings, cleanup: None) -> AsyncIterator[Engine]:
+    async with Engine.open(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def client(settings: Settings, cleanup: None) -> AsyncIterator[Client]:
+    async with Client(build_server(settings)) as connected:
+        yield connected
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; returns its structured result."""
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, f"{tool} failed: {result.content[0].text if result.content else result}"
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def call_error(client: Client, tool: str, **arguments: Any) -> str:
+    """Call a tool that must fail; returns the error text the client sees."""
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, f"{tool} unexpectedly succeeded: {result.structured_content}"
+    return result.content[0].text
+
+
+async def sh(client: Client, sandbox_id: str, command: str, **extra: Any) -> dict[str, Any]:
+    """Run a command through sandbox_exec and return the structured result."""
+    return await call(client, "sandbox_exec", sandbox_id=sandbox_id, command=command, **extra)

@@ -1,0 +1,54 @@
+"""Configuration layering and the audit chain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from dockyard.runtime.audit import GENESIS
+from dockyard.runtime.engine import Engine
+from dockyard.runtime.errors import SandboxNotFoundError
+from dockyard.runtime.settings import load_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def test_user_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path, monkeypatch) -> None:
+    user_file = tmp_path / "dockyard.toml"
+    user_file.write_text('[sandbox]\noutput_cap_bytes = 2048\nexec_default_timeout_s = 5\n[templates.big]\nmemory_mb = 4096\n')
+    monkeypatch.setenv("DOCKYARD_SANDBOX__EXEC_DEFAULT_TIMEOUT_S", "9")
+    monkeypatch.setenv("DOCKYARD_DATA_DIR", str(tmp_path / "data"))
+    settings = load_settings(user_file)
+    assert settings.sandbox.output_cap_bytes == 2048  # from the user's file
+    assert settings.sandbox.exec_default_timeout_s == 9  # the environment wins over the file
+    assert settings.sandbox.read_cap_bytes == 1 << 20  # untouched defaults survive the merge
+    assert settings.templates["big"].memory_mb == 4096 and "default" in settings.templates
+    assert settings.data_dir == tmp_path / "data"
+
+
+def test_a_missing_config_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine: Engine) -> None:
+    who = engine.operator
+    box = await engine.sandboxes.create(who)
+    await engine.sandboxes.exec(who, box.sandbox_id, "true")
+    with pytest.raises(SandboxNotFoundError):
+        await engine.sandboxes.exec(who, "sbx_missing", "true")
+    await engine.sandboxes.destroy(who, box.sandbox_id)
+
+    rows = await engine.audit.query()
+    assert [r.kind for r in rows] == ["sandbox.create", "sandbox.exec", "sandbox.destroy"]
+    previous = GENESIS
+    for row in rows:
+        assert row.prev_hash == previous
+        body = {k: getattr(row, k) for k in ("workspace_id", "project_id", "user_id", "run_id", "kind", "target", "outcome", "detail", "duration_ms", "prev_hash")}
+        body["ts"] = row.ts.isoformat()
+        assert row.hash == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        previous = row.hash
+    assert json.loads(rows[1].detail)["exit_code"] == 0

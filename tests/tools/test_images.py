@@ -1,0 +1,59 @@
+"""A tool that needs an image still being built waits with progress, then says so clearly."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import anyio
+import docker
+import pytest
+from mcp import Client
+
+from dockyard.server.app import build_server
+from tests.conftest import call, make_settings, remove_instance
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_create_reports_a_build_in_progress_then_succeeds_once_built(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    recipe = f"slow-{secrets.token_hex(3)}"
+    folder = tmp_path / "recipes" / recipe
+    folder.mkdir(parents=True)
+    (folder / "Dockerfile").write_text(
+        f"ARG BASE_IMAGE\nFROM {sandbox_image}\nRUN echo building && sleep 6\n"
+    )
+    settings = make_settings(
+        tmp_path / "data",
+        images={"recipes_dir": str(tmp_path / "recipes"), "wait_s": 2, "build_on_start": False},
+        templates={"default": {}, "slow": {"image": recipe}},
+    )
+    progress: list[str] = []
+
+    async def on_progress(_: float, __: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
+    try:
+        async with Client(build_server(settings)) as client:
+            first = await client.call_tool("sandbox_create", {"template": "slow"}, progress_callback=on_progress)
+            assert first.is_error
+            assert "still being built" in first.content[0].text and recipe in first.content[0].text
+            assert any(f"building image '{recipe}'" in message for message in progress)
+
+            with anyio.fail_after(120):
+                while True:
+                    again = await client.call_tool("sandbox_create", {"template": "slow"})
+                    if not again.is_error:
+                        break
+                    assert "still being built" in again.content[0].text
+            assert again.structured_content["template"] == "slow"
+            listed = (await call(client, "sandbox_list"))["sandboxes"]
+            assert [s["template"] for s in listed] == ["slow"]
+    finally:
+        remove_instance(docker_client, settings)
+        try:
+            docker_client.images.remove(f"dockyard/{recipe}:latest", force=True)
+        except docker.errors.ImageNotFound:
+            pass

@@ -1,0 +1,200 @@
+"""Every sandbox tool through the official MCP client, against real Docker and SQLite."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+
+import anyio
+import pytest
+from mcp import Client
+from sqlmodel import Session, create_engine, select
+
+from dockyard.runtime.settings import Settings
+from dockyard.runtime.store import AuditEvent, Runtime
+from tests.conftest import call, call_error, sh
+
+pytestmark = pytest.mark.anyio
+
+
+def audit_rows(settings: Settings) -> list[AuditEvent]:
+    """The audit table, read straight from the SQLite file."""
+    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
+        return list(session.exec(select(AuditEvent).order_by(AuditEvent.id)).all())
+
+
+async def test_hello_world_round_trip_through_snapshot_is_fully_audited(client: Client, settings: Settings) -> None:
+    """The foundation's promise end to end: write, run, snapshot, restore, destroy."""
+    first = (await call(client, "sandbox_create"))["sandbox_id"]
+    await call(client, "sandbox_write_file", sandbox_id=first, path="hello.py", content="print('hello from dockyard')\n")
+    ran = await sh(client, first, "python3 hello.py")
+    assert (ran["exit_code"], ran["stdout"]) == (0, "hello from dockyard\n")
+    snapshot = await call(client, "sandbox_snapshot", sandbox_id=first, label="after hello")
+    second = (await call(client, "sandbox_create", from_snapshot=snapshot["snapshot_id"]))["sandbox_id"]
+    assert second != first
+    assert (await sh(client, second, "python3 hello.py"))["stdout"] == "hello from dockyard\n"
+    await call(client, "sandbox_destroy", sandbox_id=first)
+    await call(client, "sandbox_destroy", sandbox_id=second)
+    assert (await call(client, "sandbox_list"))["sandboxes"] == []
+
+    steps = [(row.kind, row.target, row.outcome) for row in audit_rows(settings)]
+    for expected in [
+        ("sandbox.create", first, "ok"),
+        ("sandbox.write_file", first, "ok"),
+        ("sandbox.exec", first, "ok"),
+        ("sandbox.snapshot", first, "ok"),
+        ("sandbox.create", second, "ok"),
+        ("sandbox.exec", second, "ok"),
+        ("sandbox.destroy", first, "ok"),
+        ("sandbox.destroy", second, "ok"),
+    ]:
+        assert expected in steps
+    for row in audit_rows(settings):
+        assert row.user_id == "operator" and row.workspace_id == "local" and row.duration_ms >= 0
+
+
+async def test_exec_reports_exit_code_stderr_stdin_cwd_and_env(client: Client) -> None:
+    sid = (await call(client, "sandbox_create", env={"GREETING": "hi"}))["sandbox_id"]
+    failed = await sh(client, sid, "echo out; echo err >&2; exit 7")
+    assert (failed["exit_code"], failed["stdout"], failed["stderr"], failed["timed_out"]) == (7, "out\n", "err\n", False)
+    assert (await sh(client, sid, "tr a-z A-Z", stdin="shout"))["stdout"] == "SHOUT"
+    await sh(client, sid, "mkdir -p sub/dir")
+    assert (await sh(client, sid, "pwd", cwd="sub/dir"))["stdout"] == "/workspace/sub/dir\n"
+    assert (await sh(client, sid, "echo $GREETING $EXTRA", env={"EXTRA": "there"}))["stdout"] == "hi there\n"
+    assert "'..'" in await call_error(client, "sandbox_exec", sandbox_id=sid, command="pwd", cwd="../etc")
+
+
+async def test_exec_streams_output_as_progress_notifications_while_running(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    seen: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    command = "for i in 1 2 3; do echo line$i; sleep 0.4; done"
+    result = await client.call_tool("sandbox_exec", {"sandbox_id": sid, "command": command}, progress_callback=on_progress)
+    assert not result.is_error
+    streamed = "".join(message or "" for _, message in seen)
+    assert "line1" in streamed and "line3" in streamed
+    assert len(seen) >= 2, "output should arrive in several notifications, not only at the end"
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)
+
+
+async def test_files_round_trip_text_and_binary_and_list_with_types(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    written = await call(client, "sandbox_write_file", sandbox_id=sid, path="/workspace/src/app.txt", content="héllo")
+    assert written == {"path": "src/app.txt", "size": len("héllo".encode())}
+    blob = bytes(range(256))
+    await call(client, "sandbox_write_file", sandbox_id=sid, path="data.bin", content=base64.b64encode(blob).decode(), encoding="base64")
+
+    text = await call(client, "sandbox_read_file", sandbox_id=sid, path="src/app.txt")
+    assert (text["content"], text["encoding"], text["truncated"]) == ("héllo", "utf-8", False)
+    binary = await call(client, "sandbox_read_file", sandbox_id=sid, path="data.bin")
+    assert binary["encoding"] == "base64" and base64.b64decode(binary["content"]) == blob
+    head = await call(client, "sandbox_read_file", sandbox_id=sid, path="data.bin", max_bytes=10, encoding="base64")
+    assert base64.b64decode(head["content"]) == blob[:10] and head["truncated"] and head["size"] == 256
+    assert "UTF-8" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="data.bin", encoding="utf-8")
+
+    owner = await sh(client, sid, "stat -c %U src/app.txt data.bin")
+    assert owner["stdout"].split() == ["agent", "agent"]
+
+    top = await call(client, "sandbox_list_files", sandbox_id=sid)
+    assert {(e["path"], e["type"]) for e in top["entries"]} == {("src", "dir"), ("data.bin", "file")}
+    deep = await call(client, "sandbox_list_files", sandbox_id=sid, recursive=True)
+    assert {e["path"] for e in deep["entries"]} == {"src", "src/app.txt", "data.bin"}
+    assert "does not exist" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="missing.txt")
+
+
+async def test_list_files_stops_at_max_entries_and_says_so(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await sh(client, sid, "touch f{1..30}")
+    listing = await call(client, "sandbox_list_files", sandbox_id=sid, max_entries=5)
+    assert len(listing["entries"]) == 5 and listing["truncated"] is True
+
+
+async def test_exposed_port_serves_a_preview_on_loopback_even_without_network(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await call(client, "sandbox_write_file", sandbox_id=sid, path="site/index.html", content="<h1>preview</h1>")
+    await sh(client, sid, "cd site && nohup python3 -m http.server 8000 --bind 127.0.0.1 > /tmp/http.log 2>&1 &")
+    exposed = await call(client, "sandbox_expose_port", sandbox_id=sid, port=8000)
+    assert exposed["url"].startswith("http://127.0.0.1:")
+    assert (await call(client, "sandbox_expose_port", sandbox_id=sid, port=8000))["url"] == exposed["url"]
+
+    body = b""
+    with anyio.fail_after(20):
+        while b"preview" not in body:  # the server inside may take a moment to listen
+            try:
+                body = await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(exposed["url"], timeout=5).read())
+            except OSError:
+                await anyio.sleep(0.2)
+    assert b"<h1>preview</h1>" in body
+    listed = (await call(client, "sandbox_list"))["sandboxes"][0]
+    assert listed["ports"] == {"8000": exposed["url"]}
+
+
+async def test_sandbox_list_shows_only_live_sandboxes_with_limits(client: Client) -> None:
+    small = await call(client, "sandbox_create", cpus=0.5, memory_mb=256, ttl_s=600)
+    other = await call(client, "sandbox_create")
+    await call(client, "sandbox_destroy", sandbox_id=other["sandbox_id"])
+    listed = (await call(client, "sandbox_list"))["sandboxes"]
+    assert [s["sandbox_id"] for s in listed] == [small["sandbox_id"]]
+    assert (listed[0]["cpus"], listed[0]["memory_mb"], listed[0]["network"]) == (0.5, 256, "none")
+
+
+async def test_destroy_removes_the_container_and_the_id_becomes_unknown(client: Client, settings: Settings, docker_client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    assert docker_client.containers.list(filters={"label": f"dockyard.runtime={sid}"})
+    await call(client, "sandbox_destroy", sandbox_id=sid)
+    assert docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sid}"}) == []
+    assert "unknown sandbox" in await call_error(client, "sandbox_exec", sandbox_id=sid, command="true")
+    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
+        assert session.get(Runtime, sid).status == "destroyed"
+
+
+async def test_bad_create_arguments_are_refused_and_leave_no_container(client: Client, settings: Settings, docker_client) -> None:
+    assert "unknown template 'gpu'; allowed: default" in await call_error(client, "sandbox_create", template="gpu")
+    internet = await call_error(client, "sandbox_create", network="internet")
+    assert "internet" in internet and "allowed: none, workspace" in internet
+    assert "over the cap" in await call_error(client, "sandbox_create", cpus=32)
+    assert "unknown snapshot" in await call_error(client, "sandbox_create", from_snapshot="snp_0000")
+    assert "DOCKYARD_" in await call_error(client, "sandbox_create", env={"DOCKYARD_EXEC_ID": "x"})
+    assert "ttl_s" in await call_error(client, "sandbox_create", ttl_s=10**9)
+    assert (await call(client, "sandbox_list"))["sandboxes"] == []
+    label = f"dockyard.workspace={settings.operator.workspace_id}"
+    mine = [c for c in docker_client.containers.list(all=True, filters={"label": label}) if c.name.startswith(f"dockyard-{_instance(settings)}")]
+    assert mine == []
+    refused = [row for row in audit_rows(settings) if row.kind == "sandbox.create"]
+    assert refused and all(row.outcome == "error" for row in refused)
+    assert "gpu" in json.loads(refused[0].detail)["error"]
+
+
+async def test_workspace_network_connects_sandboxes_of_one_workspace(client: Client) -> None:
+    server = (await call(client, "sandbox_create", network="workspace"))["sandbox_id"]
+    peer = (await call(client, "sandbox_create", network="workspace"))["sandbox_id"]
+    await sh(client, server, "nohup python3 -m http.server 8080 > /tmp/http.log 2>&1 &")
+    host = (await sh(client, server, "hostname -i"))["stdout"].split()[0]
+    probe = (
+        "import time, urllib.request\n"
+        "for _ in range(50):\n"
+        "    try:\n"
+        f"        print(urllib.request.urlopen('http://{host}:8080/', timeout=2).status); break\n"
+        "    except OSError: time.sleep(0.2)\n"
+    )
+    assert (await sh(client, peer, "python3 -", stdin=probe))["stdout"].strip() == "200"
+    outside = await sh(client, peer, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), timeout=2)\"")
+    assert outside["exit_code"] != 0, "the workspace network must not reach the outside"
+
+
+async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, docker_client) -> None:
+    sid = (await call(client, "sandbox_create", ttl_s=1))["sandbox_id"]
+    with anyio.fail_after(30):
+        while any(s["sandbox_id"] == sid for s in (await call(client, "sandbox_list"))["sandboxes"]):
+            await anyio.sleep(0.3)
+    assert docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sid}"}) == []
+
+
+def _instance(settings: Settings) -> str:
+    from dockyard.runtime.engine import instance_id
+
+    return instance_id(settings)

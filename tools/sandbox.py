@@ -1,0 +1,212 @@
+"""Sandbox tools: hardened Docker containers with a persistent /workspace."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from dockyard.runtime.models import (
+    ExecResult,
+    FileContent,
+    FileListing,
+    FileWritten,
+    PortInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
+from dockyard.tools._context import EngineContext, build_progress, caller, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+SandboxId = Annotated[str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)]
+WorkspacePath = Annotated[
+    str, Field(description="A path relative to /workspace, or an absolute path under /workspace.", max_length=4096)
+]
+
+
+class SandboxList(BaseModel):
+    """The caller's live sandboxes."""
+
+    sandboxes: list[SandboxInfo]
+
+
+class Destroyed(BaseModel):
+    """A sandbox that no longer exists."""
+
+    sandbox_id: str
+    destroyed: bool = True
+
+
+@tool_errors
+async def sandbox_create(
+    ctx: EngineContext,
+    template: Annotated[str | None, Field(description="Template name from config; default 'default'.")] = None,
+    network: Annotated[
+        Literal["none", "workspace", "internet"] | None,
+        Field(description="'none' (default): no network; 'workspace': only your other runtimes; 'internet' if allowed."),
+    ] = None,
+    cpus: Annotated[float | None, Field(gt=0, le=64, description="CPU cores; default from the template.")] = None,
+    memory_mb: Annotated[int | None, Field(ge=64, le=65536, description="Memory (and swap) limit in MiB.")] = None,
+    env: Annotated[dict[str, str] | None, Field(description="Environment variables for every command.")] = None,
+    ttl_s: Annotated[int | None, Field(ge=1, description="Destroy automatically after this many seconds.")] = None,
+    from_snapshot: Annotated[str | None, Field(description="Start from a snapshot id (snp_...).")] = None,
+) -> SandboxInfo:
+    """Create an isolated Linux sandbox (Debian with python3, git, curl and build tools) and return its id.
+
+    Commands run as a non-root user in /workspace, which persists for the sandbox's life; the
+    rest of the filesystem is read-only apart from /tmp and the home directory. There is no
+    network unless you ask for one. Pass from_snapshot to start from a saved sandbox. Destroy
+    the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
+    """
+    return await engine(ctx).sandboxes.create(
+        caller(ctx),
+        template=template,
+        network=network,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        env=env,
+        ttl_s=ttl_s,
+        from_snapshot=from_snapshot,
+        notify=build_progress(ctx),
+    )
+
+
+@tool_errors
+async def sandbox_exec(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    command: Annotated[str, Field(min_length=1, max_length=100_000, description="A bash command line.")],
+    cwd: Annotated[str | None, Field(description="Working directory under /workspace.")] = None,
+    env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None,
+    timeout_s: Annotated[int | None, Field(gt=0, description="Kill the command after this many seconds (default 60).")] = None,
+    stdin: Annotated[str | None, Field(description="Text fed to the command's standard input.")] = None,
+) -> ExecResult:
+    """Run a bash command in a sandbox and return its exit code, stdout and stderr.
+
+    Output streams as progress notifications while the command runs. Each stream is capped
+    (64 KiB by default) with a visible marker; redirect large output to a file and read it with
+    sandbox_read_file. At timeout_s the command and every process it started are killed, and
+    the result says timed_out with exit code 124. Start long-lived servers with nohup and
+    redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
+    """
+
+    sent = 0
+
+    async def stream(name: str, text: str) -> None:
+        nonlocal sent
+        sent += len(text)  # progress must grow with every notification: count characters streamed
+        await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
+
+    return await engine(ctx).sandboxes.exec(
+        caller(ctx), sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
+    )
+
+
+@tool_errors
+async def sandbox_write_file(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    path: WorkspacePath,
+    content: Annotated[str, Field(description="The file's content: text, or base64 when encoding is 'base64'.")],
+    encoding: Annotated[Literal["utf-8", "base64"], Field(description="How content is encoded.")] = "utf-8",
+) -> FileWritten:
+    """Write a file under /workspace in a sandbox, creating parent directories and replacing any existing file.
+
+    Use encoding='base64' for binary content. Paths that leave /workspace (through '..', an
+    absolute path elsewhere or a symlink) are refused, and so is content over the size cap.
+    """
+    return await engine(ctx).sandboxes.write_file(caller(ctx), sandbox_id, path, content, encoding)
+
+
+@tool_errors
+async def sandbox_read_file(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    path: WorkspacePath,
+    encoding: Annotated[
+        Literal["utf-8", "base64"] | None, Field(description="Default: utf-8 text, or base64 if the file is binary.")
+    ] = None,
+    max_bytes: Annotated[int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")] = None,
+) -> FileContent:
+    """Read a file under /workspace in a sandbox.
+
+    Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
+    Files larger than max_bytes are cut, and the result says truncated with the full size.
+    """
+    return await engine(ctx).sandboxes.read_file(caller(ctx), sandbox_id, path, encoding, max_bytes)
+
+
+@tool_errors
+async def sandbox_list_files(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    path: WorkspacePath = ".",
+    recursive: Annotated[bool, Field(description="Walk subdirectories too.")] = False,
+    max_entries: Annotated[int | None, Field(gt=0, description="Stop after this many entries (cap 1000).")] = None,
+) -> FileListing:
+    """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times."""
+    return await engine(ctx).sandboxes.list_files(caller(ctx), sandbox_id, path, recursive, max_entries)
+
+
+@tool_errors
+async def sandbox_expose_port(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    port: Annotated[int, Field(ge=1, le=65535, description="The port a server inside the sandbox listens on.")],
+) -> PortInfo:
+    """Make a port of a sandbox reachable on this machine and return its URL (on 127.0.0.1 only).
+
+    The server inside the sandbox should listen on 127.0.0.1 or 0.0.0.0 at that port. This works
+    for sandboxes without a network too. Calling it again for the same port returns the same URL.
+    """
+    return await engine(ctx).sandboxes.expose_port(caller(ctx), sandbox_id, port)
+
+
+@tool_errors
+async def sandbox_snapshot(
+    ctx: EngineContext,
+    sandbox_id: SandboxId,
+    label: Annotated[str | None, Field(max_length=200, description="A note to recognise the snapshot by.")] = None,
+) -> SnapshotInfo:
+    """Save a sandbox's /workspace and home directory as a snapshot; restore it with sandbox_create(from_snapshot=...).
+
+    The sandbox is paused for the moment of the copy, so the snapshot is consistent, and keeps
+    running afterwards.
+    """
+    return await engine(ctx).sandboxes.snapshot(caller(ctx), sandbox_id, label)
+
+
+@tool_errors
+async def sandbox_list(ctx: EngineContext) -> SandboxList:
+    """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
+    return SandboxList(sandboxes=await engine(ctx).sandboxes.list(caller(ctx)))
+
+
+@tool_errors
+async def sandbox_destroy(ctx: EngineContext, sandbox_id: SandboxId) -> Destroyed:
+    """Destroy a sandbox: stop its processes and delete its container and /workspace (snapshots are kept)."""
+    await engine(ctx).sandboxes.destroy(caller(ctx), sandbox_id)
+    return Destroyed(sandbox_id=sandbox_id)
+
+
+def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
+    return ToolAnnotations(
+        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+    )
+
+
+def register(server: MCPServer) -> None:
+    """Add the sandbox tools to a server."""
+    server.add_tool(sandbox_create, annotations=_hints())
+    server.add_tool(sandbox_exec, annotations=_hints(destructive=True))
+    server.add_tool(sandbox_write_file, annotations=_hints(destructive=True, idempotent=True))
+    server.add_tool(sandbox_read_file, annotations=_hints(read_only=True, idempotent=True))
+    server.add_tool(sandbox_list_files, annotations=_hints(read_only=True, idempotent=True))
+    server.add_tool(sandbox_expose_port, annotations=_hints(idempotent=True))
+    server.add_tool(sandbox_snapshot, annotations=_hints())
+    server.add_tool(sandbox_list, annotations=_hints(read_only=True, idempotent=True))
+    server.add_tool(sandbox_destroy, annotations=_hints(destructive=True, idempotent=True))
