@@ -77,7 +77,10 @@ class PortForwarder:
                                 await channel.send(data)
                         finally:
                             with anyio.CancelScope(shield=True):
-                                await channel.close_stdin()
+                                try:
+                                    await channel.close_stdin()
+                                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                                    pass  # the relay already ended from the sandbox's side
 
                     tg.start_soon(upstream)
                     async for kind, chunk in channel.frames():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp.server.mcpserver import Context
@@ -25,12 +26,13 @@ def caller(ctx: EngineContext) -> Identity:
     return engine(ctx).operator
 
 
-def build_progress(ctx: EngineContext):  # type: ignore[no-untyped-def]
+def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]]:
     """A callback that reports an image build as progress notifications."""
-    started = [0]
+    ticks = 0
 
     async def notify(state: BuildState) -> None:
-        started[0] += 1
-        await ctx.report_progress(started[0], None, f"building image '{state.recipe}': {state.describe()}")
+        nonlocal ticks
+        ticks += 1
+        await ctx.report_progress(ticks, None, f"building image '{state.recipe}': {state.describe()}")
 
     return notify
