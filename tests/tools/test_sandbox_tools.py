@@ -182,8 +182,6 @@ async def test_workspace_network_connects_sandboxes_of_one_workspace(client: Cli
         "    except OSError: time.sleep(0.2)\n"
     )
     assert (await sh(client, peer, "python3 -", stdin=probe))["stdout"].strip() == "200"
-    outside = await sh(client, peer, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), timeout=2)\"")
-    assert outside["exit_code"] != 0, "the workspace network must not reach the outside"
 
 
 async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, docker_client) -> None:
