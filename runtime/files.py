@@ -16,6 +16,7 @@ import anyio
 
 from dockyard.runtime.docker import STDOUT, DockerBackend
 from dockyard.runtime.errors import (
+    BackendError,
     EncodingError,
     InvalidRequestError,
     NotFoundError,
@@ -28,6 +29,7 @@ __all__ = ["WORKSPACE", "FileOps", "decode_content", "workspace_path"]
 
 WORKSPACE = "/workspace"
 _USER = "agent"
+_HELPER_DEADLINE_S = 60
 
 
 def workspace_path(path: str) -> str:
@@ -101,18 +103,21 @@ class FileOps:
 
     async def _helper(self, container_id: str, args: list[str], path: str, stdin: bytes = b"") -> dict[str, Any]:
         out = bytearray()
-        async with self._docker.exec_attached(container_id, ["dockyard-helper", *args], user=_USER) as channel:
-            async with anyio.create_task_group() as tg:
+        with anyio.move_on_after(_HELPER_DEADLINE_S) as deadline:
+            async with self._docker.exec_attached(container_id, ["dockyard-helper", *args], user=_USER) as channel:
+                async with anyio.create_task_group() as tg:
 
-                async def feed() -> None:
-                    if stdin:
-                        await channel.send(stdin)
-                    await channel.close_stdin()
+                    async def feed() -> None:
+                        if stdin:
+                            await channel.send(stdin)
+                        await channel.close_stdin()
 
-                tg.start_soon(feed)
-                async for kind, chunk in channel.frames():
-                    if kind == STDOUT:
-                        out += chunk
+                    tg.start_soon(feed)
+                    async for kind, chunk in channel.frames():
+                        if kind == STDOUT:
+                            out += chunk
+        if deadline.cancelled_caught:
+            raise BackendError(f"the sandbox did not finish handling '{path}' within {_HELPER_DEADLINE_S} s")
         try:
             reply = json.loads(out)
         except ValueError as exc:

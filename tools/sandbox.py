@@ -89,7 +89,7 @@ async def sandbox_exec(
 
     Output streams as progress notifications while the command runs. Each stream is capped
     (64 KiB by default) with a visible marker; redirect large output to a file and read it with
-    sandbox_read_file. At timeout_s the command and every process it started are killed, and
+    sandbox_read_file. At timeout_s the command and the processes it started are killed, and
     the result says timed_out with exit code 124. Start long-lived servers with nohup and
     redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
     """

@@ -113,7 +113,7 @@ async def test_read_only_root_holds_even_for_files_the_user_owns(client: Client)
 
 async def test_workspace_tmp_and_home_are_writable(client: Client) -> None:
     sandbox_id = await create(client)
-    script = "echo w > /workspace/probe && echo t > /tmp/probe && echo h > ~/probe && cat /workspace/probe /tmp/probe ~/probe"
+    script = "echo w > /workspace/p && echo t > /tmp/p && echo h > ~/p && cat /workspace/p /tmp/p ~/p"
     result = await sh(client, sandbox_id, script)
     assert result["exit_code"] == 0, result["stderr"]
     assert result["stdout"].split() == ["w", "t", "h"]
@@ -123,8 +123,8 @@ async def test_only_loopback_interface_exists_and_nothing_is_reachable(client: C
     sandbox_id = await create(client)
     interfaces = await sh(client, sandbox_id, "ls /sys/class/net")
     assert interfaces["stdout"].split() == ["lo"]
-    probe = await sh(client, sandbox_id, "curl -sS --max-time 5 http://1.1.1.1/", timeout_s=30)
-    assert probe["exit_code"] != 0
+    routes = await sh(client, sandbox_id, "tail -n +2 /proc/net/route")
+    assert routes["stdout"].strip() == "", "a sandbox without a network has no route anywhere"
 
 
 async def test_docker_socket_is_absent_inside_the_sandbox(client: Client) -> None:

@@ -41,7 +41,8 @@ async def process_lines(client: Client, sandbox_id: str) -> list[str]:
 @pytest.mark.parametrize("path", ESCAPES)
 async def test_file_tools_refuse_paths_that_leave_workspace(client: Client, path: str) -> None:
     sandbox_id = await create(client)
-    for tool, extra in (("sandbox_write_file", {"content": "pwned"}), ("sandbox_read_file", {}), ("sandbox_list_files", {})):
+    tools = (("sandbox_write_file", {"content": "pwned"}), ("sandbox_read_file", {}), ("sandbox_list_files", {}))
+    for tool, extra in tools:
         message = await call_error(client, tool, sandbox_id=sandbox_id, path=path, **extra)
         assert "/workspace" in message, (tool, message)
     assert (await sh(client, sandbox_id, "grep -c pwned /etc/passwd; test ! -e /x"))["stdout"].strip() == "0"
@@ -89,7 +90,9 @@ async def test_write_over_the_cap_is_refused_with_the_cap_named(
     try:
         async with Client(build_server(small)) as client:
             sandbox_id = await create(client)
-            message = await call_error(client, "sandbox_write_file", sandbox_id=sandbox_id, path="big.txt", content="x" * 5000)
+            message = await call_error(
+                client, "sandbox_write_file", sandbox_id=sandbox_id, path="big.txt", content="x" * 5000
+            )
             assert "4096" in message and "cap" in message
             blob = base64.b64encode(b"\0" * 4097).decode()
             message = await call_error(
@@ -129,7 +132,10 @@ async def test_exec_past_timeout_kills_background_children_and_reports_timed_out
 async def test_timed_out_background_loop_stops_writing(client: Client) -> None:
     """A loop the command left in the background (own session, even) is killed too."""
     sandbox_id = await create(client)
-    loop = "(while true; do echo x >> /workspace/marker; sleep 0.2; done) & setsid sleep 300 & sleep 300"
+    loop = (
+        "(while true; do echo x >> /workspace/marker; sleep 0.2; done) & setsid sleep 300 & "
+        "env -i setsid sleep 301 & sleep 300"  # the last child drops the command's environment too
+    )
     started = time.monotonic()
     result = await sh(client, sandbox_id, loop, timeout_s=2)
     assert time.monotonic() - started < 30
@@ -154,7 +160,9 @@ async def test_timed_out_background_loop_stops_writing(client: Client) -> None:
         ("seq 1 2000000 >&2", "stderr", "1\n2\n3\n"),
     ],
 )
-async def test_output_flood_is_capped_with_a_visible_marker(client: Client, command: str, stream: str, starts: str) -> None:
+async def test_output_flood_is_capped_with_a_visible_marker(
+    client: Client, command: str, stream: str, starts: str
+) -> None:
     sandbox_id = await create(client)
     started = time.monotonic()
     result = await sh(client, sandbox_id, command, timeout_s=60)
@@ -174,12 +182,14 @@ async def test_output_flood_is_capped_with_a_visible_marker(client: Client, comm
 # -- bombs -----------------------------------------------------------------------------
 
 
-async def test_fork_bomb_is_held_and_killed_while_the_server_keeps_answering(client: Client) -> None:
+@pytest.mark.parametrize("bomb", ["f(){ f & f; }; f", "while true; do sleep 30 & done"])
+async def test_fork_bomb_is_held_and_killed_while_the_server_keeps_answering(client: Client, bomb: str) -> None:
+    """A bomb that stays in the foreground runs into the pids limit, then dies at its timeout."""
     bombed, bystander = await create(client), await create(client)
     answers: dict[str, Any] = {}
 
-    async def bomb() -> None:
-        answers["bomb"] = await sh(client, bombed, ":(){ :|:& };:", timeout_s=5)
+    async def run_bomb() -> None:
+        answers["bomb"] = await sh(client, bombed, bomb, timeout_s=5)
         answers["bomb_done"] = time.monotonic()
 
     async def meanwhile() -> None:
@@ -190,16 +200,35 @@ async def test_fork_bomb_is_held_and_killed_while_the_server_keeps_answering(cli
 
     with anyio.fail_after(120):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(bomb)
+            tg.start_soon(run_bomb)
             tg.start_soon(meanwhile)
     assert answers["echo"]["stdout"] == "ok\n"
     assert {s["sandbox_id"] for s in answers["list"]["sandboxes"]} == {bombed, bystander}
     assert answers["others_done"] < answers["bomb_done"], "the server did not answer while the bomb ran"
-    assert answers["bomb"]["timed_out"] is True
-    alive = await sh(client, bombed, "echo alive")
-    assert alive["stdout"] == "alive\n"
+    assert answers["bomb"]["timed_out"] is True and answers["bomb"]["exit_code"] == 124
+    assert "Resource temporarily unavailable" in answers["bomb"]["stderr"], "the bomb never reached the pids limit"
+    assert (await sh(client, bombed, "echo alive"))["stdout"] == "alive\n"
     leftovers = await process_lines(client, bombed)
     assert len(leftovers) <= 5, leftovers
+
+
+async def test_detached_fork_bomb_returns_and_the_sandbox_recovers(client: Client) -> None:
+    """The classic bomb backgrounds itself, so the call returns at once; the pids limit starves it out."""
+    sandbox_id = await create(client)
+    with anyio.fail_after(60):
+        result = await sh(client, sandbox_id, ":(){ :|:& };:", timeout_s=5)
+    assert result["exit_code"] in (0, 124)
+    leftovers: list[str] = []
+    for _ in range(60):  # bounded: up to ~60 s for the starved bomb to die out
+        await anyio.sleep(1)
+        probe = await client.call_tool("sandbox_exec", {"sandbox_id": sandbox_id, "command": "ps -e --no-headers"})
+        if probe.is_error:  # no pid to spare for the exec yet
+            continue
+        leftovers = probe.structured_content["stdout"].splitlines()
+        if len(leftovers) <= 5:
+            break
+    assert len(leftovers) <= 5, leftovers
+    assert (await sh(client, sandbox_id, "echo alive"))["stdout"] == "alive\n"
 
 
 @pytest.mark.parametrize(
@@ -219,6 +248,7 @@ async def test_memory_bomb_fails_alone_and_the_sandbox_survives(
         answers["bomb"] = await sh(client, sandbox_id, command, timeout_s=60)
 
     async def meanwhile() -> None:
+        await anyio.sleep(0.3)
         answers["list"] = await call(client, "sandbox_list")
 
     with anyio.fail_after(120):
@@ -253,7 +283,22 @@ async def test_unknown_sandbox_id_is_refused_by_every_tool(client: Client) -> No
 async def test_destroyed_sandbox_id_answers_unknown_sandbox(client: Client, docker_client: docker.DockerClient) -> None:
     sandbox_id = await create(client)
     await call(client, "sandbox_destroy", sandbox_id=sandbox_id)
-    for tool, extra in (("sandbox_exec", {"command": "echo hi"}), ("sandbox_read_file", {"path": "a"}), ("sandbox_destroy", {})):
+    tools = (("sandbox_exec", {"command": "echo hi"}), ("sandbox_read_file", {"path": "a"}), ("sandbox_destroy", {}))
+    for tool, extra in tools:
         message = await call_error(client, tool, sandbox_id=sandbox_id, **extra)
         assert "unknown sandbox" in message, (tool, message)
     assert not docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sandbox_id}"})
+
+
+# -- special files ---------------------------------------------------------------------
+
+
+async def test_reading_a_named_pipe_fails_fast_instead_of_hanging(client: Client) -> None:
+    """A FIFO nobody writes to would block a naive open() forever, and the tool call with it."""
+    sandbox_id = await create(client)
+    await sh(client, sandbox_id, "mkfifo pipe")
+    with anyio.move_on_after(30) as waited:
+        message = await call_error(client, "sandbox_read_file", sandbox_id=sandbox_id, path="pipe")
+    assert not waited.cancelled_caught, "sandbox_read_file on a named pipe was still hanging after 30 s"
+    assert "not a regular file" in message
+    assert not [line for line in await process_lines(client, sandbox_id) if "dockyard-helper" in line]
