@@ -106,14 +106,6 @@ async def run_command(
             with anyio.move_on_after(timeout_s) as deadline:
                 async with anyio.create_task_group() as tg:
 
-                    async def feed() -> None:
-                        try:
-                            if stdin:
-                                await channel.send(stdin)
-                            await channel.close_stdin()
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                            pass  # the command closed its stdin early: nothing more to give it
-
                     async def watch() -> None:
                         # A command that leaves a background child holding stdout open has still
                         # ended: stop reading shortly after its own process exits.
@@ -127,7 +119,7 @@ async def run_command(
                                 tg.cancel_scope.cancel()
                                 return
 
-                    tg.start_soon(feed)
+                    tg.start_soon(channel.feed, stdin)
                     tg.start_soon(watch)
                     async for kind, chunk in channel.frames():
                         capture = captures.get(kind)
@@ -161,7 +153,7 @@ async def _kill(docker: DockerBackend, container_id: str, user: str, token: str)
         while True:
             try:
                 async with docker.exec_attached(container_id, ["dockyard-helper", "kill", token], user=user) as ch:
-                    await ch.close_stdin()
+                    await ch.feed(None)
                     async for _ in ch.frames():
                         pass
                 return

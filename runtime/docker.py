@@ -12,7 +12,7 @@ import functools
 import json
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
@@ -55,20 +55,29 @@ class ContainerSpec:
     read_only: bool = True
 
 
+_UNREACHABLE = (
+    "the Docker daemon is not reachable; start it (e.g. `sudo systemctl start docker`) and check `dockyard doctor`"
+)
+
+
+@contextmanager
+def _docker_errors() -> Iterator[None]:
+    """Map docker-py's errors onto the engine's error tree."""
+    try:
+        yield
+    except docker.errors.NotFound as exc:
+        raise ContainerGoneError(f"docker: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        raise BackendError(f"docker: {exc.explanation or exc}") from exc
+    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+        raise DockerUnavailableError(_UNREACHABLE) from exc
+
+
 def _translate(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
+        with _docker_errors():
             return fn(*args, **kwargs)
-        except docker.errors.NotFound as exc:
-            raise ContainerGoneError(f"docker: {exc.explanation or exc}") from exc
-        except docker.errors.APIError as exc:
-            raise BackendError(f"docker: {exc.explanation or exc}") from exc
-        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-            raise DockerUnavailableError(
-                "the Docker daemon is not reachable; start it (e.g. `sudo systemctl start docker`) "
-                "and check `dockyard doctor`"
-            ) from exc
 
     return wrapper
 
@@ -87,8 +96,20 @@ class ExecChannel:
         await self._stream.send(data)
 
     async def close_stdin(self) -> None:
-        """Half-close: the process reads end-of-file on stdin."""
-        await self._stream.send_eof()  # type: ignore[attr-defined]
+        """Half-close: the process reads end-of-file on stdin (a no-op once the exec has ended)."""
+        try:
+            await self._stream.send_eof()  # type: ignore[attr-defined]
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+    async def feed(self, data: bytes | None) -> None:
+        """Write all of `data` to stdin, then close it; a process that stops reading early is fine."""
+        try:
+            if data:
+                await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
+        await self.close_stdin()
 
     async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (STDOUT|STDERR, chunk) until the process's output ends."""
@@ -212,9 +233,6 @@ class DockerBackend:
         except ContainerGoneError:
             pass
 
-    async def inspect_container(self, container_id: str) -> dict[str, Any]:
-        return await self._run(self.client.api.inspect_container, container_id)
-
     async def start_container(self, container_id: str) -> None:
         await self._run(self.client.api.start, container_id)
 
@@ -275,7 +293,7 @@ class DockerBackend:
             else:
                 raise BackendError(f"attached exec supports unix:// and tcp:// docker hosts, not {self._host}")
         except OSError as exc:
-            raise DockerUnavailableError("the Docker daemon is not reachable; check `dockyard doctor`") from exc
+            raise DockerUnavailableError(_UNREACHABLE) from exc
         payload = json.dumps(body).encode()
         version = self.client.api._version  # noqa: SLF001 - the negotiated API version
         request = (
@@ -348,12 +366,6 @@ class DockerBackend:
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         return await self._run(self.client.api.networks, filters=filters)
 
-    async def remove_network(self, network_id: str) -> None:
-        try:
-            await self._run(self.client.api.remove_network, network_id)
-        except ContainerGoneError:
-            pass
-
     # -- images -------------------------------------------------------------------------
 
     async def image_labels(self, tag: str) -> dict[str, str] | None:
@@ -381,11 +393,7 @@ class DockerBackend:
 
     def build_lines(self, context: str, tag: str, labels: dict[str, str], buildargs: dict[str, str]) -> Iterator[dict]:
         """Blocking: build an image and yield the daemon's JSON progress records."""
-        try:
+        with _docker_errors():
             yield from self.client.api.build(
                 path=context, tag=tag, labels=labels, buildargs=buildargs, rm=True, forcerm=True, decode=True
             )
-        except docker.errors.APIError as exc:
-            raise BackendError(f"docker build: {exc.explanation or exc}") from exc
-        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-            raise DockerUnavailableError("the Docker daemon is not reachable; check `dockyard doctor`") from exc

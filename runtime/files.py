@@ -106,13 +106,7 @@ class FileOps:
         with anyio.move_on_after(_HELPER_DEADLINE_S) as deadline:
             async with self._docker.exec_attached(container_id, ["dockyard-helper", *args], user=_USER) as channel:
                 async with anyio.create_task_group() as tg:
-
-                    async def feed() -> None:
-                        if stdin:
-                            await channel.send(stdin)
-                        await channel.close_stdin()
-
-                    tg.start_soon(feed)
+                    tg.start_soon(channel.feed, stdin)
                     async for kind, chunk in channel.frames():
                         if kind == STDOUT:
                             out += chunk

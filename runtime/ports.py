@@ -77,10 +77,7 @@ class PortForwarder:
                                 await channel.send(data)
                         finally:
                             with anyio.CancelScope(shield=True):
-                                try:
-                                    await channel.close_stdin()
-                                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                                    pass  # the relay already ended from the sandbox's side
+                                await channel.close_stdin()
 
                     tg.start_soon(upstream)
                     async for kind, chunk in channel.frames():

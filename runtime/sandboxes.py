@@ -83,14 +83,14 @@ class SandboxService:
     ) -> SandboxInfo:
         """Start a sandbox from a template (and optionally a snapshot) and return it."""
         async with self._audit.record(who, "sandbox.create", template=template, from_snapshot=from_snapshot) as rec:
-            name = template or (await self._snapshot_template(who, from_snapshot)) or self._limits.default_template
+            snapshot = await self._owned_snapshot(who, from_snapshot) if from_snapshot else None
+            name = template or (snapshot.template if snapshot else self._limits.default_template)
             rec.detail["template"] = name
             tpl = self._template(name)
             spec_network = self._network(network or tpl.network)
             cpus = self._capped("cpus", cpus or tpl.cpus, self._limits.max_cpus)
             memory_mb = int(self._capped("memory_mb", memory_mb or tpl.memory_mb, self._limits.max_memory_mb))
             ttl = self._ttl(ttl_s)
-            snapshot = await self._owned_snapshot(who, from_snapshot) if from_snapshot else None
             image = await self._images.wait_ready(tpl.image, self._settings.images.wait_s, notify)
             sandbox_id = f"sbx_{secrets.token_hex(8)}"
             rec.target = sandbox_id
@@ -143,9 +143,6 @@ class SandboxService:
             return list(session.exec(stmt).all())
 
         return [self._info(row) for row in await self._store.run(query)]
-
-    async def get(self, who: Identity, sandbox_id: str) -> SandboxInfo:
-        return self._info(await self._owned(who, sandbox_id))
 
     # -- work inside a sandbox ----------------------------------------------------------
 
@@ -308,9 +305,6 @@ class SandboxService:
         if snap is None or snap.workspace_id != who.workspace_id or not Path(snap.path).is_dir():
             raise SnapshotNotFoundError(snapshot_id)
         return snap
-
-    async def _snapshot_template(self, who: Identity, snapshot_id: str | None) -> str | None:
-        return (await self._owned_snapshot(who, snapshot_id)).template if snapshot_id else None
 
     async def _remove(self, row: Runtime, status: str) -> None:
         if row.container_id:

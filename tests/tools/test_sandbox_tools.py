@@ -11,6 +11,7 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
+from dockyard.runtime.engine import instance_id
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import AuditEvent, Runtime
 from tests.conftest import call, call_error, sh
@@ -161,8 +162,7 @@ async def test_bad_create_arguments_are_refused_and_leave_no_container(client: C
     assert "DOCKYARD_" in await call_error(client, "sandbox_create", env={"DOCKYARD_EXEC_ID": "x"})
     assert "ttl_s" in await call_error(client, "sandbox_create", ttl_s=10**9)
     assert (await call(client, "sandbox_list"))["sandboxes"] == []
-    label = f"dockyard.workspace={settings.operator.workspace_id}"
-    mine = [c for c in docker_client.containers.list(all=True, filters={"label": label}) if c.name.startswith(f"dockyard-{_instance(settings)}")]
+    mine = docker_client.containers.list(all=True, filters={"label": f"dockyard.instance={instance_id(settings)}"})
     assert mine == []
     refused = [row for row in audit_rows(settings) if row.kind == "sandbox.create"]
     assert refused and all(row.outcome == "error" for row in refused)
@@ -190,9 +190,3 @@ async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, docker
         while any(s["sandbox_id"] == sid for s in (await call(client, "sandbox_list"))["sandboxes"]):
             await anyio.sleep(0.3)
     assert docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sid}"}) == []
-
-
-def _instance(settings: Settings) -> str:
-    from dockyard.runtime.engine import instance_id
-
-    return instance_id(settings)
