@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import anyio
 import anyio.abc
 import docker
+import httpx
 import docker.errors
 import requests.exceptions
 
@@ -241,6 +242,51 @@ class DockerBackend:
 
     async def unpause(self, container_id: str) -> None:
         await self._run(self.client.api.unpause, container_id)
+
+    async def update_limits(self, container_id: str, cpus: float, memory_mb: int) -> None:
+        """Change a running container's CPU quota and memory limit (swap kept equal to it)."""
+        # docker-py's update_container has no NanoCpus (the unit containers are created with,
+        # which the daemon will not mix with a CPU quota), so the request is made directly.
+        body = {"NanoCpus": int(cpus * 1e9), "Memory": memory_mb << 20, "MemorySwap": memory_mb << 20}
+
+        def update() -> None:
+            api = self.client.api
+            response = api._post_json(api._url("/containers/{0}/update", container_id), data=body)  # noqa: SLF001
+            api._raise_for_status(response)  # noqa: SLF001
+
+        await self._run(update)
+
+    async def has_read_only_root(self, container_id: str) -> bool:
+        info = await self._run(self.client.api.inspect_container, container_id)
+        return bool(info["HostConfig"].get("ReadonlyRootfs"))
+
+    async def diff(self, container_id: str) -> list[str]:
+        """Changes to the container's own filesystem layer ('C /etc/passwd', 'A /x', ...)."""
+        changes = await self._run(self.client.api.diff, container_id) or []
+        kinds = {0: "C", 1: "A", 2: "D"}
+        return [f"{kinds.get(change['Kind'], '?')} {change['Path']}" for change in changes]
+
+    async def events(self, labels: dict[str, str], actions: list[str]) -> AsyncIterator[dict[str, Any]]:
+        """Yield the daemon's container events for containers carrying these labels, as they happen."""
+        filters = {"type": ["container"], "label": [f"{k}={v}" for k, v in labels.items()], "event": actions}
+        url = urlparse(self._host)
+        if url.scheme == "unix":
+            transport, base = httpx.AsyncHTTPTransport(uds=url.path), "http://docker"
+        else:
+            transport, base = httpx.AsyncHTTPTransport(), f"http://{url.hostname}:{url.port or 2375}"
+        version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
+        try:
+            async with (
+                httpx.AsyncClient(transport=transport, base_url=base, timeout=None) as http,
+                http.stream("GET", f"/v{version}/events", params={"filters": json.dumps(filters)}) as response,
+            ):
+                if response.status_code != 200:
+                    raise BackendError(f"docker: events stream refused ({response.status_code})")
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise DockerUnavailableError(_UNREACHABLE) from exc
 
     async def list_containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         """Every container (running or not) carrying all of these labels."""

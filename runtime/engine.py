@@ -14,9 +14,14 @@ from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
 from dockyard.runtime.images import ImageService
+from dockyard.runtime.models import PoolInfo
+from dockyard.runtime.pool import PoolManager
+from dockyard.runtime.poolstatus import pool_status
+from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Store
+from dockyard.runtime.upkeep import PoolUpkeep
 
 __all__ = ["Engine", "instance_id"]
 
@@ -42,6 +47,8 @@ class Engine:
     audit: AuditLog
     docker: DockerBackend
     images: ImageService
+    provisioner: Provisioner
+    pools: PoolManager
     sandboxes: SandboxService
 
     @property
@@ -63,6 +70,8 @@ class Engine:
         docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
         images = ImageService(settings.images, docker, settings.data_dir / "build")
         audit = AuditLog(store)
+        provisioner = Provisioner(settings, instance, docker, images)
+        pools = PoolManager(settings, store, provisioner)
         engine = cls(
             settings=settings,
             instance=instance,
@@ -70,14 +79,21 @@ class Engine:
             audit=audit,
             docker=docker,
             images=images,
-            sandboxes=SandboxService(settings, instance, store, audit, docker, images),
+            provisioner=provisioner,
+            pools=pools,
+            sandboxes=SandboxService(settings, store, audit, docker, pools),
         )
         try:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)
                 engine.sandboxes.ports.attach(tg)
-                await engine._reconcile()
+                await tg.start(pools.run)
+                upkeep = PoolUpkeep(settings.pool, store, pools, provisioner, docker)
+                await engine._reconcile(upkeep)
                 tg.start_soon(engine._build_images)
+                for pool in pools.pools:
+                    await pools.replenish(pool)
+                tg.start_soon(upkeep.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine
@@ -88,11 +104,17 @@ class Engine:
                 await docker.close()
                 await store.close()
 
-    async def _reconcile(self) -> None:
+    async def pool_status(self) -> list[PoolInfo]:
+        """Every pool's shape, state counts, queue and claim figures."""
+        return await pool_status(self.store, self.settings)
+
+    async def _reconcile(self, upkeep: PoolUpkeep) -> None:
         # Bounded: a daemon that hangs must not hold up the client's handshake.
         with anyio.move_on_after(15):
             try:
-                await self.sandboxes.reconcile()
+                await upkeep.reconcile()
+                for network in await self.docker.list_networks(self.provisioner.labels):
+                    await self.docker.remove_network_if_unused(network["Name"])
             except DockyardError as exc:
                 log.warning("start-up reconciliation skipped: %s", exc)
 

@@ -7,6 +7,7 @@ The tool layer passes that message on unchanged and hides everything else.
     DockyardError
     ├── NotFoundError                 an id or name the caller gave does not exist
     │   ├── SandboxNotFoundError
+    │   │   └── SandboxLostError      its container died or vanished outside dockyard
     │   ├── SnapshotNotFoundError
     │   └── TemplateNotFoundError
     ├── InvalidRequestError           input the schema cannot catch
@@ -14,6 +15,8 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── SizeLimitError
     │   ├── EncodingError
     │   └── NetworkNotAllowedError
+    ├── CapacityError                 no room now; retry later or free something
+    │   └── PoolExhaustedError        a full pool freed nothing within the claim timeout
     ├── ImageError
     │   ├── ImageBuildingError        the image is still being built; try again soon
     │   └── ImageBuildFailedError
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "CapacityError",
     "DockerUnavailableError",
     "DockyardError",
     "EncodingError",
@@ -35,6 +39,8 @@ __all__ = [
     "NetworkNotAllowedError",
     "NotFoundError",
     "PathOutsideWorkspaceError",
+    "PoolExhaustedError",
+    "SandboxLostError",
     "SandboxNotFoundError",
     "SizeLimitError",
     "SnapshotNotFoundError",
@@ -55,6 +61,13 @@ class SandboxNotFoundError(NotFoundError):
 
     def __init__(self, sandbox_id: str) -> None:
         super().__init__(f"unknown sandbox '{sandbox_id}'; call sandbox_list to see your sandboxes")
+
+
+class SandboxLostError(SandboxNotFoundError):
+    """Raised for a sandbox whose container died or was removed outside dockyard."""
+
+    def __init__(self, sandbox_id: str, reason: str) -> None:
+        NotFoundError.__init__(self, f"sandbox '{sandbox_id}' was lost ({reason}); create a new one with sandbox_create")
 
 
 class SnapshotNotFoundError(NotFoundError):
@@ -89,6 +102,20 @@ class EncodingError(InvalidRequestError):
 
 class NetworkNotAllowedError(InvalidRequestError):
     """Raised when a network mode is unknown or disabled by configuration."""
+
+
+class CapacityError(DockyardError):
+    """Raised when a request cannot be served now for lack of capacity."""
+
+
+class PoolExhaustedError(CapacityError):
+    """Raised when a claim waited its whole timeout in the queue of a pool at its max."""
+
+    def __init__(self, template: str, maximum: int, waited_s: float) -> None:
+        super().__init__(
+            f"pool '{template}' is at its max of {maximum} runtimes and none was released within {waited_s:g} s; "
+            "destroy a sandbox you no longer need (sandbox_list shows yours) or try again later"
+        )
 
 
 class ImageError(DockyardError):

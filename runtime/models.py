@@ -13,6 +13,7 @@ __all__ = [
     "FileEntry",
     "FileListing",
     "FileWritten",
+    "PoolInfo",
     "PortInfo",
     "SandboxInfo",
     "SnapshotInfo",
@@ -95,3 +96,24 @@ class SnapshotInfo(BaseModel):
     label: str | None
     size_bytes: int
     created_at: datetime
+
+
+class PoolInfo(BaseModel):
+    """One template's warm pool: its shape, its runtimes by state, its queue and its claims."""
+
+    template: str
+    network: str
+    min: int
+    max: int
+    target: int = Field(description="Warm runtimes the pool keeps ready now (the autoscaler moves it).")
+    autoscale: bool
+    warm: int
+    claimed: int
+    provisioning: int
+    draining: int
+    queue_depth: int
+    claims_warm: int = Field(description="Claims served from a warm runtime (recent history).")
+    claims_cold: int = Field(description="Claims that had to wait for a container start.")
+    claim_ms_p50: float | None = None
+    claim_ms_p95: float | None = None
+    claim_ms_p99: float | None = None

@@ -1,4 +1,4 @@
-"""Sandboxes: hardened containers with a persistent /workspace, owned by one workspace."""
+"""Sandboxes: a workspace's claim of a pooled runtime, from sandbox_create to its end."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.commands import OutputCallback, run_command
-from dockyard.runtime.docker import ContainerSpec, DockerBackend
+from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import (
     InvalidRequestError,
     NetworkNotAllowedError,
+    SandboxLostError,
     SandboxNotFoundError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
 )
 from dockyard.runtime.files import WORKSPACE, FileOps, decode_content, workspace_path
-from dockyard.runtime.images import BuildState, ImageService
+from dockyard.runtime.images import BuildState
 from dockyard.runtime.models import (
     ExecResult,
     FileContent,
@@ -33,14 +34,14 @@ from dockyard.runtime.models import (
     SandboxInfo,
     SnapshotInfo,
 )
+from dockyard.runtime.pool import Bind, PoolManager
 from dockyard.runtime.ports import PortForwarder
+from dockyard.runtime.provision import HOME, USER
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
-from dockyard.runtime.store import Runtime, RuntimeStatus, Snapshot, Store, utcnow
+from dockyard.runtime.store import Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 
 __all__ = ["SandboxService"]
 
-USER = "agent"
-HOME = "/home/agent"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BuildNotify = Callable[[BuildState], Awaitable[None]]
 
@@ -48,23 +49,15 @@ BuildNotify = Callable[[BuildState], Awaitable[None]]
 class SandboxService:
     """Creates, runs commands in, snapshots and destroys sandboxes; audits every action."""
 
-    def __init__(
-        self, settings: Settings, instance: str, store: Store, audit: AuditLog, docker: DockerBackend, images: ImageService
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, audit: AuditLog, docker: DockerBackend, pools: PoolManager) -> None:
         self._settings = settings
         self._limits = settings.sandbox
-        self._instance = instance
         self._store = store
         self._audit = audit
         self._docker = docker
-        self._images = images
+        self._pools = pools
         self._files = FileOps(docker)
         self.ports = PortForwarder(docker, USER)
-
-    @property
-    def labels(self) -> dict[str, str]:
-        """The labels that mark a container or network as this instance's."""
-        return {"dockyard.managed": "true", "dockyard.instance": self._instance}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -91,54 +84,65 @@ class SandboxService:
             cpus = self._capped("cpus", cpus or tpl.cpus, self._limits.max_cpus)
             memory_mb = int(self._capped("memory_mb", memory_mb or tpl.memory_mb, self._limits.max_memory_mb))
             ttl = self._ttl(ttl_s)
-            image = await self._images.wait_ready(tpl.image, self._settings.images.wait_s, notify)
+            env = _checked_env(env)
             sandbox_id = f"sbx_{secrets.token_hex(8)}"
             rec.target = sandbox_id
-            spec = self._spec(who, sandbox_id, tpl, image, spec_network, cpus, memory_mb, _checked_env(env))
-            if spec_network == "workspace":
-                ws_labels = {**self.labels, "dockyard.workspace": who.workspace_id}
-                await self._docker.ensure_network(spec.network, ws_labels, internal=True)
-            container_id = await self._docker.run_container(spec)
-            try:
-                if snapshot is not None:
-                    await self._restore(container_id, Path(snapshot.path))
-                row = Runtime(
-                    id=sandbox_id,
-                    template=name,
-                    image=image,
-                    container_id=container_id,
-                    container_name=spec.name,
-                    status=RuntimeStatus.RUNNING,
-                    network=spec_network,
-                    cpus=cpus,
-                    memory_mb=memory_mb,
-                    workspace_id=who.workspace_id,
-                    project_id=who.project_id,
-                    user_id=who.user_id,
-                    run_id=who.run_id,
-                    from_snapshot=from_snapshot,
-                    expires_at=utcnow() + timedelta(seconds=ttl) if ttl else None,
+
+            def bind(session: Session, runtime: Runtime) -> None:
+                runtime.sandbox_id = sandbox_id
+                session.add(
+                    Sandbox(
+                        id=sandbox_id,
+                        runtime_id=runtime.id,
+                        container_id=runtime.container_id or "",
+                        template=name,
+                        network=spec_network,
+                        cpus=cpus,
+                        memory_mb=memory_mb,
+                        env=env,
+                        workspace_id=who.workspace_id,
+                        project_id=who.project_id,
+                        user_id=who.user_id,
+                        run_id=who.run_id,
+                        from_snapshot=from_snapshot,
+                        expires_at=utcnow() + timedelta(seconds=ttl) if ttl else None,
+                    )
                 )
-                await self._store.add(row)
+
+            lease = await self._pools.claim(name, who.workspace_id, bind, network=spec_network, notify=notify)
+            try:
+                if (cpus, memory_mb) != (lease.runtime.cpus, lease.runtime.memory_mb):
+                    await self._pools.resize(lease.runtime.id, cpus, memory_mb)
+                if snapshot is not None:
+                    await self._restore(lease.runtime.container_id or "", Path(snapshot.path))
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._docker.remove_container(container_id)
+                    await self._pools.release(lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed")
                 raise
-            rec.detail.update(network=row.network, cpus=cpus, memory_mb=memory_mb, container=container_id[:12])
+            row = await self._store.get(Sandbox, sandbox_id)
+            assert row is not None
+            rec.detail.update(
+                network=spec_network,
+                cpus=cpus,
+                memory_mb=memory_mb,
+                runtime=lease.runtime.id,
+                served="warm" if lease.warm else "cold",
+                claim_ms=round(lease.claim_ms, 2),
+            )
         return self._info(row)
 
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
         """Remove the sandbox's container and volumes; its id is unknown from then on."""
         row = await self._owned(who, sandbox_id)
         async with self._audit.record(who, "sandbox.destroy", sandbox_id):
-            await self._remove(row, RuntimeStatus.DESTROYED)
+            await self._end(row, "destroyed by its owner")
 
     async def list(self, who: Identity) -> list[SandboxInfo]:
-        def query(session: Session) -> list[Runtime]:
+        def query(session: Session) -> list[Sandbox]:
             stmt = (
-                select(Runtime)
-                .where(Runtime.workspace_id == who.workspace_id, Runtime.status == RuntimeStatus.RUNNING)
-                .order_by(col(Runtime.created_at))
+                select(Sandbox)
+                .where(Sandbox.workspace_id == who.workspace_id, Sandbox.status == SandboxStatus.RUNNING)
+                .order_by(col(Sandbox.created_at))
             )
             return list(session.exec(stmt).all())
 
@@ -167,10 +171,10 @@ class SandboxService:
         async with self._audit.record(who, "sandbox.exec", sandbox_id, command=command[:1000], cwd=workdir) as rec:
             result = await run_command(
                 self._docker,
-                _container(row),
+                row.container_id,
                 ["/bin/bash", "-c", command],
                 user=USER,
-                env={**self._template(row.template).env, **_checked_env(env)},
+                env={**row.env, **_checked_env(env)},  # the template's env is the container's own
                 workdir=workdir,
                 stdin=stdin.encode() if stdin is not None else None,
                 timeout_s=timeout,
@@ -184,7 +188,7 @@ class SandboxService:
         row = await self._owned(who, sandbox_id)
         async with self._audit.record(who, "sandbox.write_file", sandbox_id, path=path, encoding=encoding) as rec:
             data = decode_content(content, encoding, self._limits.write_cap_bytes)
-            written = await self._files.write(_container(row), path, data)
+            written = await self._files.write(row.container_id, path, data)
             rec.detail["size"] = written.size
         return written
 
@@ -196,7 +200,7 @@ class SandboxService:
         if max_bytes is not None and max_bytes > cap:
             raise InvalidRequestError(f"max_bytes {max_bytes} is over the read cap; allowed: 1..{cap}")
         async with self._audit.record(who, "sandbox.read_file", sandbox_id, path=path) as rec:
-            content = await self._files.read(_container(row), path, max_bytes or cap, encoding)
+            content = await self._files.read(row.container_id, path, max_bytes or cap, encoding)
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
 
@@ -206,12 +210,12 @@ class SandboxService:
         row = await self._owned(who, sandbox_id)
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, "sandbox.list_files", sandbox_id, path=path, recursive=recursive):
-            return await self._files.list(_container(row), path, recursive, limit)
+            return await self._files.list(row.container_id, path, recursive, limit)
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._owned(who, sandbox_id)
         async with self._audit.record(who, "sandbox.expose_port", sandbox_id, port=port) as rec:
-            host_port = await self.ports.open(_container(row), port)
+            host_port = await self.ports.open(row.container_id, port)
             url = f"http://127.0.0.1:{host_port}/"
             rec.detail["url"] = url
         return PortInfo(sandbox_id=sandbox_id, port=port, url=url)
@@ -223,7 +227,7 @@ class SandboxService:
         folder = self._settings.snapshots_dir / snapshot_id
         async with self._audit.record(who, "sandbox.snapshot", sandbox_id, snapshot_id=snapshot_id, label=label) as rec:
             try:
-                size = await self._archive(_container(row), folder)
+                size = await self._archive(row.container_id, folder)
                 snap = await self._store.add(
                     Snapshot(
                         id=snapshot_id,
@@ -248,40 +252,12 @@ class SandboxService:
 
     # -- housekeeping -------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """At start: adopt this instance's live containers, remove the rest, mark lost rows."""
-        containers = await self._docker.list_containers(self.labels)
-
-        def live_rows(session: Session) -> dict[str, Runtime]:
-            stmt = select(Runtime).where(col(Runtime.status).in_([RuntimeStatus.RUNNING, RuntimeStatus.STARTING]))
-            return {row.id: row for row in session.exec(stmt).all()}
-
-        rows = await self._store.run(live_rows)
-        adopted: set[str] = set()
-        for container in containers:
-            row = rows.get(container["Labels"].get("dockyard.runtime", ""))
-            if row is None or row.status != RuntimeStatus.RUNNING or row.container_id != container["Id"]:
-                await self._docker.remove_container(container["Id"])
-                continue
-            if container["State"] != "running":
-                try:
-                    await self._docker.start_container(container["Id"])
-                except Exception:
-                    await self._docker.remove_container(container["Id"])
-                    continue
-            adopted.add(row.id)
-        lost = [row.id for row in rows.values() if row.id not in adopted]
-        if lost:
-            await self._mark(lost, RuntimeStatus.LOST)
-        for network in await self._docker.list_networks(self.labels):
-            await self._docker.remove_network_if_unused(network["Name"])
-
     async def reap_expired(self) -> int:
         """Destroy sandboxes past their expiry; returns how many."""
 
-        def expired(session: Session) -> list[Runtime]:
-            stmt = select(Runtime).where(
-                Runtime.status == RuntimeStatus.RUNNING, col(Runtime.expires_at).is_not(None), col(Runtime.expires_at) < utcnow()
+        def expired(session: Session) -> list[Sandbox]:
+            stmt = select(Sandbox).where(
+                Sandbox.status == SandboxStatus.RUNNING, col(Sandbox.expires_at).is_not(None), col(Sandbox.expires_at) < utcnow()
             )
             return list(session.exec(stmt).all())
 
@@ -289,14 +265,18 @@ class SandboxService:
         for row in rows:
             who = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id="dockyard", run_id=row.run_id)
             async with self._audit.record(who, "sandbox.expire", row.id):
-                await self._remove(row, RuntimeStatus.DESTROYED)
+                await self._end(row, "its time to live ran out")
         return len(rows)
 
     # -- internals ----------------------------------------------------------------------
 
-    async def _owned(self, who: Identity, sandbox_id: str) -> Runtime:
-        row = await self._store.get(Runtime, sandbox_id)
-        if row is None or row.status != RuntimeStatus.RUNNING or row.workspace_id != who.workspace_id:
+    async def _owned(self, who: Identity, sandbox_id: str) -> Sandbox:
+        row = await self._store.get(Sandbox, sandbox_id)
+        if row is None or row.workspace_id != who.workspace_id:
+            raise SandboxNotFoundError(sandbox_id)
+        if row.status == SandboxStatus.LOST:
+            raise SandboxLostError(sandbox_id, row.end_reason or "its container is gone")
+        if row.status != SandboxStatus.RUNNING:
             raise SandboxNotFoundError(sandbox_id)
         return row
 
@@ -306,21 +286,10 @@ class SandboxService:
             raise SnapshotNotFoundError(snapshot_id)
         return snap
 
-    async def _remove(self, row: Runtime, status: str) -> None:
-        if row.container_id:
-            self.ports.close(row.container_id)
-            await self._docker.remove_container(row.container_id)
-        await self._mark([row.id], status)
-        if row.network == "workspace":
-            await self._docker.remove_network_if_unused(self._workspace_network(row.workspace_id))
-
-    async def _mark(self, ids: list[str], status: str) -> None:
-        def mark(session: Session) -> None:
-            for row in session.exec(select(Runtime).where(col(Runtime.id).in_(ids))).all():
-                row.status, row.ended_at = status, utcnow()
-                session.add(row)
-
-        await self._store.run(mark)
+    async def _end(self, row: Sandbox, reason: str) -> None:
+        """Close the sandbox and give its runtime back to the pool (which wipes or destroys it)."""
+        self.ports.close(row.container_id)
+        await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
 
     async def _archive(self, container_id: str, folder: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
@@ -353,9 +322,6 @@ class SandboxService:
             raise NetworkNotAllowedError(f"network '{mode}' is not allowed{why}; allowed: {', '.join(allowed)}")
         return mode
 
-    def _workspace_network(self, workspace_id: str) -> str:
-        return f"dockyard-{self._instance}-ws-{workspace_id}"
-
     def _capped(self, name: str, value: float, cap: float) -> float:
         if value > cap:
             raise InvalidRequestError(f"{name} {value} is over the cap; allowed: up to {cap}")
@@ -367,41 +333,8 @@ class SandboxService:
             raise InvalidRequestError(f"ttl_s {ttl} is over the cap; allowed: 1..{self._limits.max_ttl_s}")
         return ttl
 
-    def _spec(
-        self,
-        who: Identity,
-        sandbox_id: str,
-        tpl: TemplateSettings,
-        image: str,
-        network: str,
-        cpus: float,
-        memory_mb: int,
-        env: dict[str, str],
-    ) -> ContainerSpec:
-        docker_network = {"none": "none", "internet": "bridge"}.get(network) or self._workspace_network(who.workspace_id)
-        return ContainerSpec(
-            image=image,
-            name=f"dockyard-{self._instance}-{sandbox_id}",
-            labels={
-                **self.labels,
-                "dockyard.runtime": sandbox_id,
-                "dockyard.kind": "sandbox",
-                "dockyard.workspace": who.workspace_id,
-                "dockyard.project": who.project_id,
-                "dockyard.user": who.user_id,
-            },
-            user=USER,
-            command=["sleep", "infinity"],
-            network=docker_network,
-            cpus=cpus,
-            memory_mb=memory_mb,
-            pids_limit=tpl.pids_limit,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={tpl.tmp_size_mb}m,mode=1777"},
-            env={**tpl.env, **env},
-        )
-
-    def _info(self, row: Runtime) -> SandboxInfo:
-        ports = self.ports.ports(row.container_id or "")
+    def _info(self, row: Sandbox) -> SandboxInfo:
+        ports = self.ports.ports(row.container_id)
         return SandboxInfo(
             sandbox_id=row.id,
             template=row.template,
@@ -416,10 +349,16 @@ class SandboxService:
         )
 
 
-def _container(row: Runtime) -> str:
-    if row.container_id is None:
-        raise SandboxNotFoundError(row.id)
-    return row.container_id
+def _ended(sandbox_id: str, reason: str) -> Bind:
+    """A release's owner side: the sandbox row is closed in the same transaction."""
+
+    def close(session: Session, _runtime: Runtime) -> None:
+        sandbox = session.get(Sandbox, sandbox_id)
+        if sandbox is not None and sandbox.status == SandboxStatus.RUNNING:
+            sandbox.status, sandbox.ended_at, sandbox.end_reason = SandboxStatus.DESTROYED, utcnow(), reason
+            session.add(sandbox)
+
+    return close
 
 
 def _checked_env(env: dict[str, str] | None) -> dict[str, str]:

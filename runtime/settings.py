@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +25,8 @@ __all__ = [
     "Identity",
     "ImageSettings",
     "NetworkMode",
+    "PoolSettings",
+    "PoolShape",
     "SandboxSettings",
     "Settings",
     "TemplateSettings",
@@ -43,8 +47,21 @@ class Identity(BaseModel):
     run_id: str | None = None
 
 
+class PoolShape(BaseModel):
+    """How many runtimes of one template to keep: `min` warm and ready, `max` in all."""
+
+    min: int = Field(0, ge=0, le=256)
+    max: int = Field(8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolShape:
+        if self.min > self.max:
+            raise ValueError(f"pool min ({self.min}) is above its max ({self.max})")
+        return self
+
+
 class TemplateSettings(BaseModel):
-    """A named runtime recipe: which image and which limits a sandbox gets."""
+    """A named runtime recipe: which image and which limits a sandbox gets, and its pool."""
 
     image: str = "sandbox"
     cpus: float = Field(1.0, gt=0, le=64)
@@ -53,6 +70,24 @@ class TemplateSettings(BaseModel):
     tmp_size_mb: int = Field(256, ge=1, le=65536)
     network: NetworkMode = "none"
     env: dict[str, str] = Field(default_factory=dict)
+    pool: PoolShape = Field(default_factory=PoolShape)
+
+
+class PoolSettings(BaseModel):
+    """How the warm pools behave; each template's size is in its own `pool` table.
+
+    `POOL_MIN`, `POOL_MAX` and `POOL_AUTOSCALE_ENABLED` in the environment override the
+    default template's min and max and `autoscale_enabled`.
+    """
+
+    autoscale_enabled: bool = False
+    autoscale_interval_s: float = Field(15.0, gt=0)
+    scale_down_after_s: float = Field(120.0, ge=0, description="Hysteresis: idle this long before shrinking.")
+    health_interval_s: float = Field(30.0, gt=0)
+    claim_timeout_s: float = Field(60.0, gt=0, description="How long a claim waits in a full pool's queue.")
+    recycle: bool = Field(True, description="Wipe and reuse released runtimes; false destroys them instead.")
+    default_min: int | None = Field(None, ge=0, description="Set from POOL_MIN; overrides the default template's min.")
+    default_max: int | None = Field(None, ge=1, description="Set from POOL_MAX; overrides the default template's max.")
 
 
 class SandboxSettings(BaseModel):
@@ -106,12 +141,25 @@ class Settings(BaseSettings):
     operator: Identity = Field(default_factory=Identity)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
     templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _pool_overrides(self) -> Settings:
+        name = self.sandbox.default_template
+        if name not in self.templates:
+            raise ValueError(f"sandbox.default_template '{name}' is not among the templates: {', '.join(self.templates)}")
+        if self.pool.default_min is not None or self.pool.default_max is not None:
+            shape = self.templates[name].pool.model_dump()
+            shape["min"] = self.pool.default_min if self.pool.default_min is not None else shape["min"]
+            shape["max"] = self.pool.default_max if self.pool.default_max is not None else shape["max"]
+            self.templates[name].pool = PoolShape.model_validate(shape)
+        return self
 
     @property
     def store_path(self) -> Path:
@@ -134,7 +182,20 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         files = settings_cls.model_config.get("toml_file") or [Path(str(DEFAULT_CONFIG))]
         toml = TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True)
-        return (init_settings, env_settings, toml)
+        return (init_settings, env_settings, _PoolEnvironment(settings_cls), toml)
+
+
+class _PoolEnvironment(PydanticBaseSettingsSource):
+    """The short pool variables operators know: POOL_MIN, POOL_MAX, POOL_AUTOSCALE_ENABLED."""
+
+    _NAMES = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        pool = {key: os.environ[name] for name, key in self._NAMES.items() if os.environ.get(name, "").strip()}
+        return {"pool": pool} if pool else {}
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:

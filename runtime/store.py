@@ -12,11 +12,22 @@ from pathlib import Path
 from typing import TypeVar
 
 import anyio
-from sqlalchemy import event
+from sqlalchemy import JSON, Column, event
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlmodel import Field, Session, SQLModel, create_engine
 
-__all__ = ["AuditEvent", "Runtime", "RuntimeStatus", "Snapshot", "Store", "utcnow"]
+__all__ = [
+    "AuditEvent",
+    "PoolEvent",
+    "PoolState",
+    "Runtime",
+    "RuntimeState",
+    "Sandbox",
+    "SandboxStatus",
+    "Snapshot",
+    "Store",
+    "utcnow",
+]
 
 T = TypeVar("T")
 
@@ -26,37 +37,97 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class RuntimeStatus:
-    """The states a runtime row moves through."""
+class RuntimeState:
+    r"""Where a runtime (one container) is in its pool's lifecycle.
 
-    STARTING = "starting"
+    provisioning -> warm -> claimed -> draining -> warm        (recycled, verified clean)
+                                               \-> destroying -> destroyed
+    A runtime whose container vanished behind dockyard's back ends as lost.
+    """
+
+    PROVISIONING = "provisioning"
+    WARM = "warm"
+    CLAIMED = "claimed"
+    DRAINING = "draining"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    LOST = "lost"
+
+    LIVE = (PROVISIONING, WARM, CLAIMED, DRAINING, DESTROYING)
+
+
+class SandboxStatus:
+    """A sandbox (one claim of a runtime) is running until destroyed, expired or lost."""
+
     RUNNING = "running"
     DESTROYED = "destroyed"
     LOST = "lost"
-    FAILED = "failed"
 
 
 class Runtime(SQLModel, table=True):
-    """A sandbox (later also a computer): one container doing work for one workspace."""
+    """One container of a pool, with its lifecycle state; a claim binds it to a sandbox."""
 
     id: str = Field(primary_key=True)
     kind: str = "sandbox"
-    template: str
+    template: str = Field(index=True)
     image: str
     container_id: str | None = None
     container_name: str
-    status: str = Field(default=RuntimeStatus.STARTING, index=True)
+    state: str = Field(default=RuntimeState.PROVISIONING, index=True)
+    network: str
+    docker_network: str = "none"
+    cpus: float
+    memory_mb: int
+    sandbox_id: str | None = None
+    claims: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    state_at: datetime = Field(default_factory=utcnow)
+
+
+class PoolEvent(SQLModel, table=True):
+    """One lifecycle transition of a runtime, with the reason it happened."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, index=True)
+    template: str = Field(index=True)
+    runtime_id: str = Field(index=True)
+    from_state: str | None
+    to_state: str
+    reason: str = ""
+
+
+class PoolState(SQLModel, table=True):
+    """What a pool's manager wants and sees that the runtimes table does not say."""
+
+    template: str = Field(primary_key=True)
+    target: int
+    queue_depth: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Sandbox(SQLModel, table=True):
+    """A sandbox: one workspace's claim of a runtime, from sandbox_create to its end."""
+
+    id: str = Field(primary_key=True)
+    runtime_id: str = Field(index=True)
+    container_id: str
+    template: str = Field(index=True)
+    status: str = Field(default=SandboxStatus.RUNNING, index=True)
     network: str
     cpus: float
     memory_mb: int
+    env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
     workspace_id: str = Field(index=True)
     project_id: str
     user_id: str
     run_id: str | None = None
     from_snapshot: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
+    served_warm: bool = False
+    claim_ms: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow, index=True)
     expires_at: datetime | None = None
     ended_at: datetime | None = None
+    end_reason: str | None = None
 
 
 class Snapshot(SQLModel, table=True):

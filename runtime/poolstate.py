@@ -1,0 +1,105 @@
+"""The pool's records: a template's pool as the manager tracks it, grants, leases, transitions."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from sqlmodel import Session
+
+from dockyard.runtime.settings import PoolShape
+from dockyard.runtime.store import PoolEvent, Runtime, RuntimeState, Sandbox, utcnow
+from dockyard.runtime.waitqueue import FairQueue
+
+__all__ = ["Bind", "Grant", "Lease", "Pool", "move", "new_runtime_id", "timed_bind", "transition"]
+
+_COUNTED = (RuntimeState.PROVISIONING, RuntimeState.WARM, RuntimeState.CLAIMED, RuntimeState.DRAINING)
+
+
+Bind = Callable[[Session, Runtime], None]
+"""Called inside a claim's or release's transaction to write the owner's side of it."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A claim's turn: an existing warm runtime, or room to cold-start a new one."""
+
+    runtime_id: str
+    warm: bool
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed runtime and how the claim went."""
+
+    runtime: Runtime
+    warm: bool
+    claim_ms: float
+
+
+class Pool:
+    """One template's pool as the manager sees it: states, warm order, queue and target."""
+
+    def __init__(self, template: str, shape: PoolShape, network: str) -> None:
+        self.template = template
+        self.shape = shape
+        self.network = network
+        self.target = shape.min
+        self.lock = anyio.Lock()
+        self.states: dict[str, str] = {}
+        self.warm: deque[str] = deque()
+        self.filling: set[str] = set()
+        self.queue: FairQueue[Grant] = FairQueue()
+        self.misses = 0
+        self.last_busy = time.monotonic()
+        self.fill_after = 0.0
+
+    def count(self, *states: str) -> int:
+        return sum(1 for state in self.states.values() if state in states)
+
+    @property
+    def total(self) -> int:
+        return self.count(*_COUNTED)
+
+    @property
+    def prewarms(self) -> bool:
+        """Workspace-network runtimes need their owner to start, so such pools are not pre-warmed."""
+        return self.network != "workspace"
+
+
+def new_runtime_id() -> str:
+    return f"rt_{secrets.token_hex(8)}"
+
+
+def move(session: Session, row: Runtime, to: str, reason: str) -> None:
+    session.add(PoolEvent(template=row.template, runtime_id=row.id, from_state=row.state, to_state=to, reason=reason))
+    row.state, row.state_at = to, utcnow()
+    session.add(row)
+
+
+def transition(runtime_id: str, to: str, reason: str, *, only_from: tuple[str, ...]) -> Callable[[Session], None]:
+    """A store step that moves a runtime to `to`, if it is still in one of `only_from`."""
+
+    def write(session: Session) -> None:
+        row = session.get(Runtime, runtime_id)
+        if row is not None and row.state in only_from:
+            move(session, row, to, reason)
+
+    return write
+
+
+def timed_bind(bind: Bind, started: float, warm: bool) -> Bind:
+    """`bind`, then note on the owner's sandbox row how the claim was served and how long it took."""
+
+    def timed(session: Session, row: Runtime) -> None:
+        bind(session, row)
+        sandbox = session.get(Sandbox, row.sandbox_id) if row.sandbox_id else None
+        if sandbox is not None:
+            sandbox.served_warm, sandbox.claim_ms = warm, round((time.perf_counter() - started) * 1000, 3)
+            session.add(sandbox)
+
+    return timed
