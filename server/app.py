@@ -10,7 +10,7 @@ from mcp.server.mcpserver import MCPServer
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
-from dockyard.tools import sandbox
+from dockyard.tools import pool, sandbox
 
 __all__ = ["build_server"]
 
@@ -18,7 +18,8 @@ INSTRUCTIONS = """\
 dockyard gives you isolated Linux sandboxes (Docker containers, no network by default).
 Create one with sandbox_create, run commands with sandbox_exec, move files with
 sandbox_write_file / sandbox_read_file, and destroy it with sandbox_destroy when done.
-Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sandboxes."""
+Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sandboxes.
+Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity."""
 
 
 def build_server(settings: Settings) -> MCPServer[Engine]:
@@ -38,4 +39,5 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
         log_level=settings.log_level,
     )
     sandbox.register(server)
+    pool.register(server)
     return server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -14,10 +15,11 @@ from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.images import ImageService
+from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
 
-__all__ = ["build_images", "doctor", "show_images"]
+__all__ = ["build_images", "doctor", "show_images", "show_pools"]
 
 console = Console(stderr=True)
 
@@ -65,6 +67,26 @@ async def show_images(settings: Settings) -> None:
         table.add_row(recipe, status.tag, _mark(status.is_present), _mark(status.is_current))
     Console().print(table)
     await docker.close()
+
+
+async def show_pools(settings: Settings, as_json: bool) -> None:
+    """Print every pool's status as the store records it (the server need not be running)."""
+    store = Store(settings.store_path)
+    await store.open()
+    try:
+        pools = await pool_status(store, settings)
+    finally:
+        await store.close()
+    if as_json:
+        print(json.dumps([p.model_dump() for p in pools], indent=2))
+        return
+    table = Table("template", "warm", "claimed", "starting", "draining", "min/target/max", "queue", "warm/cold claims",
+                  "claim ms p50/p95/p99")
+    for p in pools:
+        latency = "/".join("-" if v is None else f"{v:g}" for v in (p.claim_ms_p50, p.claim_ms_p95, p.claim_ms_p99))
+        table.add_row(p.template, str(p.warm), str(p.claimed), str(p.provisioning), str(p.draining),
+                      f"{p.min}/{p.target}/{p.max}", str(p.queue_depth), f"{p.claims_warm}/{p.claims_cold}", latency)
+    Console().print(table)
 
 
 async def doctor(settings: Settings) -> bool:

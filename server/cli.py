@@ -1,4 +1,4 @@
-"""The `dockyard` command line: serve, images build, doctor, version."""
+"""The `dockyard` command line: serve, images, pool status, doctor, version."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ __all__ = ["app", "main"]
 app = typer.Typer(help="dockyard: an MCP server for isolated agent runtimes.", no_args_is_help=True)
 images_app = typer.Typer(help="Build and inspect runtime images.", no_args_is_help=True)
 app.add_typer(images_app, name="images")
+pool_app = typer.Typer(help="Inspect the warm pools.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
 
 ConfigOption = Annotated[
     Path | None,
@@ -40,6 +42,7 @@ def _settings(config: Path | None) -> Settings:
 def _logging(level: str) -> None:
     # stdout belongs to the MCP stdio transport: logs always go to stderr.
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Docker API request is noise
 
 
 @app.command()
@@ -67,6 +70,16 @@ def images_status(config: ConfigOption = None) -> None:
     """Show whether each runtime image is built and up to date."""
     settings = _settings(config)
     anyio.run(checks.show_images, settings)
+
+
+@pool_app.command("status")
+def pool_status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show each pool's warm/claimed/provisioning/draining runtimes, queue and claim latency."""
+    settings = _settings(config)
+    anyio.run(checks.show_pools, settings, as_json)
 
 
 @app.command()

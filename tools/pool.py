@@ -1,0 +1,35 @@
+"""Pool tools: how much warm capacity each runtime template has and how claims are served."""
+
+from __future__ import annotations
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel
+
+from dockyard.runtime.models import PoolInfo
+from dockyard.tools._context import EngineContext, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+
+class PoolStatusResult(BaseModel):
+    """Every warm pool, one per runtime template."""
+
+    pools: list[PoolInfo]
+
+
+@tool_errors
+async def pool_status(ctx: EngineContext) -> PoolStatusResult:
+    """Show each template's warm pool: ready (warm), in use (claimed), starting and being wiped
+    runtimes, its min/max and current target, claims waiting in its queue, how many recent
+    claims were served warm vs cold, and claim latency percentiles in milliseconds."""
+    return PoolStatusResult(pools=await engine(ctx).pool_status())
+
+
+def register(server: MCPServer) -> None:
+    """Add the pool tools to a server."""
+    server.add_tool(
+        pool_status,
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
