@@ -16,11 +16,13 @@ import docker
 import docker.errors
 import pytest
 from mcp import Client
+from sqlmodel import Session, create_engine
 
 from dockyard.runtime.engine import Engine, instance_id
 from dockyard.runtime.images import ImageService
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.settings import Settings, load_settings
+from dockyard.runtime.store import Runtime, Sandbox
 from dockyard.server.app import build_server
 
 
@@ -55,9 +57,12 @@ def sandbox_image(docker_client: docker.DockerClient) -> str:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for one test: its own data dir, fast loops."""
+    """Settings for one test: its own data dir, fast loops, a small default pool (min 1, max 8)."""
     sandbox = {"reaper_interval_s": 0.5, **overrides.pop("sandbox", {})}
-    return load_settings(data_dir=data_dir, sandbox=sandbox, **overrides)
+    pool = {"health_interval_s": 2.0, "claim_timeout_s": 30.0, **overrides.pop("pool", {})}
+    default_pool = {"min": 1, "max": 8, **overrides.pop("default_pool", {})}
+    templates = overrides.pop("templates", {"default": {"pool": default_pool}})
+    return load_settings(data_dir=data_dir, sandbox=sandbox, pool=pool, templates=templates, **overrides)
 
 
 @pytest.fixture
@@ -69,9 +74,13 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
     """Remove every container and network of the settings' instance; returns container names."""
     label = f"dockyard.instance={instance_id(settings)}"
     removed = []
-    for container in client.containers.list(all=True, filters={"label": label}):
-        removed.append(container.name)
-        container.remove(force=True, v=True)
+    # sparse: a container removed between listing and inspecting must not fail the cleanup
+    for container in client.containers.list(all=True, sparse=True, filters={"label": label}):
+        removed.append(container.attrs["Names"][0].lstrip("/"))
+        try:
+            container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
     for network in client.networks.list(filters={"label": label}):
         network.remove()
     return removed
@@ -93,6 +102,26 @@ async def engine(settings: Settings, cleanup: None) -> AsyncIterator[Engine]:
 async def client(settings: Settings, cleanup: None) -> AsyncIterator[Client]:
     async with Client(build_server(settings)) as connected:
         yield connected
+
+
+def sandbox_row(settings: Settings, sandbox_id: str) -> Sandbox:
+    """The store's row of a sandbox, read straight from the SQLite file."""
+    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
+        row = session.get(Sandbox, sandbox_id)
+    assert row is not None, f"no sandbox row {sandbox_id}"
+    return row
+
+
+def runtime_row(settings: Settings, runtime_id: str) -> Runtime:
+    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
+        row = session.get(Runtime, runtime_id)
+    assert row is not None, f"no runtime row {runtime_id}"
+    return row
+
+
+def container_of(docker_client: docker.DockerClient, settings: Settings, sandbox_id: str) -> dict[str, Any]:
+    """The raw `docker inspect` document of a sandbox's container."""
+    return docker_client.api.inspect_container(sandbox_row(settings, sandbox_id).container_id)
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:

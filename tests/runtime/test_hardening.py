@@ -14,7 +14,7 @@ from mcp import Client
 
 from dockyard.runtime.engine import instance_id
 from dockyard.runtime.settings import Settings
-from tests.conftest import call, sh
+from tests.conftest import call, container_of, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio
 
@@ -25,17 +25,10 @@ async def create(client: Client, **arguments: Any) -> str:
     return (await call(client, "sandbox_create", **arguments))["sandbox_id"]
 
 
-def container_of(docker_client: docker.DockerClient, sandbox_id: str) -> dict[str, Any]:
-    """The raw `docker inspect` document of a sandbox's container (exactly one must exist)."""
-    found = docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sandbox_id}"})
-    assert len(found) == 1, f"expected one container for {sandbox_id}, found {[c.name for c in found]}"
-    return docker_client.api.inspect_container(found[0].id)
-
-
 async def test_container_drops_every_capability_and_blocks_privilege_escalation(
-    client: Client, docker_client: docker.DockerClient
+    client: Client, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
-    host = container_of(docker_client, await create(client))["HostConfig"]
+    host = container_of(docker_client, settings, await create(client))["HostConfig"]
     assert "ALL" in (host["CapDrop"] or [])
     assert not host.get("CapAdd")
     assert not host["Privileged"]
@@ -43,11 +36,11 @@ async def test_container_drops_every_capability_and_blocks_privilege_escalation(
 
 
 async def test_container_has_pid_memory_and_cpu_limits_with_swap_equal_to_memory(
-    client: Client, docker_client: docker.DockerClient
+    client: Client, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
     """Swap equal to memory means no extra swap: a memory bomb is OOM-killed, not swapped out."""
     sandbox_id = await create(client, memory_mb=512, cpus=0.5)
-    host = container_of(docker_client, sandbox_id)["HostConfig"]
+    host = container_of(docker_client, settings, sandbox_id)["HostConfig"]
     assert host["PidsLimit"] and 0 < host["PidsLimit"] <= 4096
     assert host["Memory"] == 512 * 1024 * 1024
     assert host["MemorySwap"] == host["Memory"]
@@ -55,9 +48,9 @@ async def test_container_has_pid_memory_and_cpu_limits_with_swap_equal_to_memory
 
 
 async def test_container_root_filesystem_is_read_only_and_docker_socket_is_not_mounted(
-    client: Client, docker_client: docker.DockerClient
+    client: Client, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
-    info = container_of(docker_client, await create(client))
+    info = container_of(docker_client, settings, await create(client))
     assert info["HostConfig"]["ReadonlyRootfs"] is True
     sources = [mount.get("Source", "") for mount in info["Mounts"]]
     destinations = [mount.get("Destination", "") for mount in info["Mounts"]]
@@ -66,20 +59,26 @@ async def test_container_root_filesystem_is_read_only_and_docker_socket_is_not_m
     assert not any("docker.sock" in bind for bind in info["HostConfig"].get("Binds") or [])
 
 
-async def test_container_has_no_network_by_default(client: Client, docker_client: docker.DockerClient) -> None:
-    info = container_of(docker_client, await create(client))
+async def test_container_has_no_network_by_default(
+    client: Client, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    info = container_of(docker_client, settings, await create(client))
     assert info["HostConfig"]["NetworkMode"] == "none"
 
 
-async def test_container_labels_name_its_instance_workspace_and_sandbox(
+async def test_container_labels_name_its_instance_runtime_and_template_and_the_store_its_owner(
     client: Client, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
+    """Docker labels cannot change after a container starts, and a warm runtime has no owner
+    yet: the labels say whose dockyard instance and which runtime it is, the store says who holds it."""
     sandbox_id = await create(client)
-    labels = container_of(docker_client, sandbox_id)["Config"]["Labels"]
+    labels = container_of(docker_client, settings, sandbox_id)["Config"]["Labels"]
+    row = sandbox_row(settings, sandbox_id)
     assert labels["dockyard.instance"] == instance_id(settings)
-    assert labels["dockyard.workspace"] == settings.operator.workspace_id
-    assert labels["dockyard.runtime"] == sandbox_id
+    assert labels["dockyard.runtime"] == row.runtime_id
     assert labels["dockyard.kind"] == "sandbox"
+    assert labels["dockyard.template"] == "default"
+    assert (row.workspace_id, row.user_id) == (settings.operator.workspace_id, settings.operator.user_id)
 
 
 async def test_commands_run_as_unprivileged_user_without_effective_capabilities(client: Client) -> None:

@@ -1,4 +1,5 @@
-"""Start-up reconciliation: adopt what the store knows, remove what it does not, never leak."""
+"""Start-up reconciliation: claimed sandboxes stay with their owners, warm runtimes are reused,
+what the store does not know is removed, and what vanished is reported lost."""
 
 from __future__ import annotations
 
@@ -8,42 +9,50 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine, instance_id
+from dockyard.runtime.errors import SandboxLostError
 from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Runtime
+from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
 from tests.conftest import make_settings, remove_instance
+from tests.runtime.pooltools import live_runtimes, wait_for_pool
 
 pytestmark = pytest.mark.anyio
 
 
-def containers_of(client: docker.DockerClient, settings: Settings) -> list[str]:
+def containers_of(client: docker.DockerClient, settings: Settings) -> set[str]:
     label = f"dockyard.instance={instance_id(settings)}"
-    return sorted(c.labels.get("dockyard.runtime", "") for c in client.containers.list(all=True, filters={"label": label}))
+    return {c.id for c in client.containers.list(all=True, sparse=True, filters={"label": label})}
 
 
-async def test_restart_adopts_live_sandboxes_and_removes_unknown_containers(
+async def test_restart_keeps_claims_reuses_warm_runtimes_and_removes_unknown_containers(
     settings: Settings, cleanup: None, docker_client: docker.DockerClient
 ) -> None:
     async with Engine.open(settings) as engine:
         kept = await engine.sandboxes.create(engine.operator)
         await engine.sandboxes.write_file(engine.operator, kept.sandbox_id, "state.txt", "still here", "utf-8")
         gone = await engine.sandboxes.create(engine.operator)
-        gone_row = await engine.store.get(Runtime, gone.sandbox_id)
-    # While the server is down: one container disappears, and a stray labelled one appears
-    # (as if the server crashed between starting a container and recording it).
+        gone_row = await engine.store.get(Sandbox, gone.sandbox_id)
+        await wait_for_pool(engine, warm=1)
+        warm_before = {r.id for r in await live_runtimes(engine) if r.state == RuntimeState.WARM}
+    # While the server is down: one sandbox's container disappears, and a stray labelled one
+    # appears (as if the server crashed between starting a container and recording it).
     docker_client.containers.get(gone_row.container_id).remove(force=True, v=True)
     stray = docker_client.containers.run(
         "dockyard/sandbox:latest",
         detach=True,
-        labels={"dockyard.managed": "true", "dockyard.instance": instance_id(settings), "dockyard.runtime": "sbx_stray"},
+        labels={"dockyard.managed": "true", "dockyard.instance": instance_id(settings), "dockyard.runtime": "rt_stray"},
         network_mode="none",
     )
 
     async with Engine.open(settings) as engine:  # reconciles on the way in
-        assert containers_of(docker_client, settings) == [kept.sandbox_id]
         assert [s.sandbox_id for s in await engine.sandboxes.list(engine.operator)] == [kept.sandbox_id]
         result = await engine.sandboxes.exec(engine.operator, kept.sandbox_id, "cat state.txt")
         assert result.stdout == "still here"
-        assert (await engine.store.get(Runtime, gone.sandbox_id)).status == "lost"
+        with pytest.raises(SandboxLostError, match="was lost"):
+            await engine.sandboxes.exec(engine.operator, gone.sandbox_id, "true")
+        live = await live_runtimes(engine)
+        assert warm_before <= {r.id for r in live if r.state == RuntimeState.WARM}  # reused, not replaced
+        assert containers_of(docker_client, settings) == {r.container_id for r in live}
+        assert (await engine.store.get(Runtime, gone_row.runtime_id)).state == RuntimeState.LOST
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(stray.id)
 
@@ -55,9 +64,10 @@ async def test_two_instances_on_one_daemon_leave_each_other_alone(
     try:
         async with Engine.open(other_settings) as other:
             theirs = await other.sandboxes.create(other.operator)
+            theirs_container = (await other.store.get(Sandbox, theirs.sandbox_id)).container_id
         async with Engine.open(settings) as engine:
             mine = await engine.sandboxes.create(engine.operator)
             assert [s.sandbox_id for s in await engine.sandboxes.list(engine.operator)] == [mine.sandbox_id]
-        assert containers_of(docker_client, other_settings) == [theirs.sandbox_id]
+        assert theirs_container in containers_of(docker_client, other_settings)
     finally:
         remove_instance(docker_client, other_settings)

@@ -29,6 +29,22 @@ def test_user_file_overrides_defaults_and_environment_overrides_the_file(tmp_pat
     assert settings.data_dir == tmp_path / "data"
 
 
+def test_pool_variables_size_the_default_template_and_turn_on_the_autoscaler(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DOCKYARD_DATA_DIR", str(tmp_path / "data"))
+    defaults = load_settings()
+    assert (defaults.templates["default"].pool.min, defaults.templates["default"].pool.max) == (2, 8)
+    assert defaults.pool.autoscale_enabled is False
+    monkeypatch.setenv("POOL_MIN", "3")
+    monkeypatch.setenv("POOL_MAX", "12")
+    monkeypatch.setenv("POOL_AUTOSCALE_ENABLED", "true")
+    settings = load_settings()
+    assert (settings.templates["default"].pool.min, settings.templates["default"].pool.max) == (3, 12)
+    assert settings.pool.autoscale_enabled is True
+    monkeypatch.setenv("POOL_MIN", "20")
+    with pytest.raises(ValueError, match=r"pool min \(20\) is above its max \(12\)"):
+        load_settings()
+
+
 def test_a_missing_config_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")

@@ -16,8 +16,9 @@ import docker
 import pytest
 from mcp import Client
 
+from dockyard.runtime.settings import Settings
 from dockyard.server.app import build_server
-from tests.conftest import call, call_error, make_settings, remove_instance, sh
+from tests.conftest import call, call_error, container_of, make_settings, remove_instance, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio
 
@@ -239,7 +240,7 @@ async def test_detached_fork_bomb_returns_and_the_sandbox_recovers(client: Clien
     ],
 )
 async def test_memory_bomb_fails_alone_and_the_sandbox_survives(
-    client: Client, docker_client: docker.DockerClient, command: str
+    client: Client, docker_client: docker.DockerClient, settings: Settings, command: str
 ) -> None:
     sandbox_id = await create(client, memory_mb=256)
     answers: dict[str, Any] = {}
@@ -259,8 +260,7 @@ async def test_memory_bomb_fails_alone_and_the_sandbox_survives(
     assert not result["timed_out"]
     assert result["exit_code"] == 137 or (result["exit_code"] != 0 and "MemoryError" in result["stderr"]), result
     assert [s["sandbox_id"] for s in answers["list"]["sandboxes"]] == [sandbox_id]
-    (container,) = docker_client.containers.list(filters={"label": f"dockyard.runtime={sandbox_id}"})
-    assert container.status == "running"
+    assert container_of(docker_client, settings, sandbox_id)["State"]["Status"] == "running"
     assert (await sh(client, sandbox_id, "echo alive"))["stdout"] == "alive\n"
 
 
@@ -280,14 +280,14 @@ async def test_unknown_sandbox_id_is_refused_by_every_tool(client: Client) -> No
         assert "unknown sandbox" in message and ghost in message, (tool, message)
 
 
-async def test_destroyed_sandbox_id_answers_unknown_sandbox(client: Client, docker_client: docker.DockerClient) -> None:
+async def test_destroyed_sandbox_id_answers_unknown_sandbox(client: Client, settings: Settings) -> None:
     sandbox_id = await create(client)
     await call(client, "sandbox_destroy", sandbox_id=sandbox_id)
     tools = (("sandbox_exec", {"command": "echo hi"}), ("sandbox_read_file", {"path": "a"}), ("sandbox_destroy", {}))
     for tool, extra in tools:
         message = await call_error(client, tool, sandbox_id=sandbox_id, **extra)
         assert "unknown sandbox" in message, (tool, message)
-    assert not docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sandbox_id}"})
+    assert sandbox_row(settings, sandbox_id).status == "destroyed"
 
 
 # -- special files ---------------------------------------------------------------------

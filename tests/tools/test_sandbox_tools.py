@@ -13,8 +13,8 @@ from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import instance_id
 from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import AuditEvent, Runtime
-from tests.conftest import call, call_error, sh
+from dockyard.runtime.store import AuditEvent
+from tests.conftest import call, call_error, runtime_row, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio
 
@@ -143,14 +143,25 @@ async def test_sandbox_list_shows_only_live_sandboxes_with_limits(client: Client
     assert (listed[0]["cpus"], listed[0]["memory_mb"], listed[0]["network"]) == (0.5, 256, "none")
 
 
-async def test_destroy_removes_the_container_and_the_id_becomes_unknown(client: Client, settings: Settings, docker_client) -> None:
+async def test_destroy_ends_the_sandbox_and_its_runtime_goes_back_wiped_or_is_removed(
+    client: Client, settings: Settings, docker_client
+) -> None:
     sid = (await call(client, "sandbox_create"))["sandbox_id"]
-    assert docker_client.containers.list(filters={"label": f"dockyard.runtime={sid}"})
+    await sh(client, sid, "echo mine > notes.txt")
+    runtime_id = sandbox_row(settings, sid).runtime_id
     await call(client, "sandbox_destroy", sandbox_id=sid)
-    assert docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sid}"}) == []
     assert "unknown sandbox" in await call_error(client, "sandbox_exec", sandbox_id=sid, command="true")
-    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
-        assert session.get(Runtime, sid).status == "destroyed"
+    assert sandbox_row(settings, sid).status == "destroyed"
+    with anyio.fail_after(30):
+        while (state := runtime_row(settings, runtime_id).state) in ("draining", "destroying"):
+            await anyio.sleep(0.1)
+    assert state in ("warm", "destroyed"), state
+    container_id = runtime_row(settings, runtime_id).container_id
+    if state == "destroyed":
+        assert docker_client.containers.list(all=True, sparse=True, filters={"id": container_id}) == []
+    else:
+        leftover = docker_client.containers.get(container_id).exec_run(["ls", "-A", "/workspace"], user="agent")
+        assert leftover.output == b""
 
 
 async def test_bad_create_arguments_are_refused_and_leave_no_container(client: Client, settings: Settings, docker_client) -> None:
@@ -162,8 +173,11 @@ async def test_bad_create_arguments_are_refused_and_leave_no_container(client: C
     assert "DOCKYARD_" in await call_error(client, "sandbox_create", env={"DOCKYARD_EXEC_ID": "x"})
     assert "ttl_s" in await call_error(client, "sandbox_create", ttl_s=10**9)
     assert (await call(client, "sandbox_list"))["sandboxes"] == []
-    mine = docker_client.containers.list(all=True, filters={"label": f"dockyard.instance={instance_id(settings)}"})
-    assert mine == []
+    # The only containers left are the pool's unclaimed ones: no refusal took a runtime.
+    # sparse: the pool may remove one of these between listing and inspecting
+    mine = docker_client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance_id(settings)}"})
+    states = [runtime_row(settings, c.attrs["Labels"]["dockyard.runtime"]).state for c in mine]
+    assert "claimed" not in states and "draining" not in states, states
     refused = [row for row in audit_rows(settings) if row.kind == "sandbox.create"]
     assert refused and all(row.outcome == "error" for row in refused)
     assert "gpu" in json.loads(refused[0].detail)["error"]
@@ -184,9 +198,9 @@ async def test_workspace_network_connects_sandboxes_of_one_workspace(client: Cli
     assert (await sh(client, peer, "python3 -", stdin=probe))["stdout"].strip() == "200"
 
 
-async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, docker_client) -> None:
+async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, settings: Settings) -> None:
     sid = (await call(client, "sandbox_create", ttl_s=1))["sandbox_id"]
     with anyio.fail_after(30):
         while any(s["sandbox_id"] == sid for s in (await call(client, "sandbox_list"))["sandboxes"]):
             await anyio.sleep(0.3)
-    assert docker_client.containers.list(all=True, filters={"label": f"dockyard.runtime={sid}"}) == []
+    assert sandbox_row(settings, sid).end_reason == "its time to live ran out"

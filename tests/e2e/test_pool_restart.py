@@ -1,0 +1,102 @@
+"""`kill -9` of a real `dockyard serve` with a warm pool, then a restart: claimed sandboxes stay
+with their owner, the pool is whole again, and no container is left that the store does not
+account for. `dockyard pool status` reads the same figures from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+import pytest
+from mcp import Client, StdioServerParameters
+from sqlmodel import Session, col, create_engine, select
+
+from dockyard.runtime.store import Runtime, RuntimeState
+from tests.conftest import call, make_settings, remove_instance, sh
+
+pytestmark = pytest.mark.anyio
+
+BIN = Path(sys.executable).parent
+POOL = {"POOL_MIN": "3", "POOL_MAX": "6"}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient):
+    path = tmp_path / "data"
+    yield path
+    remove_instance(docker_client, make_settings(path))
+
+
+def environment(data_dir: Path) -> dict[str, str]:
+    return {"DOCKYARD_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", **POOL}
+
+
+def killable(data_dir: Path, pid_file: Path) -> Client:
+    """`dockyard serve` started through a shell that records its pid, then becomes the server."""
+    script = f'echo $$ > "{pid_file}"; exec "{BIN / "dockyard"}" serve'
+    return Client(StdioServerParameters(command="/bin/sh", args=["-c", script], env=environment(data_dir)))
+
+
+async def pool(client: Client) -> dict[str, Any]:
+    return (await call(client, "pool_status"))["pools"][0]
+
+
+async def settled(client: Client, warm: int) -> dict[str, Any]:
+    with anyio.fail_after(90):
+        while True:
+            info = await pool(client)
+            if info["warm"] == warm and info["provisioning"] == 0 and info["draining"] == 0:
+                return info
+            await anyio.sleep(0.1)
+
+
+def live_runtimes(data_dir: Path) -> list[Runtime]:
+    with Session(create_engine(f"sqlite:///{data_dir / 'dockyard.db'}")) as session:
+        return list(session.exec(select(Runtime).where(col(Runtime.state).in_(RuntimeState.LIVE))).all())
+
+
+def labelled_containers(client: docker.DockerClient, data_dir: Path) -> set[str]:
+    instance = (data_dir / "instance-id").read_text().strip()
+    return {c.id for c in client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance}"})}
+
+
+async def test_kill_9_and_restart_keeps_claims_restores_the_pool_and_leaks_nothing(
+    data_dir: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pid_file = tmp_path / "server.pid"
+    try:
+        async with killable(data_dir, pid_file) as client:
+            await settled(client, warm=3)
+            sid = (await call(client, "sandbox_create"))["sandbox_id"]
+            await sh(client, sid, "echo survived > note.txt")
+            await call(client, "sandbox_create")  # a second claim: the pool is refilling as the server dies
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            await anyio.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
+        pass
+
+    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+        assert (await sh(client, sid, "cat note.txt"))["stdout"] == "survived\n"
+        info = await settled(client, warm=3)
+        assert info["claimed"] == 2
+        live = live_runtimes(data_dir)
+        assert sorted(r.state for r in live) == ["claimed", "claimed", "warm", "warm", "warm"]
+        assert labelled_containers(docker_client, data_dir) == {r.container_id for r in live}
+
+    shown = subprocess.run(
+        [str(BIN / "dockyard"), "pool", "status", "--json"], env=environment(data_dir), capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    (default,) = json.loads(shown.stdout)
+    assert (default["template"], default["min"], default["max"], default["claimed"], default["warm"]) == ("default", 3, 6, 2, 3)
+    assert default["claims_warm"] + default["claims_cold"] == 2
+    wide = {**environment(data_dir), "COLUMNS": "200"}
+    table = subprocess.run([str(BIN / "dockyard"), "pool", "status"], env=wide, capture_output=True, text=True)
+    assert table.returncode == 0 and "default" in table.stdout and "3/3/6" in table.stdout, table.stdout
