@@ -1,14 +1,14 @@
 """Running one command in a sandbox: streamed output, capped capture, a real kill at timeout.
 
-Every command carries a random `DOCKYARD_EXEC_ID` in its environment; on timeout or cancel,
-the in-image helper freezes and kills every process that inherited it (and every process in
-their sessions), so a timed-out command does not keep running in the background.
+The sandbox's supervisor runs the command as the sandbox user in a new session, with a random
+`DOCKYARD_EXEC_ID` in its environment, and streams its output back over the control link. On
+timeout, cancel or a lost connection it freezes and kills every process of the command (its
+session, its descendants, whatever inherited the id), so nothing keeps running behind it.
 """
 
 from __future__ import annotations
 
 import codecs
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -16,19 +16,17 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from dockyard.runtime.docker import STDERR, STDOUT, ContainerGoneError, DockerBackend
-from dockyard.runtime.errors import BackendError
 from dockyard.runtime.models import ExecResult
+from dockyard.runtime.supervisor import Link, SupervisorError
 
 __all__ = ["OutputCallback", "run_command", "TIMEOUT_EXIT_CODE"]
-
-log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 TIMEOUT_EXIT_CODE = 124
 _FLUSH_EVERY_S = 0.1
-_POLL_EVERY_S = 0.5
-_KILL_RETRY_S = 15.0
+_STDIN_CHUNK = 1 << 20
+# The supervisor enforces the timeout; the server gives up this much later if it never hears.
+_LATE_S = 15.0
 
 
 @dataclass
@@ -41,13 +39,16 @@ class _Capture:
     dropped: int = 0
 
     def add(self, chunk: bytes) -> bytes:
+        """Keep what fits under the cap; returns the kept part."""
         room = max(self.cap - len(self.kept), 0)
         keep = chunk[:room]
         self.kept += keep
         self.dropped += len(chunk) - len(keep)
         return keep
 
-    def text(self) -> str:
+    def text(self, dropped_there: int = 0) -> str:
+        """The kept output, with a note of how much was cut here and in the sandbox."""
+        self.dropped += dropped_there
         text = self.kept.decode("utf-8", errors="replace")
         if self.dropped:
             text += f"\n[... {self.dropped} more bytes of {self.name} truncated at the {self.cap}-byte cap]"
@@ -81,11 +82,9 @@ class _Streamer:
 
 
 async def run_command(
-    docker: DockerBackend,
-    container_id: str,
+    link: Link,
     argv: list[str],
     *,
-    user: str,
     env: dict[str, str],
     workdir: str,
     stdin: bytes | None,
@@ -93,74 +92,56 @@ async def run_command(
     cap_bytes: int,
     on_output: OutputCallback | None = None,
 ) -> ExecResult:
-    """Run `argv` to completion or timeout and return what it printed (capped)."""
-    token = secrets.token_hex(12)
-    captures = {STDOUT: _Capture("stdout", cap_bytes), STDERR: _Capture("stderr", cap_bytes)}
+    """Run `argv` as the sandbox user to completion or timeout; returns its (capped) output."""
+    captures = {1: _Capture("stdout", cap_bytes), 2: _Capture("stderr", cap_bytes)}
     streamer = _Streamer(on_output)
     started = time.perf_counter()
-    exit_code: int | None = None
-    try:
-        async with docker.exec_attached(
-            container_id, argv, user=user, env={**env, "DOCKYARD_EXEC_ID": token}, workdir=workdir
-        ) as channel:
-            with anyio.move_on_after(timeout_s) as deadline:
-                async with anyio.create_task_group() as tg:
-
-                    async def watch() -> None:
-                        # A command that leaves a background child holding stdout open has still
-                        # ended: stop reading shortly after its own process exits.
-                        nonlocal exit_code
-                        while True:
-                            await anyio.sleep(_POLL_EVERY_S)
-                            info = await docker.exec_inspect(channel.exec_id)
-                            if not info["Running"]:
-                                exit_code = info["ExitCode"]
-                                await anyio.sleep(0.2)
-                                tg.cancel_scope.cancel()
-                                return
-
-                    tg.start_soon(channel.feed, stdin)
-                    tg.start_soon(watch)
-                    async for kind, chunk in channel.frames():
-                        capture = captures.get(kind)
-                        if capture is not None:
-                            await streamer.add(capture.name, capture.add(chunk))
-                    tg.cancel_scope.cancel()
-            await streamer.flush()
-            if deadline.cancelled_caught:
-                await _kill(docker, container_id, user, token)
-                exit_code = TIMEOUT_EXIT_CODE
-            elif exit_code is None:
-                exit_code = await channel.exit_code()
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await _kill(docker, container_id, user, token)
-        raise
+    request = {
+        "t": "exec",
+        "argv": argv,
+        "env": env,
+        "cwd": workdir,
+        "timeout_s": timeout_s,
+        "cap_bytes": cap_bytes,
+        "token": secrets.token_hex(12),
+        "stdin": stdin is not None,
+    }
+    ended: dict | None = None
+    async with link.request(request) as (request_id, frames):
+        try:
+            with anyio.move_on_after(timeout_s + _LATE_S):
+                if stdin is not None:
+                    for at in range(0, len(stdin), _STDIN_CHUNK):
+                        await link.send({"t": "stdin", "id": request_id}, stdin[at : at + _STDIN_CHUNK])
+                    await link.send({"t": "stdin", "id": request_id})
+                async for frame in frames:
+                    if frame.kind == "out":
+                        capture = captures[2 if frame.obj.get("fd") == 2 else 1]
+                        await streamer.add(capture.name, capture.add(frame.body))
+                    elif frame.kind == "exit":
+                        ended = frame.obj
+                        break
+        finally:
+            if ended is None and not link.closed:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    try:
+                        await link.send({"t": "kill", "id": request_id})
+                    except SupervisorError:
+                        pass
+    await streamer.flush()
+    if ended is None:
+        if link.closed:
+            raise SupervisorError("the sandbox's supervisor went away while the command ran")
+        raise SupervisorError(f"the sandbox did not report the command's end within {timeout_s + _LATE_S:g} s")
+    if ended.get("error"):
+        raise SupervisorError(str(ended["error"]))
+    dropped = list(ended.get("dropped") or [0, 0])
+    timed_out = bool(ended.get("timed_out"))
     return ExecResult(
-        exit_code=exit_code if exit_code is not None else TIMEOUT_EXIT_CODE,
-        stdout=captures[STDOUT].text(),
-        stderr=captures[STDERR].text(),
-        timed_out=deadline.cancelled_caught,
+        exit_code=TIMEOUT_EXIT_CODE if timed_out else int(ended.get("code") if ended.get("code") is not None else -1),
+        stdout=captures[1].text(int(dropped[0])),
+        stderr=captures[2].text(int(dropped[1])),
+        timed_out=timed_out,
         truncated=any(c.dropped for c in captures.values()),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )
-
-
-async def _kill(docker: DockerBackend, container_id: str, user: str, token: str) -> None:
-    """Kill every process of one command; retries while the sandbox has no pid to spare."""
-    with anyio.move_on_after(_KILL_RETRY_S):
-        delay = 0.05
-        while True:
-            try:
-                async with docker.exec_attached(container_id, ["dockyard-helper", "kill", token], user=user) as ch:
-                    await ch.feed(None)
-                    async for _ in ch.frames():
-                        pass
-                return
-            except ContainerGoneError:
-                return
-            except BackendError as exc:
-                log.debug("kill of exec %s failed, retrying: %s", token, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-    log.warning("could not kill the processes of exec %s in %s", token, container_id[:12])

@@ -54,6 +54,8 @@ class ContainerSpec:
     tmpfs: dict[str, str]
     env: dict[str, str] = field(default_factory=dict)
     read_only: bool = True
+    cap_add: list[str] = field(default_factory=list)
+    binds: dict[str, str] = field(default_factory=dict)  # host directory -> path inside
 
 
 _UNREACHABLE = (
@@ -189,6 +191,8 @@ class DockerBackend:
             host_config = api.create_host_config(
                 init=True,
                 cap_drop=["ALL"],
+                cap_add=spec.cap_add or None,
+                binds={host: {"bind": inside, "mode": "rw"} for host, inside in spec.binds.items()} or None,
                 security_opt=["no-new-privileges:true"],
                 pids_limit=spec.pids_limit,
                 mem_limit=f"{spec.memory_mb}m",
@@ -201,7 +205,7 @@ class DockerBackend:
             )
             created = api.create_container(
                 spec.image,
-                command=spec.command,
+                command=spec.command or None,
                 name=spec.name,
                 user=spec.user,
                 labels=spec.labels,
@@ -255,6 +259,14 @@ class DockerBackend:
             api._raise_for_status(response)  # noqa: SLF001
 
         await self._run(update)
+
+    async def container_labels(self, container_id: str) -> dict[str, str] | None:
+        """A container's labels; None when there is no such container."""
+        try:
+            info = await self._run(self.client.api.inspect_container, container_id)
+        except ContainerGoneError:
+            return None
+        return dict(info["Config"].get("Labels") or {})
 
     async def has_read_only_root(self, container_id: str) -> bool:
         info = await self._run(self.client.api.inspect_container, container_id)

@@ -21,6 +21,7 @@ from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Store
+from dockyard.runtime.supervisor import Supervisors
 from dockyard.runtime.upkeep import PoolUpkeep
 
 __all__ = ["Engine", "instance_id"]
@@ -50,6 +51,7 @@ class Engine:
     provisioner: Provisioner
     pools: PoolManager
     sandboxes: SandboxService
+    supervisors: Supervisors
 
     @property
     def operator(self) -> Identity:
@@ -70,7 +72,8 @@ class Engine:
         docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
         images = ImageService(settings.images, docker, settings.data_dir / "build")
         audit = AuditLog(store)
-        provisioner = Provisioner(settings, instance, docker, images)
+        supervisors = Supervisors(settings.data_dir / "control", docker)
+        provisioner = Provisioner(settings, instance, docker, images, supervisors)
         pools = PoolManager(settings, store, provisioner)
         engine = cls(
             settings=settings,
@@ -81,11 +84,13 @@ class Engine:
             images=images,
             provisioner=provisioner,
             pools=pools,
-            sandboxes=SandboxService(settings, store, audit, docker, pools),
+            sandboxes=SandboxService(settings, store, audit, docker, pools, supervisors),
+            supervisors=supervisors,
         )
         try:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)
+                await tg.start(supervisors.run)
                 engine.sandboxes.ports.attach(tg)
                 await tg.start(pools.run)
                 upkeep = PoolUpkeep(settings.pool, store, pools, provisioner, docker)

@@ -1,22 +1,17 @@
 """File operations confined to a sandbox's /workspace.
 
 Paths are checked twice: here, before anything runs (no `..`, no absolute path elsewhere),
-and inside the sandbox by the helper, which resolves symlinks and refuses any path whose
-real location is outside /workspace.
+and inside the sandbox by the supervisor, which works with the sandbox user's rights,
+resolves symlinks and refuses any path whose real location is outside /workspace.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
-import anyio
-
-from dockyard.runtime.docker import STDOUT, DockerBackend
 from dockyard.runtime.errors import (
-    BackendError,
     EncodingError,
     InvalidRequestError,
     NotFoundError,
@@ -24,12 +19,12 @@ from dockyard.runtime.errors import (
     SizeLimitError,
 )
 from dockyard.runtime.models import FileContent, FileEntry, FileListing, FileWritten
+from dockyard.runtime.supervisor import Frame, Supervisors
 
 __all__ = ["WORKSPACE", "FileOps", "decode_content", "workspace_path"]
 
 WORKSPACE = "/workspace"
-_USER = "agent"
-_HELPER_DEADLINE_S = 60
+_DEADLINE_S = 60.0
 
 
 def workspace_path(path: str) -> str:
@@ -64,21 +59,21 @@ def decode_content(content: str, encoding: str, cap: int) -> bytes:
 
 
 class FileOps:
-    """Reads, writes and lists files in a sandbox through its helper."""
+    """Reads, writes and lists files in a sandbox through its supervisor."""
 
-    def __init__(self, docker: DockerBackend) -> None:
-        self._docker = docker
+    def __init__(self, supervisors: Supervisors) -> None:
+        self._supervisors = supervisors
 
     async def write(self, container_id: str, path: str, data: bytes) -> FileWritten:
         rel = workspace_path(path)
         if rel == ".":
             raise InvalidRequestError("give a file path under /workspace, not /workspace itself")
-        reply = await self._helper(container_id, ["write", rel, "644"], path, stdin=data)
-        return FileWritten(path=reply["path"], size=reply["size"])
+        reply = await self._ask(container_id, {"t": "write", "path": rel, "mode": "644"}, path, data)
+        return FileWritten(path=reply.obj["path"], size=reply.obj["size"])
 
     async def read(self, container_id: str, path: str, max_bytes: int, encoding: str | None) -> FileContent:
-        reply = await self._helper(container_id, ["read", workspace_path(path), str(max_bytes)], path)
-        data = base64.b64decode(reply["content_b64"])
+        reply = await self._ask(container_id, {"t": "read", "path": workspace_path(path), "max_bytes": max_bytes}, path)
+        data = reply.body
         if encoding is None:
             try:
                 text, chosen = data.decode("utf-8"), "utf-8"
@@ -92,34 +87,21 @@ class FileOps:
         else:
             text, chosen = base64.b64encode(data).decode(), "base64"
         return FileContent(
-            path=reply["path"], encoding=chosen, content=text, size=reply["size"], truncated=reply["truncated"]
+            path=reply.obj["path"], encoding=chosen, content=text, size=reply.obj["size"], truncated=reply.obj["truncated"]
         )
 
     async def list(self, container_id: str, path: str, recursive: bool, max_entries: int) -> FileListing:
-        args = ["list", workspace_path(path), "1" if recursive else "0", str(max_entries)]
-        reply = await self._helper(container_id, args, path)
-        entries = [FileEntry(**entry) for entry in reply["entries"]]
-        return FileListing(path=reply["path"], entries=entries, truncated=reply["truncated"])
+        request = {"t": "list", "path": workspace_path(path), "recursive": recursive, "max_entries": max_entries}
+        reply = await self._ask(container_id, request, path)
+        entries = [FileEntry(**entry) for entry in reply.obj["entries"]]
+        return FileListing(path=reply.obj["path"], entries=entries, truncated=reply.obj["truncated"])
 
-    async def _helper(self, container_id: str, args: list[str], path: str, stdin: bytes = b"") -> dict[str, Any]:
-        out = bytearray()
-        with anyio.move_on_after(_HELPER_DEADLINE_S) as deadline:
-            async with self._docker.exec_attached(container_id, ["dockyard-helper", *args], user=_USER) as channel:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(channel.feed, stdin)
-                    async for kind, chunk in channel.frames():
-                        if kind == STDOUT:
-                            out += chunk
-        if deadline.cancelled_caught:
-            raise BackendError(f"the sandbox did not finish handling '{path}' within {_HELPER_DEADLINE_S} s")
-        try:
-            reply = json.loads(out)
-        except ValueError as exc:
-            raise InvalidRequestError(f"the sandbox could not handle '{path}'") from exc
-        if reply.get("ok"):
+    async def _ask(self, container_id: str, request: dict[str, Any], path: str, body: bytes = b"") -> Frame:
+        reply = await self._supervisors.call(container_id, request, body, timeout_s=_DEADLINE_S)
+        if reply.obj.get("ok"):
             return reply
-        message = reply.get("message", "failed")
-        match reply.get("error"):
+        message = reply.obj.get("message", "failed")
+        match reply.obj.get("error"):
             case "outside":
                 raise PathOutsideWorkspaceError(message)
             case "missing":

@@ -262,7 +262,7 @@ class PoolManager:
             try:
                 if (row.cpus, row.memory_mb) != (tpl.cpus, tpl.memory_mb):
                     await self.resize(row.id, tpl.cpus, tpl.memory_mb)
-                left = await self._provisioner.wipe(row.container_id)
+                left = await self._provisioner.wipe(row.id, row.container_id)
             except DockyardError as exc:
                 left = [str(exc)]
             if left:
@@ -395,7 +395,7 @@ class PoolManager:
         with anyio.CancelScope(shield=True):
             await self._store.run(transition(row.id, RuntimeState.DESTROYING, reason, only_from=RuntimeState.LIVE))
             if row.container_id:
-                await self._provisioner.remove(row.container_id)
+                await self._provisioner.remove(row.container_id, row.id)
                 self._where.pop(row.container_id, None)
             if row.docker_network not in ("none", "bridge"):
                 await self._provisioner.remove_network(row.docker_network)

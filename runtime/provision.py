@@ -1,23 +1,26 @@
 """Provisioning: start a template's hardened container, check it, and wipe it for reuse.
 
-The pool decides when; this module knows how. A runtime is fit to hand over only when the
-in-image helper finds nothing a previous owner could have left (a process, a file in
+The pool decides when; this module knows how. Each container's command is dockyard's
+supervisor (root with only SETUID, SETGID and KILL; everything it runs runs as `agent`), and a
+runtime is ready once the supervisor answers on its control channel. A runtime is fit to hand
+over only when the in-image helper finds nothing a previous owner could have left (a process, a file in
 /workspace, /tmp, /dev/shm, /dev/mqueue or the home directory, System V IPC objects) and the
 image's own filesystem is unchanged: mounted read-only, or else with an empty `docker diff`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from dockyard.runtime.commands import run_command
+import anyio
+
 from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError
 from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
+from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
 __all__ = ["Provisioner", "USER", "HOME", "Started"]
 
@@ -25,7 +28,10 @@ log = logging.getLogger(__name__)
 
 USER = "agent"
 HOME = "/home/agent"
-_CHECK_TIMEOUT_S = 30
+_CHECK_TIMEOUT_S = 30.0
+_READY_TIMEOUT_S = 30.0
+# What the supervisor needs to act as the sandbox user and to stop that user's processes.
+_SUPERVISOR_CAPS = ["SETUID", "SETGID", "KILL"]
 # What Docker itself writes into every container's layer: the --init binary it injects.
 _DOCKER_MADE = {"C /usr", "C /usr/sbin", "A /usr/sbin/docker-init"}
 
@@ -43,11 +49,14 @@ class Started:
 class Provisioner:
     """Starts, checks, wipes, resizes and removes the containers behind runtimes."""
 
-    def __init__(self, settings: Settings, instance: str, docker: DockerBackend, images: ImageService) -> None:
+    def __init__(
+        self, settings: Settings, instance: str, docker: DockerBackend, images: ImageService, supervisors: Supervisors
+    ) -> None:
         self._settings = settings
         self._instance = instance
         self._docker = docker
         self._images = images
+        self.supervisors = supervisors
 
     @property
     def labels(self) -> dict[str, str]:
@@ -96,17 +105,34 @@ class Provisioner:
                 "dockyard.template": template,
                 "dockyard.network": network,
             },
-            user=USER,
-            command=["sleep", "infinity"],
+            user="root",
+            command=[],  # the image's: the supervisor
             network=docker_network,
             cpus=tpl.cpus,
             memory_mb=tpl.memory_mb,
             pids_limit=tpl.pids_limit,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={tpl.tmp_size_mb}m,mode=1777"},
+            tmpfs={
+                "/tmp": f"rw,nosuid,nodev,size={tpl.tmp_size_mb}m,mode=1777",
+                "/run/dockyard": "rw,nosuid,nodev,noexec,size=1m,mode=755",
+            },
             env=dict(tpl.env),
+            cap_add=_SUPERVISOR_CAPS,
+            binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT},
         )
-        container_id = await self._docker.run_container(spec)
-        return Started(image, container_id, spec.name, docker_network)
+        try:
+            container_id = await self._docker.run_container(spec)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.supervisors.discard(runtime_id, None)
+            raise
+        started = Started(image, container_id, spec.name, docker_network)
+        try:
+            await self.supervisors.attach(runtime_id, container_id, _READY_TIMEOUT_S)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.remove(container_id, runtime_id)
+            raise
+        return started
 
     async def leftovers(self, container_id: str) -> list[str]:
         """What keeps this runtime from being handed over; empty when it is clean and alive."""
@@ -119,11 +145,13 @@ class Provisioner:
             found += [f"image filesystem changed: {change}" for change in changes[:5]]
         return found
 
-    async def wipe(self, container_id: str) -> list[str]:
-        """Kill the previous owner's processes, empty its places; returns what is still left."""
+    async def wipe(self, runtime_id: str, container_id: str) -> list[str]:
+        """Kill the previous owner's processes, empty its places, rotate the control key;
+        returns what is still left."""
         answer = await self._helper(container_id, "reset")
         if not answer["ok"]:
             return [f"reset failed: {answer['message']}"]
+        self.supervisors.rotate_key(runtime_id)
         return await self.leftovers(container_id)
 
     async def resize(self, container_id: str, cpus: float, memory_mb: int) -> None:
@@ -134,8 +162,11 @@ class Provisioner:
         """Start a stopped container again (its volumes are as they were)."""
         await self._docker.start_container(container_id)
 
-    async def remove(self, container_id: str) -> None:
+    async def remove(self, container_id: str, runtime_id: str | None) -> None:
+        """Remove a runtime's container and its control directory."""
         await self._docker.remove_container(container_id)
+        if runtime_id:
+            await self.supervisors.discard(runtime_id, container_id)
 
     async def remove_network(self, name: str) -> None:
         """Remove a workspace network once no container uses it."""
@@ -143,24 +174,9 @@ class Provisioner:
 
     async def _helper(self, container_id: str, verb: str) -> dict:
         try:
-            result = await run_command(
-                self._docker,
-                container_id,
-                ["dockyard-helper", verb],
-                user=USER,
-                env={},
-                workdir="/",
-                stdin=None,
-                timeout_s=_CHECK_TIMEOUT_S,
-                cap_bytes=1 << 20,
-            )
+            reply = await self.supervisors.call(container_id, {"t": verb}, timeout_s=_CHECK_TIMEOUT_S)
         except BackendError as exc:
             return {"ok": False, "message": f"could not run the helper: {exc}"}
-        if result.exit_code != 0:
-            why = result.stderr.strip()[-300:] or result.stdout.strip()[-300:] or f"exit code {result.exit_code}"
-            return {"ok": False, "message": f"helper {verb} failed: {why}"}
-        try:
-            return json.loads(result.stdout)
-        except json.JSONDecodeError:
-            return {"ok": False, "message": f"helper {verb} answered: {result.stdout[:200]!r}"}
-
+        if not reply.obj.get("ok"):
+            return {"ok": False, "message": f"helper {verb} failed: {reply.obj.get('message', reply.obj)}"}
+        return reply.obj

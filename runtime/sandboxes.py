@@ -39,6 +39,7 @@ from dockyard.runtime.ports import PortForwarder
 from dockyard.runtime.provision import HOME, USER
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
 from dockyard.runtime.store import Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
+from dockyard.runtime.supervisor import Supervisors
 
 __all__ = ["SandboxService"]
 
@@ -49,14 +50,23 @@ BuildNotify = Callable[[BuildState], Awaitable[None]]
 class SandboxService:
     """Creates, runs commands in, snapshots and destroys sandboxes; audits every action."""
 
-    def __init__(self, settings: Settings, store: Store, audit: AuditLog, docker: DockerBackend, pools: PoolManager) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        docker: DockerBackend,
+        pools: PoolManager,
+        supervisors: Supervisors,
+    ) -> None:
         self._settings = settings
         self._limits = settings.sandbox
         self._store = store
         self._audit = audit
         self._docker = docker
         self._pools = pools
-        self._files = FileOps(docker)
+        self._supervisors = supervisors
+        self._files = FileOps(supervisors)
         self.ports = PortForwarder(docker, USER)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -148,6 +158,23 @@ class SandboxService:
 
         return [self._info(row) for row in await self._store.run(query)]
 
+    async def owner_of_runtime(self, runtime_id: str) -> Identity | None:
+        """Who holds the runtime's live sandbox, if anyone (a bridge session acts as them)."""
+
+        def find(session: Session) -> Identity | None:
+            runtime = session.get(Runtime, runtime_id)
+            sandbox = session.get(Sandbox, runtime.sandbox_id) if runtime and runtime.sandbox_id else None
+            if sandbox is None or sandbox.status != SandboxStatus.RUNNING or sandbox.runtime_id != runtime_id:
+                return None
+            return Identity(
+                workspace_id=sandbox.workspace_id,
+                project_id=sandbox.project_id,
+                user_id=sandbox.user_id,
+                run_id=sandbox.run_id,
+            )
+
+        return await self._store.run(find)
+
     # -- work inside a sandbox ----------------------------------------------------------
 
     async def exec(
@@ -170,10 +197,8 @@ class SandboxService:
         workdir = WORKSPACE if cwd is None else f"{WORKSPACE}/{workspace_path(cwd)}".removesuffix("/.")
         async with self._audit.record(who, "sandbox.exec", sandbox_id, command=command[:1000], cwd=workdir) as rec:
             result = await run_command(
-                self._docker,
-                row.container_id,
+                await self._supervisors.link(row.container_id),
                 ["/bin/bash", "-c", command],
-                user=USER,
                 env={**row.env, **_checked_env(env)},  # the template's env is the container's own
                 workdir=workdir,
                 stdin=stdin.encode() if stdin is not None else None,

@@ -57,6 +57,10 @@ class PoolUpkeep:
         finally:
             self._pools.pause_refills(False)
         await self._store.run(_orphaned_sandboxes_lost)
+        live = await self._store.run(
+            lambda s: set(s.exec(select(Runtime.id).where(col(Runtime.state).in_(RuntimeState.LIVE))).all())
+        )
+        self._provisioner.supervisors.sweep(live)
 
     async def _match(self, containers: list[dict]) -> None:
         by_id = {c["Id"]: c for c in containers}
@@ -87,7 +91,7 @@ class PoolUpkeep:
                 await self._pools.destroy(pool, row, f"found {row.state} at start-up")
         for container in containers:
             if container["Id"] not in known:
-                await self._provisioner.remove(container["Id"])
+                await self._provisioner.remove(container["Id"], (container.get("Labels") or {}).get("dockyard.runtime"))
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:

@@ -30,9 +30,18 @@ async def test_container_drops_every_capability_and_blocks_privilege_escalation(
 ) -> None:
     host = container_of(docker_client, settings, await create(client))["HostConfig"]
     assert "ALL" in (host["CapDrop"] or [])
-    assert not host.get("CapAdd")
+    # Only the supervisor's: acting as the sandbox user and stopping that user's processes.
+    assert sorted(cap.removeprefix("CAP_") for cap in host.get("CapAdd") or []) == ["KILL", "SETGID", "SETUID"]
     assert not host["Privileged"]
     assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"] or [])
+
+
+async def test_commands_run_as_the_sandbox_user_with_no_capabilities(client: Client) -> None:
+    sandbox_id = await create(client)
+    seen = (await sh(client, sandbox_id, "id -un; grep -E '^Cap(Eff|Prm|Amb):' /proc/self/status"))["stdout"]
+    lines = seen.split()
+    assert lines[0] == "agent"
+    assert lines[1:] == ["CapPrm:", "0000000000000000", "CapEff:", "0000000000000000", "CapAmb:", "0000000000000000"], seen
 
 
 async def test_container_has_pid_memory_and_cpu_limits_with_swap_equal_to_memory(

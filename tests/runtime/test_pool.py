@@ -122,7 +122,7 @@ async def test_recycled_runtime_carries_nothing_from_its_previous_owner(pool_set
         look = (
             "ls -A /workspace /tmp /dev/shm; cmp ~/.bashrc /etc/skel/.bashrc && echo bashrc-fresh; "
             "git config --global user.name || echo no-git-name; echo ipc:$(ipcs -m | grep -c 0x); "
-            "ps -eo pid=,args= | grep -v -e 'ps -eo' -e grep -e docker-init -e 'sleep infinity' -e 'bash -c' || true"
+            "ps -eo pid=,args= | grep -v -e 'ps -eo' -e grep -e docker-init -e supervisor.py -e 'bash -c' || true"
         )
         seen = await engine.sandboxes.exec(who("b"), second.sandbox_id, look)
         assert "secret" not in seen.stdout and "left" not in seen.stdout and ".hidden" not in seen.stdout

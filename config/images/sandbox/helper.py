@@ -1,13 +1,15 @@
 #!/usr/bin/python3
-"""dockyard's helper inside a sandbox: file operations confined to /workspace, the kill of a
-timed-out command's processes, a stdin/stdout relay to a local TCP port, and the wipe and
-check that let a pool hand a released sandbox to its next owner.
+"""dockyard's helper inside a sandbox: file operations confined to /workspace, the wipe and
+check that let a pool hand a released sandbox to its next owner, and a stdin/stdout relay to
+a local TCP port.
 
-Protocol (version 1): `dockyard-helper <verb> <args...>`; file verbs answer one JSON object
-on stdout: {"ok": true, ...} or {"ok": false, "error": <code>, "message": <text>}.
-Codes: outside (path leaves /workspace), missing, not_file, not_dir, too_large, io.
-`reset` kills every process of the sandbox user but the container's own and empties the
-writable places; `verify` answers {"ok": true, "leftovers": [...]}, empty when clean.
+The supervisor imports the file operations (`write_file`, `read_file`, `list_files`) and runs
+them with the sandbox user's rights; it runs `reset` and `verify` as this command, as the
+sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON object on
+stdout: {"ok": true, ...} or {"ok": false, "error": <code>, "message": <text>}.
+Codes: outside (path leaves /workspace), missing, not_file, not_dir, io.
+`reset` kills every process of the sandbox user and empties the writable places; `verify`
+answers {"ok": true, "leftovers": [...]}, empty when clean.
 """
 
 import base64
@@ -38,6 +40,13 @@ def answer(**fields):
     sys.stdout.write(json.dumps({"ok": True, **fields}))
 
 
+def refusal(exc):
+    """The JSON answer for a refused or failed file operation."""
+    if isinstance(exc, Refused):
+        return {"ok": False, "error": exc.code, "message": str(exc)}
+    return {"ok": False, "error": "io", "message": f"{exc.strerror}: {exc.filename or ''}"}
+
+
 def confine(path):
     """The real path of `path` (relative to /workspace), refused if it resolves outside."""
     full = os.path.realpath(os.path.join(ROOT, path))
@@ -50,14 +59,14 @@ def relative(full):
     return os.path.relpath(full, ROOT)
 
 
-def cmd_write(path, mode):
+def write_file(path, mode, data):
+    """Write `data` to `path` atomically (a temp file renamed over it); returns the answer."""
     full = confine(path)
     if os.path.isdir(full):
         raise Refused("not_file", f"'{path}' is a directory")
     parent = os.path.dirname(full)
     os.makedirs(parent, exist_ok=True)
     confine(relative(parent))  # a parent created through a symlink must still be inside
-    data = sys.stdin.buffer.read()
     tmp = os.path.join(parent, f".dockyard-write-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, int(mode, 8))
     try:
@@ -68,10 +77,11 @@ def cmd_write(path, mode):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    answer(path=relative(full), size=len(data))
+    return {"ok": True, "path": relative(full), "size": len(data)}
 
 
-def cmd_read(path, max_bytes):
+def read_file(path, max_bytes):
+    """Up to `max_bytes` of a regular file: (answer, bytes)."""
     full = confine(path)
     try:
         if not stat.S_ISREG(os.stat(full).st_mode):
@@ -85,11 +95,11 @@ def cmd_read(path, max_bytes):
         if not stat.S_ISREG(info.st_mode):
             raise Refused("not_file", f"'{path}' is not a regular file")
         data = fh.read(int(max_bytes))
-    answer(path=relative(full), size=info.st_size, truncated=info.st_size > len(data),
-           content_b64=base64.b64encode(data).decode())
+    return {"ok": True, "path": relative(full), "size": info.st_size, "truncated": info.st_size > len(data)}, data
 
 
-def cmd_list(path, recursive, max_entries):
+def list_files(path, recursive, max_entries):
+    """Entries under a directory, breadth first and sorted, at most `max_entries`."""
     full = confine(path)
     if not os.path.exists(full):
         raise Refused("missing", f"'{path}' does not exist")
@@ -108,9 +118,22 @@ def cmd_list(path, recursive, max_entries):
                 truncated = True
                 break
             entries.append({"path": relative(item), "type": kind, "size": info.st_size, "mtime": info.st_mtime})
-        if truncated or recursive != "1":
+        if truncated or not recursive:
             break
-    answer(path=relative(full), entries=entries, truncated=truncated)
+    return {"ok": True, "path": relative(full), "entries": entries, "truncated": truncated}
+
+
+def cmd_write(path, mode):
+    sys.stdout.write(json.dumps(write_file(path, mode, sys.stdin.buffer.read())))
+
+
+def cmd_read(path, max_bytes):
+    reply, data = read_file(path, max_bytes)
+    sys.stdout.write(json.dumps({**reply, "content_b64": base64.b64encode(data).decode()}))
+
+
+def cmd_list(path, recursive, max_entries):
+    sys.stdout.write(json.dumps(list_files(path, recursive == "1", max_entries)))
 
 
 def marked(token):
@@ -164,15 +187,22 @@ def in_sessions(sessions):
     return found
 
 
-def cmd_kill(token):
-    """Freeze every process of the command (so none can fork), then kill them all."""
+def kill_command(token, session=None):
+    """Freeze every process of one command (so none can fork), then kill them all.
+
+    A command's processes: those whose environment carries its token, everything in their
+    sessions (and in `session`, the one it was started in), and all their descendants.
+    Returns how many were killed.
+    """
     frozen = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         pids, sessions = marked(token)
+        if session is not None:
+            sessions.add(session)
         pids |= in_sessions(sessions - {os.getsid(0)})
         pids |= descendants(pids | frozen)
-        fresh = pids - frozen
+        fresh = {pid for pid in pids - frozen if owned_by_me(pid)}
         if not fresh:
             break
         for pid in fresh:
@@ -186,7 +216,18 @@ def cmd_kill(token):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    answer(killed=len(frozen))
+    return len(frozen)
+
+
+def owned_by_me(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def cmd_kill(token):
+    answer(killed=kill_command(token))
 
 
 def processes():
@@ -339,11 +380,8 @@ def main(argv):
         return 64
     try:
         VERBS[argv[1]](*argv[2:])
-    except Refused as exc:
-        sys.stdout.write(json.dumps({"ok": False, "error": exc.code, "message": str(exc)}))
-        return 2
-    except OSError as exc:
-        sys.stdout.write(json.dumps({"ok": False, "error": "io", "message": f"{exc.strerror}: {exc.filename or ''}"}))
+    except (Refused, OSError) as exc:
+        sys.stdout.write(json.dumps(refusal(exc)))
         return 2
     return 0
 

@@ -1,0 +1,473 @@
+#!/usr/bin/python3
+"""dockyard's supervisor: the long-lived process inside every sandbox.
+
+It is the container's command (under Docker's init), runs as root with only the capabilities
+it needs to act as the sandbox user (SETUID, SETGID) and to stop that user's processes (KILL),
+and serves the dockyard server over a control channel, so that a command costs no
+`docker exec`. Commands and file operations run as the sandbox user `agent`, who can neither
+signal this process nor read its memory or environment, nor reach its control socket.
+
+Control channel, protocol version 1 (the other end is dockyard.runtime.supervisor)
+--------------------------------------------------------------------------------
+Transport: a unix stream socket, `control.sock` in /run/dockyard-sup/control, a directory the
+server bind-mounts from the host. /run/dockyard-sup is root's alone (mode 0700), so the
+sandbox user cannot reach the socket; no network is involved.
+
+Frame: 8 bytes (two big-endian u32: the length of a JSON object, the length of a binary body),
+then the JSON object (UTF-8), then the body. Every object has a type "t".
+
+Handshake, mutual, with the key the server wrote to `key` beside the socket:
+  supervisor -> {"t": "hello", "protocol": 1, "nonce": N1}
+  server     -> {"t": "auth", "protocol": 1, "nonce": N2, "proof": hex HMAC-SHA256(key, "server:" + N1)}
+  supervisor -> {"t": "ready", "proof": HMAC(key, "supervisor:" + N2), "pid": P}
+                or {"t": "refused", "message": ...} and it closes.
+The server may rewrite the key file at any time; each handshake reads it afresh.
+
+Requests carry an "id" chosen by the server, unique on its connection:
+  exec {argv, env, cwd, timeout_s, cap_bytes, token, stdin: bool}
+      -> out {id, fd: 1|2} + bytes, in order, at most cap_bytes per stream ...
+      -> exit {id, code, timed_out, dropped: [stdout bytes, stderr bytes], error?}
+      The command runs as `agent` in a new session with `token` as DOCKYARD_EXEC_ID.
+      stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
+      On timeout, kill or a closed connection, the command and everything it started
+      (its session, its descendants, whatever carries its token) is frozen, then killed.
+  read {path, max_bytes} -> result + the file's bytes
+  write {path, mode} + bytes -> result
+  list {path, recursive, max_entries} -> result
+  reset {} / verify {} -> result (the helper's answer, run as `agent`)
+  ping {} -> result
+  result: {"t": "result", "id", "ok": true, ...} or {"ok": false, "error": code, "message"}.
+
+Bridge: a process in the sandbox that connects to /run/dockyard/bridge.sock is relayed to the
+server, which serves it MCP as the sandbox's owner (newline-delimited JSON-RPC):
+  supervisor -> bridge_open {bid}, bridge_data {bid} + bytes, bridge_close {bid}
+  server     -> bridge_data {bid} + bytes, bridge_close {bid}
+Bridge traffic uses the most recently authenticated connection.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import pwd
+import secrets
+import signal
+import struct
+import sys
+
+sys.path.insert(0, "/usr/local/lib/dockyard")
+import helper  # noqa: E402
+
+PROTOCOL = 1
+CONTROL_DIR = "/run/dockyard-sup/control"
+BRIDGE_SOCKET = "/run/dockyard/bridge.sock"
+HELPER = "/usr/local/lib/dockyard/helper.py"
+USER = "agent"
+HEADER = struct.Struct("!II")
+MAX_OBJECT = 1 << 20
+MAX_BODY = 64 << 20
+CHUNK = 64 << 10
+EXIT_GRACE_S = 0.2  # how long output is still read after a command's own process ended
+HANDSHAKE_TIMEOUT_S = 10
+
+AGENT = pwd.getpwnam(USER)
+
+
+@contextlib.contextmanager
+def as_agent():
+    """Act with the sandbox user's file rights for a moment (no await may happen inside)."""
+    os.setegid(AGENT.pw_gid)
+    os.seteuid(AGENT.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def proof(key, role, nonce):
+    return hmac.new(key, f"{role}:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
+class Closed(Exception):
+    pass
+
+
+class Connection:
+    """One framed connection; writes are serialised, reads are the caller's loop."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+        self.lock = asyncio.Lock()
+        self.commands = {}
+
+    async def send(self, obj, body=b""):
+        data = json.dumps(obj).encode()
+        async with self.lock:
+            self.writer.write(HEADER.pack(len(data), len(body)))
+            self.writer.write(data)
+            if body:
+                self.writer.write(body)
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise Closed(str(exc)) from exc
+
+    async def receive(self):
+        try:
+            size, body_size = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+            if size > MAX_OBJECT or body_size > MAX_BODY:
+                raise Closed(f"frame too large ({size}, {body_size})")
+            obj = json.loads(await self.reader.readexactly(size))
+            body = await self.reader.readexactly(body_size) if body_size else b""
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise Closed(str(exc)) from exc
+        if not isinstance(obj, dict):
+            raise Closed("a frame's object must be a JSON object")
+        return obj, body
+
+    async def reply(self, request, body=b"", **fields):
+        await self.send({"t": "result", "id": request.get("id"), "ok": True, **fields}, body)
+
+
+class Pipes(asyncio.SubprocessProtocol):
+    """Hands a command's output and exit to it as they happen."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def pipe_data_received(self, fd, data):
+        self.command.output(fd, data)
+
+    def pipe_connection_lost(self, fd, exc):
+        self.command.pipe_closed(fd)
+
+    def process_exited(self):
+        self.command.exited.set()
+
+
+class Command:
+    """One running command: its process, its output and its kill.
+
+    Its exit is noticed when its own process ends, not when its pipes close: a background
+    child that inherited stdout must not hold the answer back (its output is still read for
+    a moment, then the pipes are closed).
+    """
+
+    def __init__(self, conn, request):
+        self.conn = conn
+        self.id = request["id"]
+        self.request = request
+        self.transport = None
+        self.killed = False
+        self.cap = int(request.get("cap_bytes") or (1 << 20))
+        self.sent = [0, 0]
+        self.dropped = [0, 0]
+        self.token = request.get("token") or secrets.token_hex(12)
+        self.outbox = asyncio.Queue()
+        self.exited = asyncio.Event()
+        self.open_pipes = {1, 2}
+        self.pipes_closed = asyncio.Event()
+        self.early_stdin = []
+
+    async def run(self):
+        try:
+            await self._run()
+        except Closed:
+            await self.kill()
+        finally:
+            self.conn.commands.pop(self.id, None)
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _run(self):
+        req = self.request
+        env = {**BASE_ENV, **{str(k): str(v) for k, v in req.get("env", {}).items()}}
+        env["DOCKYARD_EXEC_ID"] = self.token
+        # `env -C` changes directory after the switch to the sandbox user, so a cwd the user may
+        # not enter fails as it would for them (the supervisor's own rights never apply).
+        argv = ["/usr/bin/env", "-C", req.get("cwd") or "/workspace", "--", *req["argv"]]
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport, _ = await loop.subprocess_exec(
+                lambda: Pipes(self),
+                *argv,
+                stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+                user=AGENT.pw_uid,
+                group=AGENT.pw_gid,
+                extra_groups=[],
+                start_new_session=True,
+            )
+        except OSError as exc:  # e.g. no pid to spare
+            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False,
+                                  "dropped": [0, 0], "error": f"could not start the command: {exc.strerror}"})
+            return
+        for body in self.early_stdin:
+            self.write_stdin(body)
+        sender = spawn(self.send_output())
+        timed_out = False
+        try:
+            await asyncio.wait_for(self.exited.wait(), req.get("timeout_s"))
+        except asyncio.TimeoutError:
+            timed_out = True
+            await self.kill()
+            await self.exited.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.pipes_closed.wait(), EXIT_GRACE_S)
+        if self.killed or timed_out:
+            await self.kill()  # whatever it started meanwhile
+        self.outbox.put_nowait(None)
+        await sender
+        code = self.transport.get_returncode()
+        await self.conn.send({"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
+                              "timed_out": timed_out, "dropped": self.dropped})
+
+    def output(self, fd, data):
+        index = 0 if fd == 1 else 1
+        keep = data[: max(self.cap - self.sent[index], 0)]
+        self.sent[index] += len(keep)
+        self.dropped[index] += len(data) - len(keep)
+        if keep:
+            self.outbox.put_nowait((fd, keep))
+
+    def pipe_closed(self, fd):
+        self.open_pipes.discard(fd)
+        if not self.open_pipes:
+            self.pipes_closed.set()
+
+    async def send_output(self):
+        while (item := await self.outbox.get()) is not None:
+            fd, data = item
+            await self.conn.send({"t": "out", "id": self.id, "fd": fd}, data)
+
+    async def feed(self, body):
+        """Bytes for the command's stdin (an empty body closes it); kept until it starts."""
+        if self.transport is None:
+            self.early_stdin.append(body)
+        else:
+            self.write_stdin(body)
+
+    def write_stdin(self, body):
+        pipe = self.transport.get_pipe_transport(0)
+        if pipe is None or pipe.is_closing():
+            return
+        if body:
+            pipe.write(body)
+        else:
+            pipe.close()
+
+    async def kill(self):
+        """Freeze and kill the command's processes (never the supervisor's own)."""
+        self.killed = True
+        if self.transport is None:
+            return
+        with as_agent():
+            helper.kill_command(self.token, self.transport.get_pid())
+        await asyncio.sleep(0)
+
+
+TASKS = set()
+
+
+def spawn(coro):
+    """Run a coroutine in the background, holding a reference until it ends."""
+    task = asyncio.ensure_future(coro)
+    TASKS.add(task)
+    task.add_done_callback(TASKS.discard)
+    return task
+
+
+class Supervisor:
+    def __init__(self):
+        self.primary = None
+        self.bridges = {}
+        self.next_bridge = 0
+
+    def key(self):
+        with open(os.path.join(CONTROL_DIR, "key"), "rb") as fh:
+            return fh.read().strip()
+
+    async def serve_control(self, reader, writer):
+        conn = Connection(reader, writer)
+        try:
+            if await self.handshake(conn):
+                self.primary = conn
+                await self.requests(conn)
+        except Closed:
+            pass
+        finally:
+            for command in list(conn.commands.values()):
+                await command.kill()
+            if self.primary is conn:
+                self.primary = None
+                for bid in list(self.bridges):
+                    self.close_bridge(bid)
+            writer.close()
+
+    async def handshake(self, conn):
+        nonce = secrets.token_hex(16)
+        await conn.send({"t": "hello", "protocol": PROTOCOL, "nonce": nonce})
+        try:
+            obj, _ = await asyncio.wait_for(conn.receive(), HANDSHAKE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        try:
+            key = self.key()
+        except OSError as exc:
+            await conn.send({"t": "refused", "message": f"no key: {exc.strerror}"})
+            return False
+        if obj.get("t") != "auth" or obj.get("protocol") != PROTOCOL:
+            await conn.send({"t": "refused", "message": f"expected auth for protocol {PROTOCOL}"})
+            return False
+        if not hmac.compare_digest(str(obj.get("proof", "")), proof(key, "server", nonce)):
+            await conn.send({"t": "refused", "message": "bad proof"})
+            return False
+        await conn.send({"t": "ready", "protocol": PROTOCOL, "pid": os.getpid(),
+                         "proof": proof(key, "supervisor", str(obj.get("nonce", "")))})
+        return True
+
+    async def requests(self, conn):
+        while True:
+            obj, body = await conn.receive()
+            kind = obj.get("t")
+            if kind == "exec":
+                command = Command(conn, obj)
+                conn.commands[command.id] = command
+                spawn(command.run())
+            elif kind == "stdin":
+                command = conn.commands.get(obj.get("id"))
+                if command is not None:
+                    await command.feed(body)
+            elif kind == "kill":
+                command = conn.commands.get(obj.get("id"))
+                if command is not None:
+                    await command.kill()
+            elif kind in FILE_OPS:
+                await self.file_op(conn, kind, obj, body)
+            elif kind in ("reset", "verify"):
+                spawn(self.run_helper(conn, kind, obj))
+            elif kind == "ping":
+                await conn.reply(obj, pid=os.getpid())
+            elif kind == "bridge_data":
+                await self.to_bridge(obj.get("bid"), body)
+            elif kind == "bridge_close":
+                self.close_bridge(obj.get("bid"))
+            else:
+                await conn.send({"t": "result", "id": obj.get("id"), "ok": False, "error": "unknown",
+                                 "message": f"unknown request type {kind!r}"})
+
+    async def file_op(self, conn, kind, obj, body):
+        data = b""
+        try:
+            with as_agent():
+                if kind == "read":
+                    answer, data = helper.read_file(str(obj["path"]), int(obj["max_bytes"]))
+                elif kind == "write":
+                    answer = helper.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
+                else:
+                    answer = helper.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
+        except (helper.Refused, OSError) as exc:
+            answer = helper.refusal(exc)
+        except (KeyError, ValueError, TypeError) as exc:
+            answer = {"ok": False, "error": "invalid", "message": f"bad {kind} request: {exc}"}
+        await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
+
+    async def run_helper(self, conn, verb, obj):
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3", "-I", HELPER, verb,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=BASE_ENV, cwd="/", user=AGENT.pw_uid, group=AGENT.pw_gid, extra_groups=[],
+            )
+            out, err = await process.communicate()
+        except OSError as exc:  # e.g. no pid to spare
+            answer = {"ok": False, "error": "io", "message": f"could not run the helper: {exc.strerror}"}
+        else:
+            try:
+                answer = json.loads(out)
+            except ValueError:
+                why = (err or out).decode(errors="replace").strip()[-300:]
+                answer = {"ok": False, "error": "io", "message": f"helper {verb} failed: {why}"}
+        with contextlib.suppress(Closed):
+            await conn.send({"t": "result", "id": obj.get("id"), **answer})
+
+    # -- bridge ---------------------------------------------------------------------------
+
+    async def serve_bridge(self, reader, writer):
+        conn = self.primary
+        if conn is None:
+            writer.close()
+            return
+        self.next_bridge += 1
+        bid = self.next_bridge
+        self.bridges[bid] = writer
+        try:
+            await conn.send({"t": "bridge_open", "bid": bid})
+            while True:
+                data = await reader.read(CHUNK)
+                if not data or bid not in self.bridges:
+                    break
+                await conn.send({"t": "bridge_data", "bid": bid}, data)
+        except (Closed, ConnectionError, OSError):
+            pass
+        finally:
+            if self.bridges.pop(bid, None) is not None:
+                writer.close()
+                with contextlib.suppress(Closed):
+                    await conn.send({"t": "bridge_close", "bid": bid})
+
+    async def to_bridge(self, bid, body):
+        writer = self.bridges.get(bid)
+        if writer is None:
+            return
+        try:
+            writer.write(body)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            self.close_bridge(bid)
+
+    def close_bridge(self, bid):
+        writer = self.bridges.pop(bid, None)
+        if writer is not None:
+            writer.close()
+
+
+FILE_OPS = ("read", "write", "list")
+BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_SUPERVISOR")}
+BASE_ENV.setdefault("HOME", AGENT.pw_dir)
+
+
+async def main():
+    os.setgroups([])
+    os.umask(0o022)
+    supervisor = Supervisor()
+    control = os.path.join(CONTROL_DIR, "control.sock")
+    for path in (control, BRIDGE_SOCKET):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    bridge_server = await asyncio.start_unix_server(supervisor.serve_bridge, BRIDGE_SOCKET)
+    os.chmod(BRIDGE_SOCKET, 0o666)
+    # Created under a temporary name, so the server never connects to a socket not yet listening.
+    staging = control + ".new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
+    control_server = await asyncio.start_unix_server(supervisor.serve_control, staging)
+    os.chmod(staging, 0o666)  # the directory, not the socket, keeps others out
+    os.rename(staging, control)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with bridge_server, control_server:
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
