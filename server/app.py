@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib.metadata import version
 
 from mcp.server.mcpserver import MCPServer
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
-from dockyard.tools import pool, sandbox
+from dockyard.server.bridge import serve_bridge
+from dockyard.tools import pool, sandbox, token
 
 __all__ = ["build_server"]
 
@@ -28,6 +30,7 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with Engine.open(settings) as engine:
+            engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
             yield engine
 
     server: MCPServer[Engine] = MCPServer(
@@ -40,4 +43,5 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
     )
     sandbox.register(server)
     pool.register(server)
+    token.register(server)
     return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from mcp.server.mcpserver import Context
@@ -11,9 +12,13 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.settings import Identity
 
-__all__ = ["EngineContext", "build_progress", "caller", "engine"]
+__all__ = ["EngineContext", "acting_as", "build_progress", "caller", "engine"]
 
 EngineContext = Context[Engine, Any]
+
+# Set by a transport that knows its caller better than "the operator": a bridge session from
+# inside a sandbox acts as that sandbox's owner.
+acting_as: ContextVar[Identity | None] = ContextVar("dockyard_acting_as", default=None)
 
 
 def engine(ctx: EngineContext) -> Engine:
@@ -22,8 +27,8 @@ def engine(ctx: EngineContext) -> Engine:
 
 
 def caller(ctx: EngineContext) -> Identity:
-    """Who is calling: the stdio operator, until tokens name someone else."""
-    return engine(ctx).operator
+    """Who is calling: the identity a transport set for this session, else the operator."""
+    return acting_as.get() or engine(ctx).operator
 
 
 def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]]:
