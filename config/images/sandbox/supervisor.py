@@ -71,6 +71,7 @@ MAX_BODY = 64 << 20
 CHUNK = 64 << 10
 EXIT_GRACE_S = 0.2  # how long output is still read after a command's own process ended
 HANDSHAKE_TIMEOUT_S = 10
+KILL_WAIT_S = 30  # a killed command's own process has surely ended by then
 
 AGENT = pwd.getpwnam(USER)
 
@@ -178,6 +179,11 @@ class Command:
             await self._run()
         except Closed:
             await self.kill()
+        except Exception as exc:  # the server must hear of it rather than wait
+            await self.kill()
+            with contextlib.suppress(Closed):
+                await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False,
+                                      "dropped": self.dropped, "error": f"supervisor failure: {exc!r}"})
         finally:
             self.conn.commands.pop(self.id, None)
             if self.transport is not None:
@@ -218,7 +224,7 @@ class Command:
         except asyncio.TimeoutError:
             timed_out = True
             await self.kill()
-            await self.exited.wait()
+            await asyncio.wait_for(self.exited.wait(), KILL_WAIT_S)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.pipes_closed.wait(), EXIT_GRACE_S)
         if self.killed or timed_out:
@@ -445,6 +451,10 @@ BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
 
 async def main():
+    # No thread per child: a sandbox at its pids limit must not stop the supervisor noticing exits.
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
     os.setgroups([])
     os.umask(0o022)
     supervisor = Supervisor()
