@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from dockyard.runtime.errors import InvalidRequestError
 from dockyard.runtime.models import ExecResult
 from dockyard.runtime.supervisor import Link, SupervisorError
 
@@ -133,6 +134,8 @@ async def run_command(
         if link.closed:
             raise SupervisorError("the sandbox's supervisor went away while the command ran")
         raise SupervisorError(f"the sandbox did not report the command's end within {timeout_s + _LATE_S:g} s")
+    if ended.get("refused") == "cwd":
+        raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):
         raise SupervisorError(str(ended["error"]))
     dropped = list(ended.get("dropped") or [0, 0])

@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import SandboxLostError
+from dockyard.runtime.errors import InvalidRequestError, SandboxLostError
 from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
 from dockyard.runtime.supervisor import Link, SupervisorError, _connect_unix
 from tests.runtime.pooltools import event_reasons, wait_for_pool
@@ -47,8 +47,13 @@ async def test_exit_codes_are_the_commands_own(engine: Engine) -> None:
     cases = {"true": 0, "exit 7": 7, "no-such-command-here": 127, "kill -9 $$": 137, "kill -TERM $$": 143}
     for command, code in cases.items():
         assert (await engine.sandboxes.exec(who, sandbox.sandbox_id, command)).exit_code == code, command
-    missing = await engine.sandboxes.exec(who, sandbox.sandbox_id, "pwd", cwd="not-there")
-    assert missing.exit_code != 0 and "not-there" in missing.stderr
+    with pytest.raises(InvalidRequestError, match="cannot enter /workspace/not-there"):
+        await engine.sandboxes.exec(who, sandbox.sandbox_id, "pwd", cwd="not-there")
+    # A working directory is entered with the sandbox user's rights, also through a symlink.
+    await engine.sandboxes.exec(who, sandbox.sandbox_id, "ln -s /run/dockyard-sup hidden && mkdir -p sub")
+    with pytest.raises(InvalidRequestError, match="Permission denied"):
+        await engine.sandboxes.exec(who, sandbox.sandbox_id, "ls control", cwd="hidden")
+    assert (await engine.sandboxes.exec(who, sandbox.sandbox_id, "pwd", cwd="sub")).stdout == "/workspace/sub\n"
 
 
 async def test_a_cancelled_command_is_killed_with_its_children(engine: Engine) -> None:

@@ -26,7 +26,8 @@ The server may rewrite the key file at any time; each handshake reads it afresh.
 Requests carry an "id" chosen by the server, unique on its connection:
   exec {argv, env, cwd, timeout_s, cap_bytes, token, stdin: bool}
       -> out {id, fd: 1|2} + bytes, in order, at most cap_bytes per stream ...
-      -> exit {id, code, timed_out, dropped: [stdout bytes, stderr bytes], error?}
+      -> exit {id, code, timed_out, dropped: [stdout bytes, stderr bytes], error?, refused?}
+      (error: the command could not start; refused: "cwd" when the sandbox user cannot enter it)
       The command runs as `agent` in a new session with `token` as DOCKYARD_EXEC_ID.
       stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
       On timeout, kill or a closed connection, the command and everything it started
@@ -193,28 +194,45 @@ class Command:
         req = self.request
         env = {**BASE_ENV, **{str(k): str(v) for k, v in req.get("env", {}).items()}}
         env["DOCKYARD_EXEC_ID"] = self.token
-        # `env -C` changes directory after the switch to the sandbox user, so a cwd the user may
-        # not enter fails as it would for them (the supervisor's own rights never apply).
-        argv = ["/usr/bin/env", "-C", req.get("cwd") or "/workspace", "--", *req["argv"]]
+        # The working directory is opened with the sandbox user's rights and entered through
+        # its descriptor: the child changes directory while still root, and must not land
+        # anywhere the user could not (a symlink swapped in meanwhile changes nothing).
+        try:
+            with as_agent():
+                cwd_fd = os.open(req.get("cwd") or "/workspace", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fchdir(cwd_fd)  # the user's search permission on the directory itself
+                except OSError:
+                    os.close(cwd_fd)
+                    raise
+                finally:
+                    os.chdir("/")
+        except OSError as exc:
+            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False, "dropped": [0, 0],
+                                  "refused": "cwd", "error": f"cannot enter {req.get('cwd')}: {exc.strerror}"})
+            return
         loop = asyncio.get_running_loop()
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: Pipes(self),
-                *argv,
+                *req["argv"],
                 stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd="/",
+                cwd=f"/proc/self/fd/{cwd_fd}",
                 user=AGENT.pw_uid,
                 group=AGENT.pw_gid,
                 extra_groups=[],
                 start_new_session=True,
             )
-        except OSError as exc:  # e.g. no pid to spare
-            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False,
+        except OSError as exc:  # e.g. no pid to spare, no such program
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
                                   "dropped": [0, 0], "error": f"could not start the command: {exc.strerror}"})
             return
+        finally:
+            os.close(cwd_fd)
         for body in self.early_stdin:
             self.write_stdin(body)
         sender = spawn(self.send_output())
