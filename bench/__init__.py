@@ -1,0 +1,1 @@
+"""dockyard's benchmark harness: `bin/bench` (or `python -m bench`), never run by pytest."""

@@ -1,0 +1,22 @@
+"""The harness's sections, in the order they run and print; each returns its figures."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from bench.figures import Figure
+from bench.run import Options, Run
+from bench.sections import claims, dispatch, memory, noop, sandbox_exec, snapshot
+
+__all__ = ["SECTIONS", "Section"]
+
+Section = Callable[[Run, Options], Awaitable[list[Figure]]]
+
+SECTIONS: dict[str, Section] = {
+    "noop": noop.measure,
+    "exec": sandbox_exec.measure,
+    "claims": claims.measure,
+    "dispatch": dispatch.measure,
+    "snapshot": snapshot.measure,
+    "memory": memory.measure,
+}
