@@ -84,6 +84,18 @@ class BridgeSession:
         """Bytes to the process in the sandbox."""
         await self._link.send({"t": "bridge_data", "bid": self.bid}, data)
 
+    async def arrived(self, data: bytes) -> bool:
+        """Bytes from the process; False once nobody reads them any more."""
+        try:
+            await self._send.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
+
+    def ended(self) -> None:
+        """The process closed its end (or the link went): `incoming` ends."""
+        self._send.close()
+
     async def close(self) -> None:
         self._send.close()
         try:
@@ -173,10 +185,15 @@ class Link:
                 waiter.close()
             self._waiting.clear()
             for session in self._bridges.values():
-                session._send.close()
+                session.ended()
             self._bridges.clear()
             with anyio.CancelScope(shield=True):
                 await self._stream.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; `serve` then ends and every waiter sees the end."""
+        self.closed = True
+        await self._stream.aclose()
 
     async def _bridge_frame(self, frame: Frame, on_bridge: BridgeHandler | None, tg: anyio.abc.TaskGroup) -> None:
         bid = int(frame.obj.get("bid", 0))
@@ -197,12 +214,10 @@ class Link:
             tg.start_soon(run)
         elif (session := self._bridges.get(bid)) is not None:
             if frame.kind == "bridge_data":
-                try:
-                    await session._send.send(frame.body)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if not await session.arrived(frame.body):
                     self._bridges.pop(bid, None)
             elif frame.kind == "bridge_close":
-                session._send.close()
+                session.ended()
                 self._bridges.pop(bid, None)
 
     # -- requests --------------------------------------------------------------------
@@ -293,8 +308,7 @@ class Supervisors:
             self._locks.pop(container_id, None)
             link = self._links.pop(container_id, None)
             if link is not None:
-                link.closed = True
-                await link._stream.aclose()
+                await link.aclose()
         shutil.rmtree(self.directory(runtime_id), ignore_errors=True)
 
     def sweep(self, keep: set[str]) -> None:
