@@ -22,6 +22,7 @@ from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Store
 from dockyard.runtime.supervisor import Supervisors
+from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.upkeep import PoolUpkeep
 
 __all__ = ["Engine", "instance_id"]
@@ -52,6 +53,7 @@ class Engine:
     pools: PoolManager
     sandboxes: SandboxService
     supervisors: Supervisors
+    tokens: TokenService
 
     @property
     def operator(self) -> Identity:
@@ -72,6 +74,7 @@ class Engine:
         docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
         images = ImageService(settings.images, docker, settings.data_dir / "build")
         audit = AuditLog(store)
+        tokens = TokenService(store, audit, settings.admin_key.get_secret_value() if settings.admin_key else None)
         supervisors = Supervisors(settings.data_dir / "control", docker)
         provisioner = Provisioner(settings, instance, docker, images, supervisors)
         pools = PoolManager(settings, store, provisioner)
@@ -84,8 +87,9 @@ class Engine:
             images=images,
             provisioner=provisioner,
             pools=pools,
-            sandboxes=SandboxService(settings, store, audit, docker, pools, supervisors),
+            sandboxes=SandboxService(settings, store, audit, docker, pools, supervisors, tokens),
             supervisors=supervisors,
+            tokens=tokens,
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -15,18 +15,24 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── SizeLimitError
     │   ├── EncodingError
     │   └── NetworkNotAllowedError
+    ├── AccessDeniedError             the caller's token does not allow this
+    │   └── ScopeError                a scope the call needs is missing
     ├── CapacityError                 no room now; retry later or free something
-    │   └── PoolExhaustedError        a full pool freed nothing within the claim timeout
+    │   ├── PoolExhaustedError        a full pool freed nothing within the claim timeout
+    │   └── QuotaExceededError        a configured quota is reached
     ├── ImageError
     │   ├── ImageBuildingError        the image is still being built; try again soon
     │   └── ImageBuildFailedError
     └── BackendError                  the container engine failed or is unreachable
-        └── DockerUnavailableError
+        ├── DockerUnavailableError
+        └── AuditWriteError           an action's audit row could not be written; the action fails
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
+    "AuditWriteError",
     "BackendError",
     "CapacityError",
     "DockerUnavailableError",
@@ -40,8 +46,10 @@ __all__ = [
     "NotFoundError",
     "PathOutsideWorkspaceError",
     "PoolExhaustedError",
+    "QuotaExceededError",
     "SandboxLostError",
     "SandboxNotFoundError",
+    "ScopeError",
     "SizeLimitError",
     "SnapshotNotFoundError",
     "TemplateNotFoundError",
@@ -136,3 +144,32 @@ class BackendError(DockyardError):
 
 class DockerUnavailableError(BackendError):
     """Raised when the Docker daemon cannot be reached."""
+
+
+class AuditWriteError(BackendError):
+    """Raised when an action's audit row cannot be written: no unrecorded action is reported as done."""
+
+    def __init__(self, action: str, reason: str, error: str | None = None) -> None:
+        if error is None:
+            super().__init__(
+                f"the audit row for this {action} could not be written ({reason}), so the call is reported as "
+                "failed; the action itself may have taken effect, so check before retrying"
+            )
+        else:
+            super().__init__(f"{action} failed ({error}) and its audit row could not be written either ({reason})")
+
+
+class AccessDeniedError(DockyardError):
+    """Raised when the caller's token does not allow what they asked."""
+
+
+class ScopeError(AccessDeniedError):
+    """Raised when a call needs a scope the caller's token lacks."""
+
+    def __init__(self, scope: str, held: list[str]) -> None:
+        have = ", ".join(sorted(held)) or "none"
+        super().__init__(f"this call needs the scope '{scope}', which your token lacks (it has: {have}); ask for a token with it")
+
+
+class QuotaExceededError(CapacityError):
+    """Raised when a configured quota is reached; the message names the quota and its limit."""

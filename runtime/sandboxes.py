@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import anyio
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.commands import OutputCallback, run_command
@@ -18,6 +18,7 @@ from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import (
     InvalidRequestError,
     NetworkNotAllowedError,
+    QuotaExceededError,
     SandboxLostError,
     SandboxNotFoundError,
     SnapshotNotFoundError,
@@ -40,6 +41,7 @@ from dockyard.runtime.provision import HOME, USER
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
 from dockyard.runtime.store import Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 from dockyard.runtime.supervisor import Supervisors
+from dockyard.runtime.tokens import TokenService
 
 __all__ = ["SandboxService"]
 
@@ -58,6 +60,7 @@ class SandboxService:
         docker: DockerBackend,
         pools: PoolManager,
         supervisors: Supervisors,
+        tokens: TokenService,
     ) -> None:
         self._settings = settings
         self._limits = settings.sandbox
@@ -66,6 +69,7 @@ class SandboxService:
         self._docker = docker
         self._pools = pools
         self._supervisors = supervisors
+        self._tokens = tokens
         self._files = FileOps(supervisors)
         self.ports = PortForwarder(docker, USER)
 
@@ -98,7 +102,11 @@ class SandboxService:
             sandbox_id = f"sbx_{secrets.token_hex(8)}"
             rec.target = sandbox_id
 
+            within_quotas = self._quota_check(who)
+            await self._store.run(within_quotas)  # early, so a refused call starts nothing
+
             def bind(session: Session, runtime: Runtime) -> None:
+                within_quotas(session)  # again, in the claim's own transaction
                 runtime.sandbox_id = sandbox_id
                 session.add(
                     Sandbox(
@@ -125,8 +133,11 @@ class SandboxService:
                     await self._pools.resize(lease.runtime.id, cpus, memory_mb)
                 if snapshot is not None:
                     await self._restore(lease.runtime.container_id or "", Path(snapshot.path))
+                expires = utcnow() + timedelta(seconds=ttl) if ttl else None
+                await self._tokens.mint_for_sandbox(who, sandbox_id, expires)
             except BaseException:
                 with anyio.CancelScope(shield=True):
+                    await self._tokens.revoke_sandbox(sandbox_id, "its creation failed")
                     await self._pools.release(lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed")
                 raise
             row = await self._store.get(Sandbox, sandbox_id)
@@ -154,26 +165,52 @@ class SandboxService:
                 .where(Sandbox.workspace_id == who.workspace_id, Sandbox.status == SandboxStatus.RUNNING)
                 .order_by(col(Sandbox.created_at))
             )
+            if who.sandbox_id is not None:  # a sandbox's own token sees that sandbox only
+                stmt = stmt.where(Sandbox.id == who.sandbox_id)
             return list(session.exec(stmt).all())
 
         return [self._info(row) for row in await self._store.run(query)]
 
-    async def owner_of_runtime(self, runtime_id: str) -> Identity | None:
-        """Who holds the runtime's live sandbox, if anyone (a bridge session acts as them)."""
+    def _quota_check(self, who: Identity) -> Callable[[Session], None]:
+        """A check that refuses one more sandbox past a concurrent-sandbox quota (tenant,
+        workspace, user, run). Run inside the claim's transaction, the count and the new row
+        are one atomic step, so concurrent creates cannot overshoot."""
+        quotas = self._settings.quotas
+        same_workspace = Sandbox.workspace_id == who.workspace_id
+        limits = [
+            ("tenant_sandboxes", quotas.tenant_sandboxes, None),
+            ("workspace_sandboxes", quotas.workspace_sandboxes, same_workspace),
+            ("user_sandboxes", quotas.user_sandboxes, same_workspace & (Sandbox.user_id == who.user_id)),
+        ]
+        if who.run_id:
+            limits.append(("run_sandboxes", quotas.run_sandboxes, same_workspace & (Sandbox.run_id == who.run_id)))
 
-        def find(session: Session) -> Identity | None:
+        def check(session: Session) -> None:
+            for name, limit, where in limits:
+                if not limit:
+                    continue
+                stmt = select(func.count()).select_from(Sandbox).where(Sandbox.status == SandboxStatus.RUNNING)
+                held = session.exec(stmt.where(where) if where is not None else stmt).one()
+                if held >= limit:
+                    raise QuotaExceededError(
+                        f"quota {name} reached: {held} of {limit} sandboxes are running; destroy one "
+                        "you no longer need, or ask the operator for a higher quota"
+                    )
+
+        return check
+
+    async def owner_of_runtime(self, runtime_id: str) -> Identity | None:
+        """What a bridge in this runtime acts as: the token of the live sandbox on it, if any."""
+
+        def find(session: Session) -> str | None:
             runtime = session.get(Runtime, runtime_id)
             sandbox = session.get(Sandbox, runtime.sandbox_id) if runtime and runtime.sandbox_id else None
             if sandbox is None or sandbox.status != SandboxStatus.RUNNING or sandbox.runtime_id != runtime_id:
                 return None
-            return Identity(
-                workspace_id=sandbox.workspace_id,
-                project_id=sandbox.project_id,
-                user_id=sandbox.user_id,
-                run_id=sandbox.run_id,
-            )
+            return sandbox.id
 
-        return await self._store.run(find)
+        sandbox_id = await self._store.run(find)
+        return await self._tokens.sandbox_identity(sandbox_id) if sandbox_id else None
 
     # -- work inside a sandbox ----------------------------------------------------------
 
@@ -297,9 +334,10 @@ class SandboxService:
 
     async def _owned(self, who: Identity, sandbox_id: str) -> Sandbox:
         row = await self._store.get(Sandbox, sandbox_id)
-        if row is None or row.workspace_id != who.workspace_id:
+        if row is None or row.workspace_id != who.workspace_id or who.sandbox_id not in (None, sandbox_id):
             raise SandboxNotFoundError(sandbox_id)
         if row.status == SandboxStatus.LOST:
+            await self._tokens.revoke_sandbox(sandbox_id, "its sandbox was lost")
             raise SandboxLostError(sandbox_id, row.end_reason or "its container is gone")
         if row.status != SandboxStatus.RUNNING:
             raise SandboxNotFoundError(sandbox_id)
@@ -314,6 +352,7 @@ class SandboxService:
     async def _end(self, row: Sandbox, reason: str) -> None:
         """Close the sandbox and give its runtime back to the pool (which wipes or destroys it)."""
         self.ports.close(row.container_id)
+        await self._tokens.revoke_sandbox(row.id, reason)
         await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
 
     async def _archive(self, container_id: str, folder: Path) -> int:

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -39,12 +39,19 @@ DEFAULT_CONFIG = resources.files("dockyard.config").joinpath("dockyard.toml")
 
 
 class Identity(BaseModel):
-    """Who a caller is: the attribution chain every runtime and audit row carries."""
+    """Who a caller is: the attribution chain every runtime and audit row carries, and what
+    they may do (their token's scopes; '*' is every scope)."""
 
     workspace_id: str = "local"
     project_id: str = "default"
     user_id: str = "operator"
     run_id: str | None = None
+    scopes: list[str] = Field(default_factory=lambda: ["*"])
+    token_id: str | None = Field(None, description="The token this caller presented; none for the local operator.")
+    sandbox_id: str | None = Field(None, description="Set for a sandbox's own token: it may act on that sandbox only.")
+
+    def allows(self, scope: str) -> bool:
+        return "*" in self.scopes or scope in self.scopes
 
 
 class PoolShape(BaseModel):
@@ -71,6 +78,23 @@ class TemplateSettings(BaseModel):
     network: NetworkMode = "none"
     env: dict[str, str] = Field(default_factory=dict)
     pool: PoolShape = Field(default_factory=PoolShape)
+
+
+class QuotaSettings(BaseModel):
+    """Limits on what callers hold at once; 0 means no limit. A refusal names the quota.
+
+    The tenant is this dockyard instance (every workspace it serves); pools have their own
+    `max` per template. Computers and dispatches are counted once those exist.
+    """
+
+    tenant_sandboxes: int = Field(0, ge=0)
+    workspace_sandboxes: int = Field(64, ge=0)
+    user_sandboxes: int = Field(32, ge=0)
+    run_sandboxes: int = Field(16, ge=0, description="Child runtimes one run may hold at once.")
+    tenant_computers: int = Field(0, ge=0)
+    workspace_computers: int = Field(16, ge=0)
+    user_computers: int = Field(8, ge=0)
+    dispatches_per_minute: int = Field(120, ge=0)
 
 
 class PoolSettings(BaseModel):
@@ -139,9 +163,13 @@ class Settings(BaseSettings):
     docker_timeout_s: float = Field(120.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     operator: Identity = Field(default_factory=Identity)
+    admin_key: SecretStr | None = Field(
+        None, description="The key that mints tokens over HTTP; generated into the data dir on the first HTTP start."
+    )
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
 
     @field_validator("data_dir")

@@ -145,6 +145,25 @@ class Snapshot(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Token(SQLModel, table=True):
+    """A bearer token: only its hash is kept. Its attribution and scopes are what it may do."""
+
+    id: str = Field(primary_key=True)
+    secret_hash: str = Field(index=True, unique=True)
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    run_id: str | None = None
+    sandbox_id: str | None = Field(default=None, index=True)
+    parent_id: str | None = None
+    label: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
+
+
 class AuditEvent(SQLModel, table=True):
     """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
 
@@ -157,6 +176,7 @@ class AuditEvent(SQLModel, table=True):
     project_id: str
     user_id: str = Field(index=True)
     run_id: str | None = None
+    token_id: str | None = Field(default=None, index=True)  # the token presented; None: the local operator
     kind: str = Field(index=True)
     target: str | None = Field(default=None, index=True)
     outcome: str
@@ -179,6 +199,19 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
         cursor.close()
 
 
+# Columns added to existing tables since the first release: (table, column, SQL type).
+# create_all makes new tables but never alters old ones, so a store from before gets these.
+_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR")]
+
+
+def _add_missing_columns(engine: SqlEngine) -> None:
+    with engine.begin() as connection:
+        for table, column, sql_type in _ADDED_COLUMNS:
+            present = {row[1] for row in connection.exec_driver_sql(f"PRAGMA table_info({table})")}
+            if column not in present:
+                connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+
+
 class Store:
     """Owns the database engine; `run(fn)` calls `fn(session)` in the store's thread."""
 
@@ -193,6 +226,7 @@ class Store:
         def open_() -> SqlEngine:
             engine = create_engine(f"sqlite:///{self.path}", connect_args={"check_same_thread": False})
             SQLModel.metadata.create_all(engine)
+            _add_missing_columns(engine)
             return engine
 
         self._engine = await anyio.to_thread.run_sync(open_, limiter=self._limiter)

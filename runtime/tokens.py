@@ -1,0 +1,274 @@
+"""Scoped bearer tokens: minting (only ever narrower), verifying, revoking, and the checks
+every tool makes with them.
+
+A token is `dyt_` and 43 random URL-safe characters; the store keeps only its SHA-256. Each
+token carries scopes and an attribution (workspace, project, user, run, and for a sandbox's
+own token the sandbox). A holder of `token:mint` may mint tokens with a subset of its scopes,
+the same or a narrower attribution and an expiry no later than its own. The admin key (server
+side only) is the root: every scope, any workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlmodel import Session, col, select
+
+from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.errors import AccessDeniedError, InvalidRequestError, NotFoundError, ScopeError
+from dockyard.runtime.settings import Identity
+from dockyard.runtime.store import Store, Token, utcnow
+
+__all__ = ["ADMIN", "SANDBOX_SCOPES", "SCOPES", "Minted", "TokenService"]
+
+SCOPES = (
+    "sandbox:create",
+    "sandbox:exec",
+    "sandbox:files",
+    "pool:read",
+    "computer:use",
+    "dispatch:create",
+    "dispatch:read",
+    "team:lead",
+    "team:member",
+    "token:mint",
+    "audit:read",
+)
+# What a sandbox's own token (its bridge) may do: work inside that sandbox, nothing more.
+SANDBOX_SCOPES = ["sandbox:exec", "sandbox:files"]
+ANY = "*"
+ADMIN = Identity(workspace_id=ANY, project_id=ANY, user_id="admin", scopes=[ANY])
+_ADMIN_ACTS = ("token:mint", "audit:read")
+_DEFAULTS = {"workspace_id": "", "project_id": "default", "user_id": "user"}
+_PREFIX = "dyt_"
+_DEFAULT_TTL = timedelta(hours=24)
+_MAX_TTL = timedelta(days=365)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without a zone; they were stored as UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+@dataclass(frozen=True)
+class Minted:
+    """A new token: the secret (shown once) and what it may do."""
+
+    token: str
+    token_id: str
+    identity: Identity
+    expires_at: datetime | None
+
+
+class TokenService:
+    """Mints, verifies and revokes tokens; `require` is the check every tool makes."""
+
+    def __init__(self, store: Store, audit: AuditLog, admin_key: str | None) -> None:
+        self._store = store
+        self._audit = audit
+        self._admin_key = admin_key
+        self._expiry: dict[str, datetime | None] = {}
+
+    def set_admin_key(self, key: str) -> None:
+        self._admin_key = key
+
+    # -- checks ---------------------------------------------------------------------
+
+    async def require(self, who: Identity, scope: str, action: str, target: str | None = None) -> Identity:
+        """`who`, if it holds `scope`; otherwise a denied row in the audit log and a ScopeError."""
+        if who.workspace_id == ANY and scope not in _ADMIN_ACTS:
+            raise await self.deny(
+                who, action, "the admin key only mints tokens and reads the audit; mint a token for a workspace to work in it", target
+            )
+        if who.allows(scope):
+            return who
+        await self._audit.append(
+            who, action, target=target, outcome="denied", detail={"missing_scope": scope, "token_id": who.token_id}
+        )
+        raise ScopeError(scope, who.scopes)
+
+    async def deny(self, who: Identity, action: str, message: str, target: str | None = None) -> AccessDeniedError:
+        """Audit a refusal and return the error to raise."""
+        await self._audit.append(who, action, target=target, outcome="denied", detail={"error": message, "token_id": who.token_id})
+        return AccessDeniedError(message)
+
+    # -- verify ---------------------------------------------------------------------
+
+    async def verify(self, token: str) -> Identity:
+        """The identity a presented token acts as; raises AccessDeniedError for anything else."""
+        if self._admin_key and hmac.compare_digest(token.encode(), self._admin_key.encode()):
+            return ADMIN
+        if not token.startswith(_PREFIX):
+            raise AccessDeniedError("this is not a token minted by this dockyard server")
+        row = await self._store.run(
+            lambda s: s.exec(select(Token).where(Token.secret_hash == _hash(token))).first()
+        )
+        if row is None:
+            raise AccessDeniedError("unknown token; it was not minted by this dockyard server")
+        if row.revoked_at is not None:
+            raise AccessDeniedError(f"token {row.id} was revoked ({row.revoked_reason or 'no reason given'})")
+        expires = _aware(row.expires_at)
+        if expires is not None and expires <= utcnow():
+            raise AccessDeniedError(f"token {row.id} expired at {expires.isoformat()}")
+        self._expiry[row.id] = expires
+        return _identity(row)
+
+    def expiry(self, token_id: str | None) -> datetime | None:
+        """When a verified token expires (None: never, or not a token)."""
+        return self._expiry.get(token_id or "")
+
+    # -- mint -----------------------------------------------------------------------
+
+    async def mint(
+        self,
+        issuer: Identity,
+        *,
+        scopes: list[str],
+        workspace_id: str | None = None,
+        project_id: str | None = None,
+        user_id: str | None = None,
+        run_id: str | None = None,
+        ttl_s: int | None = None,
+        label: str | None = None,
+    ) -> Minted:
+        """A token no wider than `issuer`: its scopes, attribution and expiry at most the issuer's."""
+        await self.require(issuer, "token:mint", "token.mint")
+        if not scopes:
+            raise InvalidRequestError(f"give at least one scope; known scopes: {', '.join(SCOPES)}")
+        unknown = [scope for scope in scopes if scope not in SCOPES and scope != ANY]
+        if unknown:
+            raise InvalidRequestError(f"unknown scope {', '.join(unknown)}; known scopes: {', '.join(SCOPES)}")
+        wider = [scope for scope in scopes if not issuer.allows(scope) or (scope == ANY and ANY not in issuer.scopes)]
+        if wider:
+            raise await self.deny(
+                issuer, "token.mint", f"a token can only mint narrower tokens; yours lacks {', '.join(wider)}"
+            )
+        chain: dict[str, str] = {}
+        asks = {"workspace_id": workspace_id, "project_id": project_id, "user_id": user_id}
+        if issuer.workspace_id == ANY:  # the admin: any attribution, but it must name the workspace
+            if workspace_id in (None, ANY) or ANY in (project_id, user_id):
+                raise InvalidRequestError("say which workspace the token is for (and no '*' in its attribution)")
+            asks = {field: asked or _DEFAULTS[field] for field, asked in asks.items()}
+        for field, asked in asks.items():
+            own = getattr(issuer, field)
+            if issuer.workspace_id == ANY:
+                chain[field] = str(asked)
+            elif asked not in (None, own):
+                raise await self.deny(
+                    issuer, "token.mint", f"a token can only mint narrower tokens; {field} must stay '{own}', not '{asked}'"
+                )
+            else:
+                chain[field] = own
+        if issuer.run_id is not None and run_id not in (None, issuer.run_id):
+            raise await self.deny(issuer, "token.mint", f"run_id must stay '{issuer.run_id}'")
+        now = utcnow()
+        ttl = timedelta(seconds=ttl_s) if ttl_s is not None else _DEFAULT_TTL
+        if ttl <= timedelta(0) or ttl > _MAX_TTL:
+            raise InvalidRequestError(f"ttl_s must be between 1 and {int(_MAX_TTL.total_seconds())}")
+        expires = now + ttl
+        ceiling = self.expiry(issuer.token_id)
+        if ceiling is not None and expires > ceiling:
+            if ttl_s is not None:
+                raise await self.deny(
+                    issuer, "token.mint", f"a token cannot outlive its issuer, which expires at {ceiling.isoformat()}"
+                )
+            expires = ceiling
+        minted = await self._insert(
+            scopes=sorted(set(scopes)),
+            run_id=issuer.run_id or run_id,
+            sandbox_id=issuer.sandbox_id,
+            parent_id=issuer.token_id,
+            expires_at=expires,
+            label=label,
+            **chain,
+        )
+        await self._audit.append(
+            issuer, "token.mint", target=minted.token_id, outcome="ok",
+            detail={"scopes": minted.identity.scopes, "for": chain, "expires_at": expires.isoformat(), "token_id": issuer.token_id},
+        )
+        return minted
+
+    async def mint_for_sandbox(self, owner: Identity, sandbox_id: str, expires_at: datetime | None) -> Minted:
+        """The sandbox's own token: its owner's attribution, work inside that sandbox only."""
+        return await self._insert(
+            scopes=list(SANDBOX_SCOPES),
+            workspace_id=owner.workspace_id,
+            project_id=owner.project_id,
+            user_id=owner.user_id,
+            run_id=owner.run_id,
+            sandbox_id=sandbox_id,
+            parent_id=owner.token_id,
+            expires_at=expires_at,
+            label=f"sandbox {sandbox_id}",
+        )
+
+    async def sandbox_identity(self, sandbox_id: str) -> Identity | None:
+        """What a sandbox's bridge acts as: its live token, if it has one."""
+
+        def find(session: Session) -> Token | None:
+            stmt = select(Token).where(Token.sandbox_id == sandbox_id, col(Token.revoked_at).is_(None))
+            return session.exec(stmt.order_by(col(Token.created_at).desc())).first()
+
+        row = await self._store.run(find)
+        return _identity(row) if row is not None else None
+
+    async def _insert(self, **fields: object) -> Minted:
+        token = _PREFIX + secrets.token_urlsafe(32)
+        row = Token(id=f"tok_{secrets.token_hex(8)}", secret_hash=_hash(token), **fields)  # type: ignore[arg-type]
+        await self._store.add(row)
+        self._expiry[row.id] = _aware(row.expires_at)
+        return Minted(token=token, token_id=row.id, identity=_identity(row), expires_at=_aware(row.expires_at))
+
+    # -- revoke ---------------------------------------------------------------------
+
+    async def revoke(self, who: Identity, token_id: str, reason: str = "revoked by its owner") -> Token:
+        """Revoke a token within the caller's reach (its own workspace, or any for the admin)."""
+        await self.require(who, "token:mint", "token.revoke", token_id)
+
+        def revoke(session: Session) -> Token | None:
+            row = session.get(Token, token_id)
+            if row is None or (who.workspace_id != ANY and row.workspace_id != who.workspace_id):
+                return None
+            if row.revoked_at is None:
+                row.revoked_at, row.revoked_reason = utcnow(), reason
+                session.add(row)
+            return row
+
+        row = await self._store.run(revoke)
+        if row is None:
+            raise NotFoundError(f"unknown token '{token_id}'; token ids look like tok_... and are shown when minted")
+        await self._audit.append(who, "token.revoke", target=token_id, outcome="ok", detail={"reason": reason, "token_id": who.token_id})
+        return row
+
+    async def revoke_sandbox(self, sandbox_id: str, reason: str) -> None:
+        """Revoke every token of a sandbox that ended."""
+
+        def revoke(session: Session) -> None:
+            stmt = select(Token).where(Token.sandbox_id == sandbox_id, col(Token.revoked_at).is_(None))
+            for row in session.exec(stmt).all():
+                row.revoked_at, row.revoked_reason = utcnow(), reason
+                session.add(row)
+
+        await self._store.run(revoke)
+
+
+def _identity(row: Token) -> Identity:
+    return Identity(
+        workspace_id=row.workspace_id,
+        project_id=row.project_id,
+        user_id=row.user_id,
+        run_id=row.run_id,
+        scopes=list(row.scopes),
+        token_id=row.id,
+        sandbox_id=row.sandbox_id,
+    )
