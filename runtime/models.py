@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "AuditEntry",
+    "AuditVerification",
     "ExecResult",
     "FileContent",
     "FileEntry",
@@ -117,3 +119,29 @@ class PoolInfo(BaseModel):
     claim_ms_p50: float | None = None
     claim_ms_p95: float | None = None
     claim_ms_p99: float | None = None
+
+
+class AuditEntry(BaseModel):
+    """One row of the audit log: who did what, on what, when, and how it ended."""
+
+    id: int = Field(description="The row's place in the chain; ids only grow.")
+    ts: datetime = Field(description="When the action ended (UTC).")
+    workspace_id: str
+    project_id: str
+    user_id: str
+    run_id: str | None
+    token_id: str | None = Field(description="The token the actor presented; null for the local operator.")
+    kind: str = Field(description="The action, such as sandbox.exec or token.mint.")
+    target: str | None = Field(description="What it acted on, such as a sandbox id.")
+    outcome: str = Field(description="ok, error, denied or cancelled.")
+    detail: dict[str, Any]
+    duration_ms: float
+
+
+class AuditVerification(BaseModel):
+    """The result of walking the audit log's hash chain from its first row."""
+
+    rows_checked: int = Field(description="Rows examined, up to and including the first broken one.")
+    intact: bool
+    first_broken_id: int | None = Field(None, description="The first row whose hash or link to its predecessor is wrong.")
+    reason: str | None = Field(None, description="What is wrong with that row.")

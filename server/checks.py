@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
 from dockyard.runtime.errors import DockyardError
@@ -19,7 +20,7 @@ from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
 
-__all__ = ["build_images", "doctor", "show_images", "show_pools"]
+__all__ = ["build_images", "doctor", "show_images", "show_pools", "verify_audit"]
 
 console = Console(stderr=True)
 
@@ -87,6 +88,23 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
         table.add_row(p.template, str(p.warm), str(p.claimed), str(p.provisioning), str(p.draining),
                       f"{p.min}/{p.target}/{p.max}", str(p.queue_depth), f"{p.claims_warm}/{p.claims_cold}", latency)
     Console().print(table)
+
+
+async def verify_audit(settings: Settings, as_json: bool) -> bool:
+    """Walk the audit log's hash chain in the store and print the verdict; True when intact."""
+    store = Store(settings.store_path)
+    await store.open()
+    try:
+        result = await AuditLog(store).verify()
+    finally:
+        await store.close()
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    elif result.intact:
+        print(f"audit log intact: {result.rows_checked} rows")
+    else:
+        print(f"audit log broken at row {result.first_broken_id}: {result.reason}")
+    return result.intact
 
 
 async def doctor(settings: Settings) -> bool:

@@ -58,7 +58,7 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
         await engine.sandboxes.exec(who, "sbx_missing", "true")
     await engine.sandboxes.destroy(who, box.sandbox_id)
 
-    rows = await engine.audit.query()
+    rows = (await engine.audit.query())[::-1]  # the query is newest first
     assert [r.kind for r in rows] == ["sandbox.create", "sandbox.exec", "sandbox.destroy"]
     previous = GENESIS
     for row in rows:
@@ -68,3 +68,4 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
         assert row.hash == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         previous = row.hash
     assert json.loads(rows[1].detail)["exit_code"] == 0
+    assert (await engine.audit.verify()).intact

@@ -1,0 +1,81 @@
+"""Audit tools: read the record of what was done, and check that nobody rewrote it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from dockyard.runtime.audit import audit_entry
+from dockyard.runtime.models import AuditEntry, AuditVerification
+from dockyard.tools._context import EngineContext, authorized, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+ANY_WORKSPACE = "*"
+MAX_ROWS = 1000
+
+
+class AuditRows(BaseModel):
+    """Audit rows, newest first."""
+
+    rows: list[AuditEntry]
+    more: bool = Field(description="True when more rows match than `limit` returned; narrow with since/until.")
+
+
+@tool_errors
+async def audit_query(
+    ctx: EngineContext,
+    workspace_id: Annotated[
+        str | None,
+        Field(description="Only this workspace's rows; you may name only your own unless you are admin.", max_length=256),
+    ] = None,
+    actor: Annotated[str | None, Field(description="Only rows of this user id.", max_length=256)] = None,
+    kind: Annotated[
+        str | None, Field(description="Only this action, such as sandbox.exec, sandbox.create or token.mint.", max_length=128)
+    ] = None,
+    since: Annotated[datetime | None, Field(description="Only rows at or after this time (ISO 8601; UTC if no zone).")] = None,
+    until: Annotated[datetime | None, Field(description="Only rows before this time (ISO 8601; UTC if no zone).")] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_ROWS, description=f"At most this many rows (1-{MAX_ROWS}).")] = 100,
+) -> AuditRows:
+    """Read the audit log, newest first: every action taken in your workspace (sandbox created,
+    command run, file written, token minted, call refused...) with who did it (user, run and
+    token), what it acted on, when, how it ended (ok, error, denied, cancelled), its details and
+    how long it took. Filter by actor (user id), kind, and a time window; you see only your own
+    workspace's rows. Read-only."""
+    who = await authorized(ctx, "audit:read", "audit.query")
+    if who.workspace_id != ANY_WORKSPACE:
+        if workspace_id not in (None, who.workspace_id):
+            raise await engine(ctx).tokens.deny(
+                who,
+                "audit.query",
+                f"you may read only your own workspace's audit rows ('{who.workspace_id}'), not those of "
+                f"'{workspace_id}'; leave workspace_id out",
+                target=workspace_id,
+            )
+        workspace_id = who.workspace_id
+    rows = await engine(ctx).audit.query(
+        workspace_id=workspace_id, actor=actor, kind=kind, since=since, until=until, limit=limit + 1
+    )
+    return AuditRows(rows=[audit_entry(row) for row in rows[:limit]], more=len(rows) > limit)
+
+
+@tool_errors
+async def audit_verify(ctx: EngineContext) -> AuditVerification:
+    """Check that the audit log is intact: walk its whole hash chain, where each row's hash
+    covers its content and the previous row's hash, and report the number of rows checked and,
+    if the log was tampered with, the id of the first broken row (edited, or the first one after
+    a deleted row) and what is wrong with it. Read-only; it can take a moment on a long log."""
+    await authorized(ctx, "audit:read", "audit.verify")
+    return await engine(ctx).audit.verify()
+
+
+def register(server: MCPServer) -> None:
+    """Add the audit tools to a server."""
+    read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+    server.add_tool(audit_query, annotations=read_only)
+    server.add_tool(audit_verify, annotations=read_only)
