@@ -7,12 +7,14 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib.metadata import version
 
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
-from dockyard.tools import pool, sandbox, token
+from dockyard.server.transports import BearerTokens
+from dockyard.tools import audit, pool, sandbox, token
 
 __all__ = ["build_server"]
 
@@ -24,13 +26,22 @@ Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sand
 Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity."""
 
 
-def build_server(settings: Settings) -> MCPServer[Engine]:
-    """An MCP server whose lifespan opens one engine for these settings."""
+def build_server(settings: Settings, *, http_url: str | None = None, admin_key: str | None = None) -> MCPServer[Engine]:
+    """An MCP server whose lifespan opens one engine for these settings.
+
+    With `http_url` (http://host:port) it verifies bearer tokens for the streamable HTTP
+    transport; `admin_key` is the key that mints the first tokens.
+    """
+    verifier = BearerTokens() if http_url else None
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with Engine.open(settings) as engine:
             engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
+            if admin_key:
+                engine.tokens.set_admin_key(admin_key)
+            if verifier is not None:
+                verifier.tokens = engine.tokens
             yield engine
 
     server: MCPServer[Engine] = MCPServer(
@@ -40,8 +51,13 @@ def build_server(settings: Settings) -> MCPServer[Engine]:
         version=version("dockyard"),
         lifespan=lifespan,
         log_level=settings.log_level,
+        token_verifier=verifier,
+        auth=AuthSettings(issuer_url=http_url, resource_server_url=f"{http_url}/mcp", validate_token_resource=False)
+        if http_url
+        else None,
     )
     sandbox.register(server)
     pool.register(server)
     token.register(server)
+    audit.register(server)
     return server

@@ -1,7 +1,8 @@
-"""The `dockyard` command line: serve, images, pool status, doctor, version."""
+"""The `dockyard` command line: serve, images, pool status, audit verify, doctor, version."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from importlib.metadata import version as package_version
@@ -12,8 +13,10 @@ import anyio
 import typer
 from rich.console import Console
 
+from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.settings import Settings, load_settings
 from dockyard.server import checks, transports
+from dockyard.server.admin import admin_key, mint_as_admin
 from dockyard.server.app import build_server
 
 __all__ = ["app", "main"]
@@ -23,6 +26,10 @@ images_app = typer.Typer(help="Build and inspect runtime images.", no_args_is_he
 app.add_typer(images_app, name="images")
 pool_app = typer.Typer(help="Inspect the warm pools.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
+audit_app = typer.Typer(help="Check the audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+token_app = typer.Typer(help="Mint tokens for HTTP clients, with the admin's authority.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 ConfigOption = Annotated[
     Path | None,
@@ -46,11 +53,32 @@ def _logging(level: str) -> None:
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the MCP server on stdio (for Claude Desktop, Claude Code, Cursor, VS Code...)."""
+def serve(
+    config: ConfigOption = None,
+    http: Annotated[
+        str | None,
+        typer.Option("--http", metavar="HOST:PORT", help="Serve streamable HTTP with bearer tokens at http://HOST:PORT/mcp instead of stdio."),
+    ] = None,
+) -> None:
+    """Run the MCP server: on stdio for the local operator (Claude Desktop, Claude Code, Cursor,
+    VS Code...), or with --http for clients holding tokens."""
     settings = _settings(config)
     _logging(settings.log_level)
-    anyio.run(transports.run_stdio, build_server(settings))
+    if http is None:
+        anyio.run(transports.run_stdio, build_server(settings))
+        return
+    host, _, port = http.rpartition(":")
+    if not host or not port.isdigit():
+        Console(stderr=True).print(f"[red]--http wants HOST:PORT, such as 127.0.0.1:8765; got {http!r}")
+        raise typer.Exit(2)
+    host = host.strip("[]")
+    key, path, created = admin_key(settings)
+    if created:
+        Console(stderr=True).print(f"dockyard: generated the admin key in {path} (readable by you only); it mints tokens")
+    elif path is not None:
+        Console(stderr=True).print(f"dockyard: the admin key is in {path}")
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    anyio.run(transports.run_http, build_server(settings, http_url=url, admin_key=key), host, int(port))
 
 
 @images_app.command("build")
@@ -82,6 +110,17 @@ def pool_status(
     anyio.run(checks.show_pools, settings, as_json)
 
 
+@audit_app.command("verify")
+def audit_verify(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a sentence.")] = False,
+) -> None:
+    """Walk the audit log's hash chain; exit 1 and name the first broken row if it was tampered with."""
+    settings = _settings(config)
+    _logging("WARNING")
+    raise typer.Exit(0 if anyio.run(checks.verify_audit, settings, as_json) else 1)
+
+
 @app.command()
 def doctor(config: ConfigOption = None) -> None:
     """Check the Docker daemon, images, store and config, and say what to fix."""
@@ -98,3 +137,38 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+@token_app.command("mint")
+def token_mint(
+    scope: Annotated[list[str], typer.Option("--scope", "-s", help="A scope to grant; repeat for more (e.g. sandbox:create).")],
+    workspace: Annotated[str, typer.Option("--workspace", "-w", help="The workspace the token acts in.")],
+    project: Annotated[str, typer.Option("--project", help="Project id.")] = "default",
+    user: Annotated[str, typer.Option("--user", help="User id.")] = "user",
+    run: Annotated[str | None, typer.Option("--run", help="Run id, if the token is for one run.")] = None,
+    ttl: Annotated[int | None, typer.Option("--ttl", help="Lifetime in seconds (default 24 h).")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="A note for the audit log.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Mint a token (the secret is printed once; only its hash is stored)."""
+    settings = _settings(config)
+    _logging("WARNING")
+    try:
+        minted = anyio.run(
+            lambda: mint_as_admin(
+                settings, scopes=scope, workspace_id=workspace, project_id=project, user_id=user, run_id=run, ttl_s=ttl, label=label
+            )
+        )
+    except DockyardError as exc:
+        Console(stderr=True).print(f"[red]{exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps({"token": minted.token, "token_id": minted.token_id, "identity": minted.identity.model_dump(),
+                          "expires_at": minted.expires_at.isoformat() if minted.expires_at else None}))
+    else:
+        print(minted.token)
+        Console(stderr=True).print(
+            f"token {minted.token_id}: {', '.join(minted.identity.scopes)} in workspace {workspace}, "
+            f"expires {minted.expires_at.isoformat() if minted.expires_at else 'never'}"
+        )

@@ -6,13 +6,15 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.settings import Identity
 
-__all__ = ["EngineContext", "acting_as", "build_progress", "caller", "engine"]
+__all__ = ["CallerToken", "EngineContext", "acting_as", "any_of", "authorized", "build_progress", "caller", "engine"]
 
 EngineContext = Context[Engine, Any]
 
@@ -26,9 +28,25 @@ def engine(ctx: EngineContext) -> Engine:
     return ctx.request_context.lifespan_context
 
 
+class CallerToken(AccessToken):
+    """A verified bearer token with the dockyard identity it acts as."""
+
+    identity: Identity
+
+
 def caller(ctx: EngineContext) -> Identity:
-    """Who is calling: the identity a transport set for this session, else the operator."""
-    return acting_as.get() or engine(ctx).operator
+    """Who is calling: a bridge session's sandbox, an HTTP request's token, else the operator."""
+    if (bridged := acting_as.get()) is not None:
+        return bridged
+    token = get_access_token()
+    if isinstance(token, CallerToken):
+        return token.identity
+    return engine(ctx).operator
+
+
+async def authorized(ctx: EngineContext, scope: str, action: str, target: str | None = None) -> Identity:
+    """The caller, if their token holds `scope`; else the refusal is audited and raised."""
+    return await engine(ctx).tokens.require(caller(ctx), scope, action, target)
 
 
 def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]]:
@@ -41,3 +59,11 @@ def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]
         await ctx.report_progress(ticks, None, f"building image '{state.recipe}': {state.describe()}")
 
     return notify
+
+
+async def any_of(ctx: EngineContext, scopes: list[str], action: str) -> Identity:
+    """The caller, if their token holds at least one of `scopes` (for read-only listings)."""
+    who = caller(ctx)
+    if any(who.allows(scope) for scope in scopes):
+        return who
+    return await engine(ctx).tokens.require(who, scopes[0], action)

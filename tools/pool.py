@@ -7,7 +7,7 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel
 
 from dockyard.runtime.models import PoolInfo
-from dockyard.tools._context import EngineContext, engine
+from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
@@ -24,6 +24,7 @@ async def pool_status(ctx: EngineContext) -> PoolStatusResult:
     """Show each template's warm pool: ready (warm), in use (claimed), starting and being wiped
     runtimes, its min/max and current target, claims waiting in its queue, how many recent
     claims were served warm vs cold, and claim latency percentiles in milliseconds."""
+    await authorized(ctx, "pool:read", "pool.status")
     return PoolStatusResult(pools=await engine(ctx).pool_status())
 
 

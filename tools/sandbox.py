@@ -17,7 +17,7 @@ from dockyard.runtime.models import (
     SandboxInfo,
     SnapshotInfo,
 )
-from dockyard.tools._context import EngineContext, build_progress, caller, engine
+from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
@@ -63,7 +63,7 @@ async def sandbox_create(
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
     """
     return await engine(ctx).sandboxes.create(
-        caller(ctx),
+        await authorized(ctx, "sandbox:create", "sandbox.create"),
         template=template,
         network=network,
         cpus=cpus,
@@ -101,8 +101,9 @@ async def sandbox_exec(
         sent += len(text)  # progress must grow with every notification: count characters streamed
         await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
 
+    who = await authorized(ctx, "sandbox:exec", "sandbox.exec", sandbox_id)
     return await engine(ctx).sandboxes.exec(
-        caller(ctx), sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
+        who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
     )
 
 
@@ -119,7 +120,8 @@ async def sandbox_write_file(
     Use encoding='base64' for binary content. Paths that leave /workspace (through '..', an
     absolute path elsewhere or a symlink) are refused, and so is content over the size cap.
     """
-    return await engine(ctx).sandboxes.write_file(caller(ctx), sandbox_id, path, content, encoding)
+    who = await authorized(ctx, "sandbox:files", "sandbox.write_file", sandbox_id)
+    return await engine(ctx).sandboxes.write_file(who, sandbox_id, path, content, encoding)
 
 
 @tool_errors
@@ -137,7 +139,8 @@ async def sandbox_read_file(
     Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
     Files larger than max_bytes are cut, and the result says truncated with the full size.
     """
-    return await engine(ctx).sandboxes.read_file(caller(ctx), sandbox_id, path, encoding, max_bytes)
+    who = await authorized(ctx, "sandbox:files", "sandbox.read_file", sandbox_id)
+    return await engine(ctx).sandboxes.read_file(who, sandbox_id, path, encoding, max_bytes)
 
 
 @tool_errors
@@ -149,7 +152,8 @@ async def sandbox_list_files(
     max_entries: Annotated[int | None, Field(gt=0, description="Stop after this many entries (cap 1000).")] = None,
 ) -> FileListing:
     """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times."""
-    return await engine(ctx).sandboxes.list_files(caller(ctx), sandbox_id, path, recursive, max_entries)
+    who = await authorized(ctx, "sandbox:files", "sandbox.list_files", sandbox_id)
+    return await engine(ctx).sandboxes.list_files(who, sandbox_id, path, recursive, max_entries)
 
 
 @tool_errors
@@ -163,7 +167,8 @@ async def sandbox_expose_port(
     The server inside the sandbox should listen on 127.0.0.1 or 0.0.0.0 at that port. This works
     for sandboxes without a network too. Calling it again for the same port returns the same URL.
     """
-    return await engine(ctx).sandboxes.expose_port(caller(ctx), sandbox_id, port)
+    who = await authorized(ctx, "sandbox:create", "sandbox.expose_port", sandbox_id)
+    return await engine(ctx).sandboxes.expose_port(who, sandbox_id, port)
 
 
 @tool_errors
@@ -177,19 +182,22 @@ async def sandbox_snapshot(
     The sandbox is paused for the moment of the copy, so the snapshot is consistent, and keeps
     running afterwards.
     """
-    return await engine(ctx).sandboxes.snapshot(caller(ctx), sandbox_id, label)
+    who = await authorized(ctx, "sandbox:create", "sandbox.snapshot", sandbox_id)
+    return await engine(ctx).sandboxes.snapshot(who, sandbox_id, label)
 
 
 @tool_errors
 async def sandbox_list(ctx: EngineContext) -> SandboxList:
     """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
-    return SandboxList(sandboxes=await engine(ctx).sandboxes.list(caller(ctx)))
+    who = await any_of(ctx, ["sandbox:create", "sandbox:exec", "sandbox:files"], "sandbox.list")
+    return SandboxList(sandboxes=await engine(ctx).sandboxes.list(who))
 
 
 @tool_errors
 async def sandbox_destroy(ctx: EngineContext, sandbox_id: SandboxId) -> Destroyed:
     """Destroy a sandbox: stop its processes and delete its container and /workspace (snapshots are kept)."""
-    await engine(ctx).sandboxes.destroy(caller(ctx), sandbox_id)
+    who = await authorized(ctx, "sandbox:create", "sandbox.destroy", sandbox_id)
+    await engine(ctx).sandboxes.destroy(who, sandbox_id)
     return Destroyed(sandbox_id=sandbox_id)
 
 

@@ -1,27 +1,95 @@
-"""Identity tools: who the caller is acting as (token minting and revocation come later)."""
+"""Token tools: who the caller is, minting narrower tokens, revoking them."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Annotated
+
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
 
 from dockyard.runtime.settings import Identity
-from dockyard.tools._context import EngineContext, caller
+from dockyard.runtime.tokens import SCOPES
+from dockyard.tools._context import EngineContext, caller, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
 
 
+class MintedToken(BaseModel):
+    """A new token. The secret is shown only here: keep it, the server stores only its hash."""
+
+    token: str
+    token_id: str
+    identity: Identity
+    expires_at: datetime | None
+
+
+class Revoked(BaseModel):
+    token_id: str
+    revoked: bool = True
+    reason: str | None = None
+
+
 @tool_errors
 async def whoami(ctx: EngineContext) -> Identity:
     """Show who you are acting as: the workspace, project, user and run every sandbox you
-    create and every action you take is attributed to. Costs nothing; safe to call any time."""
+    create and every action you take is attributed to, your token's scopes ('*' is every
+    scope), your token's id, and, for a sandbox's own token, the one sandbox it may act on.
+    Costs nothing; safe to call any time."""
     return caller(ctx)
 
 
+@tool_errors
+async def token_mint(
+    ctx: EngineContext,
+    scopes: Annotated[list[str], Field(min_length=1, max_length=len(SCOPES), description=f"Scopes, a subset of yours: {', '.join(SCOPES)}.")],
+    workspace_id: Annotated[str | None, Field(max_length=128, description="Workspace; default yours (you cannot name another).")] = None,
+    project_id: Annotated[str | None, Field(max_length=128, description="Project; default yours.")] = None,
+    user_id: Annotated[str | None, Field(max_length=128, description="User; default yours.")] = None,
+    run_id: Annotated[str | None, Field(max_length=128, description="Run the token is for, if any.")] = None,
+    ttl_s: Annotated[int | None, Field(gt=0, description="Lifetime in seconds; default 24 h, never past your own token's expiry.")] = None,
+    label: Annotated[str | None, Field(max_length=200, description="A note for the audit log.")] = None,
+) -> MintedToken:
+    """Mint a bearer token for another client or agent, never wider than your own: a subset of
+    your scopes, the same or a narrower workspace/project/user/run, and an expiry no later than
+    yours. Needs the token:mint scope. The secret is returned once; revoke it with token_revoke."""
+    minted = await engine(ctx).tokens.mint(
+        caller(ctx),
+        scopes=scopes,
+        workspace_id=workspace_id,
+        project_id=project_id,
+        user_id=user_id,
+        run_id=run_id,
+        ttl_s=ttl_s,
+        label=label,
+    )
+    return MintedToken(token=minted.token, token_id=minted.token_id, identity=minted.identity, expires_at=minted.expires_at)
+
+
+@tool_errors
+async def token_revoke(
+    ctx: EngineContext,
+    token_id: Annotated[str, Field(max_length=64, description="The token's id (tok_...), as token_mint returned it.")],
+) -> Revoked:
+    """Revoke a token of your workspace at once: every later call with it is refused. Needs the
+    token:mint scope."""
+    row = await engine(ctx).tokens.revoke(caller(ctx), token_id)
+    return Revoked(token_id=row.id, reason=row.revoked_reason)
+
+
 def register(server: MCPServer) -> None:
-    """Add the identity tools to a server."""
+    """Add the token tools to a server."""
     server.add_tool(
         whoami,
         annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    server.add_tool(
+        token_mint,
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False),
+    )
+    server.add_tool(
+        token_revoke,
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
     )
