@@ -20,21 +20,27 @@ from tests.mcpbundle import mcp_client_tar
 pytestmark = pytest.mark.anyio
 
 ASK = """
-import json
+import json, sys
 import anyio
 from mcp import Client, StdioServerParameters
 
-async def main():
+async def main(own, other):
     async with Client(StdioServerParameters(command="dockyard-bridge")) as client:
-        names = sorted(tool.name for tool in (await client.list_tools()).tools)
-        who = (await client.call_tool("whoami", {})).structured_content
-        made = (await client.call_tool("sandbox_create", {})).structured_content
-        ran = (await client.call_tool("sandbox_exec", {"sandbox_id": made["sandbox_id"], "command": "echo from-inside"}))
-        listed = (await client.call_tool("sandbox_list", {})).structured_content
-        print(json.dumps({"tools": names, "whoami": who, "made": made["sandbox_id"],
-                          "ran": ran.structured_content["stdout"], "listed": [s["sandbox_id"] for s in listed["sandboxes"]]}))
+        async def attempt(tool, **arguments):
+            result = await client.call_tool(tool, arguments)
+            return {"error": result.content[0].text} if result.is_error else result.structured_content
+        print(json.dumps({
+            "tools": sorted(tool.name for tool in (await client.list_tools()).tools),
+            "whoami": await attempt("whoami"),
+            "own": await attempt("sandbox_exec", sandbox_id=own, command="echo from-inside"),
+            "listed": await attempt("sandbox_list"),
+            "other": await attempt("sandbox_exec", sandbox_id=other, command="echo escaped"),
+            "create": await attempt("sandbox_create"),
+            "mint": await attempt("token_mint", scopes=["sandbox:exec"]),
+            "audit": await attempt("audit_query"),
+        }))
 
-anyio.run(main)
+anyio.run(main, sys.argv[1], sys.argv[2])
 """
 
 INITIALIZE = json.dumps(
@@ -57,16 +63,24 @@ async def test_official_client_in_a_networkless_sandbox_uses_dockyard_through_th
     assert docker_client.containers.get(info["Id"]).put_archive("/workspace", mcp_client_tar(".mcp"))
     await call(client, "sandbox_write_file", sandbox_id=sandbox_id, path="ask.py", content=ASK)
 
-    result = await sh(client, sandbox_id, "PYTHONPATH=/workspace/.mcp python3 ask.py", timeout_s=120)
+    other = (await call(client, "sandbox_create"))["sandbox_id"]
+    command = f"PYTHONPATH=/workspace/.mcp python3 ask.py {sandbox_id} {other}"
+    result = await sh(client, sandbox_id, command, timeout_s=120)
     assert result["exit_code"] == 0, result["stderr"][-2000:]
     answer = json.loads(result["stdout"])
-    assert {"whoami", "sandbox_create", "sandbox_exec", "pool_status"} <= set(answer["tools"])
-    assert answer["whoami"] == {"workspace_id": "local", "project_id": "default", "user_id": "operator", "run_id": None}
-    assert answer["ran"] == "from-inside\n"
-    # What the program made is its owner's: it is in their list, next to the sandbox it ran in.
-    assert sorted(answer["listed"]) == sorted([sandbox_id, answer["made"]])
-    outside = [s["sandbox_id"] for s in (await call(client, "sandbox_list"))["sandboxes"]]
-    assert sorted(outside) == sorted(answer["listed"])
+    assert {"whoami", "sandbox_exec", "sandbox_create", "token_mint"} <= set(answer["tools"])
+    # The bridge acts with the sandbox's own token: its owner's attribution, that sandbox only.
+    who = answer["whoami"]
+    assert (who["workspace_id"], who["user_id"], who["sandbox_id"]) == ("local", "operator", sandbox_id)
+    assert sorted(who["scopes"]) == ["sandbox:exec", "sandbox:files"] and who["token_id"].startswith("tok_")
+    assert answer["own"]["stdout"] == "from-inside\n"
+    assert [s["sandbox_id"] for s in answer["listed"]["sandboxes"]] == [sandbox_id]
+    assert "unknown sandbox" in answer["other"]["error"]
+    assert "sandbox:create" in answer["create"]["error"]
+    assert "token:mint" in answer["mint"]["error"]
+    assert "error" in answer["audit"]
+    outside = sorted(s["sandbox_id"] for s in (await call(client, "sandbox_list"))["sandboxes"])
+    assert outside == sorted([sandbox_id, other])  # nothing was made from inside
 
 
 async def test_a_bridge_in_a_runtime_nobody_claimed_gets_no_answer(

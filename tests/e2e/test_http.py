@@ -1,0 +1,222 @@
+"""`dockyard serve --http` with the official MCP client: bearer tokens, scopes, workspaces,
+attenuation, revocation and expiry, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import make_settings, remove_instance
+
+pytestmark = pytest.mark.anyio
+
+DOCKYARD = str(Path(sys.executable).parent / "dockyard")
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}},
+}
+
+
+@dataclass
+class Served:
+    url: str
+    data_dir: Path
+    admin_key: str
+    stderr: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = _free_port()
+    log = data_dir.parent / f"serve-{port}.log"
+    env = {**os.environ, "DOCKYARD_DATA_DIR": str(data_dir), "POOL_MIN": "1"}
+    env.pop("DOCKYARD_ADMIN_KEY", None)
+    with log.open("wb") as sink:
+        process = subprocess.Popen([DOCKYARD, "serve", "--http", f"127.0.0.1:{port}"], env=env, stderr=sink)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url, log
+        except httpx2.TransportError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"dockyard serve --http did not come up: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def served(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Served]:
+    data_dir = tmp_path / "data"
+    process, url, log = _start(data_dir)
+    try:
+        key = (data_dir / "admin-key").read_text().strip()
+        yield Served(url, data_dir, key, log.read_text())
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        remove_instance(docker_client, make_settings(data_dir))
+
+
+@asynccontextmanager
+async def connect(served: Served, token: str) -> AsyncIterator[Client]:
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+        async with Client(streamable_http_client(f"{served.url}/mcp", http_client=http)) as client:
+            yield client
+
+
+async def ok(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, f"{tool}: {result.content[0].text}"
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def refused(client: Client, tool: str, **arguments: Any) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, f"{tool} unexpectedly succeeded: {result.structured_content}"
+    return result.content[0].text
+
+
+async def mint(served: Served, **request: Any) -> dict[str, Any]:
+    async with connect(served, served.admin_key) as admin:
+        return await ok(admin, "token_mint", **request)
+
+
+def status_of(served: Served, token: str | None) -> int:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx2.post(f"{served.url}/mcp", content=json.dumps(INITIALIZE), headers=headers, timeout=30).status_code
+
+
+ALL_SANDBOX = ["sandbox:create", "sandbox:exec", "sandbox:files"]
+
+
+async def test_the_first_start_writes_an_owner_only_admin_key_and_says_where(served: Served) -> None:
+    path = served.data_dir / "admin-key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert str(path) in served.stderr
+    assert httpx2.get(f"{served.url}/healthz").json() == {"ok": True}
+
+
+async def test_no_bad_expired_or_revoked_token_gets_in(served: Served) -> None:
+    assert status_of(served, None) == 401
+    assert status_of(served, "dyt_not-a-token-of-ours") == 401
+    assert status_of(served, "Bearer-less garbage") == 401
+    short = await mint(served, scopes=["sandbox:exec"], workspace_id="a", ttl_s=1)
+    assert status_of(served, short["token"]) == 200
+    await anyio.sleep(1.5)
+    assert status_of(served, short["token"]) == 401
+    revoked = await mint(served, scopes=["sandbox:exec"], workspace_id="a")
+    assert status_of(served, revoked["token"]) == 200
+    async with connect(served, served.admin_key) as admin:
+        await ok(admin, "token_revoke", token_id=revoked["token_id"])
+    assert status_of(served, revoked["token"]) == 401
+    with pytest.raises(Exception):  # the official client cannot even open a session
+        async with connect(served, "dyt_not-a-token-of-ours"):
+            pass
+
+
+async def test_a_token_minted_by_another_server_is_refused(served: Served, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    minted = subprocess.run(
+        [DOCKYARD, "token", "mint", "-s", "sandbox:exec", "-w", "a", "--json"],
+        env={**os.environ, "DOCKYARD_DATA_DIR": str(elsewhere)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    foreign = json.loads(minted.stdout)["token"]
+    assert foreign.startswith("dyt_")
+    assert status_of(served, foreign) == 401
+
+
+async def test_a_token_does_what_its_scopes_allow_and_nothing_else(served: Served) -> None:
+    exec_only = await mint(served, scopes=["sandbox:create", "sandbox:exec"], workspace_id="a", user_id="ann")
+    async with connect(served, exec_only["token"]) as client:
+        who = await ok(client, "whoami")
+        assert (who["workspace_id"], who["user_id"], who["scopes"]) == ("a", "ann", ["sandbox:create", "sandbox:exec"])
+        sandbox_id = (await ok(client, "sandbox_create"))["sandbox_id"]
+        assert (await ok(client, "sandbox_exec", sandbox_id=sandbox_id, command="echo ok"))["stdout"] == "ok\n"
+        message = await refused(client, "sandbox_write_file", sandbox_id=sandbox_id, path="x", content="y")
+        assert "needs the scope 'sandbox:files'" in message
+        assert "needs the scope 'pool:read'" in await refused(client, "pool_status")
+        assert "needs the scope 'token:mint'" in await refused(client, "token_mint", scopes=["sandbox:exec"])
+        await ok(client, "sandbox_destroy", sandbox_id=sandbox_id)
+
+
+async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None:
+    a = await mint(served, scopes=[*ALL_SANDBOX, "token:mint"], workspace_id="a")
+    b = await mint(served, scopes=[*ALL_SANDBOX, "token:mint", "pool:read"], workspace_id="b")
+    async with connect(served, a["token"]) as client_a, connect(served, b["token"]) as client_b:
+        theirs = (await ok(client_a, "sandbox_create"))["sandbox_id"]
+        await ok(client_a, "sandbox_write_file", sandbox_id=theirs, path="secret.txt", content="a's")
+        snapshot = (await ok(client_a, "sandbox_snapshot", sandbox_id=theirs))["snapshot_id"]
+        attempts = [
+            ("sandbox_exec", {"sandbox_id": theirs, "command": "cat secret.txt"}),
+            ("sandbox_read_file", {"sandbox_id": theirs, "path": "secret.txt"}),
+            ("sandbox_write_file", {"sandbox_id": theirs, "path": "x", "content": "b"}),
+            ("sandbox_list_files", {"sandbox_id": theirs}),
+            ("sandbox_expose_port", {"sandbox_id": theirs, "port": 8000}),
+            ("sandbox_snapshot", {"sandbox_id": theirs}),
+            ("sandbox_destroy", {"sandbox_id": theirs}),
+        ]
+        for tool, arguments in attempts:
+            assert "unknown sandbox" in await refused(client_b, tool, **arguments), tool
+        assert "unknown snapshot" in await refused(client_b, "sandbox_create", from_snapshot=snapshot)
+        assert (await ok(client_b, "sandbox_list"))["sandboxes"] == []
+        assert "unknown token" in await refused(client_b, "token_revoke", token_id=a["token_id"])
+        assert "must stay 'b'" in await refused(client_b, "token_mint", scopes=["sandbox:exec"], workspace_id="a")
+        # Still there, untouched, for its owner.
+        assert (await ok(client_a, "sandbox_read_file", sandbox_id=theirs, path="secret.txt"))["content"] == "a's"
+        await ok(client_a, "sandbox_destroy", sandbox_id=theirs)
+
+
+async def test_a_token_can_only_mint_narrower_tokens(served: Served) -> None:
+    parent = await mint(served, scopes=["sandbox:exec", "token:mint"], workspace_id="a", user_id="ann", ttl_s=600)
+    async with connect(served, parent["token"]) as client:
+        assert "lacks sandbox:create" in await refused(client, "token_mint", scopes=["sandbox:create"])
+        assert "must stay 'ann'" in await refused(client, "token_mint", scopes=["sandbox:exec"], user_id="bob")
+        assert "cannot outlive" in await refused(client, "token_mint", scopes=["sandbox:exec"], ttl_s=3600)
+        child = await ok(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1", ttl_s=60)
+    assert child["identity"]["scopes"] == ["sandbox:exec"] and child["identity"]["run_id"] == "run-1"
+    async with connect(served, child["token"]) as client:
+        assert "needs the scope 'token:mint'" in await refused(client, "token_mint", scopes=["sandbox:exec"])
+        assert (await ok(client, "whoami"))["user_id"] == "ann"
+
+
+async def test_the_admin_key_mints_but_does_not_work_in_workspaces(served: Served) -> None:
+    async with connect(served, served.admin_key) as admin:
+        assert "only mints tokens" in await refused(admin, "sandbox_create")
+        assert "say which workspace" in await refused(admin, "token_mint", scopes=["sandbox:exec"])
