@@ -220,3 +220,30 @@ async def test_the_admin_key_mints_but_does_not_work_in_workspaces(served: Serve
     async with connect(served, served.admin_key) as admin:
         assert "only mints tokens" in await refused(admin, "sandbox_create")
         assert "say which workspace" in await refused(admin, "token_mint", scopes=["sandbox:exec"])
+
+
+async def test_requests_must_name_this_server_and_stay_under_the_size_cap(served: Served) -> None:
+    token = (await mint(served, scopes=["sandbox:exec"], workspace_id="a"))["token"]
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "Authorization": f"Bearer {token}"}
+    body = json.dumps(INITIALIZE)
+    assert httpx2.post(f"{served.url}/mcp", content=body, headers=headers, timeout=30).status_code == 200
+    rebound = httpx2.post(f"{served.url}/mcp", content=body, headers={**headers, "Host": "attacker.example"}, timeout=30)
+    assert rebound.status_code in (400, 403, 421), rebound.status_code
+    foreign = httpx2.post(f"{served.url}/mcp", content=body, headers={**headers, "Origin": "http://attacker.example"}, timeout=30)
+    assert foreign.status_code == 403, foreign.status_code
+    huge = httpx2.post(f"{served.url}/mcp", content=b"x" * (33 << 20), headers=headers, timeout=60)
+    assert huge.status_code == 413, huge.status_code
+
+
+async def test_audit_rows_of_another_workspace_stay_out_of_reach(served: Served) -> None:
+    a = await mint(served, scopes=["sandbox:create", "audit:read"], workspace_id="a")
+    b = await mint(served, scopes=["audit:read"], workspace_id="b")
+    async with connect(served, a["token"]) as client_a, connect(served, b["token"]) as client_b:
+        sandbox_id = (await ok(client_a, "sandbox_create"))["sandbox_id"]
+        await ok(client_a, "sandbox_destroy", sandbox_id=sandbox_id)
+        kinds = {row["kind"] for row in (await ok(client_a, "audit_query"))["rows"]}
+        assert {"sandbox.create", "sandbox.destroy"} <= kinds
+        assert all(row["workspace_id"] == "b" for row in (await ok(client_b, "audit_query"))["rows"])
+        assert "only your own workspace" in await refused(client_b, "audit_query", workspace_id="a")
+        assert (await ok(client_b, "audit_verify"))["intact"] is True

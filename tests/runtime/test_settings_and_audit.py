@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from mcp import Client
 
 from dockyard.runtime.audit import GENESIS
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import SandboxNotFoundError
 from dockyard.runtime.settings import load_settings
+from dockyard.server.app import build_server
+from tests.conftest import call, call_error, make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -69,3 +72,11 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
         previous = row.hash
     assert json.loads(rows[1].detail)["exit_code"] == 0
     assert (await engine.audit.verify()).intact
+
+
+async def test_the_stdio_operator_has_the_scopes_config_grants(tmp_path: Path, sandbox_image: str) -> None:
+    settings = make_settings(tmp_path / "data", operator={"scopes": ["sandbox:exec"]}, default_pool={"min": 0, "max": 2})
+    async with Client(build_server(settings)) as client:
+        assert (await call(client, "whoami"))["scopes"] == ["sandbox:exec"]
+        assert "needs the scope 'sandbox:create'" in await call_error(client, "sandbox_create")
+        assert "needs the scope 'pool:read'" in await call_error(client, "pool_status")
