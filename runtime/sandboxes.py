@@ -154,7 +154,7 @@ class SandboxService:
 
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
         """Remove the sandbox's container and volumes; its id is unknown from then on."""
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.destroy")
         async with self._audit.record(who, "sandbox.destroy", sandbox_id):
             await self._end(row, "destroyed by its owner")
 
@@ -227,7 +227,7 @@ class SandboxService:
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
         """Run a shell command as the sandbox user; output is capped, the timeout enforced."""
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.exec")
         timeout = timeout_s or self._limits.exec_default_timeout_s
         if timeout > self._limits.exec_max_timeout_s:
             raise InvalidRequestError(f"timeout_s {timeout} is over the cap; allowed: 1..{self._limits.exec_max_timeout_s}")
@@ -247,7 +247,7 @@ class SandboxService:
         return result
 
     async def write_file(self, who: Identity, sandbox_id: str, path: str, content: str, encoding: str) -> FileWritten:
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.write_file")
         async with self._audit.record(who, "sandbox.write_file", sandbox_id, path=path, encoding=encoding) as rec:
             data = decode_content(content, encoding, self._limits.write_cap_bytes)
             written = await self._files.write(row.container_id, path, data)
@@ -257,7 +257,7 @@ class SandboxService:
     async def read_file(
         self, who: Identity, sandbox_id: str, path: str, encoding: str | None, max_bytes: int | None
     ) -> FileContent:
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.read_file")
         cap = self._limits.read_cap_bytes
         if max_bytes is not None and max_bytes > cap:
             raise InvalidRequestError(f"max_bytes {max_bytes} is over the read cap; allowed: 1..{cap}")
@@ -269,13 +269,13 @@ class SandboxService:
     async def list_files(
         self, who: Identity, sandbox_id: str, path: str, recursive: bool, max_entries: int | None
     ) -> FileListing:
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.list_files")
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, "sandbox.list_files", sandbox_id, path=path, recursive=recursive):
             return await self._files.list(row.container_id, path, recursive, limit)
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.expose_port")
         async with self._audit.record(who, "sandbox.expose_port", sandbox_id, port=port) as rec:
             host_port = await self.ports.open(row.container_id, port)
             url = f"http://127.0.0.1:{host_port}/"
@@ -284,7 +284,7 @@ class SandboxService:
 
     async def snapshot(self, who: Identity, sandbox_id: str, label: str | None) -> SnapshotInfo:
         """Save /workspace and the home directory, consistent: the sandbox is paused meanwhile."""
-        row = await self._owned(who, sandbox_id)
+        row = await self._owned(who, sandbox_id, "sandbox.snapshot")
         snapshot_id = f"snp_{secrets.token_hex(8)}"
         folder = self._settings.snapshots_dir / snapshot_id
         async with self._audit.record(who, "sandbox.snapshot", sandbox_id, snapshot_id=snapshot_id, label=label) as rec:
@@ -332,9 +332,15 @@ class SandboxService:
 
     # -- internals ----------------------------------------------------------------------
 
-    async def _owned(self, who: Identity, sandbox_id: str) -> Sandbox:
+    async def _owned(self, who: Identity, sandbox_id: str, action: str) -> Sandbox:
+        """The caller's live sandbox; a sandbox that is not theirs is unknown to them (and the
+        attempt is audited as denied)."""
         row = await self._store.get(Sandbox, sandbox_id)
         if row is None or row.workspace_id != who.workspace_id or who.sandbox_id not in (None, sandbox_id):
+            await self._audit.append(
+                who, action, target=sandbox_id, outcome="denied",
+                detail={"error": "no such sandbox in the caller's reach", "token_id": who.token_id},
+            )
             raise SandboxNotFoundError(sandbox_id)
         if row.status == SandboxStatus.LOST:
             await self._tokens.revoke_sandbox(sandbox_id, "its sandbox was lost")

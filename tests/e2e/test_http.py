@@ -201,6 +201,12 @@ async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None
         # Still there, untouched, for its owner.
         assert (await ok(client_a, "sandbox_read_file", sandbox_id=theirs, path="secret.txt"))["content"] == "a's"
         await ok(client_a, "sandbox_destroy", sandbox_id=theirs)
+    # Every attempt is on the record, attributed to b's token.
+    async with connect(served, served.admin_key) as admin:
+        rows = (await ok(admin, "audit_query", workspace_id="b"))["rows"]
+    denied = {row["kind"] for row in rows if row["outcome"] == "denied" and row["target"] == theirs}
+    assert denied >= {tool.replace("_", ".", 1) for tool, _ in attempts}, denied
+    assert {row["token_id"] for row in rows if row["target"] == theirs} == {b["token_id"]}
 
 
 async def test_a_token_can_only_mint_narrower_tokens(served: Served) -> None:

@@ -62,7 +62,13 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
     await engine.sandboxes.destroy(who, box.sandbox_id)
 
     rows = (await engine.audit.query())[::-1]  # the query is newest first
-    assert [r.kind for r in rows] == ["sandbox.create", "sandbox.exec", "sandbox.destroy"]
+    assert [(r.kind, r.outcome) for r in rows] == [
+        ("sandbox.create", "ok"),
+        ("sandbox.exec", "ok"),
+        ("sandbox.exec", "denied"),  # someone else's or no sandbox: refused, and on the record
+        ("sandbox.destroy", "ok"),
+    ]
+    assert rows[2].target == "sbx_missing"
     previous = GENESIS
     for row in rows:
         assert row.prev_hash == previous
