@@ -48,6 +48,7 @@ Bridge traffic uses the most recently authenticated connection.
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -57,6 +58,7 @@ import secrets
 import signal
 import struct
 import sys
+import time
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
 import helper  # noqa: E402
@@ -188,6 +190,7 @@ class Command:
         finally:
             self.conn.commands.pop(self.id, None)
             if self.transport is not None:
+                RUNNING.discard(self.transport.get_pid())
                 self.transport.close()
 
     async def _run(self):
@@ -228,11 +231,16 @@ class Command:
             )
         except OSError as exc:  # e.g. no pid to spare, no such program
             code = 127 if isinstance(exc, FileNotFoundError) else 126
+            why = f"could not start the command: {exc.strerror}"
+            if exc.errno == errno.EAGAIN and (stopped := stop_background()):
+                why += (f"; the sandbox was out of process slots, so the {stopped} background processes "
+                        "earlier commands left behind were stopped: try again")
             await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
-                                  "dropped": [0, 0], "error": f"could not start the command: {exc.strerror}"})
+                                  "dropped": [0, 0], "error": why})
             return
         finally:
             os.close(cwd_fd)
+        RUNNING.add(self.transport.get_pid())  # it leads its own session
         for body in self.early_stdin:
             self.write_stdin(body)
         sender = spawn(self.send_output())
@@ -298,6 +306,40 @@ class Command:
 
 
 TASKS = set()
+# Sessions of the commands running now: everything else of the sandbox user's is background
+# left by earlier commands (a server started with nohup, say), which may keep running.
+RUNNING = set()
+
+
+def stop_background():
+    """The sandbox is out of process slots: freeze, then kill, every process of the sandbox
+    user that no running command owns (a fork bomb that backgrounded itself, say). Needs no
+    new process, so it works when nothing else can start. Returns how many were stopped."""
+    frozen = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        fresh = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in frozen:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                owner = os.stat(f"/proc/{entry}").st_uid
+            except (OSError, IndexError):
+                continue
+            if owner == AGENT.pw_uid and fields[0] != "Z" and int(fields[3]) not in RUNNING:
+                fresh.add(int(entry))
+        if not fresh:
+            break
+        for pid in fresh:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= fresh
+    for pid in frozen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(frozen)
 
 
 def spawn(coro):
