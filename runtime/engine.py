@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import anyio
 
 from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.dispatch import DispatchService
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
 from dockyard.runtime.images import ImageService
@@ -54,6 +55,7 @@ class Engine:
     sandboxes: SandboxService
     supervisors: Supervisors
     tokens: TokenService
+    dispatches: DispatchService
 
     @property
     def operator(self) -> Identity:
@@ -78,6 +80,7 @@ class Engine:
         supervisors = Supervisors(settings.data_dir / "control", docker)
         provisioner = Provisioner(settings, instance, docker, images, supervisors)
         pools = PoolManager(settings, store, provisioner)
+        sandboxes = SandboxService(settings, store, audit, docker, pools, supervisors, tokens)
         engine = cls(
             settings=settings,
             instance=instance,
@@ -87,9 +90,10 @@ class Engine:
             images=images,
             provisioner=provisioner,
             pools=pools,
-            sandboxes=SandboxService(settings, store, audit, docker, pools, supervisors, tokens),
+            sandboxes=sandboxes,
             supervisors=supervisors,
             tokens=tokens,
+            dispatches=DispatchService(settings, store, audit, sandboxes),
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -103,6 +107,7 @@ class Engine:
                 for pool in pools.pools:
                     await pools.replenish(pool)
                 tg.start_soon(upkeep.run)
+                await tg.start(engine.dispatches.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine

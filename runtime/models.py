@@ -145,3 +145,18 @@ class AuditVerification(BaseModel):
     intact: bool
     first_broken_id: int | None = Field(None, description="The first row whose hash or link to its predecessor is wrong.")
     reason: str | None = Field(None, description="What is wrong with that row.")
+
+
+class DispatchInfo(BaseModel):
+    """A dispatch as its caller sees it."""
+
+    dispatch_id: str
+    mode: str = Field(description="The mode it runs in.")
+    requested_mode: str = Field(description="The mode the caller asked for.")
+    hint: str | None = Field(None, description="Set when a phrase in the task overrode the requested mode.")
+    runner: str
+    status: str = Field(description="queued, running, completed, failed, cancelled or interrupted.")
+    result: str | None = Field(None, description="The runner's result (the script's stdout), once completed.")
+    error: str | None = None
+    sandbox_id: str | None = Field(None, description="The sandbox the work runs in.")
+    next_steps: str | None = None

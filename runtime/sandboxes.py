@@ -332,6 +332,10 @@ class SandboxService:
 
     # -- internals ----------------------------------------------------------------------
 
+    async def check_owned(self, who: Identity, sandbox_id: str, action: str) -> None:
+        """Raise (and audit) unless the sandbox is the caller's and live."""
+        await self._owned(who, sandbox_id, action)
+
     async def _owned(self, who: Identity, sandbox_id: str, action: str) -> Sandbox:
         """The caller's live sandbox; a sandbox that is not theirs is unknown to them (and the
         attempt is audited as denied)."""

@@ -164,6 +164,63 @@ class Token(SQLModel, table=True):
     revoked_reason: str | None = None
 
 
+class DispatchStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    FINAL = ("completed", "failed", "cancelled", "interrupted")
+
+
+class Dispatch(SQLModel, table=True):
+    """One task routed to a mode and a runner; durable from the moment `dispatch` returns."""
+
+    id: str = Field(primary_key=True)
+    mode: str
+    requested_mode: str
+    runner: str
+    status: str = Field(default=DispatchStatus.QUEUED, index=True)
+    rationale: str
+    task_summary: str
+    prompt: str | None = None
+    caller_sandbox_id: str | None = None  # local mode: the caller's sandbox it runs in
+    sandbox_id: str | None = None  # the sandbox the work ran in
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    run_id: str | None = None
+    result: str | None = None
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class DispatchDecision(SQLModel, table=True):
+    """Why a dispatch went where it went (or was refused): one row per `dispatch` call."""
+
+    __tablename__ = "dispatch_decisions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    dispatch_id: str | None = Field(default=None, index=True)
+    requested_mode: str
+    used_mode: str | None = None
+    hint: str | None = None
+    rationale: str
+    task_summary: str
+    pool: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    run_id: str | None = None
+    token_id: str | None = None
+    outcome: str  # accepted | refused
+    reason: str | None = None
+    ts: datetime = Field(default_factory=utcnow)
+
+
 class AuditEvent(SQLModel, table=True):
     """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
 

@@ -1,0 +1,335 @@
+"""Dispatch: route a task to a mode, run it with a runner, and never lose its result.
+
+A dispatch is a row from the moment `dispatch` returns (status queued). A background task runs
+it: `remote` claims a fresh sandbox from the pool (the runner acts as a run of its own, with
+the caller's attribution), `local` runs in the caller's own sandbox. The result is committed to
+the store before anyone is told; `wait` reads the store. After a restart, dispatches that were
+running are marked interrupted (never re-run behind the caller's back) and queued ones start.
+
+Runners available now: `script` (the prompt is a bash script run as the sandbox user). Team
+modes, `user_pc`, and the `command` and `llm` runners are refused with a clear error until
+they exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+from sqlmodel import Session, col, select
+
+from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime.models import DispatchInfo
+from dockyard.runtime.poolstatus import pool_status
+from dockyard.runtime.sandboxes import SandboxService
+from dockyard.runtime.settings import Identity, Settings
+from dockyard.runtime.store import Dispatch, DispatchDecision, DispatchStatus, Sandbox, SandboxStatus, Store, utcnow
+
+__all__ = ["MODES", "RUNNERS", "DispatchService"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("local", "remote", "team_single_vm", "team_multi_vm", "user_pc")
+RUNNERS = ("script",)
+_LATER = {
+    "team_single_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
+    "team_multi_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
+}
+# Phrases in a task that decide its mode whatever the caller chose.
+_HINTS = [
+    (re.compile(r"\b(clean|fresh|isolated) (environment|sandbox|machine)\b", re.I), "remote"),
+    (re.compile(r"\b(async|asynchronously|in the background)\b", re.I), "remote"),
+    (re.compile(r"\buse (a|the) team\b|\bas a team\b", re.I), "team_multi_vm"),
+]
+_RESULT_CAP = 64 * 1024
+_INTERRUPTED = "dockyard stopped while it ran; it was not re-run (dispatch it again if you want it)"
+
+
+@dataclass
+class _Running:
+    """A dispatch's background task, for cancel and for waiters."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class DispatchService:
+    """Creates, runs, waits on and cancels dispatches."""
+
+    def __init__(self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService) -> None:
+        self._settings = settings
+        self._store = store
+        self._audit = audit
+        self._sandboxes = sandboxes
+        self._running: dict[str, _Running] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Mark what a crash interrupted, start what was queued, then hold the runs' tasks."""
+
+        def recover(session: Session) -> tuple[list[Dispatch], list[Dispatch]]:
+            for row in session.exec(select(Dispatch).where(Dispatch.status == DispatchStatus.RUNNING)).all():
+                row.status, row.finished_at, row.error = DispatchStatus.INTERRUPTED, utcnow(), _INTERRUPTED
+                session.add(row)
+            session.flush()
+            # Finished remote dispatches whose sandbox is still held (dockyard stopped before it
+            # was given back): it goes back to the pool now.
+            held = select(Dispatch).join(Sandbox, col(Sandbox.id) == col(Dispatch.sandbox_id)).where(
+                col(Dispatch.status).in_(DispatchStatus.FINAL), Dispatch.mode != "local", Sandbox.status == SandboxStatus.RUNNING
+            )
+            interrupted = list(session.exec(held).all())
+            queued = list(session.exec(select(Dispatch).where(Dispatch.status == DispatchStatus.QUEUED)).all())
+            return interrupted, queued
+
+        interrupted, queued = await self._store.run(recover)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for row in interrupted:
+                tg.start_soon(self._free, row)
+            for row in queued:
+                self._start(row)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def _free(self, row: Dispatch) -> None:
+        """Give back the sandbox a finished remote dispatch still holds."""
+        if row.mode == "local" or row.sandbox_id is None:
+            return
+        try:
+            await self._sandboxes.destroy(_runner_identity(row), row.sandbox_id)
+        except DockyardError as exc:
+            log.info("sandbox %s of interrupted dispatch %s: %s", row.sandbox_id, row.id, exc)
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    async def dispatch(
+        self,
+        who: Identity,
+        *,
+        mode: str,
+        rationale: str,
+        task_summary: str,
+        prompt: str | None = None,
+        runner: str | None = None,
+        sandbox_id: str | None = None,
+        members: list[str] | None = None,
+    ) -> DispatchInfo:
+        """Record the decision and the dispatch, start it, and return at once."""
+        used, hint = mode, None
+        for pattern, forced in _HINTS:
+            text = f"{task_summary}\n{prompt or ''}"
+            if (found := pattern.search(text)) and forced != mode:
+                used, hint = forced, f"the task says '{found.group(0)}', so it runs as {forced}"
+                break
+        decision = DispatchDecision(
+            requested_mode=mode,
+            used_mode=used,
+            hint=hint,
+            rationale=rationale,
+            task_summary=task_summary,
+            pool={p.template: {"warm": p.warm, "claimed": p.claimed, "max": p.max} for p in await pool_status(self._store, self._settings)},
+            workspace_id=who.workspace_id,
+            project_id=who.project_id,
+            user_id=who.user_id,
+            run_id=who.run_id,
+            token_id=who.token_id,
+            outcome="refused",
+        )
+        runner = runner or "script"
+        try:
+            self._check(used, runner, prompt, sandbox_id, members)
+            if used == "local":
+                assert sandbox_id is not None
+                await self._sandboxes.check_owned(who, sandbox_id, "dispatch.create")
+        except DockyardError as exc:
+            decision.reason = str(exc)
+            await self._store.add(decision)
+            await self._audit.append(who, "dispatch.create", target=None, outcome="error",
+                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id})
+            raise
+        row = Dispatch(
+            id=f"dsp_{secrets.token_hex(8)}",
+            mode=used,
+            requested_mode=mode,
+            runner=runner,
+            rationale=rationale,
+            task_summary=task_summary,
+            prompt=prompt,
+            caller_sandbox_id=sandbox_id if used == "local" else None,
+            workspace_id=who.workspace_id,
+            project_id=who.project_id,
+            user_id=who.user_id,
+            run_id=who.run_id,
+        )
+        decision.dispatch_id, decision.outcome = row.id, "accepted"
+
+        def insert(session: Session) -> None:
+            session.add(row)
+            session.add(decision)
+
+        await self._store.run(insert)
+        await self._audit.append(who, "dispatch.create", target=row.id, outcome="ok",
+                                 detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id})
+        self._start(row)
+        return _info(row, hint)
+
+    def _check(self, mode: str, runner: str, prompt: str | None, sandbox_id: str | None, members: list[str] | None) -> None:
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
+        if mode == "user_pc":
+            raise InvalidRequestError(
+                "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime"
+            )
+        if mode in _LATER:
+            raise InvalidRequestError(f"mode '{mode}' is not available yet: {_LATER[mode]}")
+        if runner not in RUNNERS:
+            raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(RUNNERS)}")
+        if not prompt or not prompt.strip():
+            raise InvalidRequestError("the script runner needs a prompt: the bash script to run")
+        if mode == "local" and not sandbox_id:
+            raise InvalidRequestError("mode 'local' runs in your current sandbox: give its sandbox_id")
+
+    def _start(self, row: Dispatch) -> None:
+        assert self._tg is not None, "the dispatch service is not running"
+        running = self._running.setdefault(row.id, _Running())
+        self._tg.start_soon(self._work, row, running)
+
+    # -- running ----------------------------------------------------------------------
+
+    async def _work(self, row: Dispatch, running: _Running) -> None:
+        owner = _runner_identity(row)
+        status, result, error = DispatchStatus.FAILED, None, None
+        made: str | None = None
+        with running.scope:
+            try:
+                await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow())
+                if row.mode == "local":
+                    sandbox_id = row.caller_sandbox_id
+                else:
+                    made = sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
+                await self._set(row.id, sandbox_id=sandbox_id)
+                assert sandbox_id is not None and row.prompt is not None
+                ran = await self._sandboxes.exec(owner, sandbox_id, row.prompt, timeout_s=self._settings.sandbox.exec_max_timeout_s)
+                result = ran.stdout[-_RESULT_CAP:]
+                if ran.timed_out:
+                    error = f"the script timed out after {self._settings.sandbox.exec_max_timeout_s} s"
+                elif ran.exit_code != 0:
+                    error = f"the script exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
+                else:
+                    status = DispatchStatus.COMPLETED
+            except DockyardError as exc:
+                error = str(exc)
+            except anyio.get_cancelled_exc_class():
+                if not running.scope.cancel_called:  # dockyard itself is stopping
+                    status, error = DispatchStatus.INTERRUPTED, _INTERRUPTED
+                    made = None  # its sandbox is freed at the next start, with the store's record
+                    with anyio.CancelScope(shield=True):
+                        await self._set(row.id, status=status, error=error, finished_at=utcnow())
+                    raise
+        if running.scope.cancel_called:
+            status, error = DispatchStatus.CANCELLED, "cancelled by its owner"
+        with anyio.CancelScope(shield=True):
+            # The result is in the store before anyone can be told of it.
+            await self._set(row.id, status=status, result=result, error=error, finished_at=utcnow())
+            if made is not None:
+                try:
+                    await self._sandboxes.destroy(owner, made)
+                except (DockyardError, RuntimeError) as exc:  # RuntimeError: dockyard is stopping
+                    log.warning("could not give back the sandbox of dispatch %s now (%s); the next start does", row.id, exc)
+            running.changed.set()
+            self._running.pop(row.id, None)
+
+    async def _set(self, dispatch_id: str, **values: object) -> None:
+        def update(session: Session) -> None:
+            row = session.get(Dispatch, dispatch_id)
+            assert row is not None
+            for key, value in values.items():
+                setattr(row, key, value)
+            session.add(row)
+
+        await self._store.run(update)
+        if (running := self._running.get(dispatch_id)) is not None:
+            running.changed.set()
+            running.changed = anyio.Event()
+
+    # -- waiting and cancelling -------------------------------------------------------
+
+    async def wait(self, who: Identity, dispatch_id: str, timeout_s: float) -> DispatchInfo:
+        """The dispatch's state once it is final or `timeout_s` has passed (it keeps running)."""
+        row = await self._owned(who, dispatch_id)
+        with anyio.move_on_after(timeout_s):
+            while row.status not in DispatchStatus.FINAL:
+                running = self._running.get(dispatch_id)
+                if running is None:
+                    await anyio.sleep(0.05)  # between the row's insert and its task's start
+                else:
+                    await running.changed.wait()
+                row = await self._owned(who, dispatch_id)
+        return _info(await self._owned(who, dispatch_id), None)
+
+    async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:
+        """Stop a dispatch's runner and free its runtime; a finished one stays as it ended."""
+        row = await self._owned(who, dispatch_id)
+        if row.status not in DispatchStatus.FINAL:
+            running = self._running.get(dispatch_id)
+            if running is not None:
+                running.scope.cancel()
+                with anyio.fail_after(60):
+                    while (row := await self._owned(who, dispatch_id)).status not in DispatchStatus.FINAL:
+                        await anyio.sleep(0.05)
+            else:
+                await self._set(dispatch_id, status=DispatchStatus.CANCELLED, error="cancelled by its owner", finished_at=utcnow())
+                row = await self._owned(who, dispatch_id)
+        await self._audit.append(who, "dispatch.cancel", target=dispatch_id, outcome="ok",
+                                 detail={"status": row.status, "token_id": who.token_id})
+        return _info(row, None)
+
+    async def _owned(self, who: Identity, dispatch_id: str) -> Dispatch:
+        row = await self._store.get(Dispatch, dispatch_id)
+        if row is None or row.workspace_id != who.workspace_id:
+            raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
+        return row
+
+    async def decisions(self, who: Identity) -> list[DispatchDecision]:
+        """The caller's workspace's dispatch decisions, oldest first."""
+        return await self._store.run(
+            lambda s: list(
+                s.exec(
+                    select(DispatchDecision)
+                    .where(DispatchDecision.workspace_id == who.workspace_id)
+                    .order_by(col(DispatchDecision.id))
+                ).all()
+            )
+        )
+
+
+def _info(row: Dispatch, hint: str | None) -> DispatchInfo:
+    final = row.status in DispatchStatus.FINAL
+    return DispatchInfo(
+        dispatch_id=row.id,
+        mode=row.mode,
+        requested_mode=row.requested_mode,
+        hint=hint,
+        runner=row.runner,
+        status=row.status,
+        result=row.result,
+        error=row.error,
+        sandbox_id=row.sandbox_id,
+        next_steps=None if final else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
+    )
+
+
+def _runner_identity(row: Dispatch) -> Identity:
+    """What a dispatch's runner acts as: its caller's attribution, as a run of its own."""
+    return Identity(
+        workspace_id=row.workspace_id,
+        project_id=row.project_id,
+        user_id=row.user_id,
+        run_id=row.id,
+        scopes=["sandbox:create", "sandbox:exec", "sandbox:files"],
+    )
