@@ -14,7 +14,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.transports import BearerTokens
-from dockyard.tools import audit, pool, sandbox, token
+from dockyard.tools import audit, dispatch, pool, sandbox, token
 
 __all__ = ["build_server"]
 
@@ -60,4 +60,5 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     pool.register(server)
     token.register(server)
     audit.register(server)
+    dispatch.register(server)
     return server

@@ -1,0 +1,134 @@
+"""dispatch / await_dispatch / cancel_dispatch with the script runner, through the MCP client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import docker
+import pytest
+from mcp import Client
+from sqlmodel import Session, create_engine, select
+
+from dockyard.runtime.engine import Engine
+from dockyard.runtime.settings import Settings
+from dockyard.runtime.store import AuditEvent, Dispatch, DispatchDecision
+from dockyard.server.app import build_server
+from tests.conftest import call, call_error, make_settings, remove_instance, sh
+
+pytestmark = pytest.mark.anyio
+
+
+async def send(client: Client, script: str, mode: str = "remote", **extra: object) -> dict:
+    return await call(client, "dispatch", mode=mode, rationale="a test", task_summary=extra.pop("summary", "run a script"),
+                      prompt=script, **extra)
+
+
+def rows(settings: Settings, model: type) -> list:
+    with Session(create_engine(f"sqlite:///{settings.store_path}")) as session:
+        return list(session.exec(select(model)).all())
+
+
+async def test_remote_runs_in_a_fresh_sandbox_and_local_in_the_callers(client: Client, settings: Settings) -> None:
+    mine = (await call(client, "sandbox_create"))["sandbox_id"]
+    await call(client, "sandbox_write_file", sandbox_id=mine, path="secret.txt", content="only here")
+    remote = await send(client, "ls -A /workspace; echo remote-done")
+    assert remote["status"] in ("queued", "running") and "await_dispatch" in remote["next_steps"]
+    local = await send(client, "cat secret.txt", mode="local", sandbox_id=mine)
+    done = await call(client, "await_dispatch", dispatch_id=remote["dispatch_id"], timeout_s=120)
+    assert (done["status"], done["result"]) == ("completed", "remote-done\n")  # nothing of the caller's
+    assert done["sandbox_id"] != mine
+    here = await call(client, "await_dispatch", dispatch_id=local["dispatch_id"], timeout_s=120)
+    assert (here["status"], here["result"], here["sandbox_id"]) == ("completed", "only here", mine)
+    # The remote sandbox went back to the pool; the caller's own is untouched.
+    assert [s["sandbox_id"] for s in (await call(client, "sandbox_list"))["sandboxes"]] == [mine]
+    decisions = rows(settings, DispatchDecision)
+    assert {(d.requested_mode, d.used_mode, d.outcome) for d in decisions} == {("remote", "remote", "accepted"), ("local", "local", "accepted")}
+    assert all(d.rationale == "a test" and "default" in d.pool for d in decisions)
+
+
+async def test_a_hint_in_the_task_overrides_the_mode(client: Client, settings: Settings) -> None:
+    mine = (await call(client, "sandbox_create"))["sandbox_id"]
+    sent = await send(client, "echo hi", mode="local", sandbox_id=mine, summary="check it in a clean environment")
+    assert sent["mode"] == "remote" and sent["requested_mode"] == "local"
+    assert "clean environment" in sent["hint"]
+    done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
+    assert done["status"] == "completed" and done["sandbox_id"] != mine
+    decision = rows(settings, DispatchDecision)[-1]
+    assert (decision.requested_mode, decision.used_mode) == ("local", "remote") and "clean environment" in decision.hint
+
+
+async def test_bad_dispatches_are_refused_clearly_and_recorded(client: Client, settings: Settings) -> None:
+    assert "sandbox_id" in await call_error(client, "dispatch", mode="local", rationale="r", task_summary="t", prompt="true")
+    assert "runner" in await call_error(client, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="true", runner="magic")
+    assert "not available yet" in await call_error(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="t", prompt="true")
+    assert "user_pc" in await call_error(client, "dispatch", mode="user_pc", rationale="r", task_summary="t", prompt="true")
+    assert "needs a prompt" in await call_error(client, "dispatch", mode="remote", rationale="r", task_summary="t")
+    assert "unknown sandbox" in await call_error(client, "dispatch", mode="local", rationale="r", task_summary="t", prompt="true", sandbox_id="sbx_nope")
+    assert "unknown dispatch" in await call_error(client, "await_dispatch", dispatch_id="dsp_nope")
+    assert "unknown dispatch" in await call_error(client, "cancel_dispatch", dispatch_id="dsp_nope")
+    refused = rows(settings, DispatchDecision)
+    assert len(refused) == 6 and all(d.outcome == "refused" and d.reason for d in refused)
+    assert rows(settings, Dispatch) == []
+
+
+async def test_a_failing_script_fails_with_its_reason_and_waiting_again_continues(client: Client) -> None:
+    failed = await send(client, "echo partial; echo broke >&2; exit 3")
+    done = await call(client, "await_dispatch", dispatch_id=failed["dispatch_id"], timeout_s=120)
+    assert done["status"] == "failed" and "exited with code 3" in done["error"] and "broke" in done["error"]
+    slow = await send(client, "sleep 2; echo finally")
+    early = await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=0.3)
+    assert early["status"] in ("queued", "running") and early["result"] is None
+    late = await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=120)
+    assert (late["status"], late["result"]) == ("completed", "finally\n")
+
+
+async def test_cancel_stops_the_runner_and_frees_its_sandbox(client: Client, settings: Settings) -> None:
+    sent = await send(client, "sleep 300")
+    with anyio.fail_after(60):
+        while (await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=0.2))["sandbox_id"] is None:
+            pass
+    stopped = await call(client, "cancel_dispatch", dispatch_id=sent["dispatch_id"])
+    assert stopped["status"] == "cancelled"
+    assert (await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"]))["status"] == "cancelled"
+    sandbox = stopped["sandbox_id"]
+    assert "unknown sandbox" in await call_error(client, "sandbox_exec", sandbox_id=sandbox, command="true")
+
+
+async def test_many_dispatches_at_once_on_a_small_pool_all_complete_once(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> None:
+    settings = make_settings(tmp_path / "data", default_pool={"min": 2, "max": 4})
+    try:
+        async with Client(build_server(settings)) as client:
+            sent = [await send(client, f"echo job-{i}") for i in range(16)]
+            with anyio.fail_after(300):
+                results = [await call(client, "await_dispatch", dispatch_id=s["dispatch_id"], timeout_s=300) for s in sent]
+        assert [r["status"] for r in results] == ["completed"] * 16
+        assert [r["result"] for r in results] == [f"job-{i}\n" for i in range(16)]
+        execs = [e for e in rows(settings, AuditEvent) if e.kind == "sandbox.exec"]
+        assert sorted(e.run_id for e in execs) == sorted(s["dispatch_id"] for s in sent)  # each ran exactly once
+    finally:
+        remove_instance(docker_client, settings)
+
+
+async def test_a_stop_mid_dispatch_leaves_it_interrupted_and_frees_its_sandbox(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    try:
+        async with Engine.open(settings) as engine:
+            who = engine.operator
+            sent = await engine.dispatches.dispatch(who, mode="remote", rationale="r", task_summary="t", prompt="sleep 300")
+            with anyio.fail_after(60):
+                while (await engine.dispatches.wait(who, sent.dispatch_id, 0.2)).sandbox_id is None:
+                    pass
+        async with Engine.open(settings) as engine:
+            after = await engine.dispatches.wait(engine.operator, sent.dispatch_id, 1)
+            assert after.status == "interrupted" and "not re-run" in after.error
+            with anyio.fail_after(60):
+                while await engine.sandboxes.list(engine.operator.model_copy(update={"run_id": None})):
+                    await anyio.sleep(0.2)
+            execs = [e for e in await engine.audit.query(kind="sandbox.exec")]
+            assert len(execs) == 1  # never re-run
+    finally:
+        remove_instance(docker_client, settings)

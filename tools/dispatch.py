@@ -1,0 +1,73 @@
+"""Dispatch tools: send a task to where it should run, collect its result, or stop it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from dockyard.runtime.models import DispatchInfo
+from dockyard.tools._context import EngineContext, authorized, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+DispatchId = Annotated[str, Field(description="A dispatch id (dsp_...) from dispatch.", max_length=64)]
+
+
+@tool_errors
+async def dispatch(
+    ctx: EngineContext,
+    mode: Annotated[
+        Literal["local", "remote", "team_single_vm", "team_multi_vm", "user_pc"],
+        Field(description="'remote': a fresh isolated sandbox from the pool; 'local': your current sandbox (give sandbox_id); "
+              "team modes and user_pc are not available on this server yet."),
+    ],
+    rationale: Annotated[str, Field(min_length=1, max_length=1000, description="One sentence: why this mode.")],
+    task_summary: Annotated[str, Field(min_length=1, max_length=2000, description="What the task is, in a line or two.")],
+    prompt: Annotated[str | None, Field(max_length=100_000, description="For the script runner: the bash script to run.")] = None,
+    runner: Annotated[str | None, Field(description="Runner profile; default and only one for now: 'script'.")] = None,
+    sandbox_id: Annotated[str | None, Field(max_length=64, description="For mode 'local': the sandbox to run in.")] = None,
+    members: Annotated[list[str] | None, Field(description="For team modes: the members' roles.")] = None,
+) -> DispatchInfo:
+    """Start a task where it should run and return at once with its dispatch_id; the work goes
+    on in the background. Pick the mode and say why in one sentence. Phrases in the task such
+    as "clean environment" or "async" make it run remote whatever the mode (the result says
+    so). The 'script' runner runs the prompt as a bash script; its stdout is the result.
+    Collect the result with await_dispatch; stop it with cancel_dispatch."""
+    who = await authorized(ctx, "dispatch:create", "dispatch.create")
+    return await engine(ctx).dispatches.dispatch(
+        who, mode=mode, rationale=rationale, task_summary=task_summary, prompt=prompt, runner=runner,
+        sandbox_id=sandbox_id, members=members,
+    )
+
+
+@tool_errors
+async def await_dispatch(
+    ctx: EngineContext,
+    dispatch_id: DispatchId,
+    timeout_s: Annotated[float, Field(ge=0, le=3600, description="Wait at most this long (default 60 s).")] = 60,
+) -> DispatchInfo:
+    """Wait for a dispatch to finish, up to timeout_s, and return its status (queued, running,
+    completed, failed, cancelled, interrupted) with its result or error. If it is still
+    running at the timeout, call again: the same dispatch goes on. A dispatch that was running
+    when dockyard restarted is 'interrupted' and is not re-run."""
+    who = await authorized(ctx, "dispatch:read", "dispatch.await", dispatch_id)
+    return await engine(ctx).dispatches.wait(who, dispatch_id, timeout_s)
+
+
+@tool_errors
+async def cancel_dispatch(ctx: EngineContext, dispatch_id: DispatchId) -> DispatchInfo:
+    """Stop a dispatch: its runner is killed and its sandbox goes back to the pool. A dispatch
+    that already finished keeps its result."""
+    who = await authorized(ctx, "dispatch:create", "dispatch.cancel", dispatch_id)
+    return await engine(ctx).dispatches.cancel(who, dispatch_id)
+
+
+def register(server: MCPServer) -> None:
+    """Add the dispatch tools to a server."""
+    server.add_tool(dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
+    server.add_tool(await_dispatch, annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    server.add_tool(cancel_dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
