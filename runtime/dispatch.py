@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import anyio
 import anyio.abc
@@ -28,14 +29,16 @@ from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
+from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.store import Dispatch, DispatchDecision, DispatchStatus, Sandbox, SandboxStatus, Store, utcnow
 
-__all__ = ["MODES", "RUNNERS", "DispatchService"]
+__all__ = ["MODES", "DispatchService"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("local", "remote", "team_single_vm", "team_multi_vm", "user_pc")
-RUNNERS = ("script",)
+# What a runner's own token may do: work in sandboxes of its run, read dispatches.
+_RUN_SCOPES = ["sandbox:exec", "sandbox:files", "dispatch:read"]
 _LATER = {
     "team_single_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
     "team_multi_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
@@ -61,11 +64,14 @@ class _Running:
 class DispatchService:
     """Creates, runs, waits on and cancels dispatches."""
 
-    def __init__(self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService
+    ) -> None:
         self._settings = settings
         self._store = store
         self._audit = audit
         self._sandboxes = sandboxes
+        self._tokens = tokens
         self._running: dict[str, _Running] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -187,10 +193,13 @@ class DispatchService:
             )
         if mode in _LATER:
             raise InvalidRequestError(f"mode '{mode}' is not available yet: {_LATER[mode]}")
-        if runner not in RUNNERS:
-            raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(RUNNERS)}")
+        profiles = self._settings.runners
+        if runner not in profiles:
+            raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(sorted(profiles))}")
+        if profiles[runner].kind == "llm":
+            raise InvalidRequestError(f"runner '{runner}' is an llm runner, which is not available yet; use a script or command runner")
         if not prompt or not prompt.strip():
-            raise InvalidRequestError("the script runner needs a prompt: the bash script to run")
+            raise InvalidRequestError(f"runner '{runner}' needs a prompt: the script to run, or the task for the command")
         if mode == "local" and not sandbox_id:
             raise InvalidRequestError("mode 'local' runs in your current sandbox: give its sandbox_id")
 
@@ -214,12 +223,22 @@ class DispatchService:
                     made = sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
                 await self._set(row.id, sandbox_id=sandbox_id)
                 assert sandbox_id is not None and row.prompt is not None
-                ran = await self._sandboxes.exec(owner, sandbox_id, row.prompt, timeout_s=self._settings.sandbox.exec_max_timeout_s)
+                profile = self._settings.runners[row.runner]
+                timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
+                work: str | list[str] = row.prompt
+                if profile.kind == "command":  # the prompt is one argument, never shell text
+                    work = [arg.replace("{prompt}", row.prompt) for arg in profile.argv]
+                token = await self._tokens.mint_for_run(
+                    _caller(row), row.id, _RUN_SCOPES, utcnow() + timedelta(seconds=timeout + 60), sandbox_id
+                )
+                ran = await self._sandboxes.exec(
+                    owner, sandbox_id, work, timeout_s=timeout, runner_env=_runner_env(row, token.token)
+                )
                 result = ran.stdout[-_RESULT_CAP:]
                 if ran.timed_out:
-                    error = f"the script timed out after {self._settings.sandbox.exec_max_timeout_s} s"
+                    error = f"the runner timed out after {timeout} s"
                 elif ran.exit_code != 0:
-                    error = f"the script exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
+                    error = f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
                 else:
                     status = DispatchStatus.COMPLETED
             except DockyardError as exc:
@@ -236,6 +255,7 @@ class DispatchService:
         with anyio.CancelScope(shield=True):
             # The result is in the store before anyone can be told of it.
             await self._set(row.id, status=status, result=result, error=error, finished_at=utcnow())
+            await self._tokens.revoke_run(row.id, f"its dispatch ended ({status})")
             if made is not None:
                 try:
                     await self._sandboxes.destroy(owner, made)
@@ -333,3 +353,21 @@ def _runner_identity(row: Dispatch) -> Identity:
         run_id=row.id,
         scopes=["sandbox:create", "sandbox:exec", "sandbox:files"],
     )
+
+
+def _caller(row: Dispatch) -> Identity:
+    """The dispatch's caller, as far as its row says (a runner gets no more than this)."""
+    return Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id,
+                    scopes=["sandbox:exec", "sandbox:files", "dispatch:read"])
+
+
+def _runner_env(row: Dispatch, token: str) -> dict[str, str]:
+    """The attribution a runner sees, and its run's token (never an admin or tenant key)."""
+    return {
+        "DOCKYARD_WORKSPACE_ID": row.workspace_id,
+        "DOCKYARD_PROJECT_ID": row.project_id,
+        "DOCKYARD_USER_ID": row.user_id,
+        "DOCKYARD_RUN_ID": row.id,
+        "DOCKYARD_DISPATCH_ID": row.id,
+        "DOCKYARD_TOKEN": token,
+    }

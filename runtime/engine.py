@@ -93,7 +93,7 @@ class Engine:
             sandboxes=sandboxes,
             supervisors=supervisors,
             tokens=tokens,
-            dispatches=DispatchService(settings, store, audit, sandboxes),
+            dispatches=DispatchService(settings, store, audit, sandboxes, tokens),
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -218,25 +218,31 @@ class SandboxService:
         self,
         who: Identity,
         sandbox_id: str,
-        command: str,
+        command: str | list[str],
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         timeout_s: int | None = None,
         stdin: str | None = None,
         on_output: OutputCallback | None = None,
+        runner_env: dict[str, str] | None = None,
     ) -> ExecResult:
-        """Run a shell command as the sandbox user; output is capped, the timeout enforced."""
+        """Run a shell command (a string, for bash) or a program (an argv list, no shell) as the
+        sandbox user; output is capped, the timeout enforced. `runner_env` is dockyard's own
+        (DOCKYARD_* attribution for a dispatch's runner), never a caller's."""
         row = await self._owned(who, sandbox_id, "sandbox.exec")
         timeout = timeout_s or self._limits.exec_default_timeout_s
         if timeout > self._limits.exec_max_timeout_s:
             raise InvalidRequestError(f"timeout_s {timeout} is over the cap; allowed: 1..{self._limits.exec_max_timeout_s}")
         workdir = WORKSPACE if cwd is None else f"{WORKSPACE}/{workspace_path(cwd)}".removesuffix("/.")
-        async with self._audit.record(who, "sandbox.exec", sandbox_id, command=command[:1000], cwd=workdir) as rec:
+        argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
+        shown = command[:1000] if isinstance(command, str) else [arg[:1000] for arg in command[:50]]
+        async with self._audit.record(who, "sandbox.exec", sandbox_id, command=shown, cwd=workdir) as rec:
             result = await run_command(
                 await self._supervisors.link(row.container_id),
-                ["/bin/bash", "-c", command],
-                env={**row.env, **_checked_env(env)},  # the template's env is the container's own
+                argv,
+                # the template's env is the container's own
+                env={**row.env, **_checked_env(env), **(runner_env or {})},
                 workdir=workdir,
                 stdin=stdin.encode() if stdin is not None else None,
                 timeout_s=timeout,

@@ -67,6 +67,25 @@ class PoolShape(BaseModel):
         return self
 
 
+class RunnerProfile(BaseModel):
+    """How a dispatch's work is done in its runtime.
+
+    `script`: the prompt is a bash script. `command`: a program from the template's image,
+    run with `argv` where each `{prompt}` is replaced by the prompt, as one argument (never
+    through a shell). `llm`: a tool-using loop against a chat endpoint (not available yet).
+    """
+
+    kind: Literal["script", "command", "llm"]
+    argv: list[str] = Field(default_factory=list)
+    timeout_s: int = Field(600, ge=1)
+
+    @model_validator(mode="after")
+    def _command_has_argv(self) -> RunnerProfile:
+        if self.kind == "command" and not self.argv:
+            raise ValueError("a command runner needs argv, such as [\"claude\", \"-p\", \"{prompt}\"]")
+        return self
+
+
 class TemplateSettings(BaseModel):
     """A named runtime recipe: which image and which limits a sandbox gets, and its pool."""
 
@@ -171,6 +190,7 @@ class Settings(BaseSettings):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
+    runners: dict[str, RunnerProfile] = Field(default_factory=lambda: {"script": RunnerProfile(kind="script")})
 
     @field_validator("data_dir")
     @classmethod

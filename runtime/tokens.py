@@ -212,6 +212,35 @@ class TokenService:
             label=f"sandbox {sandbox_id}",
         )
 
+    async def mint_for_run(
+        self, owner: Identity, run_id: str, scopes: list[str], expires_at: datetime, sandbox_id: str | None
+    ) -> Minted:
+        """A runner's token: its caller's attribution, narrowed to one run, to `scopes` (never
+        wider than the caller's) and to the sandbox it works in."""
+        granted = [scope for scope in scopes if owner.allows(scope)]
+        return await self._insert(
+            scopes=granted,
+            workspace_id=owner.workspace_id,
+            project_id=owner.project_id,
+            user_id=owner.user_id,
+            run_id=run_id,
+            sandbox_id=sandbox_id,
+            parent_id=owner.token_id,
+            expires_at=expires_at,
+            label=f"run {run_id}",
+        )
+
+    async def revoke_run(self, run_id: str, reason: str) -> None:
+        """Revoke every token of a run that ended."""
+
+        def revoke(session: Session) -> None:
+            stmt = select(Token).where(Token.run_id == run_id, Token.label == f"run {run_id}", col(Token.revoked_at).is_(None))
+            for row in session.exec(stmt).all():
+                row.revoked_at, row.revoked_reason = utcnow(), reason
+                session.add(row)
+
+        await self._store.run(revoke)
+
     async def sandbox_identity(self, sandbox_id: str) -> Identity | None:
         """What a sandbox's bridge acts as: its live token, if it has one."""
 

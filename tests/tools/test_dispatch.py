@@ -132,3 +132,39 @@ async def test_a_stop_mid_dispatch_leaves_it_interrupted_and_frees_its_sandbox(
             assert len(execs) == 1  # never re-run
     finally:
         remove_instance(docker_client, settings)
+
+
+async def test_a_runner_gets_its_attribution_and_a_run_token_revoked_when_it_ends(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        runners={"script": {"kind": "script"}, "echoer": {"kind": "command", "argv": ["printf", "[%s]", "{prompt}"]}},
+    )
+    try:
+        async with Engine.open(settings) as engine:
+            who = engine.operator
+            tricky = "x'; echo pwned $(id -un) `id`; \"quoted\" $HOME"
+            sent = await engine.dispatches.dispatch(who, mode="remote", rationale="r", task_summary="t", prompt=tricky, runner="echoer")
+            done = await engine.dispatches.wait(who, sent.dispatch_id, 120)
+            assert (done.status, done.result) == ("completed", f"[{tricky}]")  # one argument, no shell
+            script = 'echo "$DOCKYARD_WORKSPACE_ID $DOCKYARD_RUN_ID"; echo "$DOCKYARD_TOKEN"'
+            sent = await engine.dispatches.dispatch(who, mode="remote", rationale="r", task_summary="t", prompt=script)
+            done = await engine.dispatches.wait(who, sent.dispatch_id, 120)
+            attribution, token = done.result.split("\n")[:2]
+            assert attribution == f"local {sent.dispatch_id}" and token.startswith("dyt_")
+            with pytest.raises(Exception, match="revoked"):
+                await engine.tokens.verify(token)  # the run is over
+            assert "unknown runner 'nope'" in str(
+                await _refusal(engine.dispatches.dispatch(who, mode="remote", rationale="r", task_summary="t", prompt="x", runner="nope"))
+            )
+    finally:
+        remove_instance(docker_client, settings)
+
+
+async def _refusal(pending) -> Exception:  # type: ignore[no-untyped-def]
+    try:
+        await pending
+    except Exception as exc:  # noqa: BLE001 - the refusal is what the test reads
+        return exc
+    raise AssertionError("expected a refusal")
