@@ -26,8 +26,6 @@ from bench.run import Options, Run, say
 from bench.sections import SECTIONS
 from bench.served import DOCKYARD
 
-DOCKER_FREE = {"dispatch"}  # sections that start nothing
-
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bin/bench", description="Measure dockyard against baselines taken in the same run.")
@@ -38,7 +36,9 @@ def _parse() -> argparse.Namespace:
         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})",
     )
     parser.add_argument("--runs", type=int, default=30, help="samples per figure (default 30; snapshot takes max(3, runs/10))")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the 20-in-parallel claims (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the 20-in-parallel claims and of the 100 dispatches (default 3)"
+    )
     parser.add_argument(
         "--json", type=Path, default=Path("bench-results.json"), help="where to write every sample (default ./bench-results.json)"
     )
@@ -97,7 +97,7 @@ def _document(args: argparse.Namespace, run: Run, machine: dict[str, Any], figur
 def main() -> int:
     args = _parse()
     signal.signal(signal.SIGTERM, _interrupt)
-    if set(args.only) - DOCKER_FREE and not _images_ready():
+    if not _images_ready():
         say("[red]the runtime images could not be built; see above, or run bin/dockyard doctor")
         return 1
     run = Run()
@@ -122,7 +122,10 @@ def main() -> int:
             say("removing the run's containers, networks and files ...")
             removed = run.close(grace_s=5 if state in ("error", "interrupted") else 0)  # a start cut short can land late
             say(f"removed {removed} leftover containers")
-    title = f"dockyard bench, run {run.id}: p50/p95 of --runs {args.runs}, ratio = baseline p50 / ours p50"
+    title = (
+        f"dockyard bench, run {run.id}: p50/p95 of --runs {args.runs}, "
+        "ratio = baseline p50 / ours p50 (ours / baseline for a rate)"
+    )
     Console(width=None if sys.stdout.isatty() else 200).print(render(figures, title))
     if state == "interrupted":
         return 130

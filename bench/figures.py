@@ -48,7 +48,10 @@ class Figure:
     """One row: our samples, the baseline's samples beside them, and the target, if any.
 
     A figure without samples carries a `note` instead, saying why there is no number
-    (not built yet, or its section failed); it never gets a made-up one.
+    (not built yet, or its section failed); it never gets a made-up one. Most figures are
+    times or sizes (lower is better); a rate sets `higher_is_better`, which turns the ratio
+    around so that above 1 still means ours is better (its p95 stays the 95th percentile of
+    its samples: the fast end).
     """
 
     section: str
@@ -60,6 +63,7 @@ class Figure:
     target: Target | None = None
     note: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: bool = False
 
     @classmethod
     def unavailable(cls, section: str, name: str, why: str) -> Figure:
@@ -84,10 +88,11 @@ class Figure:
 
     @property
     def ratio(self) -> float | None:
-        """Baseline p50 / our p50: above 1 means ours is faster (or smaller)."""
-        if self.p50 is None or self.baseline_p50 is None or self.p50 <= 0:
+        """Baseline p50 / our p50, or ours / the baseline's for a rate: above 1 means ours is better."""
+        if self.p50 is None or self.baseline_p50 is None:
             return None
-        return self.baseline_p50 / self.p50
+        top, bottom = (self.p50, self.baseline_p50) if self.higher_is_better else (self.baseline_p50, self.p50)
+        return top / bottom if bottom > 0 else None
 
     @property
     def is_met(self) -> bool | None:
@@ -115,6 +120,7 @@ def summary(figure: Figure) -> dict[str, Any]:
         "section": figure.section,
         "figure": figure.name,
         "unit": figure.unit,
+        "higher_is_better": figure.higher_is_better,
         "n": len(figure.samples),
         "p50": _rounded(figure.p50),
         "p95": _rounded(figure.p95),
