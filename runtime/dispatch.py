@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -74,6 +75,8 @@ class DispatchService:
         self._tokens = tokens
         self._running: dict[str, _Running] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        # Told the id of a dispatch whose state changed (the server wakes subscribers with it).
+        self.on_change: Callable[[str], Awaitable[None]] | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Mark what a crash interrupted, start what was queued, then hold the runs' tasks."""
@@ -276,12 +279,29 @@ class DispatchService:
         if (running := self._running.get(dispatch_id)) is not None:
             running.changed.set()
             running.changed = anyio.Event()
+        if self.on_change is not None:
+            try:
+                await self.on_change(dispatch_id)
+            except Exception:  # a subscriber's trouble must not stop the dispatch
+                log.exception("dispatch %s: change notification failed", dispatch_id)
 
     # -- waiting and cancelling -------------------------------------------------------
 
-    async def wait(self, who: Identity, dispatch_id: str, timeout_s: float) -> DispatchInfo:
-        """The dispatch's state once it is final or `timeout_s` has passed (it keeps running)."""
+    async def get(self, who: Identity, dispatch_id: str) -> DispatchInfo:
+        """The dispatch's state now."""
+        return _info(await self._owned(who, dispatch_id), None)
+
+    async def wait(
+        self,
+        who: Identity,
+        dispatch_id: str,
+        timeout_s: float,
+        on_status: Callable[[str], Awaitable[None]] | None = None,
+    ) -> DispatchInfo:
+        """The dispatch's state once it is final or `timeout_s` has passed (it keeps running);
+        `on_status` hears each status it passes through meanwhile."""
         row = await self._owned(who, dispatch_id)
+        seen = row.status
         with anyio.move_on_after(timeout_s):
             while row.status not in DispatchStatus.FINAL:
                 running = self._running.get(dispatch_id)
@@ -290,6 +310,9 @@ class DispatchService:
                 else:
                     await running.changed.wait()
                 row = await self._owned(who, dispatch_id)
+                if on_status is not None and row.status != seen:
+                    seen = row.status
+                    await on_status(seen)
         return _info(await self._owned(who, dispatch_id), None)
 
     async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:

@@ -9,6 +9,8 @@ from importlib.metadata import version
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
+from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.shared.subscriptions import ResourceUpdated
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
@@ -33,11 +35,16 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     transport; `admin_key` is the key that mints the first tokens.
     """
     verifier = BearerTokens() if http_url else None
+    bus = InMemorySubscriptionBus()
+
+    async def dispatch_changed(dispatch_id: str) -> None:
+        await bus.publish(ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with Engine.open(settings) as engine:
             engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
+            engine.dispatches.on_change = dispatch_changed
             if admin_key:
                 engine.tokens.set_admin_key(admin_key)
             if verifier is not None:
@@ -52,6 +59,7 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
         lifespan=lifespan,
         log_level=settings.log_level,
         token_verifier=verifier,
+        subscriptions=bus,
         auth=AuthSettings(issuer_url=http_url, resource_server_url=f"{http_url}/mcp", validate_token_resource=False)
         if http_url
         else None,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from dockyard.runtime.errors import DockyardError, NotFoundError
 from dockyard.runtime.models import DispatchInfo
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
@@ -55,7 +57,25 @@ async def await_dispatch(
     running at the timeout, call again: the same dispatch goes on. A dispatch that was running
     when dockyard restarted is 'interrupted' and is not re-run."""
     who = await authorized(ctx, "dispatch:read", "dispatch.await", dispatch_id)
-    return await engine(ctx).dispatches.wait(who, dispatch_id, timeout_s)
+    steps = 0
+
+    async def progress(status: str) -> None:
+        nonlocal steps
+        steps += 1
+        await ctx.report_progress(steps, None, f"dispatch {dispatch_id} is {status}")
+
+    return await engine(ctx).dispatches.wait(who, dispatch_id, timeout_s, on_status=progress)
+
+
+async def dispatch_resource(dispatch_id: str, ctx: EngineContext) -> str:
+    """A dispatch's status and result, as JSON. Subscribe to be told when it changes."""
+    try:
+        who = await authorized(ctx, "dispatch:read", "dispatch.read", dispatch_id)
+        return (await engine(ctx).dispatches.get(who, dispatch_id)).model_dump_json()
+    except NotFoundError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    except DockyardError as exc:
+        raise ResourceError(str(exc)) from exc
 
 
 @tool_errors
@@ -66,8 +86,12 @@ async def cancel_dispatch(ctx: EngineContext, dispatch_id: DispatchId) -> Dispat
     return await engine(ctx).dispatches.cancel(who, dispatch_id)
 
 
+DISPATCH_URI = "dockyard://dispatches/{dispatch_id}"
+
+
 def register(server: MCPServer) -> None:
-    """Add the dispatch tools to a server."""
+    """Add the dispatch tools, and the dispatch resource, to a server."""
+    server.resource(DISPATCH_URI, name="dispatch", mime_type="application/json")(dispatch_resource)
     server.add_tool(dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     server.add_tool(await_dispatch, annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     server.add_tool(cancel_dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))

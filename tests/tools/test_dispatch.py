@@ -168,3 +168,28 @@ async def _refusal(pending) -> Exception:  # type: ignore[no-untyped-def]
     except Exception as exc:  # noqa: BLE001 - the refusal is what the test reads
         return exc
     raise AssertionError("expected a refusal")
+
+
+async def test_the_dispatch_resource_wakes_subscribers_and_await_reports_progress(client: Client) -> None:
+    sent = await send(client, "sleep 1.5; echo via-resource")
+    uri = f"dockyard://dispatches/{sent['dispatch_id']}"
+    state: dict = {}
+    async with client.listen(resource_subscriptions=[uri]) as changes:
+        with anyio.fail_after(120):
+            async for _ in changes:  # woken on each change, never polled
+                state = json.loads((await client.read_resource(uri)).contents[0].text)
+                if state["status"] == "completed":
+                    break
+    assert state["result"] == "via-resource\n" and state["dispatch_id"] == sent["dispatch_id"]
+
+    seen: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message or "")
+
+    slow = await send(client, "sleep 1; echo done")
+    result = await client.call_tool("await_dispatch", {"dispatch_id": slow["dispatch_id"], "timeout_s": 120}, progress_callback=on_progress)
+    assert result.structured_content["status"] == "completed"
+    assert any("completed" in message for message in seen), seen
+    with pytest.raises(Exception, match="unknown dispatch"):
+        await client.read_resource("dockyard://dispatches/dsp_nope")
