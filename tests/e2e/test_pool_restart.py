@@ -100,3 +100,33 @@ async def test_kill_9_and_restart_keeps_claims_restores_the_pool_and_leaks_nothi
     wide = {**environment(data_dir), "COLUMNS": "200"}
     table = subprocess.run([str(BIN / "dockyard"), "pool", "status"], env=wide, capture_output=True, text=True)
     assert table.returncode == 0 and "default" in table.stdout and "3/3/6" in table.stdout, table.stdout
+
+
+async def test_kill_9_mid_dispatch_interrupts_it_loses_nothing_and_frees_its_sandbox(
+    data_dir: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pid_file = tmp_path / "server.pid"
+    try:
+        async with killable(data_dir, pid_file) as client:
+            await settled(client, warm=3)
+            done = await call(client, "dispatch", mode="remote", rationale="r", task_summary="quick", prompt="echo kept")
+            assert (await call(client, "await_dispatch", dispatch_id=done["dispatch_id"], timeout_s=60))["status"] == "completed"
+            slow = await call(client, "dispatch", mode="remote", rationale="r", task_summary="slow", prompt="sleep 300")
+            with anyio.fail_after(60):
+                while (await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=0.2))["sandbox_id"] is None:
+                    pass
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            await anyio.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
+        pass
+    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+        after = await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=5)
+        assert after["status"] == "interrupted" and "not re-run" in after["error"]
+        kept = await call(client, "await_dispatch", dispatch_id=done["dispatch_id"], timeout_s=5)
+        assert (kept["status"], kept["result"]) == ("completed", "kept\n")
+        await settled(client, warm=3)
+        with anyio.fail_after(60):  # the interrupted dispatch's sandbox goes back to the pool
+            while (await pool(client))["claimed"]:
+                await anyio.sleep(0.2)
+        live = live_runtimes(data_dir)
+        assert labelled_containers(docker_client, data_dir) == {r.container_id for r in live}
