@@ -6,13 +6,15 @@ the caller's attribution), `local` runs in the caller's own sandbox. The result 
 the store before anyone is told; `wait` reads the store. After a restart, dispatches that were
 running are marked interrupted (never re-run behind the caller's back) and queued ones start.
 
-Runners available now: `script` (the prompt is a bash script run as the sandbox user). Team
-modes, `user_pc`, and the `command` and `llm` runners are refused with a clear error until
-they exist.
+Runners: `script` (the prompt is a bash script run as the sandbox user), `command` (a program
+from the image, the prompt one argument) and `llm` (a tool-using loop on the server against a
+chat endpoint, its tools acting in the sandbox). Team modes and `user_pc` are refused with a
+clear error until they exist.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -26,6 +28,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime.llmrunner import SandboxTools, run_llm
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.sandboxes import SandboxService
@@ -199,8 +202,6 @@ class DispatchService:
         profiles = self._settings.runners
         if runner not in profiles:
             raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(sorted(profiles))}")
-        if profiles[runner].kind == "llm":
-            raise InvalidRequestError(f"runner '{runner}' is an llm runner, which is not available yet; use a script or command runner")
         if not prompt or not prompt.strip():
             raise InvalidRequestError(f"runner '{runner}' needs a prompt: the script to run, or the task for the command")
         if mode == "local" and not sandbox_id:
@@ -234,16 +235,22 @@ class DispatchService:
                 token = await self._tokens.mint_for_run(
                     _caller(row), row.id, _RUN_SCOPES, utcnow() + timedelta(seconds=timeout + 60), sandbox_id
                 )
-                ran = await self._sandboxes.exec(
-                    owner, sandbox_id, work, timeout_s=timeout, runner_env=_runner_env(row, token.token)
-                )
-                result = ran.stdout[-_RESULT_CAP:]
-                if ran.timed_out:
-                    error = f"the runner timed out after {timeout} s"
-                elif ran.exit_code != 0:
-                    error = f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
-                else:
+                env = _runner_env(row, token.token)
+                if profile.kind == "llm":
+                    with anyio.fail_after(timeout):
+                        result = (await run_llm(profile, row.prompt, self._tools_for(owner, sandbox_id, env)))[-_RESULT_CAP:]
                     status = DispatchStatus.COMPLETED
+                else:
+                    ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout, runner_env=env)
+                    result = ran.stdout[-_RESULT_CAP:]
+                    if ran.timed_out:
+                        error = f"the runner timed out after {timeout} s"
+                    elif ran.exit_code != 0:
+                        error = f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
+                    else:
+                        status = DispatchStatus.COMPLETED
+            except TimeoutError:
+                error = f"the runner did not finish within {self._settings.runners[row.runner].timeout_s} s"
             except DockyardError as exc:
                 error = str(exc)
             except anyio.get_cancelled_exc_class():
@@ -266,6 +273,22 @@ class DispatchService:
                     log.warning("could not give back the sandbox of dispatch %s now (%s); the next start does", row.id, exc)
             running.changed.set()
             self._running.pop(row.id, None)
+
+    def _tools_for(self, owner: Identity, sandbox_id: str, env: dict[str, str]) -> SandboxTools:
+        """The llm runner's tools, acting in the dispatch's sandbox as its run."""
+
+        async def carry_out(name: str, arguments: dict) -> str:
+            if name == "exec":
+                ran = await self._sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env)
+                return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
+            if name == "read_file":
+                return (await self._sandboxes.read_file(owner, sandbox_id, str(arguments.get("path", "")), "utf-8", None)).content
+            written = await self._sandboxes.write_file(
+                owner, sandbox_id, str(arguments.get("path", "")), str(arguments.get("content", "")), "utf-8"
+            )
+            return f"wrote {written.size} bytes to {written.path}"
+
+        return carry_out
 
     async def _set(self, dispatch_id: str, **values: object) -> None:
         def update(session: Session) -> None:

@@ -72,17 +72,24 @@ class RunnerProfile(BaseModel):
 
     `script`: the prompt is a bash script. `command`: a program from the template's image,
     run with `argv` where each `{prompt}` is replaced by the prompt, as one argument (never
-    through a shell). `llm`: a tool-using loop against a chat endpoint (not available yet).
+    through a shell). `llm`: a tool-using loop on the server against an OpenAI-compatible
+    chat-completions endpoint, whose tools work in the dispatch's sandbox.
     """
 
     kind: Literal["script", "command", "llm"]
     argv: list[str] = Field(default_factory=list)
     timeout_s: int = Field(600, ge=1)
+    url: str | None = Field(None, description="llm: an OpenAI-compatible API base, e.g. http://127.0.0.1:11434/v1.")
+    model: str | None = None
+    api_key: SecretStr | None = Field(None, description="llm: the endpoint's key (kept on the server, never in a runtime).")
+    max_steps: int = Field(20, ge=1, le=200, description="llm: model turns before the runner gives up.")
 
     @model_validator(mode="after")
-    def _command_has_argv(self) -> RunnerProfile:
+    def _complete(self) -> RunnerProfile:
         if self.kind == "command" and not self.argv:
             raise ValueError("a command runner needs argv, such as [\"claude\", \"-p\", \"{prompt}\"]")
+        if self.kind == "llm" and not (self.url and self.model):
+            raise ValueError("an llm runner needs url (an OpenAI-compatible API base) and model")
         return self
 
 

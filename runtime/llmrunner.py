@@ -1,0 +1,116 @@
+"""The `llm` runner: a tool-using loop against an OpenAI-compatible chat-completions endpoint.
+
+The loop runs on the server. The model gets the task and three tools that act in the
+dispatch's sandbox (run a command, read a file, write a file); each tool call is carried out
+and its result handed back, until the model answers without calling a tool, which is the
+dispatch's result. The endpoint's key stays on the server; the sandbox never sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from dockyard.runtime.errors import DockyardError, InvalidRequestError
+from dockyard.runtime.settings import RunnerProfile
+
+__all__ = ["LlmRunnerError", "SandboxTools", "run_llm"]
+
+SYSTEM = (
+    "You do a task in an isolated Linux sandbox (Debian, /workspace is your working directory). "
+    "Use the tools to run commands and to read and write files. When the task is done, answer "
+    "with the result and call no tool."
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "exec",
+            "description": "Run a bash command in the sandbox; returns its exit code, stdout and stderr.",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a text file under /workspace.",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "description": "Write a text file under /workspace (parents are created).",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                "required": ["path", "content"],
+            },
+        },
+    },
+]
+_TOOL_RESULT_CAP = 16 * 1024
+
+# What a tool call does in the sandbox: (name, arguments) -> text for the model.
+SandboxTools = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+
+class LlmRunnerError(DockyardError):
+    """The endpoint failed, answered something unusable, or the model never finished."""
+
+
+async def run_llm(profile: RunnerProfile, prompt: str, tools: SandboxTools) -> str:
+    """Drive the model until it answers without a tool call; returns that answer."""
+    assert profile.url and profile.model
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    headers = {"Authorization": f"Bearer {profile.api_key.get_secret_value()}"} if profile.api_key else {}
+    url = profile.url.rstrip("/") + "/chat/completions"
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0)) as http:
+        for _ in range(profile.max_steps):
+            message = await _turn(http, url, headers, {"model": profile.model, "messages": messages, "tools": TOOLS})
+            messages.append(message)
+            calls = message.get("tool_calls") or []
+            if not calls:
+                return str(message.get("content") or "")
+            for call in calls:
+                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": await _carry_out(call, tools)})
+    raise LlmRunnerError(f"the model did not finish within {profile.max_steps} turns")
+
+
+async def _turn(http: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        response = await http.post(url, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise LlmRunnerError(f"the model endpoint {url} could not be reached: {exc}") from exc
+    if response.status_code != 200:
+        raise LlmRunnerError(f"the model endpoint answered {response.status_code}: {response.text[:300]}")
+    try:
+        message = response.json()["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LlmRunnerError(f"the model endpoint answered without a message: {response.text[:300]}") from exc
+    if not isinstance(message, dict):
+        raise LlmRunnerError("the model endpoint's message is not an object")
+    return message
+
+
+async def _carry_out(call: dict[str, Any], tools: SandboxTools) -> str:
+    """One tool call's result as text; a bad call is reported to the model, not raised."""
+    function = call.get("function") or {}
+    name = function.get("name", "")
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments must be a JSON object")
+    except ValueError as exc:
+        return f"error: the arguments of {name} are not valid JSON ({exc})"
+    if name not in {tool["function"]["name"] for tool in TOOLS}:
+        return f"error: there is no tool '{name}'; use exec, read_file or write_file"
+    try:
+        return (await tools(name, arguments))[:_TOOL_RESULT_CAP]
+    except (InvalidRequestError, DockyardError) as exc:
+        return f"error: {exc}"
