@@ -16,6 +16,7 @@ from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import AuditEvent, Dispatch, DispatchDecision
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance, sh
+from tests.scripted_llm import scripted_model, tool_call
 
 pytestmark = pytest.mark.anyio
 
@@ -193,3 +194,48 @@ async def test_the_dispatch_resource_wakes_subscribers_and_await_reports_progres
     assert any("completed" in message for message in seen), seen
     with pytest.raises(Exception, match="unknown dispatch"):
         await client.read_resource("dockyard://dispatches/dsp_nope")
+
+
+async def test_the_llm_runner_finishes_a_task_that_needs_several_tool_calls(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    def final(messages: list[dict]) -> dict:
+        seen = json.loads(messages[-1]["content"])  # the exec result the runner handed back
+        return {"role": "assistant", "content": f"the file holds: {seen['stdout'].strip()}"}
+
+    turns = [
+        lambda _: tool_call("write_file", path="calc/answer.txt", content="6*7=42"),
+        lambda _: tool_call("read_file", path="calc/answer.txt"),
+        lambda m: tool_call("exec", command=f"test \"$(cat calc/answer.txt)\" = '{m[-1]['content']}' && cat calc/answer.txt; env"),
+        final,
+    ]
+    async with scripted_model(turns) as model:
+        profile = {"kind": "llm", "url": model.url, "model": "scripted", "api_key": model.key}
+        settings = make_settings(tmp_path / "data", runners={"script": {"kind": "script"}, "agent": profile})
+        try:
+            async with Engine.open(settings) as engine:
+                who = engine.operator
+                sent = await engine.dispatches.dispatch(who, mode="remote", rationale="r", task_summary="compute", prompt="What is 6*7? Keep it in a file.", runner="agent")
+                done = await engine.dispatches.wait(who, sent.dispatch_id, 120)
+        finally:
+            remove_instance(docker_client, settings)
+    assert done.status == "completed", done.error
+    assert done.result.startswith("the file holds: 6*7=42")
+    assert "test-key" not in done.result and "DOCKYARD_RUN_ID=" + sent.dispatch_id in done.result  # the key stays out
+    assert len(model.requests) == 4 and model.requests[0]["model"] == "scripted"
+    assert {t["function"]["name"] for t in model.requests[0]["tools"]} == {"exec", "read_file", "write_file"}
+    assert model.requests[0]["messages"][1] == {"role": "user", "content": "What is 6*7? Keep it in a file."}
+
+
+async def test_an_llm_runner_that_cannot_reach_its_model_fails_with_the_reason(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    profile = {"kind": "llm", "url": "http://127.0.0.1:9/v1", "model": "none"}
+    settings = make_settings(tmp_path / "data", runners={"script": {"kind": "script"}, "agent": profile})
+    try:
+        async with Engine.open(settings) as engine:
+            sent = await engine.dispatches.dispatch(engine.operator, mode="remote", rationale="r", task_summary="t", prompt="hi", runner="agent")
+            done = await engine.dispatches.wait(engine.operator, sent.dispatch_id, 120)
+    finally:
+        remove_instance(docker_client, settings)
+    assert done.status == "failed" and "could not be reached" in done.error
