@@ -263,6 +263,9 @@ class DispatchService:
         if running.scope.cancel_called:
             status, error = DispatchStatus.CANCELLED, "cancelled by its owner"
         with anyio.CancelScope(shield=True):
+            stored = await self._store.get(Dispatch, row.id)
+            if stored is not None and stored.submitted:
+                result = stored.result  # what the runner submitted is its result
             # The result is in the store before anyone can be told of it.
             await self._set(row.id, status=status, result=result, error=error, finished_at=utcnow())
             await self._tokens.revoke_run(row.id, f"its dispatch ended ({status})")
@@ -309,6 +312,37 @@ class DispatchService:
                 log.exception("dispatch %s: change notification failed", dispatch_id)
 
     # -- waiting and cancelling -------------------------------------------------------
+
+    async def submit(self, who: Identity, dispatch_id: str, result: str, proof: str) -> DispatchInfo:
+        """A runner's result, proven by its run's token (DOCKYARD_TOKEN); accepted once.
+
+        A wrong, foreign or spent proof, or a second submission, is refused and audited.
+        """
+        try:
+            runner = await self._tokens.verify(proof)
+        except DockyardError as exc:
+            raise await self._tokens.deny(who, "dispatch.submit", f"the proof is not this run's token: {exc}", dispatch_id) from exc
+        if runner.run_id != dispatch_id:
+            raise await self._tokens.deny(who, "dispatch.submit", "the proof is the token of another run", dispatch_id)
+
+        def accept(session: Session) -> str | None:
+            row = session.get(Dispatch, dispatch_id)
+            if row is None or row.status != DispatchStatus.RUNNING:
+                return "the dispatch is not running"
+            if row.submitted:
+                return "a result was already submitted for this dispatch"
+            row.result, row.submitted = result[-_RESULT_CAP:], True
+            session.add(row)
+            return None
+
+        refusal = await self._store.run(accept)
+        if refusal is not None:
+            raise await self._tokens.deny(who, "dispatch.submit", refusal, dispatch_id)
+        await self._audit.append(runner, "dispatch.submit", target=dispatch_id, outcome="ok",
+                                 detail={"size": len(result), "token_id": runner.token_id})
+        row = await self._store.get(Dispatch, dispatch_id)
+        assert row is not None
+        return _info(row, None)
 
     async def get(self, who: Identity, dispatch_id: str) -> DispatchInfo:
         """The dispatch's state now."""

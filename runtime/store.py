@@ -192,6 +192,7 @@ class Dispatch(SQLModel, table=True):
     user_id: str
     run_id: str | None = None
     result: str | None = None
+    submitted: bool = False  # the result came from the runner through dispatch_submit
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
@@ -258,7 +259,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
-_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR")]
+_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

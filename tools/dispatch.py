@@ -11,7 +11,7 @@ from pydantic import Field
 
 from dockyard.runtime.errors import DockyardError, NotFoundError
 from dockyard.runtime.models import DispatchInfo
-from dockyard.tools._context import EngineContext, authorized, engine
+from dockyard.tools._context import EngineContext, authorized, caller, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
@@ -86,6 +86,19 @@ async def cancel_dispatch(ctx: EngineContext, dispatch_id: DispatchId) -> Dispat
     return await engine(ctx).dispatches.cancel(who, dispatch_id)
 
 
+@tool_errors
+async def dispatch_submit(
+    ctx: EngineContext,
+    dispatch_id: DispatchId,
+    result: Annotated[str, Field(max_length=1_000_000, description="The result of the work, as text.")],
+    proof: Annotated[str, Field(max_length=200, description="The run's token: the DOCKYARD_TOKEN in your environment.")],
+) -> DispatchInfo:
+    """For a runner doing a dispatch's work: hand in its result (once), proven by the run's
+    token from DOCKYARD_TOKEN. It becomes the dispatch's result when the runner ends. A second
+    submission, or one without this run's token, is refused and recorded."""
+    return await engine(ctx).dispatches.submit(caller(ctx), dispatch_id, result, proof)
+
+
 DISPATCH_URI = "dockyard://dispatches/{dispatch_id}"
 
 
@@ -94,4 +107,5 @@ def register(server: MCPServer) -> None:
     server.resource(DISPATCH_URI, name="dispatch", mime_type="application/json")(dispatch_resource)
     server.add_tool(dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     server.add_tool(await_dispatch, annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    server.add_tool(dispatch_submit, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     server.add_tool(cancel_dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))

@@ -100,3 +100,47 @@ async def test_a_bridge_in_a_runtime_nobody_claimed_gets_no_answer(
         timeout=60,
     )
     assert probe.returncode == 0 and probe.stdout == "", (probe.stdout, probe.stderr)
+
+
+SUBMIT = """
+import json, os
+import anyio
+from mcp import Client, StdioServerParameters
+
+async def main():
+    dispatch_id, proof = os.environ["DOCKYARD_DISPATCH_ID"], os.environ["DOCKYARD_TOKEN"]
+    async with Client(StdioServerParameters(command="dockyard-bridge")) as client:
+        async def submit(result, proof):
+            answer = await client.call_tool("dispatch_submit", {"dispatch_id": dispatch_id, "result": result, "proof": proof})
+            return answer.content[0].text if answer.is_error else "accepted"
+        seen = {
+            "forged": await submit("forged", "dyt_forged-token"),
+            "first": await submit("from inside the runtime", proof),
+            "replayed": await submit("replayed", proof),
+        }
+    with open("submissions.json", "w") as fh:
+        json.dump(seen, fh)
+    print("stdout is not the result once one was submitted")
+
+anyio.run(main)
+"""
+
+
+async def test_a_runner_submits_its_result_through_the_bridge_once_with_its_run_token(
+    client: Client, settings: Settings, docker_client: docker.DockerClient
+) -> None:
+    sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
+    assert docker_client.containers.get(container_of(docker_client, settings, sandbox_id)["Id"]).put_archive(
+        "/workspace", mcp_client_tar(".mcp")
+    )
+    await call(client, "sandbox_write_file", sandbox_id=sandbox_id, path="submit.py", content=SUBMIT)
+    sent = await call(client, "dispatch", mode="local", rationale="r", task_summary="t", sandbox_id=sandbox_id,
+                      prompt="PYTHONPATH=/workspace/.mcp python3 submit.py")
+    done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
+    assert (done["status"], done["result"]) == ("completed", "from inside the runtime"), done
+    seen = json.loads((await call(client, "sandbox_read_file", sandbox_id=sandbox_id, path="submissions.json"))["content"])
+    assert seen["first"] == "accepted"
+    assert "not this run's token" in seen["forged"]
+    assert "already submitted" in seen["replayed"]
+    audited = (await call(client, "audit_query", kind="dispatch.submit"))["rows"]
+    assert sorted(row["outcome"] for row in audited) == ["denied", "denied", "ok"]
