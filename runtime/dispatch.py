@@ -8,8 +8,9 @@ running are marked interrupted (never re-run behind the caller's back) and queue
 
 Runners: `script` (the prompt is a bash script run as the sandbox user), `command` (a program
 from the image, the prompt one argument) and `llm` (a tool-using loop on the server against a
-chat endpoint, its tools acting in the sandbox). Team modes and `user_pc` are refused with a
-clear error until they exist.
+chat endpoint, its tools acting in the sandbox). Team modes run one runner per member, in one
+shared sandbox or each in its own, and synthesize the members' results into one. `user_pc` is
+refused unless it is enabled (it is not, by default).
 """
 
 from __future__ import annotations
@@ -43,10 +44,8 @@ log = logging.getLogger(__name__)
 MODES = ("local", "remote", "team_single_vm", "team_multi_vm", "user_pc")
 # What a runner's own token may do: work in sandboxes of its run, read dispatches.
 _RUN_SCOPES = ["sandbox:exec", "sandbox:files", "dispatch:read"]
-_LATER = {
-    "team_single_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
-    "team_multi_vm": "team modes arrive with teams; use 'remote' or 'local' for now",
-}
+_TEAM_MODES = ("team_single_vm", "team_multi_vm")
+_MAX_MEMBERS = 8
 # Phrases in a task that decide its mode whatever the caller chose.
 _HINTS = [
     (re.compile(r"\b(clean|fresh|isolated) (environment|sandbox|machine)\b", re.I), "remote"),
@@ -63,6 +62,10 @@ class _Running:
 
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     changed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class _Done(Exception):
+    """A team dispatch finished its own bookkeeping."""
 
 
 class DispatchService:
@@ -173,6 +176,7 @@ class DispatchService:
             task_summary=task_summary,
             prompt=prompt,
             caller_sandbox_id=sandbox_id if used == "local" else None,
+            members=list(members) if used in _TEAM_MODES and members else None,
             workspace_id=who.workspace_id,
             project_id=who.project_id,
             user_id=who.user_id,
@@ -197,12 +201,14 @@ class DispatchService:
             raise InvalidRequestError(
                 "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime"
             )
-        if mode in _LATER:
-            raise InvalidRequestError(f"mode '{mode}' is not available yet: {_LATER[mode]}")
+        if mode in _TEAM_MODES and not members:
+            raise InvalidRequestError(f"mode '{mode}' needs members: one prompt (for the script runner, a script) per member")
+        if members and len(members) > _MAX_MEMBERS:
+            raise InvalidRequestError(f"at most {_MAX_MEMBERS} members; got {len(members)}")
         profiles = self._settings.runners
         if runner not in profiles:
             raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(sorted(profiles))}")
-        if not prompt or not prompt.strip():
+        if mode not in _TEAM_MODES and (not prompt or not prompt.strip()):
             raise InvalidRequestError(f"runner '{runner}' needs a prompt: the script to run, or the task for the command")
         if mode == "local" and not sandbox_id:
             raise InvalidRequestError("mode 'local' runs in your current sandbox: give its sandbox_id")
@@ -221,6 +227,15 @@ class DispatchService:
         with running.scope:
             try:
                 await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow())
+                if row.mode in _TEAM_MODES:
+                    made_many: list[str] = []
+                    try:
+                        status, result, error = await self._team(row, owner, made_many)
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            for sandbox in made_many:
+                                await self._give_back(owner, row.id, sandbox)
+                    raise _Done
                 if row.mode == "local":
                     sandbox_id = row.caller_sandbox_id
                 else:
@@ -249,6 +264,8 @@ class DispatchService:
                         error = f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
                     else:
                         status = DispatchStatus.COMPLETED
+            except _Done:
+                pass
             except TimeoutError:
                 error = f"the runner did not finish within {self._settings.runners[row.runner].timeout_s} s"
             except DockyardError as exc:
@@ -270,12 +287,61 @@ class DispatchService:
             await self._set(row.id, status=status, result=result, error=error, finished_at=utcnow())
             await self._tokens.revoke_run(row.id, f"its dispatch ended ({status})")
             if made is not None:
-                try:
-                    await self._sandboxes.destroy(owner, made)
-                except (DockyardError, RuntimeError) as exc:  # RuntimeError: dockyard is stopping
-                    log.warning("could not give back the sandbox of dispatch %s now (%s); the next start does", row.id, exc)
+                await self._give_back(owner, row.id, made)
             running.changed.set()
             self._running.pop(row.id, None)
+
+    async def _give_back(self, owner: Identity, dispatch_id: str, sandbox_id: str) -> None:
+        try:
+            await self._sandboxes.destroy(owner, sandbox_id)
+        except (DockyardError, RuntimeError) as exc:  # RuntimeError: dockyard is stopping
+            log.warning("could not give back sandbox %s of dispatch %s now (%s)", sandbox_id, dispatch_id, exc)
+
+    async def _team(self, row: Dispatch, owner: Identity, made: list[str]) -> tuple[str, str | None, str | None]:
+        """Run every member (sharing one sandbox, or each in its own), then synthesize: the
+        final result holds each member's, in order; it fails if any member failed."""
+        assert row.members
+        shared = (await self._sandboxes.create(owner)).sandbox_id if row.mode == "team_single_vm" else None
+        if shared:
+            made.append(shared)
+        await self._set(row.id, sandbox_id=shared)
+        outcomes: list[dict] = [{} for _ in row.members]
+        profile = self._settings.runners[row.runner]
+        timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
+
+        async def member(index: int, prompt: str) -> None:
+            try:
+                sandbox_id = shared
+                if sandbox_id is None:
+                    sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
+                    made.append(sandbox_id)
+                work: str | list[str] = prompt
+                if profile.kind == "command":
+                    work = [arg.replace("{prompt}", prompt) for arg in profile.argv]
+                if profile.kind == "llm":
+                    with anyio.fail_after(timeout):
+                        text = await run_llm(profile, prompt, self._tools_for(owner, sandbox_id, {}))
+                    outcomes[index] = {"member": index, "sandbox_id": sandbox_id, "status": "completed", "result": text}
+                    return
+                ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout)
+                ok = ran.exit_code == 0 and not ran.timed_out
+                outcomes[index] = {
+                    "member": index, "sandbox_id": sandbox_id, "status": "completed" if ok else "failed",
+                    "result": ran.stdout[-_RESULT_CAP:], "error": None if ok else f"exit code {ran.exit_code}: {ran.stderr.strip()[-500:]}",
+                }
+            except (DockyardError, TimeoutError) as exc:
+                outcomes[index] = {"member": index, "status": "failed", "result": None, "error": str(exc) or "timed out"}
+
+        async with anyio.create_task_group() as tg:
+            for index, prompt in enumerate(row.members):
+                tg.start_soon(member, index, prompt)
+        await self._set(row.id, member_results=outcomes)
+        synthesis = "\n".join(f"[member {o['member']}] {(o.get('result') or '').strip()}" for o in outcomes) + "\n"
+        failed = [o for o in outcomes if o["status"] != "completed"]
+        if failed:
+            reasons = "; ".join(f"member {o['member']}: {o['error']}" for o in failed)
+            return DispatchStatus.FAILED, synthesis, f"{len(failed)} of {len(outcomes)} members failed: {reasons}"
+        return DispatchStatus.COMPLETED, synthesis, None
 
     def _tools_for(self, owner: Identity, sandbox_id: str, env: dict[str, str]) -> SandboxTools:
         """The llm runner's tools, acting in the dispatch's sandbox as its run."""
@@ -420,6 +486,7 @@ def _info(row: Dispatch, hint: str | None) -> DispatchInfo:
         result=row.result,
         error=row.error,
         sandbox_id=row.sandbox_id,
+        members=row.member_results,
         next_steps=None if final else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
     )
 

@@ -159,4 +159,5 @@ class DispatchInfo(BaseModel):
     result: str | None = Field(None, description="The runner's result (the script's stdout), once completed.")
     error: str | None = None
     sandbox_id: str | None = Field(None, description="The sandbox the work runs in.")
+    members: list[dict] | None = Field(None, description="Team modes: each member's status and result.")
     next_steps: str | None = None

@@ -193,6 +193,8 @@ class Dispatch(SQLModel, table=True):
     run_id: str | None = None
     result: str | None = None
     submitted: bool = False  # the result came from the runner through dispatch_submit
+    members: list[str] | None = Field(default=None, sa_column=Column(JSON))  # team modes: each member's prompt
+    member_results: list[dict] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
@@ -259,7 +261,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
-_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0")]
+_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
+                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

@@ -7,6 +7,7 @@ label; teardown removes every container and network with that label, even after 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,20 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
     """Remove every container and network of the settings' instance; returns container names."""
     label = f"dockyard.instance={instance_id(settings)}"
     removed = []
-    # sparse: a container removed between listing and inspecting must not fail the cleanup
+    # sparse: a container removed between listing and inspecting must not fail the cleanup;
+    # one the server is removing at this moment (409) is waited for below.
     for container in client.containers.list(all=True, sparse=True, filters={"label": label}):
         removed.append(container.attrs["Names"][0].lstrip("/"))
         try:
             container.remove(force=True, v=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+    deadline = time.monotonic() + 30
+    while client.containers.list(all=True, sparse=True, filters={"label": label}) and time.monotonic() < deadline:
+        time.sleep(0.2)
     for network in client.networks.list(filters={"label": label}):
         network.remove()
     return removed

@@ -25,20 +25,25 @@ async def dispatch(
     mode: Annotated[
         Literal["local", "remote", "team_single_vm", "team_multi_vm", "user_pc"],
         Field(description="'remote': a fresh isolated sandbox from the pool; 'local': your current sandbox (give sandbox_id); "
-              "team modes and user_pc are not available on this server yet."),
+              "'team_single_vm': members share one sandbox; 'team_multi_vm': each member its own, results synthesized; "
+              "'user_pc' is off on this server."),
     ],
     rationale: Annotated[str, Field(min_length=1, max_length=1000, description="One sentence: why this mode.")],
     task_summary: Annotated[str, Field(min_length=1, max_length=2000, description="What the task is, in a line or two.")],
     prompt: Annotated[str | None, Field(max_length=100_000, description="For the script runner: the bash script to run.")] = None,
     runner: Annotated[str | None, Field(description="Runner profile; default and only one for now: 'script'.")] = None,
     sandbox_id: Annotated[str | None, Field(max_length=64, description="For mode 'local': the sandbox to run in.")] = None,
-    members: Annotated[list[str] | None, Field(description="For team modes: the members' roles.")] = None,
+    members: Annotated[
+        list[str] | None,
+        Field(max_length=8, description="For team modes: one prompt per member (for the script runner, its script)."),
+    ] = None,
 ) -> DispatchInfo:
     """Start a task where it should run and return at once with its dispatch_id; the work goes
     on in the background. Pick the mode and say why in one sentence. Phrases in the task such
-    as "clean environment" or "async" make it run remote whatever the mode (the result says
-    so). The 'script' runner runs the prompt as a bash script; its stdout is the result.
-    Collect the result with await_dispatch; stop it with cancel_dispatch."""
+    as "clean environment" or "async" make it run remote, "use a team" a team mode (the result
+    says so). The 'script' runner runs the prompt as a bash script; its stdout is the result.
+    Team modes run one runner per member and combine their results. Collect the result with
+    await_dispatch; stop it with cancel_dispatch."""
     who = await authorized(ctx, "dispatch:create", "dispatch.create")
     return await engine(ctx).dispatches.dispatch(
         who, mode=mode, rationale=rationale, task_summary=task_summary, prompt=prompt, runner=runner,

@@ -63,7 +63,7 @@ async def test_a_hint_in_the_task_overrides_the_mode(client: Client, settings: S
 async def test_bad_dispatches_are_refused_clearly_and_recorded(client: Client, settings: Settings) -> None:
     assert "sandbox_id" in await call_error(client, "dispatch", mode="local", rationale="r", task_summary="t", prompt="true")
     assert "runner" in await call_error(client, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="true", runner="magic")
-    assert "not available yet" in await call_error(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="t", prompt="true")
+    assert "needs members" in await call_error(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="t", prompt="true")
     assert "user_pc" in await call_error(client, "dispatch", mode="user_pc", rationale="r", task_summary="t", prompt="true")
     assert "needs a prompt" in await call_error(client, "dispatch", mode="remote", rationale="r", task_summary="t")
     assert "unknown sandbox" in await call_error(client, "dispatch", mode="local", rationale="r", task_summary="t", prompt="true", sandbox_id="sbx_nope")
@@ -239,3 +239,23 @@ async def test_an_llm_runner_that_cannot_reach_its_model_fails_with_the_reason(
     finally:
         remove_instance(docker_client, settings)
     assert done.status == "failed" and "could not be reached" in done.error
+
+
+TEAM = ["echo alpha > a.txt; sleep 1; ls", "echo beta > b.txt; sleep 1; ls"]
+
+
+async def test_team_members_share_one_sandbox_or_each_have_their_own_and_are_synthesized(client: Client) -> None:
+    single = await call(client, "dispatch", mode="team_single_vm", rationale="r", task_summary="pair work", members=TEAM)
+    multi = await call(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="split work", members=TEAM)
+    shared = await call(client, "await_dispatch", dispatch_id=single["dispatch_id"], timeout_s=120)
+    apart = await call(client, "await_dispatch", dispatch_id=multi["dispatch_id"], timeout_s=120)
+    assert shared["status"] == apart["status"] == "completed"
+    assert [m["result"] for m in shared["members"]] == ["a.txt\nb.txt\n", "a.txt\nb.txt\n"]  # each sees the other's file
+    assert len({m["sandbox_id"] for m in shared["members"]}) == 1
+    assert [m["result"] for m in apart["members"]] == ["a.txt\n", "b.txt\n"]  # neither sees the other's
+    assert len({m["sandbox_id"] for m in apart["members"]}) == 2
+    assert apart["result"] == "[member 0] a.txt\n[member 1] b.txt\n"  # the synthesis holds every member's
+    hinted = await call(client, "dispatch", mode="remote", rationale="r", task_summary="use a team for this", members=["echo x"])
+    assert hinted["mode"] == "team_multi_vm" and "use a team" in hinted["hint"]
+    await call(client, "await_dispatch", dispatch_id=hinted["dispatch_id"], timeout_s=120)
+    assert (await call(client, "sandbox_list"))["sandboxes"] == []  # every member's sandbox went back
