@@ -259,3 +259,22 @@ async def test_team_members_share_one_sandbox_or_each_have_their_own_and_are_syn
     assert hinted["mode"] == "team_multi_vm" and "use a team" in hinted["hint"]
     await call(client, "await_dispatch", dispatch_id=hinted["dispatch_id"], timeout_s=120)
     assert (await call(client, "sandbox_list"))["sandboxes"] == []  # every member's sandbox went back
+
+
+async def test_a_runner_past_its_timeout_fails_with_the_reason_and_is_killed(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(tmp_path / "data", runners={"script": {"kind": "script", "timeout_s": 1}})
+    try:
+        async with Engine.open(settings) as engine:
+            who = engine.operator
+            mine = await engine.sandboxes.create(who)
+            sent = await engine.dispatches.dispatch(
+                who, mode="local", rationale="r", task_summary="t", sandbox_id=mine.sandbox_id, prompt="sleep 30 & sleep 31"
+            )
+            done = await engine.dispatches.wait(who, sent.dispatch_id, 60)
+            assert done.status == "failed" and "timed out after 1 s" in done.error
+            left = await engine.sandboxes.exec(who, mine.sandbox_id, "ps -eo args= | grep -c '^sleep 3[01]' || true")
+            assert left.stdout.strip() == "0"  # the runner and what it started are gone
+    finally:
+        remove_instance(docker_client, settings)
