@@ -86,7 +86,7 @@ def _translate(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 class ExecChannel:
-    """One attached exec: write stdin, read (stream, bytes) frames, then ask for the exit code."""
+    """One attached exec: write stdin, read (stream, bytes) frames."""
 
     def __init__(self, backend: DockerBackend, exec_id: str, stream: anyio.abc.ByteStream, pending: bytes) -> None:
         self.exec_id = exec_id
@@ -104,15 +104,6 @@ class ExecChannel:
             await self._stream.send_eof()  # type: ignore[attr-defined]
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
-
-    async def feed(self, data: bytes | None) -> None:
-        """Write all of `data` to stdin, then close it; a process that stops reading early is fine."""
-        try:
-            if data:
-                await self._stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return
-        await self.close_stdin()
 
     async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (STDOUT|STDERR, chunk) until the process's output ends."""
@@ -135,15 +126,6 @@ class ExecChannel:
             return False
         self._buffer += data
         return True
-
-    async def exit_code(self) -> int | None:
-        """The exit code once the process has ended, or None if it is still running."""
-        for _ in range(50):
-            info = await self._backend.exec_inspect(self.exec_id)
-            if not info["Running"]:
-                return info["ExitCode"]
-            await anyio.sleep(0.02)
-        return None
 
     async def aclose(self) -> None:
         """Drop the connection; the process is not killed by this."""
@@ -306,9 +288,6 @@ class DockerBackend:
         return await self._run(self.client.api.containers, all=True, filters=filters)
 
     # -- exec ---------------------------------------------------------------------------
-
-    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
-        return await self._run(self.client.api.exec_inspect, exec_id)
 
     @asynccontextmanager
     async def exec_attached(

@@ -226,10 +226,6 @@ def owned_by_me(pid):
         return False
 
 
-def cmd_kill(token):
-    answer(killed=kill_command(token))
-
-
 def processes():
     """{pid: (ppid, start time, state, uid, command)} of every process this helper can see."""
     found = {}
@@ -364,7 +360,6 @@ VERBS = {
     "write": cmd_write,
     "read": cmd_read,
     "list": cmd_list,
-    "kill": cmd_kill,
     "connect": cmd_connect,
     "reset": cmd_reset,
     "verify": cmd_verify,
