@@ -47,9 +47,8 @@ class _Capture:
         self.dropped += len(chunk) - len(keep)
         return keep
 
-    def text(self, dropped_there: int = 0) -> str:
-        """The kept output, with a note of how much was cut here and in the sandbox."""
-        self.dropped += dropped_there
+    def text(self) -> str:
+        """The kept output, with a note of how much was cut."""
         text = self.kept.decode("utf-8", errors="replace")
         if self.dropped:
             text += f"\n[... {self.dropped} more bytes of {self.name} truncated at the {self.cap}-byte cap]"
@@ -138,12 +137,13 @@ async def run_command(
         raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):
         raise SupervisorError(str(ended["error"]))
-    dropped = list(ended.get("dropped") or [0, 0])
+    for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0]):
+        capture.dropped += int(dropped_there)  # cut in the sandbox, never sent
     timed_out = bool(ended.get("timed_out"))
     return ExecResult(
         exit_code=TIMEOUT_EXIT_CODE if timed_out else int(ended.get("code") if ended.get("code") is not None else -1),
-        stdout=captures[1].text(int(dropped[0])),
-        stderr=captures[2].text(int(dropped[1])),
+        stdout=captures[1].text(),
+        stderr=captures[2].text(),
         timed_out=timed_out,
         truncated=any(c.dropped for c in captures.values()),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),

@@ -248,7 +248,7 @@ class DispatchService:
                 if profile.kind == "command":  # the prompt is one argument, never shell text
                     work = [arg.replace("{prompt}", row.prompt) for arg in profile.argv]
                 token = await self._tokens.mint_for_run(
-                    _caller(row), row.id, _RUN_SCOPES, utcnow() + timedelta(seconds=timeout + 60), sandbox_id
+                    owner, row.id, _RUN_SCOPES, utcnow() + timedelta(seconds=timeout + 60), sandbox_id
                 )
                 env = _runner_env(row, token.token)
                 if profile.kind == "llm":
@@ -498,14 +498,8 @@ def _runner_identity(row: Dispatch) -> Identity:
         project_id=row.project_id,
         user_id=row.user_id,
         run_id=row.id,
-        scopes=["sandbox:create", "sandbox:exec", "sandbox:files"],
+        scopes=["sandbox:create", *_RUN_SCOPES],
     )
-
-
-def _caller(row: Dispatch) -> Identity:
-    """The dispatch's caller, as far as its row says (a runner gets no more than this)."""
-    return Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id,
-                    scopes=["sandbox:exec", "sandbox:files", "dispatch:read"])
 
 
 def _runner_env(row: Dispatch, token: str) -> dict[str, str]:
