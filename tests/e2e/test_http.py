@@ -23,7 +23,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import make_settings, remove_instance
+from tests.conftest import call, call_error, make_settings, remove_instance
 
 pytestmark = pytest.mark.anyio
 
@@ -95,22 +95,9 @@ async def connect(served: Served, token: str) -> AsyncIterator[Client]:
             yield client
 
 
-async def ok(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, f"{tool}: {result.content[0].text}"
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def refused(client: Client, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} unexpectedly succeeded: {result.structured_content}"
-    return result.content[0].text
-
-
 async def mint(served: Served, **request: Any) -> dict[str, Any]:
     async with connect(served, served.admin_key) as admin:
-        return await ok(admin, "token_mint", **request)
+        return await call(admin, "token_mint", **request)
 
 
 def status_of(served: Served, token: str | None) -> int:
@@ -141,7 +128,7 @@ async def test_no_bad_expired_or_revoked_token_gets_in(served: Served) -> None:
     revoked = await mint(served, scopes=["sandbox:exec"], workspace_id="a")
     assert status_of(served, revoked["token"]) == 200
     async with connect(served, served.admin_key) as admin:
-        await ok(admin, "token_revoke", token_id=revoked["token_id"])
+        await call(admin, "token_revoke", token_id=revoked["token_id"])
     assert status_of(served, revoked["token"]) == 401
     with pytest.raises(Exception):  # the official client cannot even open a session
         async with connect(served, "dyt_not-a-token-of-ours"):
@@ -165,24 +152,24 @@ async def test_a_token_minted_by_another_server_is_refused(served: Served, tmp_p
 async def test_a_token_does_what_its_scopes_allow_and_nothing_else(served: Served) -> None:
     exec_only = await mint(served, scopes=["sandbox:create", "sandbox:exec"], workspace_id="a", user_id="ann")
     async with connect(served, exec_only["token"]) as client:
-        who = await ok(client, "whoami")
+        who = await call(client, "whoami")
         assert (who["workspace_id"], who["user_id"], who["scopes"]) == ("a", "ann", ["sandbox:create", "sandbox:exec"])
-        sandbox_id = (await ok(client, "sandbox_create"))["sandbox_id"]
-        assert (await ok(client, "sandbox_exec", sandbox_id=sandbox_id, command="echo ok"))["stdout"] == "ok\n"
-        message = await refused(client, "sandbox_write_file", sandbox_id=sandbox_id, path="x", content="y")
+        sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
+        assert (await call(client, "sandbox_exec", sandbox_id=sandbox_id, command="echo ok"))["stdout"] == "ok\n"
+        message = await call_error(client, "sandbox_write_file", sandbox_id=sandbox_id, path="x", content="y")
         assert "needs the scope 'sandbox:files'" in message
-        assert "needs the scope 'pool:read'" in await refused(client, "pool_status")
-        assert "needs the scope 'token:mint'" in await refused(client, "token_mint", scopes=["sandbox:exec"])
-        await ok(client, "sandbox_destroy", sandbox_id=sandbox_id)
+        assert "needs the scope 'pool:read'" in await call_error(client, "pool_status")
+        assert "needs the scope 'token:mint'" in await call_error(client, "token_mint", scopes=["sandbox:exec"])
+        await call(client, "sandbox_destroy", sandbox_id=sandbox_id)
 
 
 async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None:
     a = await mint(served, scopes=[*ALL_SANDBOX, "token:mint"], workspace_id="a")
     b = await mint(served, scopes=[*ALL_SANDBOX, "token:mint", "pool:read"], workspace_id="b")
     async with connect(served, a["token"]) as client_a, connect(served, b["token"]) as client_b:
-        theirs = (await ok(client_a, "sandbox_create"))["sandbox_id"]
-        await ok(client_a, "sandbox_write_file", sandbox_id=theirs, path="secret.txt", content="a's")
-        snapshot = (await ok(client_a, "sandbox_snapshot", sandbox_id=theirs))["snapshot_id"]
+        theirs = (await call(client_a, "sandbox_create"))["sandbox_id"]
+        await call(client_a, "sandbox_write_file", sandbox_id=theirs, path="secret.txt", content="a's")
+        snapshot = (await call(client_a, "sandbox_snapshot", sandbox_id=theirs))["snapshot_id"]
         attempts = [
             ("sandbox_exec", {"sandbox_id": theirs, "command": "cat secret.txt"}),
             ("sandbox_read_file", {"sandbox_id": theirs, "path": "secret.txt"}),
@@ -193,17 +180,17 @@ async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None
             ("sandbox_destroy", {"sandbox_id": theirs}),
         ]
         for tool, arguments in attempts:
-            assert "unknown sandbox" in await refused(client_b, tool, **arguments), tool
-        assert "unknown snapshot" in await refused(client_b, "sandbox_create", from_snapshot=snapshot)
-        assert (await ok(client_b, "sandbox_list"))["sandboxes"] == []
-        assert "unknown token" in await refused(client_b, "token_revoke", token_id=a["token_id"])
-        assert "must stay 'b'" in await refused(client_b, "token_mint", scopes=["sandbox:exec"], workspace_id="a")
+            assert "unknown sandbox" in await call_error(client_b, tool, **arguments), tool
+        assert "unknown snapshot" in await call_error(client_b, "sandbox_create", from_snapshot=snapshot)
+        assert (await call(client_b, "sandbox_list"))["sandboxes"] == []
+        assert "unknown token" in await call_error(client_b, "token_revoke", token_id=a["token_id"])
+        assert "must stay 'b'" in await call_error(client_b, "token_mint", scopes=["sandbox:exec"], workspace_id="a")
         # Still there, untouched, for its owner.
-        assert (await ok(client_a, "sandbox_read_file", sandbox_id=theirs, path="secret.txt"))["content"] == "a's"
-        await ok(client_a, "sandbox_destroy", sandbox_id=theirs)
+        assert (await call(client_a, "sandbox_read_file", sandbox_id=theirs, path="secret.txt"))["content"] == "a's"
+        await call(client_a, "sandbox_destroy", sandbox_id=theirs)
     # Every attempt is on the record, attributed to b's token.
     async with connect(served, served.admin_key) as admin:
-        rows = (await ok(admin, "audit_query", workspace_id="b"))["rows"]
+        rows = (await call(admin, "audit_query", workspace_id="b"))["rows"]
     denied = {row["kind"] for row in rows if row["outcome"] == "denied" and row["target"] == theirs}
     assert denied >= {tool.replace("_", ".", 1) for tool, _ in attempts}, denied
     assert {row["token_id"] for row in rows if row["target"] == theirs} == {b["token_id"]}
@@ -212,20 +199,20 @@ async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None
 async def test_a_token_can_only_mint_narrower_tokens(served: Served) -> None:
     parent = await mint(served, scopes=["sandbox:exec", "token:mint"], workspace_id="a", user_id="ann", ttl_s=600)
     async with connect(served, parent["token"]) as client:
-        assert "lacks sandbox:create" in await refused(client, "token_mint", scopes=["sandbox:create"])
-        assert "must stay 'ann'" in await refused(client, "token_mint", scopes=["sandbox:exec"], user_id="bob")
-        assert "cannot outlive" in await refused(client, "token_mint", scopes=["sandbox:exec"], ttl_s=3600)
-        child = await ok(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1", ttl_s=60)
+        assert "lacks sandbox:create" in await call_error(client, "token_mint", scopes=["sandbox:create"])
+        assert "must stay 'ann'" in await call_error(client, "token_mint", scopes=["sandbox:exec"], user_id="bob")
+        assert "cannot outlive" in await call_error(client, "token_mint", scopes=["sandbox:exec"], ttl_s=3600)
+        child = await call(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1", ttl_s=60)
     assert child["identity"]["scopes"] == ["sandbox:exec"] and child["identity"]["run_id"] == "run-1"
     async with connect(served, child["token"]) as client:
-        assert "needs the scope 'token:mint'" in await refused(client, "token_mint", scopes=["sandbox:exec"])
-        assert (await ok(client, "whoami"))["user_id"] == "ann"
+        assert "needs the scope 'token:mint'" in await call_error(client, "token_mint", scopes=["sandbox:exec"])
+        assert (await call(client, "whoami"))["user_id"] == "ann"
 
 
 async def test_the_admin_key_mints_but_does_not_work_in_workspaces(served: Served) -> None:
     async with connect(served, served.admin_key) as admin:
-        assert "only mints tokens" in await refused(admin, "sandbox_create")
-        assert "say which workspace" in await refused(admin, "token_mint", scopes=["sandbox:exec"])
+        assert "only mints tokens" in await call_error(admin, "sandbox_create")
+        assert "say which workspace" in await call_error(admin, "token_mint", scopes=["sandbox:exec"])
 
 
 async def test_requests_must_name_this_server_and_stay_under_the_size_cap(served: Served) -> None:
@@ -246,10 +233,10 @@ async def test_audit_rows_of_another_workspace_stay_out_of_reach(served: Served)
     a = await mint(served, scopes=["sandbox:create", "audit:read"], workspace_id="a")
     b = await mint(served, scopes=["audit:read"], workspace_id="b")
     async with connect(served, a["token"]) as client_a, connect(served, b["token"]) as client_b:
-        sandbox_id = (await ok(client_a, "sandbox_create"))["sandbox_id"]
-        await ok(client_a, "sandbox_destroy", sandbox_id=sandbox_id)
-        kinds = {row["kind"] for row in (await ok(client_a, "audit_query"))["rows"]}
+        sandbox_id = (await call(client_a, "sandbox_create"))["sandbox_id"]
+        await call(client_a, "sandbox_destroy", sandbox_id=sandbox_id)
+        kinds = {row["kind"] for row in (await call(client_a, "audit_query"))["rows"]}
         assert {"sandbox.create", "sandbox.destroy"} <= kinds
-        assert all(row["workspace_id"] == "b" for row in (await ok(client_b, "audit_query"))["rows"])
-        assert "only your own workspace" in await refused(client_b, "audit_query", workspace_id="a")
-        assert (await ok(client_b, "audit_verify"))["intact"] is True
+        assert all(row["workspace_id"] == "b" for row in (await call(client_b, "audit_query"))["rows"])
+        assert "only your own workspace" in await call_error(client_b, "audit_query", workspace_id="a")
+        assert (await call(client_b, "audit_verify"))["intact"] is True
