@@ -9,8 +9,9 @@ running are marked interrupted (never re-run behind the caller's back) and queue
 Runners: `script` (the prompt is a bash script run as the sandbox user), `command` (a program
 from the image, the prompt one argument) and `llm` (a tool-using loop on the server against a
 chat endpoint, its tools acting in the sandbox). Team modes run one runner per member, in one
-shared sandbox or each in its own, and synthesize the members' results into one. `user_pc` is
-refused unless it is enabled (it is not, by default).
+shared sandbox or each in its own, and synthesize the members' results into one. `user_pc` runs
+on the machine dockyard runs on: refused unless config enables it, the caller holds
+`dispatch:user_pc` and the user confirmed this very run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -29,6 +31,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime.hostrun import run_on_host
 from dockyard.runtime.llmrunner import SandboxTools, run_llm
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
@@ -133,14 +136,14 @@ class DispatchService:
         runner: str | None = None,
         sandbox_id: str | None = None,
         members: list[str] | None = None,
+        consent: str | None = None,
     ) -> DispatchInfo:
-        """Record the decision and the dispatch, start it, and return at once."""
-        used, hint = mode, None
-        for pattern, forced in _HINTS:
-            text = f"{task_summary}\n{prompt or ''}"
-            if (found := pattern.search(text)) and forced != mode:
-                used, hint = forced, f"the task says '{found.group(0)}', so it runs as {forced}"
-                break
+        """Record the decision and the dispatch, start it, and return at once.
+
+        `consent` is the user's answer when the mode is `user_pc`: confirmed, declined,
+        cancelled, or unavailable (the client cannot ask); anything but confirmed refuses it.
+        """
+        used, hint = self.route(mode, task_summary, prompt)
         decision = DispatchDecision(
             requested_mode=mode,
             used_mode=used,
@@ -158,6 +161,8 @@ class DispatchService:
         runner = runner or "script"
         try:
             self._check(used, runner, prompt, sandbox_id, members)
+            if used == "user_pc":
+                self._check_host(who, runner, consent)
             if used == "local":
                 assert sandbox_id is not None
                 await self._sandboxes.check_owned(who, sandbox_id, "dispatch.create")
@@ -165,7 +170,8 @@ class DispatchService:
             decision.reason = str(exc)
             await self._store.add(decision)
             await self._audit.append(who, "dispatch.create", target=None, outcome="error",
-                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id})
+                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id,
+                                         "consent": consent})
             raise
         row = Dispatch(
             id=f"dsp_{secrets.token_hex(8)}",
@@ -190,14 +196,62 @@ class DispatchService:
 
         await self._store.run(insert)
         await self._audit.append(who, "dispatch.create", target=row.id, outcome="ok",
-                                 detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id})
+                                 detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id,
+                                         "consent": consent})
         self._start(row)
         return _info(row, hint)
+
+    def route(self, mode: str, task_summary: str, prompt: str | None) -> tuple[str, str | None]:
+        """The mode a task runs in, and the hint that chose it when a phrase in the task
+        overrode the caller's choice."""
+        text = f"{task_summary}\n{prompt or ''}"
+        for pattern, forced in _HINTS:
+            if (found := pattern.search(text)) and forced != mode:
+                return forced, f"the task says '{found.group(0)}', so it runs as {forced}"
+        return mode, None
+
+    def consent_question(self, who: Identity, mode: str, task_summary: str, prompt: str | None, runner: str | None) -> str | None:
+        """What to ask the user before a `user_pc` dispatch, or None when it will not run on
+        the host anyway (another mode, the mode off, or a caller or runner it refuses)."""
+        used, _ = self.route(mode, task_summary, prompt)
+        try:
+            if used != "user_pc":
+                return None
+            self._check(used, runner or "script", prompt, None, None)
+            self._check_host(who, runner or "script", "confirmed")
+        except DockyardError:
+            return None
+        return (
+            f"Run a task on this computer, outside any sandbox, as the user dockyard runs as, in {self._host_dir()}?\n"
+            f"Task: {task_summary}\nRunner: {runner or 'script'}\n---\n{(prompt or '')[:2000]}"
+        )
+
+    def _check_host(self, who: Identity, runner: str, consent: str | None) -> None:
+        """A `user_pc` dispatch runs only where config enables it, for a caller holding the
+        scope, with a runner allowed on the host, and once the user confirmed it."""
+        host = self._settings.dispatch.user_pc
+        if not who.allows("dispatch:user_pc"):
+            raise InvalidRequestError(
+                "mode 'user_pc' needs the dispatch:user_pc scope, which this token does not hold; use 'remote'"
+            )
+        if runner not in host.runners or self._settings.runners[runner].kind == "llm":
+            allowed = [name for name in host.runners if name in self._settings.runners and self._settings.runners[name].kind != "llm"]
+            raise InvalidRequestError(f"runner '{runner}' may not run on the host; allowed there: {', '.join(allowed) or 'none'}")
+        if consent != "confirmed":
+            why = {
+                "declined": "the user declined to run it on this computer",
+                "cancelled": "the user dismissed the confirmation",
+                "unavailable": "this client cannot ask the user to confirm it (it does not support elicitation)",
+            }.get(consent or "", "it was not confirmed by the user")
+            raise InvalidRequestError(f"mode 'user_pc' did not run: {why}; use 'remote' for an isolated runtime")
+
+    def _host_dir(self) -> Path:
+        return self._settings.dispatch.user_pc.workdir or Path.home()
 
     def _check(self, mode: str, runner: str, prompt: str | None, sandbox_id: str | None, members: list[str] | None) -> None:
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
-        if mode == "user_pc":
+        if mode == "user_pc" and not self._settings.dispatch.user_pc.enabled:
             raise InvalidRequestError(
                 "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime"
             )
@@ -226,8 +280,11 @@ class DispatchService:
         made: str | None = None
         with running.scope:
             try:
-                await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow())
+                if row.mode == "user_pc":
+                    status, result, error = await self._on_host(row, owner)
+                    raise _Done
                 if row.mode in _TEAM_MODES:
+                    await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow())
                     made_many: list[str] = []
                     try:
                         status, result, error = await self._team(row, owner, made_many)
@@ -238,9 +295,9 @@ class DispatchService:
                     raise _Done
                 if row.mode == "local":
                     sandbox_id = row.caller_sandbox_id
-                else:
+                else:  # it stays queued until the pool serves it
                     made = sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
-                await self._set(row.id, sandbox_id=sandbox_id)
+                await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow(), sandbox_id=sandbox_id)
                 assert sandbox_id is not None and row.prompt is not None
                 profile = self._settings.runners[row.runner]
                 timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
@@ -272,9 +329,12 @@ class DispatchService:
                 error = str(exc)
             except anyio.get_cancelled_exc_class():
                 if not running.scope.cancel_called:  # dockyard itself is stopping
-                    status, error = DispatchStatus.INTERRUPTED, _INTERRUPTED
-                    made = None  # its sandbox is freed at the next start, with the store's record
                     with anyio.CancelScope(shield=True):
+                        stored = await self._store.get(Dispatch, row.id)
+                        if stored is not None and stored.status == DispatchStatus.QUEUED:
+                            raise  # it never ran: it starts again with dockyard
+                        status, error = DispatchStatus.INTERRUPTED, _INTERRUPTED
+                        made = None  # its sandbox is freed at the next start, with the store's record
                         await self._set(row.id, status=status, error=error, finished_at=utcnow())
                     raise
         if running.scope.cancel_called:
@@ -283,13 +343,35 @@ class DispatchService:
             stored = await self._store.get(Dispatch, row.id)
             if stored is not None and stored.submitted:
                 result = stored.result  # what the runner submitted is its result
-            # The result is in the store before anyone can be told of it.
-            await self._set(row.id, status=status, result=result, error=error, finished_at=utcnow())
+            # The result is in the store before anyone can be told of it. The status turns final
+            # once the run's token is revoked and its sandbox given back, so whoever sees it
+            # final finds them so.
+            await self._set(row.id, notify=False, result=result, error=error)
             await self._tokens.revoke_run(row.id, f"its dispatch ended ({status})")
             if made is not None:
                 await self._give_back(owner, row.id, made)
+            await self._set(row.id, status=status, finished_at=utcnow())
+            await self._audit.append(owner, "dispatch.finish", target=row.id, outcome="ok" if status == DispatchStatus.COMPLETED else "error",
+                                     detail={"status": status, "error": error})
             running.changed.set()
             self._running.pop(row.id, None)
+
+    async def _on_host(self, row: Dispatch, owner: Identity) -> tuple[str, str | None, str | None]:
+        """Run a confirmed `user_pc` dispatch on this machine, with its run's token."""
+        await self._set(row.id, status=DispatchStatus.RUNNING, started_at=utcnow())
+        assert row.prompt is not None
+        profile = self._settings.runners[row.runner]
+        argv = ["bash", "-c", row.prompt] if profile.kind == "script" else [a.replace("{prompt}", row.prompt) for a in profile.argv]
+        token = await self._tokens.mint_for_run(
+            owner, row.id, ["dispatch:read"], utcnow() + timedelta(seconds=profile.timeout_s + 60), None
+        )
+        ran = await run_on_host(argv, cwd=self._host_dir(), env=_runner_env(row, token.token), timeout_s=profile.timeout_s,
+                                cap=self._settings.sandbox.output_cap_bytes)
+        if ran.timed_out:
+            return DispatchStatus.FAILED, ran.stdout[-_RESULT_CAP:], f"the runner timed out after {profile.timeout_s} s"
+        if ran.exit_code != 0:
+            return DispatchStatus.FAILED, ran.stdout[-_RESULT_CAP:], f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
+        return DispatchStatus.COMPLETED, ran.stdout[-_RESULT_CAP:], None
 
     async def _give_back(self, owner: Identity, dispatch_id: str, sandbox_id: str) -> None:
         try:
@@ -359,7 +441,7 @@ class DispatchService:
 
         return carry_out
 
-    async def _set(self, dispatch_id: str, **values: object) -> None:
+    async def _set(self, dispatch_id: str, notify: bool = True, **values: object) -> None:
         def update(session: Session) -> None:
             row = session.get(Dispatch, dispatch_id)
             assert row is not None
@@ -368,6 +450,8 @@ class DispatchService:
             session.add(row)
 
         await self._store.run(update)
+        if not notify:
+            return
         if (running := self._running.get(dispatch_id)) is not None:
             running.changed.set()
             running.changed = anyio.Event()

@@ -106,6 +106,25 @@ class TemplateSettings(BaseModel):
     pool: PoolShape = Field(default_factory=PoolShape)
 
 
+class UserPcSettings(BaseModel):
+    """Dispatch mode `user_pc`: running a task on the machine dockyard itself runs on, outside
+    any sandbox. Off unless enabled; even then every such dispatch is confirmed by the user
+    through the client, and only callers holding the `dispatch:user_pc` scope may ask."""
+
+    enabled: bool = False
+    workdir: Path | None = Field(None, description="Where host runs start; the server user's home when unset.")
+    runners: list[str] = Field(
+        default_factory=lambda: ["script"],
+        description="Runner profiles allowed on the host (script or command kinds; llm tools act in sandboxes).",
+    )
+
+
+class DispatchSettings(BaseModel):
+    """How dispatches are routed and run."""
+
+    user_pc: UserPcSettings = Field(default_factory=UserPcSettings)
+
+
 class QuotaSettings(BaseModel):
     """Limits on what callers hold at once; 0 means no limit. A refusal names the quota.
 
@@ -198,6 +217,7 @@ class Settings(BaseSettings):
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
     runners: dict[str, RunnerProfile] = Field(default_factory=lambda: {"script": RunnerProfile(kind="script")})
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     @field_validator("data_dir")
     @classmethod

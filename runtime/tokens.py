@@ -33,6 +33,7 @@ SCOPES = (
     "computer:use",
     "dispatch:create",
     "dispatch:read",
+    "dispatch:user_pc",
     "team:lead",
     "team:member",
     "token:mint",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from mcp.server.elicitation import AcceptedElicitation, CancelledElicitation, ElicitationResult
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from dockyard.runtime.errors import DockyardError, NotFoundError
 from dockyard.runtime.models import DispatchInfo
@@ -19,6 +21,37 @@ __all__ = ["register"]
 DispatchId = Annotated[str, Field(description="A dispatch id (dsp_...) from dispatch.", max_length=64)]
 
 
+class HostConsent(BaseModel):
+    """The user's answer before a task runs on their own machine."""
+
+    run_on_this_computer: bool = Field(description="Run it here, outside any sandbox?")
+
+
+_NOT_ASKED = "not asked"
+_CANNOT_ASK = "unavailable"
+
+
+async def host_consent(
+    ctx: EngineContext, mode: str, task_summary: str, prompt: str | None = None, runner: str | None = None
+) -> str | Elicit[HostConsent]:
+    """Ask the user before a `user_pc` dispatch runs on their machine (and only then)."""
+    question = engine(ctx).dispatches.consent_question(caller(ctx), mode, task_summary, prompt, runner)
+    if question is None:
+        return _NOT_ASKED
+    capabilities = ctx.client_capabilities
+    if capabilities is None or capabilities.elicitation is None:
+        return _CANNOT_ASK
+    return Elicit(question, HostConsent)
+
+
+def _consent(answer: ElicitationResult[HostConsent]) -> str | None:
+    if isinstance(answer, AcceptedElicitation):
+        if isinstance(answer.data, HostConsent):
+            return "confirmed" if answer.data.run_on_this_computer else "declined"
+        return None if answer.data == _NOT_ASKED else "unavailable"
+    return "cancelled" if isinstance(answer, CancelledElicitation) else "declined"
+
+
 @tool_errors
 async def dispatch(
     ctx: EngineContext,
@@ -26,7 +59,7 @@ async def dispatch(
         Literal["local", "remote", "team_single_vm", "team_multi_vm", "user_pc"],
         Field(description="'remote': a fresh isolated sandbox from the pool; 'local': your current sandbox (give sandbox_id); "
               "'team_single_vm': members share one sandbox; 'team_multi_vm': each member its own, results synthesized; "
-              "'user_pc' is off on this server."),
+              "'user_pc': the user's own machine, outside any sandbox (only where enabled, after the user confirms)."),
     ],
     rationale: Annotated[str, Field(min_length=1, max_length=1000, description="One sentence: why this mode.")],
     task_summary: Annotated[str, Field(min_length=1, max_length=2000, description="What the task is, in a line or two.")],
@@ -37,17 +70,19 @@ async def dispatch(
         list[str] | None,
         Field(max_length=8, description="For team modes: one prompt per member (for the script runner, its script)."),
     ] = None,
+    consent: Annotated[ElicitationResult[HostConsent], Resolve(host_consent)] = None,  # type: ignore[assignment]
 ) -> DispatchInfo:
     """Start a task where it should run and return at once with its dispatch_id; the work goes
     on in the background. Pick the mode and say why in one sentence. Phrases in the task such
     as "clean environment" or "async" make it run remote, "use a team" a team mode (the result
     says so). The 'script' runner runs the prompt as a bash script; its stdout is the result.
-    Team modes run one runner per member and combine their results. Collect the result with
-    await_dispatch; stop it with cancel_dispatch."""
+    Team modes run one runner per member and combine their results. 'user_pc' runs on the
+    user's own machine where the server allows it, after the user confirms. Collect the
+    result with await_dispatch; stop it with cancel_dispatch."""
     who = await authorized(ctx, "dispatch:create", "dispatch.create")
     return await engine(ctx).dispatches.dispatch(
         who, mode=mode, rationale=rationale, task_summary=task_summary, prompt=prompt, runner=runner,
-        sandbox_id=sandbox_id, members=members,
+        sandbox_id=sandbox_id, members=members, consent=_consent(consent),
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import docker
 import pytest
-from mcp import Client
+from mcp import Client, types
 from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import Engine
@@ -276,5 +276,97 @@ async def test_a_runner_past_its_timeout_fails_with_the_reason_and_is_killed(
             assert done.status == "failed" and "timed out after 1 s" in done.error
             left = await engine.sandboxes.exec(who, mine.sandbox_id, "ps -eo args= | grep -c '^sleep 3[01]' || true")
             assert left.stdout.strip() == "0"  # the runner and what it started are gone
+    finally:
+        remove_instance(docker_client, settings)
+
+
+def host_settings(tmp_path: Path, **operator: object) -> Settings:
+    workdir = tmp_path / "host"
+    workdir.mkdir(exist_ok=True)
+    runners = {"script": {"kind": "script"}, "echo": {"kind": "command", "argv": ["echo", "{prompt}"]}}
+    return make_settings(tmp_path / "data", default_pool={"min": 0, "max": 2}, runners=runners,
+                         dispatch={"user_pc": {"enabled": True, "workdir": str(workdir)}}, operator=operator)
+
+
+def answering(action: str, run: bool = True, asked: list[str] | None = None):
+    async def answer(context: object, params: types.ElicitRequestParams) -> types.ElicitResult:
+        if asked is not None:
+            asked.append(params.message)
+        content = {"run_on_this_computer": run} if action == "accept" else None
+        return types.ElicitResult(action=action, content=content)
+    return answer
+
+
+async def test_user_pc_runs_on_this_machine_only_after_the_user_confirms(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = host_settings(tmp_path)
+    workdir = tmp_path / "host"
+    script = "pwd; echo id=$DOCKYARD_DISPATCH_ID; touch made-here"
+    asked: list[str] = []
+    try:
+        server = build_server(settings)
+        async with Client(server, elicitation_callback=answering("accept", asked=asked)) as client:
+            sent = await send(client, script, mode="user_pc", summary="touch a file at home")
+            assert sent["mode"] == "user_pc" and len(asked) == 1
+            assert "outside any sandbox" in asked[0] and "touch a file at home" in asked[0] and "touch made-here" in asked[0]
+            done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=60)
+            assert done["status"] == "completed"
+            assert done["result"] == f"{workdir}\nid={sent['dispatch_id']}\n" and (workdir / "made-here").exists()
+            # A phrase that makes it remote runs in a sandbox and asks nothing.
+            remote = await send(client, "echo in-sandbox", mode="user_pc", summary="run it in a clean environment")
+            assert remote["mode"] == "remote" and len(asked) == 1
+            assert (await call(client, "await_dispatch", dispatch_id=remote["dispatch_id"], timeout_s=120))["status"] == "completed"
+        (workdir / "made-here").unlink()
+        for answer, why in ((answering("accept", run=False), "declined"), (answering("decline"), "declined"),
+                            (answering("cancel"), "dismissed"), (None, "cannot ask")):
+            async with Client(server, elicitation_callback=answer) as client:
+                assert why in await call_error(client, "dispatch", mode="user_pc", rationale="r", task_summary="t", prompt=script)
+        assert not (workdir / "made-here").exists()
+        decisions = [d for d in rows(settings, DispatchDecision) if d.used_mode == "user_pc"]
+        assert [d.outcome for d in decisions] == ["accepted", "refused", "refused", "refused", "refused"]
+        created = [a for a in rows(settings, AuditEvent) if a.kind == "dispatch.create"]
+        assert [json.loads(a.detail)["consent"] for a in created] == ["confirmed", None, "declined", "declined", "cancelled", "unavailable"]
+    finally:
+        remove_instance(docker_client, settings)
+
+
+async def test_user_pc_needs_its_scope_and_a_runner_allowed_on_the_host(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = host_settings(tmp_path, scopes=["dispatch:create", "dispatch:read"])
+    asked: list[str] = []
+    try:
+        async with Client(build_server(settings), elicitation_callback=answering("accept", asked=asked)) as client:
+            refused = await call_error(client, "dispatch", mode="user_pc", rationale="r", task_summary="t", prompt="touch x")
+            assert "dispatch:user_pc" in refused and asked == []
+        settings = host_settings(tmp_path, scopes=["*"])
+        async with Client(build_server(settings), elicitation_callback=answering("accept", asked=asked)) as client:
+            refused = await call_error(client, "dispatch", mode="user_pc", rationale="r", task_summary="t", prompt="x", runner="echo")
+            assert "may not run on the host; allowed there: script" in refused and asked == []
+        assert not (tmp_path / "host" / "x").exists()
+    finally:
+        remove_instance(docker_client, settings)
+
+
+async def test_a_dispatch_waits_queued_for_a_full_pool_and_fails_clearly_when_it_cannot_serve(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(tmp_path / "data", default_pool={"min": 0, "max": 1}, pool={"claim_timeout_s": 3.0})
+    try:
+        async with Client(build_server(settings)) as client:
+            held = (await call(client, "sandbox_create"))["sandbox_id"]
+            sent = await send(client, "echo never")
+            await anyio.sleep(1)
+            assert (await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=0))["status"] == "queued"
+            done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=60)
+            assert done["status"] == "failed" and "at its max of 1" in done["error"] and done["sandbox_id"] is None
+            # Once the pool has room, the same dispatch sent again runs.
+            await call(client, "sandbox_destroy", sandbox_id=held)
+            again = await send(client, "echo now")
+            assert (await call(client, "await_dispatch", dispatch_id=again["dispatch_id"], timeout_s=120))["result"] == "now\n"
+        finished = [a for a in rows(settings, AuditEvent) if a.kind == "dispatch.finish"]
+        assert [(a.target, a.outcome) for a in finished] == [(sent["dispatch_id"], "error"), (again["dispatch_id"], "ok")]
+        assert "at its max of 1" in json.loads(finished[0].detail)["error"]
     finally:
         remove_instance(docker_client, settings)
