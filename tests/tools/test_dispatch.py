@@ -280,12 +280,20 @@ async def test_a_runner_past_its_timeout_fails_with_the_reason_and_is_killed(
         remove_instance(docker_client, settings)
 
 
-def host_settings(tmp_path: Path, **operator: object) -> Settings:
+def host_settings(tmp_path: Path, timeout_s: int = 600, **operator: object) -> Settings:
     workdir = tmp_path / "host"
     workdir.mkdir(exist_ok=True)
-    runners = {"script": {"kind": "script"}, "echo": {"kind": "command", "argv": ["echo", "{prompt}"]}}
+    runners = {"script": {"kind": "script", "timeout_s": timeout_s}, "echo": {"kind": "command", "argv": ["echo", "{prompt}"]}}
     return make_settings(tmp_path / "data", default_pool={"min": 0, "max": 2}, runners=runners,
                          dispatch={"user_pc": {"enabled": True, "workdir": str(workdir)}}, operator=operator)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def answering(action: str, run: bool = True, asked: list[str] | None = None):
@@ -368,5 +376,22 @@ async def test_a_dispatch_waits_queued_for_a_full_pool_and_fails_clearly_when_it
         finished = [a for a in rows(settings, AuditEvent) if a.kind == "dispatch.finish"]
         assert [(a.target, a.outcome) for a in finished] == [(sent["dispatch_id"], "error"), (again["dispatch_id"], "ok")]
         assert "at its max of 1" in json.loads(finished[0].detail)["error"]
+    finally:
+        remove_instance(docker_client, settings)
+
+
+async def test_a_user_pc_run_past_its_timeout_is_killed_with_everything_it_started(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = host_settings(tmp_path, timeout_s=2)
+    try:
+        async with Client(build_server(settings), elicitation_callback=answering("accept")) as client:
+            sent = await send(client, "sleep 300 & echo $! > child.pid; echo started; sleep 300", mode="user_pc")
+            done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=60)
+        assert done["status"] == "failed" and "timed out after 2 s" in done["error"] and done["result"] == "started\n"
+        child = int((tmp_path / "host" / "child.pid").read_text())
+        with anyio.fail_after(10):
+            while alive(child):
+                await anyio.sleep(0.1)
     finally:
         remove_instance(docker_client, settings)
