@@ -16,7 +16,6 @@ on the machine dockyard runs on: refused unless config enables it, the caller ho
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -32,7 +31,7 @@ from sqlmodel import Session, col, select
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
 from dockyard.runtime.hostrun import run_on_host
-from dockyard.runtime.llmrunner import SandboxTools, run_llm
+from dockyard.runtime.llmrunner import opening, run_llm, sandbox_tools
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.sandboxes import SandboxService
@@ -310,7 +309,7 @@ class DispatchService:
                 env = _runner_env(row, token.token)
                 if profile.kind == "llm":
                     with anyio.fail_after(timeout):
-                        result = (await run_llm(profile, row.prompt, self._tools_for(owner, sandbox_id, env)))[-_RESULT_CAP:]
+                        result = (await run_llm(profile, opening(row.prompt), sandbox_tools(self._sandboxes, owner, sandbox_id, env)))[-_RESULT_CAP:]
                     status = DispatchStatus.COMPLETED
                 else:
                     ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout, runner_env=env)
@@ -402,7 +401,7 @@ class DispatchService:
                     work = [arg.replace("{prompt}", prompt) for arg in profile.argv]
                 if profile.kind == "llm":
                     with anyio.fail_after(timeout):
-                        text = await run_llm(profile, prompt, self._tools_for(owner, sandbox_id, {}))
+                        text = await run_llm(profile, opening(prompt), sandbox_tools(self._sandboxes, owner, sandbox_id, {}))
                     outcomes[index] = {"member": index, "sandbox_id": sandbox_id, "status": "completed", "result": text}
                     return
                 ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout)
@@ -424,22 +423,6 @@ class DispatchService:
             reasons = "; ".join(f"member {o['member']}: {o['error']}" for o in failed)
             return DispatchStatus.FAILED, synthesis, f"{len(failed)} of {len(outcomes)} members failed: {reasons}"
         return DispatchStatus.COMPLETED, synthesis, None
-
-    def _tools_for(self, owner: Identity, sandbox_id: str, env: dict[str, str]) -> SandboxTools:
-        """The llm runner's tools, acting in the dispatch's sandbox as its run."""
-
-        async def carry_out(name: str, arguments: dict) -> str:
-            if name == "exec":
-                ran = await self._sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env)
-                return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
-            if name == "read_file":
-                return (await self._sandboxes.read_file(owner, sandbox_id, str(arguments.get("path", "")), "utf-8", None)).content
-            written = await self._sandboxes.write_file(
-                owner, sandbox_id, str(arguments.get("path", "")), str(arguments.get("content", "")), "utf-8"
-            )
-            return f"wrote {written.size} bytes to {written.path}"
-
-        return carry_out
 
     async def _set(self, dispatch_id: str, notify: bool = True, **values: object) -> None:
         def update(session: Session) -> None:

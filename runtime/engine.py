@@ -23,6 +23,7 @@ from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Store
 from dockyard.runtime.supervisor import Supervisors
+from dockyard.runtime.teams import TeamService
 from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.upkeep import PoolUpkeep
 
@@ -56,6 +57,7 @@ class Engine:
     supervisors: Supervisors
     tokens: TokenService
     dispatches: DispatchService
+    teams: TeamService
 
     @property
     def operator(self) -> Identity:
@@ -94,6 +96,7 @@ class Engine:
             supervisors=supervisors,
             tokens=tokens,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens),
+            teams=TeamService(settings, store, audit, sandboxes, tokens),
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -108,6 +111,7 @@ class Engine:
                     await pools.replenish(pool)
                 tg.start_soon(upkeep.run)
                 await tg.start(engine.dispatches.run)
+                await tg.start(engine.teams.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine

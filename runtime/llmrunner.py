@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 
 from dockyard.runtime.errors import DockyardError, InvalidRequestError
-from dockyard.runtime.settings import RunnerProfile
+from dockyard.runtime.sandboxes import SandboxService
+from dockyard.runtime.settings import Identity, RunnerProfile
 
-__all__ = ["LlmRunnerError", "SandboxTools", "run_llm"]
+__all__ = ["TOOLS", "LlmRunnerError", "SandboxTools", "opening", "run_llm", "sandbox_tools"]
 
 SYSTEM = (
     "You do a task in an isolated Linux sandbox (Debian, /workspace is your working directory). "
@@ -60,25 +61,52 @@ _TOOL_RESULT_CAP = 16 * 1024
 SandboxTools = Callable[[str, dict[str, Any]], Awaitable[str]]
 
 
+def sandbox_tools(sandboxes: SandboxService, owner: Identity, sandbox_id: str, env: dict[str, str]) -> SandboxTools:
+    """The sandbox tools, acting in `sandbox_id` as `owner` (commands also get `env`)."""
+
+    async def carry_out(name: str, arguments: dict[str, Any]) -> str:
+        if name == "exec":
+            ran = await sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env)
+            return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
+        if name == "read_file":
+            return (await sandboxes.read_file(owner, sandbox_id, str(arguments.get("path", "")), "utf-8", None)).content
+        written = await sandboxes.write_file(owner, sandbox_id, str(arguments.get("path", "")), str(arguments.get("content", "")), "utf-8")
+        return f"wrote {written.size} bytes to {written.path}"
+
+    return carry_out
+
+
 class LlmRunnerError(DockyardError):
     """The endpoint failed, answered something unusable, or the model never finished."""
 
 
-async def run_llm(profile: RunnerProfile, prompt: str, tools: SandboxTools) -> str:
-    """Drive the model until it answers without a tool call; returns that answer."""
+def opening(prompt: str, system: str = SYSTEM) -> list[dict[str, Any]]:
+    """A new conversation: the system prompt and the task."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+async def run_llm(
+    profile: RunnerProfile, messages: list[dict[str, Any]], tools: SandboxTools, specs: list[dict[str, Any]] = TOOLS
+) -> str:
+    """Drive the model until it answers without a tool call; returns that answer.
+
+    `messages` is the conversation so far (see `opening`); every turn and tool result is
+    appended to it, so a caller that keeps it can go on with the same conversation later.
+    `specs` are the tools offered (the sandbox tools by default); `tools` carries them out.
+    """
     assert profile.url and profile.model
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
     headers = {"Authorization": f"Bearer {profile.api_key.get_secret_value()}"} if profile.api_key else {}
     url = profile.url.rstrip("/") + "/chat/completions"
+    names = {spec["function"]["name"] for spec in specs}
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0)) as http:
         for _ in range(profile.max_steps):
-            message = await _turn(http, url, headers, {"model": profile.model, "messages": messages, "tools": TOOLS})
+            message = await _turn(http, url, headers, {"model": profile.model, "messages": messages, "tools": specs})
             messages.append(message)
             calls = message.get("tool_calls") or []
             if not calls:
                 return str(message.get("content") or "")
             for call in calls:
-                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": await _carry_out(call, tools)})
+                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": await _carry_out(call, tools, names)})
     raise LlmRunnerError(f"the model did not finish within {profile.max_steps} turns")
 
 
@@ -98,7 +126,7 @@ async def _turn(http: httpx.AsyncClient, url: str, headers: dict[str, str], body
     return message
 
 
-async def _carry_out(call: dict[str, Any], tools: SandboxTools) -> str:
+async def _carry_out(call: dict[str, Any], tools: SandboxTools, names: set[str]) -> str:
     """One tool call's result as text; a bad call is reported to the model, not raised."""
     function = call.get("function") or {}
     name = function.get("name", "")
@@ -108,8 +136,8 @@ async def _carry_out(call: dict[str, Any], tools: SandboxTools) -> str:
             raise ValueError("arguments must be a JSON object")
     except ValueError as exc:
         return f"error: the arguments of {name} are not valid JSON ({exc})"
-    if name not in {tool["function"]["name"] for tool in TOOLS}:
-        return f"error: there is no tool '{name}'; use exec, read_file or write_file"
+    if name not in names:
+        return f"error: there is no tool '{name}'; use {', '.join(sorted(names))}"
     try:
         return (await tools(name, arguments))[:_TOOL_RESULT_CAP]
     except (InvalidRequestError, DockyardError) as exc:

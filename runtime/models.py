@@ -161,3 +161,95 @@ class DispatchInfo(BaseModel):
     sandbox_id: str | None = Field(None, description="The sandbox the work runs in.")
     members: list[dict] | None = Field(None, description="Team modes: each member's status and result.")
     next_steps: str | None = None
+
+
+class TeamInfo(BaseModel):
+    """A team as its lead sees it."""
+
+    team_id: str
+    name: str
+    status: str = Field(description="active, or shut down.")
+    sandbox_id: str | None = Field(None, description="The sandbox members with isolation 'shared' work in.")
+    notice: str | None = Field(None, description="Something the lead must know, such as teammates a restart interrupted.")
+
+
+class MemberInfo(BaseModel):
+    """A teammate and what it is doing."""
+
+    member_id: str
+    role: str
+    runner: str
+    isolation: str = Field(description="shared (the team's sandbox) or own (a sandbox of its own).")
+    status: str = Field(description="starting, busy (a turn runs), idle (waits for a message), ready (a restart interrupted it; a message resumes it), stopped, failed.")
+    sandbox_id: str | None = None
+    plan_mode: bool = False
+    plan_status: str | None = Field(None, description="Plan mode: none yet, pending, approved or rejected.")
+    plan: str | None = None
+    plan_feedback: str | None = None
+    turns: int = Field(0, description="Turns taken: the first prompt, then each batch of messages.")
+    last_output: str | None = Field(None, description="What its last turn produced (a script's stdout, a model's answer).")
+    last_error: str | None = None
+    notice: str | None = None
+
+
+class TaskInfo(BaseModel):
+    """A task on a team's shared list."""
+
+    task_id: str
+    title: str
+    detail: str | None = None
+    status: str = Field(description="open, claimed, done or failed.")
+    owner: str | None = Field(None, description="The role of the member who claimed it.")
+    result: str | None = None
+    notice: str | None = None
+
+
+class MessageInfo(BaseModel):
+    """A message and its delivery receipt."""
+
+    message_id: int
+    sender: str = Field(description="A member's role, or 'lead'.")
+    recipient: str = Field(description="A member's role, or 'lead'.")
+    kind: str = Field(description="message, broadcast or plan.")
+    body: str
+    created_at: str
+    delivered: bool = Field(description="The recipient has processed it (its turn with it finished, or the lead read it).")
+    delivered_at: str | None = None
+
+
+class MessagesSent(BaseModel):
+    """What team_message or team_broadcast appended to inboxes."""
+
+    messages: list[MessageInfo]
+    notice: str | None = None
+
+
+class TeamView(BaseModel):
+    """A team's members and shared task list."""
+
+    team: TeamInfo
+    members: list[MemberInfo]
+    tasks: list[TaskInfo]
+    notice: str | None = None
+
+
+class Inbox(BaseModel):
+    """The caller's side of a team's messages."""
+
+    received: list[MessageInfo] = Field(description="Messages to you, oldest first; reading them as lead is your receipt.")
+    sent: list[MessageInfo] = Field(description="Messages you sent, with whether each was delivered.")
+    notice: str | None = None
+
+
+class TasksAdded(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class TeamForgotten(BaseModel):
+    """What team_cleanup removed."""
+
+    team_id: str
+    forgotten: bool = True
+    members: int
+    messages: int
+    tasks: int

@@ -119,6 +119,15 @@ class UserPcSettings(BaseModel):
     )
 
 
+class TeamSettings(BaseModel):
+    """Limits for agent teams."""
+
+    max_members: int = Field(16, ge=1, le=256)
+    max_tasks: int = Field(1000, ge=1)
+    message_max_bytes: int = Field(65536, ge=1, description="The largest message body a team tool accepts.")
+    member_token_ttl_s: int = Field(86400, ge=60, description="How long a member's token lives (it is re-minted on restart).")
+
+
 class DispatchSettings(BaseModel):
     """How dispatches are routed and run."""
 
@@ -218,6 +227,7 @@ class Settings(BaseSettings):
     templates: dict[str, TemplateSettings] = Field(default_factory=lambda: {"default": TemplateSettings()})
     runners: dict[str, RunnerProfile] = Field(default_factory=lambda: {"script": RunnerProfile(kind="script")})
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    teams: TeamSettings = Field(default_factory=TeamSettings)
 
     @field_validator("data_dir")
     @classmethod

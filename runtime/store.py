@@ -224,6 +224,83 @@ class DispatchDecision(SQLModel, table=True):
     ts: datetime = Field(default_factory=utcnow)
 
 
+class MemberStatus:
+    STARTING = "starting"  # its sandbox and token are being prepared
+    BUSY = "busy"  # a turn is running
+    IDLE = "idle"  # waiting for a message (woken at once when one arrives)
+    READY = "ready"  # was busy when dockyard stopped; a message resumes it
+    STOPPED = "stopped"  # shut down
+    FAILED = "failed"  # could not start
+
+
+class Team(SQLModel, table=True):
+    """A named group of members with inboxes and a shared task list, led by its creator."""
+
+    id: str = Field(primary_key=True)
+    name: str
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    lead_token_id: str | None = None
+    sandbox_id: str | None = None  # the sandbox members with isolation 'shared' work in
+    status: str = "active"  # active, shut down
+    interrupted: list[str] | None = Field(default=None, sa_column=Column(JSON))  # roles a restart interrupted
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Member(SQLModel, table=True):
+    """A teammate: a runner with a role, its own token and a conversation of turns."""
+
+    id: str = Field(primary_key=True)
+    team_id: str = Field(index=True)
+    role: str
+    runner: str
+    isolation: str  # shared: the team's sandbox; own: a sandbox of its own
+    prompt: str
+    status: str = MemberStatus.STARTING
+    sandbox_id: str | None = None
+    token_id: str | None = None
+    plan_mode: bool = False
+    plan: str | None = None
+    plan_status: str | None = None  # pending, approved, rejected (plan mode only)
+    plan_feedback: str | None = None
+    turns: int = 0
+    last_output: str | None = None
+    last_error: str | None = None
+    conversation: list[dict] | None = Field(default=None, sa_column=Column(JSON))  # llm runner: its chat so far
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(SQLModel, table=True):
+    """One message in a recipient's inbox; `delivered_at` is the receipt its sender sees."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    team_id: str = Field(index=True)
+    sender: str  # a member id, or "lead"
+    recipient: str = Field(index=True)  # a member id, or "lead"
+    kind: str = "message"  # message, broadcast, plan (a plan decision from the lead)
+    body: str
+    created_at: datetime = Field(default_factory=utcnow)
+    taken_at: datetime | None = None  # handed to the recipient's turn
+    delivered_at: datetime | None = None  # the recipient's turn that took it has finished
+
+
+class TeamTask(SQLModel, table=True):
+    """A task on a team's shared list: open, claimed by one member, then done or failed."""
+
+    id: str = Field(primary_key=True)
+    team_id: str = Field(index=True)
+    title: str
+    detail: str | None = None
+    status: str = "open"
+    owner: str | None = None  # the member who claimed it
+    result: str | None = None
+    created_by: str
+    created_at: datetime = Field(default_factory=utcnow)
+    claimed_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 class AuditEvent(SQLModel, table=True):
     """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
 

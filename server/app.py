@@ -16,7 +16,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.transports import BearerTokens
-from dockyard.tools import audit, dispatch, pool, sandbox, token
+from dockyard.tools import audit, dispatch, pool, sandbox, team, token
 
 __all__ = ["build_server"]
 
@@ -25,7 +25,10 @@ dockyard gives you isolated Linux sandboxes (Docker containers, no network by de
 Create one with sandbox_create, run commands with sandbox_exec, move files with
 sandbox_write_file / sandbox_read_file, and destroy it with sandbox_destroy when done.
 Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sandboxes.
-Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity."""
+Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity.
+To hand a task off, dispatch it (remote, local, team modes) and collect it with await_dispatch.
+For several agents working together, team_create a team, team_spawn members, and follow it
+with team_tasks; members message each other and claim tasks from the shared list."""
 
 
 def build_server(settings: Settings, *, http_url: str | None = None, admin_key: str | None = None) -> MCPServer[Engine]:
@@ -69,4 +72,5 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     token.register(server)
     audit.register(server)
     dispatch.register(server)
+    team.register(server)
     return server

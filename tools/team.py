@@ -1,0 +1,184 @@
+"""Team tools: a lead creates a team and spawns members; members and lead message each other,
+share a task list and agree on plans."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from dockyard.runtime.models import Inbox, MemberInfo, MessagesSent, TaskInfo, TasksAdded, TeamForgotten, TeamInfo, TeamView
+from dockyard.runtime.settings import Identity
+from dockyard.tools._context import EngineContext, any_of, authorized, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+TeamId = Annotated[str, Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64)]
+# Bodies are checked against the server's cap (teams.message_max_bytes) with a clear error;
+# this bound only keeps absurd requests out.
+Body = Annotated[str, Field(min_length=1, max_length=4_000_000, description="The text to send.")]
+_TEAM = ["team:lead", "team:member"]
+
+
+class NewTask(BaseModel):
+    title: str = Field(min_length=1, max_length=500)
+    detail: str | None = Field(None, max_length=10_000)
+
+
+async def _anyone(ctx: EngineContext, action: str) -> Identity:
+    return await any_of(ctx, _TEAM, action)
+
+
+@tool_errors
+async def team_create(ctx: EngineContext, name: Annotated[str, Field(min_length=1, max_length=100, description="A name for the team.")]) -> TeamInfo:
+    """Create an empty team that you lead. Add members with team_spawn, tasks with
+    team_add_tasks; follow it with team_tasks."""
+    who = await authorized(ctx, "team:lead", "team.create")
+    return await engine(ctx).teams.create(who, name)
+
+
+@tool_errors
+async def team_spawn(
+    ctx: EngineContext,
+    team_id: TeamId,
+    role: Annotated[str, Field(min_length=1, max_length=64, description="The member's role and name in the team, e.g. 'researcher'.")],
+    prompt: Annotated[str, Field(min_length=1, max_length=100_000, description="Its first task (for the script runner: the script it runs on every turn).")],
+    runner: Annotated[str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")] = None,
+    isolation: Annotated[str, Field(description="'shared': work in the team's one sandbox with the other shared members (team_single_vm); 'own': a sandbox of its own (team_multi_vm).")] = "own",
+    plan_mode: Annotated[bool, Field(description="The member must propose a plan and get your approval (team_approve_plan) before it acts.")] = False,
+) -> MemberInfo:
+    """Start a teammate and return at once (fire and forget): it gets a sandbox and its own
+    token and takes its first turn on the prompt; afterwards every message to it wakes it for
+    another turn. Watch it with team_tasks, talk to it with team_message."""
+    who = await authorized(ctx, "team:lead", "team.spawn", team_id)
+    return await engine(ctx).teams.spawn(who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode)
+
+
+@tool_errors
+async def team_message(
+    ctx: EngineContext,
+    team_id: TeamId,
+    to: Annotated[str, Field(min_length=1, max_length=64, description="A member's role (or id), or 'lead'.")],
+    body: Body,
+) -> MessagesSent:
+    """Send a message to one member (any member may message any other) or to the lead. It lands
+    in the recipient's inbox and wakes it at once if it is idle; `delivered` turns true when the
+    recipient has processed it (see team_read). Messaging an interrupted member resumes it."""
+    who = await _anyone(ctx, "team.message")
+    return await engine(ctx).teams.message(who, team_id, to, body)
+
+
+@tool_errors
+async def team_broadcast(ctx: EngineContext, team_id: TeamId, body: Body) -> MessagesSent:
+    """Send the same message to every other member of the team at once, waking each."""
+    who = await _anyone(ctx, "team.broadcast")
+    return await engine(ctx).teams.broadcast(who, team_id, body)
+
+
+@tool_errors
+async def team_tasks(ctx: EngineContext, team_id: TeamId) -> TeamView:
+    """The team at a glance: every member's status (busy, idle, ready, ...), plan and last
+    output, and the shared task list with owners and results. After a server restart it tells
+    the lead which members were interrupted."""
+    who = await _anyone(ctx, "team.tasks")
+    return await engine(ctx).teams.view(who, team_id)
+
+
+@tool_errors
+async def team_read(ctx: EngineContext, team_id: TeamId) -> Inbox:
+    """Your side of the team's messages: those sent to you, and those you sent with their
+    delivery receipts."""
+    who = await _anyone(ctx, "team.read")
+    return await engine(ctx).teams.inbox(who, team_id)
+
+
+@tool_errors
+async def team_add_tasks(
+    ctx: EngineContext, team_id: TeamId, tasks: Annotated[list[NewTask], Field(min_length=1, max_length=500)]
+) -> TasksAdded:
+    """Add open tasks to the team's shared list, for members to claim with team_claim."""
+    who = await _anyone(ctx, "team.add_tasks")
+    return await engine(ctx).teams.add_tasks(who, team_id, [(t.title, t.detail) for t in tasks])
+
+
+@tool_errors
+async def team_claim(
+    ctx: EngineContext,
+    team_id: TeamId,
+    task_id: Annotated[str | None, Field(max_length=64, description="The task to claim; default the oldest open one.")] = None,
+) -> TaskInfo:
+    """For members: claim an open task. Claims are atomic: a task has one owner, and a claim on
+    a task that is taken or done is refused."""
+    who = await _anyone(ctx, "team.claim")
+    return await engine(ctx).teams.claim(who, team_id, task_id)
+
+
+@tool_errors
+async def team_complete(
+    ctx: EngineContext,
+    team_id: TeamId,
+    task_id: Annotated[str, Field(max_length=64, description="A task you claimed.")],
+    result: Annotated[str, Field(min_length=1, max_length=4_000_000, description="What came of it.")],
+    failed: Annotated[bool, Field(description="True if the task could not be done; result says why.")] = False,
+) -> TaskInfo:
+    """For members: finish a task you claimed, as done (or failed) with its result."""
+    who = await _anyone(ctx, "team.complete")
+    return await engine(ctx).teams.complete(who, team_id, task_id, result, failed)
+
+
+@tool_errors
+async def team_propose_plan(
+    ctx: EngineContext, team_id: TeamId, plan: Annotated[str, Field(min_length=1, max_length=4_000_000, description="Your plan.")]
+) -> MemberInfo:
+    """For members in plan mode: hand your plan to the lead. Until the lead approves it you may
+    only read and use the team tools; a rejection comes back as a message with feedback."""
+    who = await _anyone(ctx, "team.propose_plan")
+    return await engine(ctx).teams.propose_plan(who, team_id, plan)
+
+
+@tool_errors
+async def team_approve_plan(
+    ctx: EngineContext,
+    team_id: TeamId,
+    member: Annotated[str, Field(min_length=1, max_length=64, description="The member's role (or id).")],
+    approve: Annotated[bool, Field(description="True to approve, false to reject.")],
+    feedback: Annotated[str | None, Field(max_length=100_000, description="What to change (with a rejection) or to keep in mind.")] = None,
+) -> MemberInfo:
+    """For the lead: approve a member's pending plan (it may act from its next turn) or reject it
+    with feedback (it revises and proposes again). The answer wakes the member."""
+    who = await authorized(ctx, "team:lead", "team.approve_plan", team_id)
+    return await engine(ctx).teams.approve_plan(who, team_id, member, approve, feedback)
+
+
+@tool_errors
+async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
+    """For the lead: stop every member (a running turn is killed), revoke their tokens and give
+    their sandboxes back to the pool. The team's messages and tasks stay readable."""
+    who = await authorized(ctx, "team:lead", "team.shutdown", team_id)
+    return await engine(ctx).teams.shutdown(who, team_id)
+
+
+@tool_errors
+async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
+    """For the lead: shut the team down if needed, then forget it: members, inboxes, tasks.
+    The audit log keeps the record of everything it did."""
+    who = await authorized(ctx, "team:lead", "team.cleanup", team_id)
+    return await engine(ctx).teams.cleanup(who, team_id)
+
+
+def register(server: MCPServer) -> None:
+    """Add the team tools to a server."""
+    writes = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+    reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+    ends = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+    for tool in (team_create, team_spawn, team_message, team_broadcast, team_add_tasks, team_claim, team_complete,
+                 team_propose_plan, team_approve_plan):
+        server.add_tool(tool, annotations=writes)
+    server.add_tool(team_tasks, annotations=reads)
+    # Reading is the lead's receipt for what it received: not read-only, but repeatable.
+    server.add_tool(team_read, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False))
+    for tool in (team_shutdown, team_cleanup):
+        server.add_tool(tool, annotations=ends)
