@@ -311,10 +311,10 @@ class TeamService:
             recipient = LEAD if to == LEAD else await self._reachable(team, to)
             if recipient == sender:
                 raise InvalidRequestError("a member cannot message itself")
+            notice = await self._notice_for(who, team)  # as it stood when the lead wrote
             sent = await self._send(team, sender, [recipient], body, "message")
-            rec.target = team.id
             rec.detail["message_ids"] = [m.message_id for m in sent]
-        return MessagesSent(messages=sent, notice=await self._notice_for(who, team))
+        return MessagesSent(messages=sent, notice=notice)
 
     async def broadcast(self, who: Identity, team_id: str, body: str) -> MessagesSent:
         """Append a message to every member's inbox (but the sender's) and wake them all."""
@@ -327,9 +327,10 @@ class TeamService:
             recipients = [m.id for m in members if m.id != sender]
             if not recipients:
                 raise InvalidRequestError("the team has no other member to broadcast to; team_spawn adds members")
+            notice = await self._notice_for(who, team)
             sent = await self._send(team, sender, recipients, body, "broadcast")
             rec.detail["message_ids"] = [m.message_id for m in sent]
-        return MessagesSent(messages=sent, notice=await self._notice_for(who, team))
+        return MessagesSent(messages=sent, notice=notice)
 
     async def inbox(self, who: Identity, team_id: str) -> Inbox:
         """Messages to the caller and the receipts of those it sent. The lead reading its

@@ -130,3 +130,42 @@ async def test_kill_9_mid_dispatch_interrupts_it_loses_nothing_and_frees_its_san
                 await anyio.sleep(0.2)
         live = live_runtimes(data_dir)
         assert labelled_containers(docker_client, data_dir) == {r.container_id for r in live}
+
+
+async def test_kill_9_mid_team_marks_busy_members_ready_tells_the_lead_and_a_message_resumes_them(
+    data_dir: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    script = 'if [ "$DOCKYARD_TURN" = 1 ] && [ "$DOCKYARD_ROLE" = builder ]; then sleep 300; fi; echo "$DOCKYARD_ROLE turn $DOCKYARD_TURN"; cat'
+    pid_file = tmp_path / "server.pid"
+    try:
+        async with killable(data_dir, pid_file) as client:
+            team = (await call(client, "team_create", name="night-shift"))["team_id"]
+            for role in ("builder", "watcher"):
+                await call(client, "team_spawn", team_id=team, role=role, prompt=script)
+            with anyio.fail_after(90):
+                while sorted(m["status"] for m in (await call(client, "team_tasks", team_id=team))["members"]) != ["busy", "idle"]:
+                    await anyio.sleep(0.2)
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            await anyio.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
+        pass
+    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+        view = await call(client, "team_tasks", team_id=team)
+        assert view["notice"] == "Server was restarted. Teammates interrupted: builder. Use team_message to resume."
+        states = {m["role"]: (m["status"], m["turns"]) for m in view["members"]}
+        assert states == {"builder": ("ready", 1), "watcher": ("idle", 1)}  # marked ready, not re-run
+        await anyio.sleep(1)
+        assert {m["role"]: m["turns"] for m in (await call(client, "team_tasks", team_id=team))["members"]}["builder"] == 1
+        sent = await call(client, "team_message", team_id=team, to="builder", body="carry on")
+        assert sent["notice"] is not None  # told until the member works again
+        with anyio.fail_after(60):
+            while (builder := {m["role"]: m for m in (await call(client, "team_tasks", team_id=team))["members"]}["builder"])["status"] != "idle":
+                await anyio.sleep(0.2)
+        assert builder["turns"] == 2 and builder["last_output"].startswith("builder turn 2\n") and "carry on" in builder["last_output"]
+        assert (await call(client, "team_tasks", team_id=team))["notice"] is None
+        await call(client, "team_shutdown", team_id=team)
+        with anyio.fail_after(60):
+            while (await pool(client))["claimed"]:
+                await anyio.sleep(0.2)
+        live = live_runtimes(data_dir)
+        assert labelled_containers(docker_client, data_dir) == {r.container_id for r in live}
