@@ -3,6 +3,10 @@
 The base image is pulled where a registry answers; otherwise it is bootstrapped from Debian
 packages (`debootstrap` + `docker import`). A recipe is rebuilt only when its files (or the
 base) change: each built image carries the hash of its recipe as a label.
+
+A recipe may list Python packages in `wheels.txt` (pip requirement lines). Builds cannot reach
+PyPI (only Debian's mirrors answer inside them), so the wheels are downloaded here, on the host,
+into `wheels/` of a copy of the recipe, which the Dockerfile installs from without an index.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +34,8 @@ from dockyard.runtime.settings import ImageSettings
 __all__ = ["BuildState", "ImageService", "ImageStatus", "packaged_recipes", "recipe_names"]
 
 _HASH_LABEL = "dockyard.recipe-hash"
+_WHEELS = "wheels.txt"
+_PYTHON = re.compile(r"^#\s*python:\s*(\d+\.\d+)\s*$")
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
 
 
@@ -238,12 +245,47 @@ class ImageService:
     # -- recipes ------------------------------------------------------------------------
 
     async def _build(self, recipe: str, state: BuildState) -> None:
-        state.phase, state.message = "build", f"building {self.tag(recipe)}"
+        # The hash is of the recipe as written (wheels.txt included), never of downloaded wheels.
         labels = {_HASH_LABEL: self.recipe_hash(recipe), "dockyard.recipe": recipe}
-        context = str(self._recipe_dir(recipe))
+        source = self._recipe_dir(recipe)
+        if not (source / _WHEELS).is_file():
+            await self._build_context(recipe, source, labels, state)
+            return
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        context = self._work_dir / f"recipe-{recipe}-{secrets.token_hex(4)}"
+        try:
+            await anyio.to_thread.run_sync(shutil.copytree, source, context)
+            await self._download_wheels(recipe, context, state)
+            await self._build_context(recipe, context, labels, state)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, context, True)
+
+    async def _download_wheels(self, recipe: str, context: Path, state: BuildState) -> None:
+        """Fetch the wheels a recipe lists into `context/wheels`, with this machine's pip (and
+        its cache, so a rebuild downloads nothing new)."""
+        state.phase, state.message = "wheels", f"downloading the wheels in {recipe}/{_WHEELS}"
+        argv = [
+            sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(context / "wheels"),
+            "-r", str(context / _WHEELS), "--progress-bar", "off", "--disable-pip-version-check", "--no-input",
+        ]
+        # The image's Python, not this one, decides which wheels fit: `# python: 3.11` says it.
+        for line in (context / _WHEELS).read_text().splitlines():
+            if (found := _PYTHON.match(line)) is not None:
+                argv += ["--python-version", found[1], "--implementation", "cp"]
+        try:
+            await _run_logged(argv, state, "pip download")
+        except ImageBuildFailedError as exc:
+            raise ImageBuildFailedError(
+                f"could not download the Python wheels that {recipe}/{_WHEELS} lists (pip runs on this machine "
+                f"and needs to reach its package index): {exc}"
+            ) from exc
+
+    async def _build_context(self, recipe: str, context: Path, labels: dict[str, str], state: BuildState) -> None:
+        state.phase, state.message = "build", f"building {self.tag(recipe)}"
 
         def build() -> None:
-            for record in self._docker.build_lines(context, self.tag(recipe), labels, {"BASE_IMAGE": self.base_tag}):
+            for record in self._docker.build_lines(str(context), self.tag(recipe), labels, {"BASE_IMAGE": self.base_tag}):
                 if "error" in record:
                     raise ImageBuildFailedError(str(record["error"]).strip())
                 match = _STEP.match(str(record.get("stream", "")).strip())
@@ -253,8 +295,9 @@ class ImageService:
         await anyio.to_thread.run_sync(build)
 
 
-async def _run_logged(argv: list[str], state: BuildState) -> None:
-    """Run a setup command, mirroring its last output line into the build state."""
+async def _run_logged(argv: list[str], state: BuildState, name: str | None = None) -> None:
+    """Run a setup command, mirroring its last output line into the build state; errors name
+    it as `name` (default: its first two words)."""
     tail: list[str] = []
     async with await anyio.open_process(argv, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
@@ -270,4 +313,4 @@ async def _run_logged(argv: list[str], state: BuildState) -> None:
         await proc.wait()
     if proc.returncode != 0:
         detail = " | ".join(tail[-3:])
-        raise ImageBuildFailedError(f"`{' '.join(argv[:2])}` exited with {proc.returncode}: {detail}")
+        raise ImageBuildFailedError(f"`{name or ' '.join(argv[:2])}` exited with {proc.returncode}: {detail}")

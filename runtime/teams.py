@@ -52,7 +52,7 @@ from dockyard.runtime.models import (
 )
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import Member, MemberStatus, Message, Sandbox, SandboxStatus, Store, Team, TeamTask, utcnow
+from dockyard.runtime.store import Member, MemberStatus, Message, Sandbox, SandboxStatus, Store, Team, TeamTask, Token, utcnow
 from dockyard.runtime.tokens import TokenService
 
 __all__ = ["ISOLATIONS", "LEAD", "TeamService"]
@@ -116,6 +116,7 @@ class _Live:
     ended: anyio.Event = field(default_factory=anyio.Event)
     token: str | None = None  # its current token, handed to each turn
     token_id: str | None = None
+    scopes: list[str] = field(default_factory=list)  # what that token may do
 
 
 class TeamService:
@@ -497,19 +498,30 @@ class TeamService:
                 member.sandbox_id = await self._sandbox_for(member)
                 await self._update(member.id, sandbox_id=member.sandbox_id)
             if live.token is None:
-                planning = member.plan_mode and member.plan_status != "approved"
+                team = await self._team_row(member.team_id)
+                scopes = await self._member_scopes(member, team)
                 await self._tokens.revoke_run(member.id, "replaced by a new token")
                 minted = await self._tokens.mint_for_run(
-                    _owner(member, await self._team_row(member.team_id)), member.id,
-                    _PLANNING_SCOPES if planning else _MEMBER_SCOPES,
+                    _owner(member, team).model_copy(update={"scopes": scopes}), member.id, scopes,
                     utcnow() + timedelta(seconds=self._limits.member_token_ttl_s), member.sandbox_id,
                 )
-                live.token, live.token_id = minted.token, minted.token_id
+                live.token, live.token_id, live.scopes = minted.token, minted.token_id, minted.identity.scopes
                 await self._update(member.id, token_id=minted.token_id)
         except DockyardError as exc:
             await self._update(member.id, status=MemberStatus.FAILED, last_error=f"could not start: {exc}")
             return False
         return True
+
+    async def _member_scopes(self, member: Member, team: Team) -> list[str]:
+        """team:member, plus (once any plan is approved) the member's work scopes that its lead
+        holds too: a member never gets more than the lead who spawned it."""
+        if member.plan_mode and member.plan_status != "approved":
+            return list(_PLANNING_SCOPES)
+        lead = self._settings.operator.scopes
+        if team.lead_token_id is not None:
+            token = await self._store.get(Token, team.lead_token_id)
+            lead = token.scopes if token is not None else []
+        return ["team:member", *(s for s in _MEMBER_SCOPES if s != "team:member" and ("*" in lead or s in lead))]
 
     async def _sandbox_for(self, member: Member) -> str:
         team = await self._team_row(member.team_id)
@@ -823,10 +835,8 @@ def _team_owner(team: Team) -> Identity:
 
 def _acting(member: Member, team: Team, live: _Live) -> Identity:
     """The member as it calls tools in process: its token's identity."""
-    planning = member.plan_mode and member.plan_status != "approved"
     return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=member.id,
-                    scopes=list(_PLANNING_SCOPES if planning else _MEMBER_SCOPES), token_id=live.token_id,
-                    sandbox_id=member.sandbox_id)
+                    scopes=list(live.scopes), token_id=live.token_id, sandbox_id=member.sandbox_id)
 
 
 def _member_env(member: Member, team: Team, live: _Live, turn: int) -> dict[str, str]:

@@ -243,10 +243,13 @@ class TokenService:
         await self._store.run(revoke)
 
     async def sandbox_identity(self, sandbox_id: str) -> Identity | None:
-        """What a sandbox's bridge acts as: its live token, if it has one."""
+        """What a sandbox's bridge acts as: its own live token, if it has one (never a run's
+        token bound to it: a runner presents that itself)."""
 
         def find(session: Session) -> Token | None:
-            stmt = select(Token).where(Token.sandbox_id == sandbox_id, col(Token.revoked_at).is_(None))
+            stmt = select(Token).where(
+                Token.sandbox_id == sandbox_id, Token.label == f"sandbox {sandbox_id}", col(Token.revoked_at).is_(None)
+            )
             return session.exec(stmt.order_by(col(Token.created_at).desc())).first()
 
         row = await self._store.run(find)

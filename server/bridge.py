@@ -4,10 +4,17 @@ A process in a sandbox runs `dockyard-bridge`; its bytes arrive over the sandbox
 (see dockyard.runtime.supervisor) and are served by this server's tools, acting as the owner of
 the sandbox the bridge runs in. The identity comes from the link, never from the bridge, so a
 program in a sandbox cannot claim to be anyone else. A runtime nobody has claimed gets nothing.
+
+A session may begin with one line that is not JSON-RPC, `{"dockyard_token": "<token>"}` (the
+bridge sends it when DOCKYARD_TOKEN is set, as it is for a dispatch's runner). The session then
+acts as that token, which must be valid and bound to the very sandbox the link comes from: a
+token can only narrow what a program in the sandbox may do, never carry it to another sandbox.
+Any other token closes the session unserved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -16,6 +23,8 @@ from mcp.server.runner import serve_dual_era_loop
 from mcp.server.stdio import stdio_server
 
 from dockyard.runtime.engine import Engine
+from dockyard.runtime.errors import DockyardError
+from dockyard.runtime.settings import Identity
 from dockyard.runtime.supervisor import BridgeSession
 from dockyard.tools._context import acting_as
 
@@ -27,15 +36,35 @@ _MAX_LINE = 16 << 20
 
 
 class _Lines:
-    """A bridge session's bytes as the text lines a stdio transport reads."""
+    """A bridge session's bytes as the text lines a stdio transport reads; the first line can
+    be looked at before the transport starts, and is still read by it unless skipped."""
 
     def __init__(self, session: BridgeSession) -> None:
         self._session = session
+        self._source = self._read()
+        self._held: str | None = None
+
+    async def peek(self) -> str | None:
+        """The first line not yet read (None at the end), left in place."""
+        if self._held is None:
+            self._held = await anext(self._source, None)
+        return self._held
+
+    def skip(self) -> None:
+        """Drop the line `peek` returned."""
+        self._held = None
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
 
     async def _lines(self) -> AsyncIterator[str]:
+        if self._held is not None:
+            line, self._held = self._held, None
+            yield line
+        async for line in self._source:
+            yield line
+
+    async def _read(self) -> AsyncIterator[str]:
         pending = bytearray()
         async for chunk in self._session.incoming:
             pending += chunk
@@ -62,15 +91,50 @@ class _Writer:
         return None
 
 
-async def serve_bridge(server: MCPServer[Engine], engine: Engine, session: BridgeSession) -> None:
-    """Serve one bridge session as the owner of the sandbox it comes from."""
+def _presented_token(line: str | None) -> str | None:
+    """The token in a `{"dockyard_token": ...}` line; None for anything else (JSON-RPC)."""
+    try:
+        obj = json.loads(line) if line else None
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and list(obj) == ["dockyard_token"] and isinstance(obj["dockyard_token"], str):
+        return obj["dockyard_token"]
+    return None
+
+
+async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Identity | None:
+    """Who the session acts as: the sandbox's owner, or the token it presented if that token is
+    bound to this sandbox; None to close it unserved."""
     owner = await engine.sandboxes.owner_of_runtime(session.runtime_id)
     if owner is None:
         log.info("bridge session from unclaimed runtime %s refused", session.runtime_id)
+        return None
+    token = _presented_token(await lines.peek())
+    if token is None:
+        return owner
+    lines.skip()
+    try:
+        identity = await engine.tokens.verify(token)
+    except DockyardError as exc:
+        refusal = f"the bridge's DOCKYARD_TOKEN was refused: {exc}"
+    else:
+        if identity.sandbox_id is not None and identity.sandbox_id == owner.sandbox_id:
+            return identity
+        refusal = f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) is bound to {identity.sandbox_id or 'no sandbox'}, not this one"
+    log.warning("bridge session in sandbox %s closed: %s", owner.sandbox_id, refusal)
+    await engine.tokens.deny(owner, "bridge.token", refusal, owner.sandbox_id)  # an audited refusal
+    return None
+
+
+async def serve_bridge(server: MCPServer[Engine], engine: Engine, session: BridgeSession) -> None:
+    """Serve one bridge session as the sandbox's owner, or as the token it presented."""
+    lines = _Lines(session)
+    who = await _acting(engine, session, lines)
+    if who is None:
         return
-    acting_as.set(owner)  # this task's context, inherited by every handler of the session
+    acting_as.set(who)  # this task's context, inherited by every handler of the session
     lowlevel = server._lowlevel_server  # noqa: SLF001 - the SDK serves one connection through it
-    async with stdio_server(stdin=_Lines(session), stdout=_Writer(session)) as (read, write):  # type: ignore[arg-type]
+    async with stdio_server(stdin=lines, stdout=_Writer(session)) as (read, write):  # type: ignore[arg-type]
         await serve_dual_era_loop(
             lowlevel,
             read,

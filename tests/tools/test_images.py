@@ -10,6 +10,9 @@ import docker
 import pytest
 from mcp import Client
 
+from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.errors import ImageBuildFailedError
+from dockyard.runtime.images import ImageService
 from dockyard.server.app import build_server
 from tests.conftest import call, make_settings, remove_instance
 
@@ -57,3 +60,26 @@ async def test_create_reports_a_build_in_progress_then_succeeds_once_built(
             docker_client.images.remove(f"dockyard/{recipe}:latest", force=True)
         except docker.errors.ImageNotFound:
             pass
+
+
+async def test_wheels_a_recipe_lists_that_cannot_be_downloaded_fail_its_build_clearly(tmp_path: Path, sandbox_image: str) -> None:
+    recipe = f"wheels-{secrets.token_hex(3)}"
+    folder = tmp_path / "recipes" / recipe
+    folder.mkdir(parents=True)
+    (folder / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM {sandbox_image}\nCOPY wheels /wheels\n")
+    # No index to look in: pip fails at once, here, without reaching the network or Docker's builder.
+    (folder / "wheels.txt").write_text("--no-index\ndockyard-no-such-package==1.0\n")
+    settings = make_settings(tmp_path / "data", images={"recipes_dir": str(tmp_path / "recipes"), "build_on_start": False})
+    docker_backend = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+    images = ImageService(settings.images, docker_backend, tmp_path / "build")
+    try:
+        with pytest.raises(ImageBuildFailedError) as failed:
+            await images.ensure(recipe)
+    finally:
+        await docker_backend.close()
+    assert f"{recipe}/wheels.txt" in str(failed.value) and "dockyard-no-such-package" in str(failed.value)
+    assert list((tmp_path / "build").iterdir()) == []  # the recipe's copy is gone
+    # The hash is of the recipe as written: pinning another version means a rebuild.
+    before = images.recipe_hash(recipe)
+    (folder / "wheels.txt").write_text("--no-index\ndockyard-no-such-package==2.0\n")
+    assert images.recipe_hash(recipe) != before

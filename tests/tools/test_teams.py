@@ -257,3 +257,99 @@ async def test_bad_team_requests_are_refused_clearly_and_audited(
         assert added["tasks"][0]["status"] == "open"
     errors = [a for a in rows(settings, AuditEvent) if a.kind.startswith("team.") and a.outcome in ("error", "denied")]
     assert len(errors) >= 7
+
+
+# Programs in a member's sandbox reach the team tools through dockyard-bridge with the member's
+# own token (DOCKYARD_TOKEN), using the SDK the image ships.
+IN_SANDBOX = """/opt/dockyard/client/bin/python - <<'PY'
+import json, os
+import anyio
+from mcp import Client, StdioServerParameters
+TEAM = os.environ["DOCKYARD_TEAM_ID"]
+
+async def attempt(client, tool, **arguments):
+    result = await client.call_tool(tool, arguments)
+    return {{"error": result.content[0].text}} if result.is_error else result.structured_content
+
+async def main():
+    bridge = StdioServerParameters(command="dockyard-bridge", env={{"DOCKYARD_TOKEN": os.environ["DOCKYARD_TOKEN"]}})
+    async with Client(bridge) as client:
+{body}
+
+anyio.run(main)
+PY
+"""
+
+
+def in_sandbox(body: str) -> str:
+    return IN_SANDBOX.format(body="\n".join("        " + line for line in body.strip().splitlines()))
+
+
+CLAIMER = in_sandbox("""
+outcomes = []
+async def claim():
+    outcomes.append(await attempt(client, "team_claim", team_id=TEAM))
+async with anyio.create_task_group() as tg:
+    for _ in range(40):
+        tg.start_soon(claim)
+print(json.dumps({"won": [o["task_id"] for o in outcomes if "task_id" in o],
+                  "refused": [o["error"] for o in outcomes if "error" in o]}))
+""")
+
+
+async def test_two_hundred_concurrent_claims_on_fifty_tasks_by_five_members_give_each_task_one_owner(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, settings):
+        team = (await call(client, "team_create", name="claimers"))["team_id"]
+        await call(client, "team_add_tasks", team_id=team, tasks=[{"title": f"task {n}"} for n in range(50)])
+        for n in range(5):
+            await call(client, "team_spawn", team_id=team, role=f"m{n}", prompt=CLAIMER)
+        view = await until(client, team, all_idle(1), timeout_s=240)
+        won: list[str] = []
+        refused: list[str] = []
+        for member in view["members"]:
+            assert member["last_error"] is None, member["last_error"]
+            result = json.loads(member["last_output"])
+            won += result["won"]
+            refused += result["refused"]
+        assert len(won) == len(set(won)) == 50 and len(refused) == 150, refused[:3]
+        assert all("is claimed by" in reason or "no open task" in reason for reason in refused)
+        owners = {t["task_id"]: t["owner"] for t in view["tasks"]}
+        assert set(owners) == set(won) and set(owners.values()) <= {f"m{n}" for n in range(5)}
+        assert all(t["status"] == "claimed" for t in view["tasks"])
+    claims = [a for a in rows(settings, AuditEvent) if a.kind == "team.claim"]
+    assert len(claims) == 200 and sum(a.outcome == "ok" for a in claims) == 50
+    ids = {m.id for m in rows(settings, Member)}
+    assert {a.run_id for a in claims} == ids  # every claim is attributed to the member that made it
+
+
+MEMBER_PROBE = in_sandbox("""
+out = {"whoami": await attempt(client, "whoami")}
+out["spawn"] = await attempt(client, "team_spawn", team_id=TEAM, role="intruder", prompt="true")
+out["message"] = await attempt(client, "team_message", team_id=TEAM, to="lead", body="from the member")
+helper = "dockyard-call team_message '" + json.dumps({"team_id": TEAM, "to": "lead", "body": "from a helper"}) + "'; echo exit=$?"
+sent = await attempt(client, "dispatch", mode="remote", rationale="a helper", task_summary="help", prompt=helper)
+out["helper"] = await attempt(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
+print(json.dumps(out))
+""")
+
+
+async def test_a_member_acts_as_itself_cannot_lead_and_its_helpers_get_no_team_tools(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, settings):
+        team = (await call(client, "team_create", name="layers"))["team_id"]
+        spawned = await call(client, "team_spawn", team_id=team, role="worker", prompt=MEMBER_PROBE)
+        view = await until(client, team, all_idle(1), timeout_s=180)
+        worker = members(view)["worker"]
+        assert worker["last_error"] is None, worker["last_error"]
+        out = json.loads(worker["last_output"])
+        assert out["whoami"]["run_id"] == spawned["member_id"] and "team:member" in out["whoami"]["scopes"]
+        assert "team:lead" in out["spawn"]["error"]
+        assert out["message"]["messages"][0]["sender"] == "worker"
+        assert out["helper"]["status"] == "completed" and "exit=1" in out["helper"]["result"]
+        inbox = await call(client, "team_read", team_id=team)
+        assert [m["body"] for m in inbox["received"]] == ["from the member"]  # nothing from the helper
+    denied = [a for a in rows(settings, AuditEvent) if a.outcome == "denied" and a.kind in ("team.spawn", "team.message")]
+    assert {a.kind for a in denied} == {"team.spawn", "team.message"}

@@ -4,8 +4,15 @@
 Speaks MCP over stdio (newline-delimited JSON-RPC): point an MCP client's stdio transport at
 this command. Each message is relayed through the sandbox's supervisor to the dockyard server,
 which answers as this sandbox's owner. No network is needed.
+
+With DOCKYARD_TOKEN in the environment (a dispatch's runner has its run's token there), the
+session first sends one line, `{"dockyard_token": "<token>"}`, and the server acts as that
+token instead, provided it is bound to this sandbox; any other token ends the session unserved.
+MCP clients often start a server with only a few of their variables (the official SDK's stdio
+client passes PATH, HOME and the like): hand DOCKYARD_TOKEN on explicitly, as dockyard-call does.
 """
 
+import json
 import os
 import socket
 import sys
@@ -39,11 +46,22 @@ def main():
     except OSError as exc:
         sys.stderr.write(f"dockyard-bridge: cannot reach the sandbox supervisor at {SOCKET}: {exc.strerror}\n")
         return 1
+    token = os.environ.get("DOCKYARD_TOKEN")
+    if token:
+        conn.sendall(json.dumps({"dockyard_token": token}).encode() + b"\n")
     threading.Thread(target=upstream, args=(conn,), daemon=True).start()
+    answered = False
     while True:
         data = conn.recv(CHUNK)
         if not data:
+            if token and not answered:
+                sys.stderr.write(
+                    "dockyard-bridge: the server closed the session unanswered; it serves DOCKYARD_TOKEN only "
+                    "while that token is valid and bound to this sandbox\n"
+                )
+                return 1
             return 0
+        answered = True
         view = memoryview(data)
         while view:
             view = view[os.write(1, view):]
