@@ -328,6 +328,10 @@ MEMBER_PROBE = in_sandbox("""
 out = {"whoami": await attempt(client, "whoami")}
 out["spawn"] = await attempt(client, "team_spawn", team_id=TEAM, role="intruder", prompt="true")
 out["message"] = await attempt(client, "team_message", team_id=TEAM, to="lead", body="from the member")
+task = (await attempt(client, "team_claim", team_id=TEAM))["task_id"]
+out["done"] = await attempt(client, "team_complete", team_id=TEAM, task_id=task, result="42")
+out["again"] = await attempt(client, "team_claim", team_id=TEAM, task_id=task)
+out["twice"] = await attempt(client, "team_complete", team_id=TEAM, task_id=task, result="43")
 helper = "dockyard-call team_message '" + json.dumps({"team_id": TEAM, "to": "lead", "body": "from a helper"}) + "'; echo exit=$?"
 sent = await attempt(client, "dispatch", mode="remote", rationale="a helper", task_summary="help", prompt=helper)
 out["helper"] = await attempt(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
@@ -340,6 +344,7 @@ async def test_a_member_acts_as_itself_cannot_lead_and_its_helpers_get_no_team_t
 ) -> None:
     async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, settings):
         team = (await call(client, "team_create", name="layers"))["team_id"]
+        await call(client, "team_add_tasks", team_id=team, tasks=[{"title": "the answer", "detail": "compute it"}])
         spawned = await call(client, "team_spawn", team_id=team, role="worker", prompt=MEMBER_PROBE)
         view = await until(client, team, all_idle(1), timeout_s=180)
         worker = members(view)["worker"]
@@ -348,6 +353,9 @@ async def test_a_member_acts_as_itself_cannot_lead_and_its_helpers_get_no_team_t
         assert out["whoami"]["run_id"] == spawned["member_id"] and "team:member" in out["whoami"]["scopes"]
         assert "team:lead" in out["spawn"]["error"]
         assert out["message"]["messages"][0]["sender"] == "worker"
+        assert (out["done"]["status"], out["done"]["owner"], out["done"]["result"]) == ("done", "worker", "42")
+        assert "is done by 'worker'" in out["again"]["error"] and "not claimed by you" in out["twice"]["error"]
+        assert [(t["status"], t["result"]) for t in view["tasks"]] == [("done", "42")]
         assert out["helper"]["status"] == "completed" and "exit=1" in out["helper"]["result"]
         inbox = await call(client, "team_read", team_id=team)
         assert [m["body"] for m in inbox["received"]] == ["from the member"]  # nothing from the helper
