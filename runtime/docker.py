@@ -250,6 +250,22 @@ class DockerBackend:
             return None
         return dict(info["Config"].get("Labels") or {})
 
+    async def is_running(self, container_id: str) -> bool:
+        """Whether the container exists and is running."""
+        try:
+            info = await self._run(self.client.api.inspect_container, container_id)
+        except ContainerGoneError:
+            return False
+        return bool(info["State"].get("Running"))
+
+    async def logs_tail(self, container_id: str, lines: int) -> str:
+        """The container's last output lines (stdout and stderr), to say why it stopped."""
+        try:
+            data = await self._run(self.client.api.logs, container_id, stdout=True, stderr=True, tail=lines)
+        except ContainerGoneError:
+            return ""
+        return data.decode(errors="replace").strip()
+
     async def has_read_only_root(self, container_id: str) -> bool:
         info = await self._run(self.client.api.inspect_container, container_id)
         return bool(info["HostConfig"].get("ReadonlyRootfs"))

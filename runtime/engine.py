@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import anyio
 
 from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.computers import ComputerService
 from dockyard.runtime.dispatch import DispatchService
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
@@ -58,6 +59,7 @@ class Engine:
     tokens: TokenService
     dispatches: DispatchService
     teams: TeamService
+    computers: ComputerService
 
     @property
     def operator(self) -> Identity:
@@ -97,6 +99,7 @@ class Engine:
             tokens=tokens,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens),
             teams=TeamService(settings, store, audit, sandboxes, tokens),
+            computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes.ports),
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -112,6 +115,7 @@ class Engine:
                 tg.start_soon(upkeep.run)
                 await tg.start(engine.dispatches.run)
                 await tg.start(engine.teams.run)
+                await tg.start(engine.computers.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine
@@ -137,14 +141,18 @@ class Engine:
                 log.warning("start-up reconciliation skipped: %s", exc)
 
     async def _build_images(self) -> None:
+        # Only the images of pools kept warm (min > 0) are built at start: they are needed at
+        # once. The rest (such as the computer's 1.2 GB browser image under a pool of min 0)
+        # are built on first use, which waits for the build with progress like any claim.
         if self.settings.images.build_on_start:
-            for template in {t.image for t in self.settings.templates.values()}:
-                self.images.start(template)
+            for image in {t.image for t in self.settings.templates.values() if t.pool.min > 0}:
+                self.images.start(image)
 
     async def _reap_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.sandbox.reaper_interval_s)
             try:
                 await self.sandboxes.reap_expired()
+                await self.computers.reap_expired()
             except BackendError as exc:
                 log.warning("expiry sweep failed: %s", exc)

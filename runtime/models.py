@@ -253,3 +253,28 @@ class TeamForgotten(BaseModel):
     members: int
     messages: int
     tasks: int
+
+
+class ComputerInfo(BaseModel):
+    """A computer: a headless browser of your own."""
+
+    computer_id: str
+    template: str
+    width: int
+    height: int
+    created_at: datetime
+    expires_at: datetime | None = Field(None, description="When it is destroyed unless destroyed before.")
+
+
+class PageState(BaseModel):
+    """Where a computer's page is, after an action."""
+
+    url: str
+    title: str
+    snapshot: str | None = Field(
+        None, description="The page's accessibility tree; elements carry refs such as [ref=e5] for computer_click and computer_type."
+    )
+
+
+class ComputerList(BaseModel):
+    computers: list[ComputerInfo]

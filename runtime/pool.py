@@ -5,7 +5,8 @@ them) comes from settings; the observed state of every runtime lives in the stor
 transition is written together with a `PoolEvent`, and is mirrored in memory for scheduling:
 
     provisioning -> warm -> claimed -> draining -> warm        (recycled, verified clean)
-                                               \\-> destroying  (over target, unhealthy, not clean)
+                                               \\-> destroying  (over target, unhealthy, not clean,
+                                                                or a computer: never reused)
 
 A claim takes a warm runtime (no container start on its path), or cold-starts one while the
 pool is below `max`, or waits in a queue that is fair between workspaces until a runtime is
@@ -28,7 +29,7 @@ from dockyard.runtime.images import BuildState
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.settings import PoolShape, Settings
 from dockyard.runtime.poolstate import Bind, Grant, Lease, Pool, move, new_runtime_id, timed_bind, transition
-from dockyard.runtime.store import PoolEvent, PoolState, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
+from dockyard.runtime.store import Computer, PoolEvent, PoolState, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
 from dockyard.runtime.waitqueue import Waiter
 
 __all__ = ["Bind", "Lease", "PoolManager"]
@@ -36,6 +37,7 @@ __all__ = ["Bind", "Lease", "PoolManager"]
 log = logging.getLogger(__name__)
 
 _FILL_BACKOFF_S = 5.0
+_NEVER_REUSED = "a computer is never reused: a fresh browser keeps no cookies, storage or history"
 
 
 class PoolManager:
@@ -251,6 +253,10 @@ class PoolManager:
 
     async def _recycle(self, pool: Pool, row: Runtime) -> None:
         tpl = self._provisioner.template(pool.template) if pool.template in self._pools else None
+        if tpl is not None and tpl.kind == "computer":
+            # The pool refills behind it (as after any destroy) with a browser that never had an owner.
+            await self._destroy(pool, row, _NEVER_REUSED)
+            return
         async with pool.lock:  # a runtime nobody will want is removed without wiping it first
             reason = None if self._wanted(pool) else f"the pool already holds its target of {pool.target} warm"
         if reason is None and not self._settings.recycle:
@@ -340,7 +346,7 @@ class PoolManager:
             await self._provisioner.wait_image(pool.template)
             row = await self._provision(pool, runtime_id, pool.network, None, "replenishing warm runtimes")
             assert row.container_id is not None
-            left = await self._provisioner.leftovers(row.container_id)
+            left = await self._provisioner.leftovers(row.container_id, runtime_id, pool.template)
             if left:
                 await self._destroy(pool, row, "failed its first probe: " + "; ".join(left[:3]))
                 pool.fill_after = time.monotonic() + _FILL_BACKOFF_S
@@ -433,13 +439,14 @@ class PoolManager:
         return True
 
     async def lose(self, pool: Pool, runtime_id: str, reason: str) -> None:
-        """A claimed runtime's container died or vanished: its sandbox is lost, its place freed."""
+        """A claimed runtime's container died or vanished: its sandbox or computer is lost, its place freed."""
 
         def end(session: Session) -> None:
-            stmt = select(Sandbox).where(Sandbox.runtime_id == runtime_id, Sandbox.status == SandboxStatus.RUNNING)
-            for sandbox in session.exec(stmt).all():
-                sandbox.status, sandbox.ended_at, sandbox.end_reason = SandboxStatus.LOST, utcnow(), reason
-                session.add(sandbox)
+            for model in (Sandbox, Computer):
+                stmt = select(model).where(model.runtime_id == runtime_id, model.status == SandboxStatus.RUNNING)
+                for claim in session.exec(stmt).all():
+                    claim.status, claim.ended_at, claim.end_reason = SandboxStatus.LOST, utcnow(), reason
+                    session.add(claim)
 
         row = await self._store.get(Runtime, runtime_id)
         if row is None:

@@ -33,6 +33,13 @@ class PortForwarder:
         """Sandbox port -> host port, for one container."""
         return {port: host for port, (host, _) in self._open.get(container_id, {}).items()}
 
+    def container_of(self, host_port: int) -> str | None:
+        """The container a loopback port relays to, if it is one of ours."""
+        for container_id, ports in self._open.items():
+            if any(host == host_port for host, _ in ports.values()):
+                return container_id
+        return None
+
     async def open(self, container_id: str, port: int) -> int:
         """Listen on a free loopback port for `port` of the container; returns the host port."""
         existing = self._open.get(container_id, {}).get(port)

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 from sqlmodel import Session, col, func, select
@@ -184,20 +185,7 @@ class SandboxService:
         ]
         if who.run_id:
             limits.append(("run_sandboxes", quotas.run_sandboxes, same_workspace & (Sandbox.run_id == who.run_id)))
-
-        def check(session: Session) -> None:
-            for name, limit, where in limits:
-                if not limit:
-                    continue
-                stmt = select(func.count()).select_from(Sandbox).where(Sandbox.status == SandboxStatus.RUNNING)
-                held = session.exec(stmt.where(where) if where is not None else stmt).one()
-                if held >= limit:
-                    raise QuotaExceededError(
-                        f"quota {name} reached: {held} of {limit} sandboxes are running; destroy one "
-                        "you no longer need, or ask the operator for a higher quota"
-                    )
-
-        return check
+        return running_limits(Sandbox, limits, "sandboxes")
 
     async def owner_of_runtime(self, runtime_id: str) -> Identity | None:
         """What a bridge in this runtime acts as: the token of the live sandbox on it, if any."""
@@ -390,9 +378,15 @@ class SandboxService:
                 await self._docker.put_archive(container_id, path, source)
 
     def _template(self, name: str) -> TemplateSettings:
+        """A sandbox template; a computer's template is refused, its runtimes have no supervisor."""
         tpl = self._settings.templates.get(name)
+        sandboxes = sorted(n for n, t in self._settings.templates.items() if t.kind == "sandbox")
         if tpl is None:
-            raise TemplateNotFoundError(name, list(self._settings.templates))
+            raise TemplateNotFoundError(name, sandboxes)
+        if tpl.kind != "sandbox":
+            raise InvalidRequestError(
+                f"template '{name}' is a {tpl.kind}; use {tpl.kind}_create (sandbox templates: {', '.join(sandboxes)})"
+            )
         return tpl
 
     def _network(self, mode: str) -> str:
@@ -427,6 +421,25 @@ class SandboxService:
             from_snapshot=row.from_snapshot,
             ports={port: f"http://127.0.0.1:{host}/" for port, host in ports.items()},
         )
+
+
+def running_limits(model: Any, limits: list[tuple[str, int, Any]], noun: str) -> Callable[[Session], None]:
+    """A check that refuses one more running `model` row (a sandbox, a computer) past any of
+    `limits`: (quota name, limit or 0 for none, the rows it counts or None for all)."""
+
+    def check(session: Session) -> None:
+        for name, limit, where in limits:
+            if not limit:
+                continue
+            stmt = select(func.count()).select_from(model).where(model.status == SandboxStatus.RUNNING)
+            held = session.exec(stmt.where(where) if where is not None else stmt).one()
+            if held >= limit:
+                raise QuotaExceededError(
+                    f"quota {name} reached: {held} of {limit} {noun} are running; destroy one "
+                    "you no longer need, or ask the operator for a higher quota"
+                )
+
+    return check
 
 
 def _ended(sandbox_id: str, reason: str) -> Bind:

@@ -94,8 +94,14 @@ class RunnerProfile(BaseModel):
 
 
 class TemplateSettings(BaseModel):
-    """A named runtime recipe: which image and which limits a sandbox gets, and its pool."""
+    """A named runtime recipe: which kind of runtime, its image and limits, and its pool.
 
+    `kind` says what its runtimes are: sandboxes (sandbox_create; a supervisor inside) or
+    computers (computer_create; a headless browser with no network), so neither tool can be
+    handed the other's runtime.
+    """
+
+    kind: Literal["sandbox", "computer"] = "sandbox"
     image: str = "sandbox"
     cpus: float = Field(1.0, gt=0, le=64)
     memory_mb: int = Field(1024, ge=64, le=65536)
@@ -117,6 +123,18 @@ class UserPcSettings(BaseModel):
         default_factory=lambda: ["script"],
         description="Runner profiles allowed on the host (script or command kinds; llm tools act in sandboxes).",
     )
+
+
+class ComputerSettings(BaseModel):
+    """Computers: a headless browser per agent, in its own container from the pool."""
+
+    default_template: str = "computer"
+    default_ttl_s: int = Field(3600, ge=60, description="A computer is destroyed this long after creation unless ttl_s says otherwise.")
+    max_ttl_s: int = Field(86400, ge=60)
+    width: int = Field(1280, ge=200, le=3840)
+    height: int = Field(800, ge=200, le=2160)
+    action_timeout_s: float = Field(10.0, gt=0, le=120, description="How long a click, typing or navigation may take.")
+    snapshot_cap_chars: int = Field(40000, ge=1000, description="Longer accessibility snapshots are cut, with a marker.")
 
 
 class TeamSettings(BaseModel):
@@ -228,6 +246,7 @@ class Settings(BaseSettings):
     runners: dict[str, RunnerProfile] = Field(default_factory=lambda: {"script": RunnerProfile(kind="script")})
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     teams: TeamSettings = Field(default_factory=TeamSettings)
+    computers: ComputerSettings = Field(default_factory=ComputerSettings)
 
     @field_validator("data_dir")
     @classmethod

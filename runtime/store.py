@@ -224,6 +224,26 @@ class DispatchDecision(SQLModel, table=True):
     ts: datetime = Field(default_factory=utcnow)
 
 
+class Computer(SQLModel, table=True):
+    """A claimed computer: a browser runtime bound to its owner until destroyed or expired."""
+
+    id: str = Field(primary_key=True)
+    runtime_id: str = Field(index=True)
+    container_id: str
+    template: str
+    width: int
+    height: int
+    status: str = Field(default=SandboxStatus.RUNNING, index=True)  # running, destroyed, lost
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    run_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+
 class MemberStatus:
     STARTING = "starting"  # its sandbox and token are being prepared
     BUSY = "busy"  # a turn is running

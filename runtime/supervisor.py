@@ -32,15 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
 
-__all__ = [
-    "CONTROL_MOUNT",
-    "PROTOCOL",
-    "BridgeHandler",
-    "Frame",
-    "Link",
-    "SupervisorError",
-    "Supervisors",
-]
+__all__ = ["BridgeHandler", "CONTROL_MOUNT", "Frame", "Link", "PROTOCOL", "SupervisorError", "Supervisors", "connect_unix"]
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +350,7 @@ class Supervisors:
         except OSError as exc:
             raise SupervisorError(f"runtime {runtime_id} has no control key: {exc.strerror}") from exc
         try:
-            stream = await _connect_unix(directory / _SOCKET)
+            stream = await connect_unix(directory / _SOCKET)
         except OSError as exc:
             raise SupervisorError(f"the sandbox's supervisor is not listening: {exc.strerror}") from exc
         link = Link(stream, runtime_id, container_id)
@@ -386,7 +378,7 @@ class Supervisors:
         return runtime_id
 
 
-async def _connect_unix(path: Path) -> anyio.abc.SocketStream:
+async def connect_unix(path: Path) -> anyio.abc.SocketStream:
     """Connect to a unix socket, also one whose path is longer than the kernel's 108 bytes."""
     if len(os.fsencode(path)) < 100:
         return await anyio.connect_unix(path)

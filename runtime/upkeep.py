@@ -47,8 +47,9 @@ class PoolUpkeep:
     async def reconcile(self) -> None:
         """At start: claimed runtimes stay with their owners, warm ones go back on the shelf,
         runtimes caught mid-provisioning, mid-wipe or mid-removal are removed (or wiped again),
-        containers the store does not know are removed, and runtimes whose container is gone
-        are lost, with their sandboxes.
+        containers the store does not know are removed, runtimes whose container is gone are
+        lost, with their sandboxes, and the host directories (control channels, DevTools
+        sockets) of runtimes no longer live are removed.
         """
         containers = await self._docker.list_containers(self._provisioner.labels)
         self._pools.pause_refills(True)
@@ -60,7 +61,7 @@ class PoolUpkeep:
         live = await self._store.run(
             lambda s: set(s.exec(select(Runtime.id).where(col(Runtime.state).in_(RuntimeState.LIVE))).all())
         )
-        self._provisioner.supervisors.sweep(live)
+        self._provisioner.sweep(live)
 
     async def _match(self, containers: list[dict]) -> None:
         by_id = {c["Id"]: c for c in containers}
@@ -124,7 +125,7 @@ class PoolUpkeep:
                 if container_id not in running:
                     await self._pools.evict(pool, runtime_id, "unhealthy: its container is not running")
                     continue
-                left = await self._provisioner.leftovers(container_id)
+                left = await self._provisioner.leftovers(container_id, runtime_id, pool.template)
                 if left:
                     await self._pools.evict(pool, runtime_id, "unhealthy: " + "; ".join(left[:3]))
             for runtime_id, container_id in claimed:

@@ -16,7 +16,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.transports import BearerTokens
-from dockyard.tools import audit, dispatch, pool, sandbox, team, token
+from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
 
 __all__ = ["build_server"]
 
@@ -28,7 +28,9 @@ Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sand
 Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity.
 To hand a task off, dispatch it (remote, local, team modes) and collect it with await_dispatch.
 For several agents working together, team_create a team, team_spawn members, and follow it
-with team_tasks; members message each other and claim tasks from the shared list."""
+with team_tasks; members message each other and claim tasks from the shared list.
+To look at what a sandbox serves, expose its port and open the URL in a computer (a headless
+browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...)."""
 
 
 def build_server(settings: Settings, *, http_url: str | None = None, admin_key: str | None = None) -> MCPServer[Engine]:
@@ -73,4 +75,5 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     audit.register(server)
     dispatch.register(server)
     team.register(server)
+    computer.register(server)
     return server

@@ -57,12 +57,27 @@ def sandbox_image(docker_client: docker.DockerClient) -> str:
     return anyio.run(images.ensure, "sandbox")
 
 
+@pytest.fixture(scope="session")
+def computer_image(docker_client: docker.DockerClient) -> str:
+    """Build (or find cached) the computer image (Chromium) once per session."""
+    settings = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="dockyard-images-")))
+    backend = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+    images = ImageService(settings.images, backend, settings.data_dir / "build")
+    return anyio.run(images.ensure, "computer")
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for one test: its own data dir, fast loops, a small default pool (min 1, max 8)."""
+    """Settings for one test: its own data dir, fast loops, a small default pool (min 1, max 8)
+    and no warm computer (`computer_pool` gives one; `templates` replaces the default's)."""
     sandbox = {"reaper_interval_s": 0.5, **overrides.pop("sandbox", {})}
     pool = {"health_interval_s": 2.0, "claim_timeout_s": 30.0, **overrides.pop("pool", {})}
     default_pool = {"min": 1, "max": 8, **overrides.pop("default_pool", {})}
-    templates = overrides.pop("templates", {"default": {"pool": default_pool}})
+    computer_pool = {"min": 0, "max": 4, **overrides.pop("computer_pool", {})}
+    templates = dict(overrides.pop("templates", {"default": {"pool": default_pool}}))
+    # The shipped config keeps a computer warm; tests start a browser only when they ask for one.
+    computer = dict(templates.get("computer", {}))
+    computer["pool"] = {**computer_pool, **computer.get("pool", {})}
+    templates["computer"] = computer
     return load_settings(data_dir=data_dir, sandbox=sandbox, pool=pool, templates=templates, **overrides)
 
 

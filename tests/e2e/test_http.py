@@ -53,7 +53,7 @@ def _free_port() -> int:
 def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
     log = data_dir.parent / f"serve-{port}.log"
-    env = {**os.environ, "DOCKYARD_DATA_DIR": str(data_dir), "POOL_MIN": "1"}
+    env = {**os.environ, "DOCKYARD_DATA_DIR": str(data_dir), "POOL_MIN": "1", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
     env.pop("DOCKYARD_ADMIN_KEY", None)
     with log.open("wb") as sink:
         process = subprocess.Popen([DOCKYARD, "serve", "--http", f"127.0.0.1:{port}"], env=env, stderr=sink)

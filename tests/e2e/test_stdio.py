@@ -26,7 +26,7 @@ def data_dir(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerCli
 
 
 def serve(data_dir: Path) -> Client:
-    env = {"DOCKYARD_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"}
+    env = {"DOCKYARD_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
     return Client(StdioServerParameters(command=DOCKYARD, args=["serve"], env=env))
 
 

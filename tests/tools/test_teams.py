@@ -219,12 +219,12 @@ async def test_shutdown_frees_every_runtime_and_cleanup_forgets_the_team(
         await call(client, "team_spawn", team_id=team, role="c", prompt="sleep 300")
         await until(client, team, lambda v: [m["status"] for m in v["members"]].count("busy") == 2)
         await call(client, "team_message", team_id=team, to="b", body="note for the inbox")
-        (pool,) = (await call(client, "pool_status"))["pools"]
+        (pool,) = [p for p in (await call(client, "pool_status"))["pools"] if p["template"] == "default"]
         assert pool["claimed"] == 2  # the shared sandbox and c's own
 
         stopped = await call(client, "team_shutdown", team_id=team)
         assert {m["status"] for m in stopped["members"]} == {"stopped"} and stopped["team"]["status"] == "shut down"
-        (pool,) = (await call(client, "pool_status"))["pools"]
+        (pool,) = [p for p in (await call(client, "pool_status"))["pools"] if p["template"] == "default"]
         assert pool["claimed"] == 0
         assert (await call(client, "sandbox_list"))["sandboxes"] == []
         assert all(t.revoked_at is not None for t in rows(settings, Token) if t.run_id and t.run_id.startswith("mem_"))

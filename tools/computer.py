@@ -1,0 +1,153 @@
+"""Computer tools: a headless browser of your own, to open your sandboxes' previews, read them
+as accessibility trees, click, type and take screenshots."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.utilities.types import Image
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from dockyard.runtime.models import ComputerInfo, ComputerList, PageState
+from dockyard.tools._context import EngineContext, authorized, engine
+from dockyard.tools._errors import tool_errors
+
+__all__ = ["register"]
+
+ComputerId = Annotated[str, Field(max_length=64, description="A computer id (cmp_...) from computer_create.")]
+Ref = Annotated[str, Field(min_length=1, max_length=40, description="An element ref from computer_snapshot, such as e12.")]
+_SCOPE = "computer:use"
+
+
+class Destroyed(BaseModel):
+    computer_id: str
+    destroyed: bool = True
+
+
+@tool_errors
+async def computer_create(
+    ctx: EngineContext,
+    template: Annotated[str | None, Field(max_length=64, description="A computer template; default 'computer'.")] = None,
+    width: Annotated[int | None, Field(ge=200, le=3840, description="Viewport width in pixels (default 1280).")] = None,
+    height: Annotated[int | None, Field(ge=200, le=2160, description="Viewport height in pixels (default 800).")] = None,
+    ttl_s: Annotated[int | None, Field(ge=60, description="Destroy it after this many seconds (default 1 h).")] = None,
+) -> ComputerInfo:
+    """Get a headless Chromium of your own, already running (it comes from a warm pool). It has
+    no network of its own: it opens the previews of your workspace's sandboxes (the URLs
+    sandbox_expose_port gives) and nothing else. Drive it with computer_navigate,
+    computer_snapshot, computer_click, computer_type and computer_screenshot."""
+    who = await authorized(ctx, _SCOPE, "computer.create")
+    return await engine(ctx).computers.create(who, template=template, width=width, height=height, ttl_s=ttl_s)
+
+
+@tool_errors
+async def computer_list(ctx: EngineContext) -> ComputerList:
+    """Your workspace's live computers."""
+    who = await authorized(ctx, _SCOPE, "computer.list")
+    return ComputerList(computers=await engine(ctx).computers.list(who))
+
+
+@tool_errors
+async def computer_navigate(
+    ctx: EngineContext, computer_id: ComputerId, url: Annotated[str, Field(min_length=1, max_length=4000, description="An http URL from sandbox_expose_port, or about:blank.")]
+) -> PageState:
+    """Open a URL and wait for it to load; returns the page's URL and title. Other hosts,
+    file:// and other schemes are refused."""
+    who = await authorized(ctx, _SCOPE, "computer.navigate", computer_id)
+    return await engine(ctx).computers.navigate(who, computer_id, url)
+
+
+@tool_errors
+async def computer_snapshot(ctx: EngineContext, computer_id: ComputerId) -> PageState:
+    """Read the page as an accessibility tree (roles, names, text, values), far cheaper than a
+    screenshot. Each element you can act on has a ref such as [ref=e12]: pass it to
+    computer_click or computer_type. Refs go stale when the page changes: snapshot again."""
+    who = await authorized(ctx, _SCOPE, "computer.snapshot", computer_id)
+    return await engine(ctx).computers.snapshot(who, computer_id)
+
+
+@tool_errors
+async def computer_click(ctx: EngineContext, computer_id: ComputerId, ref: Ref) -> PageState:
+    """Click an element by its ref from computer_snapshot; waits briefly for a page it opens."""
+    who = await authorized(ctx, _SCOPE, "computer.click", computer_id)
+    return await engine(ctx).computers.click(who, computer_id, ref)
+
+
+@tool_errors
+async def computer_type(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    ref: Ref,
+    text: Annotated[str, Field(max_length=100_000, description="The text; it replaces the field's content.")],
+    submit: Annotated[bool, Field(description="Press Enter afterwards (submits most forms).")] = False,
+) -> PageState:
+    """Type into a field by its ref (its content is replaced). Text typed into a password field
+    is masked in the audit log."""
+    who = await authorized(ctx, _SCOPE, "computer.type", computer_id)
+    return await engine(ctx).computers.type(who, computer_id, ref, text, submit)
+
+
+@tool_errors
+async def computer_press(
+    ctx: EngineContext, computer_id: ComputerId,
+    key: Annotated[str, Field(min_length=1, max_length=40, description="A key such as Enter, Tab, Escape, ArrowDown or Control+A.")],
+) -> PageState:
+    """Press a key (or a combination) in the page."""
+    who = await authorized(ctx, _SCOPE, "computer.press", computer_id)
+    return await engine(ctx).computers.press(who, computer_id, key)
+
+
+@tool_errors
+async def computer_scroll(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    dy: Annotated[int, Field(ge=-100_000, le=100_000, description="Pixels down (negative: up).")] = 600,
+    dx: Annotated[int, Field(ge=-100_000, le=100_000, description="Pixels right (negative: left).")] = 0,
+    ref: Annotated[str | None, Field(max_length=40, description="Instead, scroll this element into view.")] = None,
+) -> PageState:
+    """Scroll the page by pixels, or bring an element into view."""
+    who = await authorized(ctx, _SCOPE, "computer.scroll", computer_id)
+    return await engine(ctx).computers.scroll(who, computer_id, dx, dy, ref)
+
+
+@tool_errors
+async def computer_wait_for(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    text: Annotated[str, Field(min_length=1, max_length=1000, description="Text to wait for.")],
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 10,
+) -> PageState:
+    """Wait until some text shows on the page (after an action that loads something)."""
+    who = await authorized(ctx, _SCOPE, "computer.wait_for", computer_id)
+    return await engine(ctx).computers.wait_for(who, computer_id, text, timeout_s)
+
+
+@tool_errors
+async def computer_screenshot(
+    ctx: EngineContext, computer_id: ComputerId,
+    full_page: Annotated[bool, Field(description="The whole page rather than the viewport.")] = False,
+) -> Image:
+    """A PNG screenshot of the page, as an image."""
+    who = await authorized(ctx, _SCOPE, "computer.screenshot", computer_id)
+    return Image(data=await engine(ctx).computers.screenshot(who, computer_id, full_page), format="png")
+
+
+@tool_errors
+async def computer_destroy(ctx: EngineContext, computer_id: ComputerId) -> Destroyed:
+    """End the computer. Its browser is removed with everything it held; none is ever reused."""
+    who = await authorized(ctx, _SCOPE, "computer.destroy", computer_id)
+    await engine(ctx).computers.destroy(who, computer_id)
+    return Destroyed(computer_id=computer_id)
+
+
+def register(server: MCPServer) -> None:
+    """Add the computer tools to a server."""
+    acts = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+    reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+    for tool in (computer_create, computer_navigate, computer_click, computer_type, computer_press, computer_scroll):
+        server.add_tool(tool, annotations=acts)
+    for tool in (computer_list, computer_snapshot, computer_wait_for, computer_screenshot):
+        server.add_tool(tool, annotations=reads)
+    server.add_tool(computer_destroy, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
