@@ -15,7 +15,7 @@ import pytest
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import InvalidRequestError, SandboxLostError
 from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
-from dockyard.runtime.supervisor import Link, SupervisorError, _connect_unix
+from dockyard.runtime.supervisor import Link, SupervisorError, connect_unix
 from tests.runtime.pooltools import event_reasons, wait_for_pool
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +118,7 @@ async def test_the_control_channel_refuses_a_peer_without_the_key(engine: Engine
     sandbox = await engine.sandboxes.create(who)
     row = await engine.store.get(Sandbox, sandbox.sandbox_id)
     socket_path = engine.supervisors.directory(row.runtime_id) / "control.sock"
-    stream = await _connect_unix(socket_path)
+    stream = await connect_unix(socket_path)
     intruder = Link(stream, row.runtime_id, row.container_id)
     with pytest.raises(SupervisorError, match="refused"):
         await intruder.handshake(b"not-the-key")
