@@ -91,11 +91,11 @@ class Served:
         """One template's pool, as `pool_status` reports it."""
         return next(p for p in (await self.call("pool_status"))["pools"] if p["template"] == template)
 
-    async def settle(self, is_enough: Callable[[int], bool], timeout_s: float = 180) -> dict[str, Any]:
+    async def settle(self, is_enough: Callable[[int], bool], timeout_s: float = 180, template: str = "default") -> dict[str, Any]:
         """Poll until the warm count satisfies `is_enough` and nothing is starting or draining."""
         with anyio.fail_after(timeout_s):
             while True:
-                pool = await self.pool()
+                pool = await self.pool(template)
                 if is_enough(pool["warm"]) and pool["provisioning"] == pool["draining"] == 0:
                     return pool
                 await anyio.sleep(0.05)
@@ -129,8 +129,12 @@ def checked(tool: str, result: CallToolResult) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def serve(run: Run, name: str, *, pool_min: int, pool_max: int, mode: Mode = "auto") -> AsyncIterator[Served]:
-    """`dockyard serve` with a fresh data dir and the default template's pool at (pool_min, pool_max).
+async def serve(
+    run: Run, name: str, *, pool_min: int, pool_max: int, mode: Mode = "auto", computers: tuple[int, int] = (0, 1)
+) -> AsyncIterator[Served]:
+    """`dockyard serve` with a fresh data dir, the default template's pool at (pool_min, pool_max)
+    and the computer pool at `computers` (none warm unless a section asks: a browser would
+    weigh on every other figure).
 
     The server's containers are removed on the way out: warm runtimes outlive their server by design.
     `mode` is the client's protocol negotiation: 'auto' (the SDK's default) takes the newest
@@ -143,6 +147,8 @@ async def serve(run: Run, name: str, *, pool_min: int, pool_max: int, mode: Mode
         "POOL_MIN": str(pool_min),
         "POOL_MAX": str(pool_max),
         "POOL_AUTOSCALE_ENABLED": "false",
+        "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": str(computers[0]),
+        "DOCKYARD_TEMPLATES__COMPUTER__POOL__MAX": str(computers[1]),
     }
     params = StdioServerParameters(command=str(DOCKYARD), args=["serve"], env=env)
     try:

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.figures import Figure
 from bench.run import Options, Run
-from bench.sections import claims, dispatch, memory, noop, sandbox_exec, snapshot
+from bench.sections import claims, computers, dispatch, memory, noop, sandbox_exec, snapshot
 
 __all__ = ["SECTIONS", "Section"]
 
@@ -17,6 +17,7 @@ SECTIONS: dict[str, Section] = {
     "exec": sandbox_exec.measure,
     "claims": claims.measure,
     "dispatch": dispatch.measure,
+    "computers": computers.measure,
     "snapshot": snapshot.measure,
     "memory": memory.measure,
 }
