@@ -12,7 +12,7 @@ import anyio
 from sqlmodel import Session
 
 from dockyard.runtime.settings import PoolShape
-from dockyard.runtime.store import PoolEvent, Runtime, RuntimeState, Sandbox, utcnow
+from dockyard.runtime.store import Computer, PoolEvent, Runtime, RuntimeState, Sandbox, utcnow
 from dockyard.runtime.waitqueue import FairQueue
 
 __all__ = ["Bind", "Grant", "Lease", "Pool", "move", "new_runtime_id", "timed_bind", "transition"]
@@ -93,13 +93,15 @@ def transition(runtime_id: str, to: str, reason: str, *, only_from: tuple[str, .
 
 
 def timed_bind(bind: Bind, started: float, warm: bool) -> Bind:
-    """`bind`, then note on the owner's sandbox row how the claim was served and how long it took."""
+    """`bind`, then note on the owner's row (a sandbox or a computer) how the claim was served
+    and how long it took."""
 
     def timed(session: Session, row: Runtime) -> None:
         bind(session, row)
-        sandbox = session.get(Sandbox, row.sandbox_id) if row.sandbox_id else None
-        if sandbox is not None:
-            sandbox.served_warm, sandbox.claim_ms = warm, round((time.perf_counter() - started) * 1000, 3)
-            session.add(sandbox)
+        for model in (Sandbox, Computer):
+            claim = session.get(model, row.sandbox_id) if row.sandbox_id else None
+            if claim is not None:
+                claim.served_warm, claim.claim_ms = warm, round((time.perf_counter() - started) * 1000, 3)
+                session.add(claim)
 
     return timed

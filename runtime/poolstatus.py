@@ -9,7 +9,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.models import PoolInfo
 from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import PoolState, Runtime, Sandbox, Store
+from dockyard.runtime.store import Computer, PoolState, Runtime, Sandbox, Store
 
 __all__ = ["pool_status"]
 
@@ -37,10 +37,11 @@ async def pool_status(store: Store, settings: Settings) -> list[PoolInfo]:
         pools = []
         for name, tpl in settings.templates.items():
             state = session.get(PoolState, name)
+            model = Computer if tpl.kind == "computer" else Sandbox
             claims = session.exec(
-                select(Sandbox.served_warm, Sandbox.claim_ms)
-                .where(Sandbox.template == name)
-                .order_by(col(Sandbox.created_at).desc())
+                select(model.served_warm, model.claim_ms)
+                .where(model.template == name, col(model.served_warm).is_not(None))
+                .order_by(col(model.created_at).desc())
                 .limit(_HISTORY)
             ).all()
             latencies = sorted(ms for _, ms in claims)

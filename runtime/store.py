@@ -234,6 +234,8 @@ class Computer(SQLModel, table=True):
     width: int
     height: int
     status: str = Field(default=SandboxStatus.RUNNING, index=True)  # running, destroyed, lost
+    served_warm: bool | None = None  # how the pool served the claim
+    claim_ms: float | None = None
     workspace_id: str = Field(index=True)
     project_id: str
     user_id: str

@@ -85,6 +85,11 @@ async def screenshot(client: Client, computer_id: str, **extra: Any) -> tuple[in
     return *png_size(data), data
 
 
+async def computer_pool(client: Client) -> dict[str, Any]:
+    (pool,) = [p for p in (await call(client, "pool_status"))["pools"] if p["template"] == "computer"]
+    return pool
+
+
 async def serve_app(client: Client) -> tuple[str, str]:
     """A sandbox serving the app on an exposed port: (sandbox_id, preview url)."""
     sid = (await call(client, "sandbox_create"))["sandbox_id"]
@@ -112,9 +117,14 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
 ) -> None:
     async with computer_server(tmp_path, docker_client) as (client, settings):
         _, url = await serve_app(client)
+        with anyio.fail_after(60):  # the pool keeps one browser running
+            while (await computer_pool(client))["warm"] < 1:
+                await anyio.sleep(0.2)
         computer = await call(client, "computer_create")
         cid = computer["computer_id"]
         assert (computer["width"], computer["height"]) == (1280, 800)
+        pool = await computer_pool(client)
+        assert (pool["claimed"], pool["claims_warm"], pool["claims_cold"]) == (1, 1, 0)  # handed over already running
         opened = await call(client, "computer_navigate", computer_id=cid, url=url)
         assert opened["title"] == "Greeter" and opened["url"] == url
 
