@@ -16,13 +16,15 @@ browser; parallel agents never share one.
 
 from __future__ import annotations
 
+import base64
 import logging
+import mimetypes
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,9 +38,8 @@ from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
 from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
-from dockyard.runtime.ports import PortForwarder
 from dockyard.runtime.provision import Provisioner
-from dockyard.runtime.sandboxes import running_limits
+from dockyard.runtime.sandboxes import SandboxService, running_limits
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Computer, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
 from dockyard.runtime.supervisor import connect_unix
@@ -82,7 +83,7 @@ class ComputerService:
         audit: AuditLog,
         pools: PoolManager,
         provisioner: Provisioner,
-        ports: PortForwarder,
+        sandboxes: SandboxService,
     ) -> None:
         self._settings = settings
         self._limits = settings.computers
@@ -90,7 +91,8 @@ class ComputerService:
         self._audit = audit
         self._pools = pools
         self._provisioner = provisioner
-        self._ports = ports
+        self._sandboxes = sandboxes
+        self._ports = sandboxes.ports
         self._live: dict[str, _Live] = {}
         self._connecting: dict[str, anyio.Lock] = {}
         self._playwright: Playwright | None = None
@@ -264,6 +266,22 @@ class ComputerService:
             except PlaywrightError as exc:
                 raise ComputerActionError(f"'{text[:100]}' did not show on the page within {timeout_s:g} s") from exc
             return await _state(page)
+
+    async def upload(self, who: Identity, computer_id: str, ref: str, sandbox_id: str, path: str) -> PageState:
+        """Put a file from one of the caller's sandboxes into a file input of the page."""
+        row = await self._owned(who, computer_id, "computer.upload")
+        async with self._audit.record(who, "computer.upload", computer_id, ref=ref, sandbox_id=sandbox_id, path=path) as rec:
+            file = await self._sandboxes.read_file(who, sandbox_id, path, "base64", None)
+            if file.truncated:
+                raise InvalidRequestError(f"{path} is {file.size} bytes, over the {self._settings.sandbox.read_cap_bytes}-byte read cap")
+            rec.detail["size"] = file.size
+            name = PurePosixPath(file.path).name
+            payload = {"name": name, "mimeType": mimetypes.guess_type(name)[0] or "application/octet-stream",
+                       "buffer": base64.b64decode(file.content)}
+            async with self._page(row) as page:
+                target = await self._element(page, ref)
+                await self._act(lambda: target.set_input_files(payload, timeout=self._timeout_ms), f"upload {name} into {ref}")
+                return await _state(page)
 
     async def screenshot(self, who: Identity, computer_id: str, full_page: bool) -> bytes:
         """A PNG of the viewport, or of the whole page."""

@@ -125,6 +125,21 @@ async def computer_wait_for(
 
 
 @tool_errors
+async def computer_upload(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    ref: Ref,
+    sandbox_id: Annotated[str, Field(max_length=64, description="The sandbox the file is in.")],
+    path: Annotated[str, Field(min_length=1, max_length=4096, description="The file's path under /workspace.")],
+) -> PageState:
+    """Put a file from one of your sandboxes into a file input (by its ref), as if picked in
+    the browser's file dialog."""
+    who = await authorized(ctx, _SCOPE, "computer.upload", computer_id)
+    await authorized(ctx, "sandbox:files", "computer.upload", sandbox_id)
+    return await engine(ctx).computers.upload(who, computer_id, ref, sandbox_id, path)
+
+
+@tool_errors
 async def computer_screenshot(
     ctx: EngineContext, computer_id: ComputerId,
     full_page: Annotated[bool, Field(description="The whole page rather than the viewport.")] = False,
@@ -146,7 +161,7 @@ def register(server: MCPServer) -> None:
     """Add the computer tools to a server."""
     acts = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
     reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-    for tool in (computer_create, computer_navigate, computer_click, computer_type, computer_press, computer_scroll):
+    for tool in (computer_create, computer_navigate, computer_click, computer_type, computer_press, computer_scroll, computer_upload):
         server.add_tool(tool, annotations=acts)
     for tool in (computer_list, computer_snapshot, computer_wait_for, computer_screenshot):
         server.add_tool(tool, annotations=reads)

@@ -33,9 +33,11 @@ APP = """<!doctype html>
 <h1 id="greeting">Hello</h1>
 <p id="cookie"></p>
 <p id="probe">probing</p>
+<p id="uploaded">nothing attached</p>
 <form id="form">
   <label>Name <input id="name"></label>
   <label>Password <input id="secret" type="password"></label>
+  <label>Attachment <input id="attachment" type="file"></label>
   <button type="submit">Greet</button>
 </form>
 <button id="paint">Paint it red</button>
@@ -45,6 +47,10 @@ APP = """<!doctype html>
     event.preventDefault();
     document.getElementById("greeting").textContent = "Hello, " + document.getElementById("name").value;
     document.cookie = "greeted=" + document.getElementById("name").value;
+  });
+  document.getElementById("attachment").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    file.text().then((text) => { document.getElementById("uploaded").textContent = `attached ${file.name}: ${text}`; });
   });
   document.getElementById("paint").addEventListener("click", () => {
     document.body.style.background = "rgb(255, 0, 0)";
@@ -116,7 +122,7 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
     tmp_path: Path, computer_image: str, docker_client: docker.DockerClient
 ) -> None:
     async with computer_server(tmp_path, docker_client) as (client, settings):
-        _, url = await serve_app(client)
+        sid, url = await serve_app(client)
         with anyio.fail_after(60):  # the pool keeps one browser running
             while (await computer_pool(client))["warm"] < 1:
                 await anyio.sleep(0.2)
@@ -143,6 +149,9 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
         width, height, _ = await screenshot(client, cid, full_page=True)
         assert width == 1280 and height >= 200
 
+        await call(client, "sandbox_write_file", sandbox_id=sid, path="notes/report.txt", content="all green")
+        await call(client, "computer_upload", computer_id=cid, ref=ref(page, "button", "Attachment"), sandbox_id=sid, path="notes/report.txt")
+        await call(client, "computer_wait_for", computer_id=cid, text="attached report.txt: all green")
         await call(client, "computer_press", computer_id=cid, key="Tab")
         await call(client, "computer_scroll", computer_id=cid, dy=300)
         await call(client, "computer_destroy", computer_id=cid)
@@ -151,7 +160,8 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
     audit = [a for a in rows(settings, AuditEvent) if a.kind.startswith("computer.")]
     kinds = [a.kind for a in audit]
     for kind in ("computer.create", "computer.navigate", "computer.snapshot", "computer.type", "computer.click",
-                 "computer.screenshot", "computer.press", "computer.scroll", "computer.destroy"):
+                 "computer.upload", "computer.wait_for", "computer.screenshot", "computer.press", "computer.scroll",
+                 "computer.destroy"):
         assert kind in kinds, kind
     typed = [json.loads(a.detail)["text"] for a in audit if a.kind == "computer.type"]
     assert typed == ["Ada", "••••••"]  # the password never reaches the log
