@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -13,13 +14,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import anyio
+import anyio.abc
+import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
 from bench.run import Run
 
-__all__ = ["Served", "ToolCallError", "child_pid", "serve", "stdio", "timed"]
+__all__ = ["Served", "ToolCallError", "child_pid", "serve", "serve_http", "stdio", "timed"]
 
 T = TypeVar("T")
 DOCKYARD = Path(sys.executable).parent / "dockyard"
@@ -156,4 +160,46 @@ async def serve(
             yield Served(client, pid, data_dir)
     finally:
         with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(run.remove_instance, data_dir)
+
+
+@asynccontextmanager
+async def serve_http(run: Run, name: str, scopes: list[str]) -> AsyncIterator[Client]:
+    """`dockyard serve --http` on a free loopback port with a fresh data dir (no warm runtimes),
+    and a client holding a token minted for it with `dockyard token mint`."""
+    data_dir = run.data_dir(name)
+    env = {key: os.environ[key] for key in (*_PASSED_ON, "PATH", "HOME") if key in os.environ}
+    env |= {"DOCKYARD_DATA_DIR": str(data_dir), "POOL_MIN": "0", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    await listener.aclose()
+    url = f"http://127.0.0.1:{port}"
+    with (run.root / f"{name}.log").open("wb") as log:
+        process = await anyio.open_process([str(DOCKYARD), "serve", "--http", f"127.0.0.1:{port}"], env=env, stderr=log)
+    try:
+        async with httpx2.AsyncClient(timeout=30) as probe:
+            with anyio.fail_after(60):
+                while True:
+                    try:
+                        if (await probe.get(f"{url}/healthz")).status_code == 200:
+                            break
+                    except httpx2.TransportError:
+                        pass
+                    await anyio.sleep(0.1)
+        argv = [str(DOCKYARD), "token", "mint", "--workspace", "bench", "--json"]
+        for scope in scopes:
+            argv += ["--scope", scope]
+        minted = await anyio.run_process(argv, env=env)
+        token = json.loads(minted.stdout)["token"]
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+            async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
+                yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            process.terminate()
+            with anyio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
             await anyio.to_thread.run_sync(run.remove_instance, data_dir)

@@ -1,4 +1,5 @@
-"""noop: what one MCP tool call costs over stdio, next to a protocol round trip on the same session."""
+"""noop: what one MCP tool call costs over stdio and over streamable HTTP, next to a protocol
+round trip on the same session."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from bench.figures import Figure, Target
 from bench.run import Options, Run
-from bench.served import Served, serve, timed
+from bench.served import Served, checked, serve, serve_http, timed
 
 __all__ = ["measure"]
 
@@ -62,7 +63,19 @@ async def measure(run: Run, options: Options) -> list[Figure]:
         baseline_samples=discover,
         target=Target.below(TARGET_MS),
     )
-    http = Figure.unavailable(
-        SECTION, "whoami over streamable HTTP", "not available yet (HTTP transport comes in a later change)"
+    async with serve_http(run, "noop-http", scopes=["sandbox:exec"]) as client:
+        version = client.protocol_version
+        session = client.session
+
+        async def whoami() -> Any:
+            return checked("whoami", await client.call_tool("whoami", {}))
+
+        ours, discover = await _alternate(options.runs, whoami, lambda: session.send_discover(version))
+    http = Figure(
+        SECTION,
+        f"whoami over streamable HTTP with a bearer token (protocol {version})",
+        samples=ours,
+        baseline="server/discover round trip, same session",
+        baseline_samples=discover,
     )
     return [handshake, modern, http]
