@@ -113,6 +113,7 @@ class PoolInfo(BaseModel):
     claimed: int
     provisioning: int
     draining: int
+    destroying: int = Field(0, description="Runtimes being removed (they still hold a place under max until gone).")
     queue_depth: int
     claims_warm: int = Field(description="Claims served from a warm runtime (recent history).")
     claims_cold: int = Field(description="Claims that had to wait for a container start.")

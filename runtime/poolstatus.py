@@ -57,6 +57,7 @@ async def pool_status(store: Store, settings: Settings) -> list[PoolInfo]:
                     claimed=counts.get((name, "claimed"), 0),
                     provisioning=counts.get((name, "provisioning"), 0),
                     draining=counts.get((name, "draining"), 0),
+                    destroying=counts.get((name, "destroying"), 0),
                     queue_depth=state.queue_depth if state else 0,
                     claims_warm=sum(1 for warm, _ in claims if warm),
                     claims_cold=sum(1 for warm, _ in claims if not warm),

@@ -81,11 +81,11 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
     if as_json:
         print(json.dumps([p.model_dump() for p in pools], indent=2))
         return
-    table = Table("template", "warm", "claimed", "starting", "draining", "min/target/max", "queue", "warm/cold claims",
-                  "claim ms p50/p95/p99")
+    table = Table("template", "warm", "claimed", "starting", "draining", "removing", "min/target/max", "queue",
+                  "warm/cold claims", "claim ms p50/p95/p99")
     for p in pools:
         latency = "/".join("-" if v is None else f"{v:g}" for v in (p.claim_ms_p50, p.claim_ms_p95, p.claim_ms_p99))
-        table.add_row(p.template, str(p.warm), str(p.claimed), str(p.provisioning), str(p.draining),
+        table.add_row(p.template, str(p.warm), str(p.claimed), str(p.provisioning), str(p.draining), str(p.destroying),
                       f"{p.min}/{p.target}/{p.max}", str(p.queue_depth), f"{p.claims_warm}/{p.claims_cold}", latency)
     Console().print(table)
 

@@ -105,7 +105,7 @@ def pool_status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show each pool's warm/claimed/provisioning/draining runtimes, queue and claim latency."""
+    """Show each pool's warm/claimed/provisioning/draining/removing runtimes, queue and claim latency."""
     settings = _settings(config)
     anyio.run(checks.show_pools, settings, as_json)
 
