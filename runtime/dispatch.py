@@ -425,14 +425,8 @@ class DispatchService:
         return DispatchStatus.COMPLETED, synthesis, None
 
     async def _set(self, dispatch_id: str, notify: bool = True, **values: object) -> None:
-        def update(session: Session) -> None:
-            row = session.get(Dispatch, dispatch_id)
-            assert row is not None
-            for key, value in values.items():
-                setattr(row, key, value)
-            session.add(row)
-
-        await self._store.run(update)
+        updated = await self._store.update(Dispatch, dispatch_id, **values)
+        assert updated is not None
         if not notify:
             return
         if (running := self._running.get(dispatch_id)) is not None:

@@ -412,6 +412,19 @@ class Store:
     async def get(self, model: type[T], key: object) -> T | None:
         return await self.run(lambda s: s.get(model, key))
 
+    async def update(self, model: type[T], key: object, **values: object) -> T | None:
+        """Set `values` on one row in one transaction; returns it, or None if there is none."""
+
+        def update(session: Session) -> T | None:
+            row = session.get(model, key)
+            if row is not None:
+                for name, value in values.items():
+                    setattr(row, name, value)
+                session.add(row)
+            return row
+
+        return await self.run(update)
+
     async def add(self, row: T) -> T:
         def add(session: Session) -> T:
             session.add(row)

@@ -502,7 +502,7 @@ class TeamService:
                 scopes = await self._member_scopes(member, team)
                 await self._tokens.revoke_run(member.id, "replaced by a new token")
                 minted = await self._tokens.mint_for_run(
-                    _owner(member, team).model_copy(update={"scopes": scopes}), member.id, scopes,
+                    _run_of(team, member.id, scopes), member.id, scopes,
                     utcnow() + timedelta(seconds=self._limits.member_token_ttl_s), member.sandbox_id,
                 )
                 live.token, live.token_id, live.scopes = minted.token, minted.token_id, minted.identity.scopes
@@ -693,8 +693,7 @@ class TeamService:
     async def _team(self, who: Identity, team_id: str, action: str) -> Team:
         team = await self._store.get(Team, team_id)
         if team is None or team.workspace_id != who.workspace_id:
-            await self._audit.append(who, action, target=team_id, outcome="denied",
-                                     detail={"error": "no such team in the caller's reach", "token_id": who.token_id})
+            await self._tokens.deny(who, action, "no such team in the caller's reach", team_id)
             raise NotFoundError(f"unknown team '{team_id}'; team_create returns the ids of your teams")
         return team
 
@@ -798,45 +797,36 @@ class TeamService:
     # -- store helpers --------------------------------------------------------------------
 
     async def _update(self, member_id: str, **values: object) -> None:
-        def update(session: Session) -> None:
-            row = session.get(Member, member_id)
-            if row is not None:
-                for key, value in values.items():
-                    setattr(row, key, value)
-                session.add(row)
-
-        await self._store.run(update)
+        await self._store.update(Member, member_id, **values)
 
     async def _update_team(self, team_id: str, **values: object) -> None:
-        def update(session: Session) -> None:
-            row = session.get(Team, team_id)
-            if row is not None:
-                for key, value in values.items():
-                    setattr(row, key, value)
-                session.add(row)
-
-        await self._store.run(update)
+        await self._store.update(Team, team_id, **values)
 
 
 # -- identities and shapes ------------------------------------------------------------------
 
 
+_SANDBOX_WORK = ["sandbox:create", "sandbox:exec", "sandbox:files"]
+
+
+def _run_of(team: Team, run_id: str, scopes: list[str], **extra: str | None) -> Identity:
+    """The lead's attribution, as a run of its own: the team's (its shared sandbox) or a member's."""
+    return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=run_id,
+                    scopes=scopes, **extra)
+
+
 def _owner(member: Member, team: Team) -> Identity:
-    """What dockyard acts as for a member's own sandbox work: the lead's attribution, as a run
-    of its own (the member's id)."""
-    return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=member.id,
-                    scopes=["sandbox:create", "sandbox:exec", "sandbox:files"])
+    """What dockyard acts as for a member's own sandbox work."""
+    return _run_of(team, member.id, _SANDBOX_WORK)
 
 
 def _team_owner(team: Team) -> Identity:
-    return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=team.id,
-                    scopes=["sandbox:create", "sandbox:exec", "sandbox:files"])
+    return _run_of(team, team.id, _SANDBOX_WORK)
 
 
 def _acting(member: Member, team: Team, live: _Live) -> Identity:
     """The member as it calls tools in process: its token's identity."""
-    return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=member.id,
-                    scopes=list(live.scopes), token_id=live.token_id, sandbox_id=member.sandbox_id)
+    return _run_of(team, member.id, list(live.scopes), token_id=live.token_id, sandbox_id=member.sandbox_id)
 
 
 def _member_env(member: Member, team: Team, live: _Live, turn: int) -> dict[str, str]:
