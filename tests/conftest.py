@@ -162,6 +162,31 @@ async def call_error(client: Client, tool: str, **arguments: Any) -> str:
     return result.content[0].text
 
 
+@pytest.fixture
+def serve_http(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Any]:
+    """Start `dockyard serve --http` instances (`serve_http(env=..., name=...)`); each is
+    stopped and its containers removed at teardown."""
+    from tests.served import serve, stop
+
+    started: list[Any] = []
+
+    def start(env: dict[str, str] | None = None, name: str = "data") -> Any:
+        served = serve(tmp_path / name, env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        stop(served)
+        remove_instance(docker_client, make_settings(served.data_dir))
+
+
+@pytest.fixture
+def served(serve_http: Any) -> Any:
+    """One `dockyard serve --http` with default settings."""
+    return serve_http()
+
+
 async def sh(client: Client, sandbox_id: str, command: str, **extra: Any) -> dict[str, Any]:
     """Run a command through sandbox_exec and return the structured result."""
     return await call(client, "sandbox_exec", sandbox_id=sandbox_id, command=command, **extra)

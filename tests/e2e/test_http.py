@@ -5,99 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
-import docker
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import call, call_error, make_settings, remove_instance
+from tests.conftest import call, call_error
+from tests.served import DOCKYARD, Served, connect, mint
 
 pytestmark = pytest.mark.anyio
 
-DOCKYARD = str(Path(sys.executable).parent / "dockyard")
 INITIALIZE = {
     "jsonrpc": "2.0",
     "id": 1,
     "method": "initialize",
     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}},
 }
-
-
-@dataclass
-class Served:
-    url: str
-    data_dir: Path
-    admin_key: str
-    stderr: str
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port = _free_port()
-    log = data_dir.parent / f"serve-{port}.log"
-    env = {**os.environ, "DOCKYARD_DATA_DIR": str(data_dir), "POOL_MIN": "1", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
-    env.pop("DOCKYARD_ADMIN_KEY", None)
-    with log.open("wb") as sink:
-        process = subprocess.Popen([DOCKYARD, "serve", "--http", f"127.0.0.1:{port}"], env=env, stderr=sink)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx2.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url, log
-        except httpx2.TransportError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError(f"dockyard serve --http did not come up: {log.read_text()[-2000:]}")
-
-
-@pytest.fixture
-def served(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Served]:
-    data_dir = tmp_path / "data"
-    process, url, log = _start(data_dir)
-    try:
-        key = (data_dir / "admin-key").read_text().strip()
-        yield Served(url, data_dir, key, log.read_text())
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        remove_instance(docker_client, make_settings(data_dir))
-
-
-@asynccontextmanager
-async def connect(served: Served, token: str) -> AsyncIterator[Client]:
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
-        async with Client(streamable_http_client(f"{served.url}/mcp", http_client=http)) as client:
-            yield client
-
-
-async def mint(served: Served, **request: Any) -> dict[str, Any]:
-    async with connect(served, served.admin_key) as admin:
-        return await call(admin, "token_mint", **request)
 
 
 def status_of(served: Served, token: str | None) -> int:
