@@ -40,6 +40,7 @@ from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.sandboxes import SandboxService, running_limits
+from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Computer, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
 from dockyard.runtime.supervisor import connect_unix
@@ -84,8 +85,10 @@ class ComputerService:
         pools: PoolManager,
         provisioner: Provisioner,
         sandboxes: SandboxService,
+        tokens: TokenService,
     ) -> None:
         self._settings = settings
+        self._tokens = tokens
         self._limits = settings.computers
         self._store = store
         self._audit = audit
@@ -141,7 +144,7 @@ class ComputerService:
                 session.add(Computer(
                     id=computer_id, runtime_id=runtime.id, container_id=runtime.container_id or "", template=name,
                     width=width, height=height, workspace_id=who.workspace_id, project_id=who.project_id,
-                    user_id=who.user_id, run_id=who.run_id, expires_at=utcnow() + timedelta(seconds=ttl),
+                    user_id=who.user_id, run_id=who.run_id, token_id=who.token_id, expires_at=utcnow() + timedelta(seconds=ttl),
                 ))
 
             lease = await self._pools.claim(name, who.workspace_id, bind, network=tpl.network)
@@ -159,6 +162,7 @@ class ComputerService:
     async def destroy(self, who: Identity, computer_id: str) -> None:
         """End the computer: its container is removed, never handed to anyone else."""
         row = await self._owned(who, computer_id, "computer.destroy")
+        await self._tokens.may_end(who, row.user_id, "computer.destroy", computer_id, "computer")
         async with self._audit.record(who, "computer.destroy", computer_id):
             await self._end(row, "destroyed by its owner")
 

@@ -16,6 +16,7 @@ on the machine dockyard runs on: refused unless config enables it, the caller ho
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import secrets
@@ -36,7 +37,7 @@ from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.tokens import TokenService
+from dockyard.runtime.tokens import Minted, TokenService
 from dockyard.runtime.store import Dispatch, DispatchDecision, DispatchStatus, Sandbox, SandboxStatus, Store, utcnow
 
 __all__ = ["MODES", "DispatchService"]
@@ -83,8 +84,9 @@ class DispatchService:
         self._tokens = tokens
         self._running: dict[str, _Running] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        # Told the id of a dispatch whose state changed (the server wakes subscribers with it).
-        self.on_change: Callable[[str], Awaitable[None]] | None = None
+        # Told the id and workspace of a dispatch whose state changed (the server wakes that
+        # workspace's subscribers with it).
+        self.on_change: Callable[[str, str], Awaitable[None]] | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Mark what a crash interrupted, start what was queued, then hold the runs' tasks."""
@@ -186,6 +188,7 @@ class DispatchService:
             project_id=who.project_id,
             user_id=who.user_id,
             run_id=who.run_id,
+            token_id=who.token_id,
         )
         decision.dispatch_id, decision.outcome = row.id, "accepted"
 
@@ -303,9 +306,7 @@ class DispatchService:
                 work: str | list[str] = row.prompt
                 if profile.kind == "command":  # the prompt is one argument, never shell text
                     work = [arg.replace("{prompt}", row.prompt) for arg in profile.argv]
-                token = await self._tokens.mint_for_run(
-                    owner, row.id, _RUN_SCOPES, utcnow() + timedelta(seconds=timeout + 60), sandbox_id
-                )
+                token = await self._run_token(row, owner, _RUN_SCOPES, timeout, sandbox_id)
                 env = _runner_env(row, token.token)
                 if profile.kind == "llm":
                     with anyio.fail_after(timeout):
@@ -361,9 +362,7 @@ class DispatchService:
         assert row.prompt is not None
         profile = self._settings.runners[row.runner]
         argv = ["bash", "-c", row.prompt] if profile.kind == "script" else [a.replace("{prompt}", row.prompt) for a in profile.argv]
-        token = await self._tokens.mint_for_run(
-            owner, row.id, ["dispatch:read"], utcnow() + timedelta(seconds=profile.timeout_s + 60), None
-        )
+        token = await self._run_token(row, owner, ["dispatch:read"], profile.timeout_s, None)
         ran = await run_on_host(argv, cwd=self._host_dir(), env=_runner_env(row, token.token), timeout_s=profile.timeout_s,
                                 cap=self._settings.sandbox.output_cap_bytes)
         if ran.timed_out:
@@ -371,6 +370,15 @@ class DispatchService:
         if ran.exit_code != 0:
             return DispatchStatus.FAILED, ran.stdout[-_RESULT_CAP:], f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
         return DispatchStatus.COMPLETED, ran.stdout[-_RESULT_CAP:], None
+
+    async def _run_token(self, row: Dispatch, owner: Identity, scopes: list[str], timeout_s: int, sandbox_id: str | None) -> Minted:
+        """The run's own token, minted from the token that created the dispatch (revoking that
+        one revokes this), and recorded as the only proof `submit` accepts for this dispatch."""
+        token = await self._tokens.mint_for_run(
+            owner, row.id, scopes, utcnow() + timedelta(seconds=timeout_s + 60), sandbox_id, parent_id=row.token_id
+        )
+        await self._set(row.id, notify=False, run_token_id=token.token_id)
+        return token
 
     async def _give_back(self, owner: Identity, dispatch_id: str, sandbox_id: str) -> None:
         try:
@@ -434,23 +442,32 @@ class DispatchService:
             running.changed = anyio.Event()
         if self.on_change is not None:
             try:
-                await self.on_change(dispatch_id)
+                await self.on_change(dispatch_id, updated.workspace_id)
             except Exception:  # a subscriber's trouble must not stop the dispatch
                 log.exception("dispatch %s: change notification failed", dispatch_id)
 
     # -- waiting and cancelling -------------------------------------------------------
 
     async def submit(self, who: Identity, dispatch_id: str, result: str, proof: str) -> DispatchInfo:
-        """A runner's result, proven by its run's token (DOCKYARD_TOKEN); accepted once.
+        """A runner's result, proven by the very token dockyard minted for this dispatch's run
+        (DOCKYARD_TOKEN); accepted once.
 
-        A wrong, foreign or spent proof, or a second submission, is refused and audited.
+        Any other proof (another run's token, a token naming this run that dockyard did not mint
+        for it, a revoked one), a caller of another workspace, or a second submission is refused
+        and audited.
         """
+        await self._tokens.live(who, "dispatch.submit", dispatch_id)
         try:
             runner = await self._tokens.verify(proof)
         except DockyardError as exc:
             raise await self._tokens.deny(who, "dispatch.submit", f"the proof is not this run's token: {exc}", dispatch_id) from exc
-        if runner.run_id != dispatch_id:
-            raise await self._tokens.deny(who, "dispatch.submit", "the proof is the token of another run", dispatch_id)
+        row = await self._store.get(Dispatch, dispatch_id)
+        if row is None or row.workspace_id != who.workspace_id:
+            await self._tokens.deny(who, "dispatch.submit", "no such dispatch in the caller's reach", dispatch_id)
+            raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
+        if not hmac.compare_digest((row.run_token_id or "").encode(), (runner.token_id or "-").encode()):
+            raise await self._tokens.deny(who, "dispatch.submit", "the proof is not the token dockyard minted for this dispatch's run",
+                                          dispatch_id)
 
         def accept(session: Session) -> str | None:
             row = session.get(Dispatch, dispatch_id)
@@ -500,8 +517,10 @@ class DispatchService:
         return _info(await self._owned(who, dispatch_id), None)
 
     async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:
-        """Stop a dispatch's runner and free its runtime; a finished one stays as it ended."""
+        """Stop a dispatch's runner and free its runtime; a finished one stays as it ended.
+        Another user's dispatch needs workspace:admin."""
         row = await self._owned(who, dispatch_id)
+        await self._tokens.may_end(who, row.user_id, "dispatch.cancel", dispatch_id, "dispatch")
         if row.status not in DispatchStatus.FINAL:
             running = self._running.get(dispatch_id)
             if running is not None:

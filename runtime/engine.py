@@ -99,7 +99,7 @@ class Engine:
             tokens=tokens,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens),
             teams=TeamService(settings, store, audit, sandboxes, tokens),
-            computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes),
+            computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
         )
         try:
             async with anyio.create_task_group() as tg:

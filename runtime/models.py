@@ -210,6 +210,7 @@ class MessageInfo(BaseModel):
 
     message_id: int
     sender: str = Field(description="A member's role, or 'lead'.")
+    author: str = Field(description="Who wrote it: for the lead side, the user who sent it; else the member's role.")
     recipient: str = Field(description="A member's role, or 'lead'.")
     kind: str = Field(description="message, broadcast or plan.")
     body: str

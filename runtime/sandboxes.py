@@ -123,6 +123,7 @@ class SandboxService:
                         project_id=who.project_id,
                         user_id=who.user_id,
                         run_id=who.run_id,
+                        token_id=who.token_id,
                         from_snapshot=from_snapshot,
                         expires_at=utcnow() + timedelta(seconds=ttl) if ttl else None,
                     )
@@ -154,8 +155,10 @@ class SandboxService:
         return self._info(row)
 
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
-        """Remove the sandbox's container and volumes; its id is unknown from then on."""
+        """Remove the sandbox's container and volumes; its id is unknown from then on. Another
+        user's sandbox needs workspace:admin."""
         row = await self._owned(who, sandbox_id, "sandbox.destroy")
+        await self._tokens.may_end(who, row.user_id, "sandbox.destroy", sandbox_id, "sandbox")
         async with self._audit.record(who, "sandbox.destroy", sandbox_id):
             await self._end(row, "destroyed by its owner")
 

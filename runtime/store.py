@@ -121,6 +121,7 @@ class Sandbox(SQLModel, table=True):
     project_id: str
     user_id: str
     run_id: str | None = None
+    token_id: str | None = None  # the token that created it (None: the operator or dockyard)
     from_snapshot: str | None = None
     served_warm: bool = False
     claim_ms: float = 0.0
@@ -156,7 +157,7 @@ class Token(SQLModel, table=True):
     user_id: str
     run_id: str | None = None
     sandbox_id: str | None = Field(default=None, index=True)
-    parent_id: str | None = None
+    parent_id: str | None = Field(default=None, index=True)  # the token it was minted from
     label: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
@@ -191,6 +192,8 @@ class Dispatch(SQLModel, table=True):
     project_id: str
     user_id: str
     run_id: str | None = None
+    token_id: str | None = None  # the token that created it
+    run_token_id: str | None = None  # the token dockyard minted for its run: the only proof dispatch_submit takes
     result: str | None = None
     submitted: bool = False  # the result came from the runner through dispatch_submit
     members: list[str] | None = Field(default=None, sa_column=Column(JSON))  # team modes: each member's prompt
@@ -240,6 +243,7 @@ class Computer(SQLModel, table=True):
     project_id: str
     user_id: str
     run_id: str | None = None
+    token_id: str | None = None  # the token that created it
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
     ended_at: datetime | None = None
@@ -300,6 +304,8 @@ class Message(SQLModel, table=True):
     team_id: str = Field(index=True)
     sender: str  # a member id, or "lead"
     recipient: str = Field(index=True)  # a member id, or "lead"
+    author_user_id: str | None = None  # who wrote it: the lead side's own user, or the member's team user
+    author_token_id: str | None = None  # the token it was sent with
     kind: str = "message"  # message, broadcast, plan (a plan decision from the lead)
     body: str
     created_at: datetime = Field(default_factory=utcnow)
@@ -361,7 +367,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
 _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
-                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON")]
+                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
+                  ("sandbox", "token_id", "VARCHAR"), ("computer", "token_id", "VARCHAR"),
+                  ("dispatch", "token_id", "VARCHAR"), ("dispatch", "run_token_id", "VARCHAR"),
+                  ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

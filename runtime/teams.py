@@ -24,6 +24,7 @@ receipt the sender sees.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import secrets
@@ -246,7 +247,8 @@ class TeamService:
                 assert row is not None
                 row.plan_status, row.plan_feedback = status, text or None
                 session.add(row)
-                session.add(Message(team_id=team.id, sender=LEAD, recipient=member.id, kind="plan", body=body))
+                session.add(Message(team_id=team.id, sender=LEAD, recipient=member.id, kind="plan", body=body,
+                                    author_user_id=who.user_id, author_token_id=who.token_id))
                 return row
 
             member = await self._store.run(decide)
@@ -260,6 +262,7 @@ class TeamService:
         sandboxes back to the pool."""
         async with self._audit.record(who, "team.shutdown", team_id, token_id=who.token_id):
             team = await self._lead_of(who, team_id, "team.shutdown")
+            await self._tokens.may_end(who, team.user_id, "team.shutdown", team.id, "team")
             await self._stop_all(team)
         return await self.view(who, team_id)
 
@@ -268,6 +271,7 @@ class TeamService:
         files), tasks and the team itself. The audit keeps the record of what happened."""
         async with self._audit.record(who, "team.cleanup", team_id, token_id=who.token_id) as rec:
             team = await self._lead_of(who, team_id, "team.cleanup")
+            await self._tokens.may_end(who, team.user_id, "team.cleanup", team.id, "team")
             await self._stop_all(team)
 
             def forget(session: Session) -> dict[str, int]:
@@ -313,7 +317,7 @@ class TeamService:
             if recipient == sender:
                 raise InvalidRequestError("a member cannot message itself")
             notice = await self._notice_for(who, team)  # as it stood when the lead wrote
-            sent = await self._send(team, sender, [recipient], body, "message")
+            sent = await self._send(who, team, sender, [recipient], body, "message")
             rec.detail["message_ids"] = [m.message_id for m in sent]
         return MessagesSent(messages=sent, notice=notice)
 
@@ -329,7 +333,7 @@ class TeamService:
             if not recipients:
                 raise InvalidRequestError("the team has no other member to broadcast to; team_spawn adds members")
             notice = await self._notice_for(who, team)
-            sent = await self._send(team, sender, recipients, body, "broadcast")
+            sent = await self._send(who, team, sender, recipients, body, "broadcast")
             rec.detail["message_ids"] = [m.message_id for m in sent]
         return MessagesSent(messages=sent, notice=notice)
 
@@ -448,7 +452,8 @@ class TeamService:
                     return "your plan is already approved: go ahead"
                 row.plan, row.plan_status, row.plan_feedback = plan, "pending", None
                 session.add(row)
-                session.add(Message(team_id=team.id, sender=row.id, recipient=LEAD, kind="plan", body=plan))
+                session.add(Message(team_id=team.id, sender=row.id, recipient=LEAD, kind="plan", body=plan,
+                                    author_user_id=who.user_id, author_token_id=who.token_id))
                 return row
 
             member = await self._store.run(propose)
@@ -504,6 +509,7 @@ class TeamService:
                 minted = await self._tokens.mint_for_run(
                     _run_of(team, member.id, scopes), member.id, scopes,
                     utcnow() + timedelta(seconds=self._limits.member_token_ttl_s), member.sandbox_id,
+                    parent_id=team.lead_token_id,  # revoking the lead's token revokes its members'
                 )
                 live.token, live.token_id, live.scopes = minted.token, minted.token_id, minted.identity.scopes
                 await self._update(member.id, token_id=minted.token_id)
@@ -698,11 +704,14 @@ class TeamService:
         return team
 
     async def _party(self, who: Identity, team: Team, action: str) -> str:
-        """The caller's place in the team: 'lead', or its member id."""
+        """The caller's place in the team: 'lead', or its member id. A member is who dockyard
+        spawned: the caller must present the very token dockyard minted for that member."""
         if who.run_id and who.run_id.startswith("mem_") and who.allows("team:member"):
             member = await self._store.get(Member, who.run_id)
             if member is None or member.team_id != team.id:
                 raise await self._tokens.deny(who, action, "this token belongs to a member of another team", team.id)
+            if member.token_id is None or not hmac.compare_digest(member.token_id.encode(), (who.token_id or "-").encode()):
+                raise await self._tokens.deny(who, action, f"this token is not the one dockyard issued to '{member.role}'", team.id)
             if member.status == MemberStatus.STOPPED:
                 raise await self._tokens.deny(who, action, f"'{member.role}' was shut down", team.id)
             return member.id
@@ -770,8 +779,9 @@ class TeamService:
         if size > self._limits.message_max_bytes:
             raise SizeLimitError(f"the message is {size} bytes; the cap is {self._limits.message_max_bytes} bytes")
 
-    async def _send(self, team: Team, sender: str, recipients: list[str], body: str, kind: str) -> list[MessageInfo]:
-        rows = [Message(team_id=team.id, sender=sender, recipient=r, kind=kind, body=body) for r in recipients]
+    async def _send(self, who: Identity, team: Team, sender: str, recipients: list[str], body: str, kind: str) -> list[MessageInfo]:
+        rows = [Message(team_id=team.id, sender=sender, recipient=r, kind=kind, body=body, author_user_id=who.user_id,
+                        author_token_id=who.token_id) for r in recipients]
 
         def insert(session: Session) -> None:
             session.add_all(rows)
@@ -851,8 +861,16 @@ def _as_text(messages: list[Message], roles: dict[str, str]) -> str:
 
 def _wire(message: Message, roles: dict[str, str] | None = None) -> dict[str, Any]:
     roles = roles or {}
-    return {"id": message.id, "from": roles.get(message.sender, message.sender), "kind": message.kind, "body": message.body,
-            "at": message.created_at.isoformat()}
+    return {"id": message.id, "from": roles.get(message.sender, message.sender), "author": _author(message, roles),
+            "kind": message.kind, "body": message.body, "at": message.created_at.isoformat()}
+
+
+def _author(message: Message, roles: dict[str, str]) -> str:
+    """Who wrote a message: the user, for the lead side (several users may lead one team), or
+    the member's role."""
+    if message.sender == LEAD:
+        return message.author_user_id or LEAD
+    return roles.get(message.sender, message.sender)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -880,7 +898,8 @@ def _task_info(task: TeamTask, roles: dict[str, str]) -> TaskInfo:
 def _message_info(message: Message, roles: dict[str, str]) -> MessageInfo:
     assert message.id is not None
     return MessageInfo(
-        message_id=message.id, sender=roles.get(message.sender, message.sender), recipient=roles.get(message.recipient, message.recipient),
+        message_id=message.id, sender=roles.get(message.sender, message.sender), author=_author(message, roles),
+        recipient=roles.get(message.recipient, message.recipient),
         kind=message.kind, body=message.body, created_at=message.created_at.isoformat(), delivered=message.delivered_at is not None,
         delivered_at=_iso(message.delivered_at),
     )

@@ -6,6 +6,13 @@ token carries scopes and an attribution (workspace, project, user, run, and for 
 own token the sandbox). A holder of `token:mint` may mint tokens with a subset of its scopes,
 the same or a narrower attribution and an expiry no later than its own. The admin key (server
 side only) is the root: every scope, any workspace.
+
+Bindings are facts the server assigns: a token's run and sandbox are set only when dockyard
+creates that run or sandbox (`mint_for_run`, `mint_for_sandbox`); `mint` can only pass on the
+issuer's own. Every token records the token it came from, and revoking one revokes all that
+came from it, in the same transaction; a token whose issuer is no longer live cannot be
+minted. Every call re-checks that its token is live (`require`), so a session opened with a
+token that was revoked since is refused on its next call.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +46,7 @@ SCOPES = (
     "team:member",
     "token:mint",
     "audit:read",
+    "workspace:admin",
 )
 # What a sandbox's own token (its bridge) may do: work inside that sandbox, nothing more.
 SANDBOX_SCOPES = ["sandbox:exec", "sandbox:files"]
@@ -79,6 +88,8 @@ class TokenService:
         self._audit = audit
         self._admin_key = admin_key
         self._expiry: dict[str, datetime | None] = {}
+        # Told the ids of tokens just revoked (the server ends what still listens with them).
+        self.on_revoke: Callable[[set[str]], None] | None = None
 
     def set_admin_key(self, key: str) -> None:
         self._admin_key = key
@@ -91,12 +102,35 @@ class TokenService:
             raise await self.deny(
                 who, action, "the admin key only mints tokens and reads the audit; mint a token for a workspace to work in it", target
             )
+        await self.live(who, action, target)
         if who.allows(scope):
             return who
         await self._audit.append(
             who, action, target=target, outcome="denied", detail={"missing_scope": scope, "token_id": who.token_id}
         )
         raise ScopeError(scope, who.scopes)
+
+    async def live(self, who: Identity, action: str, target: str | None = None) -> Identity:
+        """`who`, if the token it acts with is still live (not revoked, not expired); else an
+        audited refusal. Identities without a token (the operator, dockyard's own) are live."""
+        if who.token_id is None:
+            return who
+        row = await self._store.get(Token, who.token_id)
+        problem = _dead(row, who.token_id)
+        if problem is not None:
+            raise await self.deny(who, action, problem, target)
+        return who
+
+    async def may_end(self, who: Identity, owner_user_id: str, action: str, target: str, what: str) -> None:
+        """Refuse (audited) ending what another user of the workspace made, unless the caller
+        holds workspace:admin. Reading and working in it stay shared within the workspace."""
+        if owner_user_id == who.user_id or who.allows("workspace:admin"):
+            return
+        raise await self.deny(
+            who, action,
+            f"this {what} belongs to user '{owner_user_id}'; ending another user's {what} needs the workspace:admin scope",
+            target,
+        )
 
     async def deny(self, who: Identity, action: str, message: str, target: str | None = None) -> AccessDeniedError:
         """Audit a refusal and return the error to raise."""
@@ -116,12 +150,10 @@ class TokenService:
         )
         if row is None:
             raise AccessDeniedError("unknown token; it was not minted by this dockyard server")
-        if row.revoked_at is not None:
-            raise AccessDeniedError(f"token {row.id} was revoked ({row.revoked_reason or 'no reason given'})")
-        expires = _aware(row.expires_at)
-        if expires is not None and expires <= utcnow():
-            raise AccessDeniedError(f"token {row.id} expired at {expires.isoformat()}")
-        self._expiry[row.id] = expires
+        problem = _dead(row, row.id)
+        if problem is not None:
+            raise AccessDeniedError(problem)
+        self._expiry[row.id] = _aware(row.expires_at)
         return _identity(row)
 
     def expiry(self, token_id: str | None) -> datetime | None:
@@ -170,8 +202,12 @@ class TokenService:
                 )
             else:
                 chain[field] = own
-        if issuer.run_id is not None and run_id not in (None, issuer.run_id):
-            raise await self.deny(issuer, "token.mint", f"run_id must stay '{issuer.run_id}'")
+        if run_id not in (None, issuer.run_id):
+            held = f"must stay '{issuer.run_id}'" if issuer.run_id else "cannot be named: your token is bound to no run"
+            raise await self.deny(
+                issuer, "token.mint",
+                f"run_id {held}; runs are bound by dockyard when it starts them (a dispatch's or member's own token)",
+            )
         now = utcnow()
         ttl = timedelta(seconds=ttl_s) if ttl_s is not None else _DEFAULT_TTL
         if ttl <= timedelta(0) or ttl > _MAX_TTL:
@@ -186,7 +222,7 @@ class TokenService:
             expires = ceiling
         minted = await self._insert(
             scopes=sorted(set(scopes)),
-            run_id=issuer.run_id or run_id,
+            run_id=issuer.run_id,
             sandbox_id=issuer.sandbox_id,
             parent_id=issuer.token_id,
             expires_at=expires,
@@ -214,10 +250,12 @@ class TokenService:
         )
 
     async def mint_for_run(
-        self, owner: Identity, run_id: str, scopes: list[str], expires_at: datetime, sandbox_id: str | None
+        self, owner: Identity, run_id: str, scopes: list[str], expires_at: datetime, sandbox_id: str | None,
+        parent_id: str | None = None,
     ) -> Minted:
         """A runner's token: its caller's attribution, narrowed to one run, to `scopes` (never
-        wider than the caller's) and to the sandbox it works in."""
+        wider than the caller's) and to the sandbox it works in. `parent_id` is the token that
+        started the run (revoking it revokes this one); by default the owner's."""
         granted = [scope for scope in scopes if owner.allows(scope)]
         return await self._insert(
             scopes=granted,
@@ -226,21 +264,19 @@ class TokenService:
             user_id=owner.user_id,
             run_id=run_id,
             sandbox_id=sandbox_id,
-            parent_id=owner.token_id,
+            parent_id=parent_id or owner.token_id,
             expires_at=expires_at,
             label=f"run {run_id}",
         )
 
     async def revoke_run(self, run_id: str, reason: str) -> None:
-        """Revoke every token of a run that ended."""
+        """Revoke every token of a run that ended, and every token minted from them."""
 
-        def revoke(session: Session) -> None:
-            stmt = select(Token).where(Token.run_id == run_id, Token.label == f"run {run_id}", col(Token.revoked_at).is_(None))
-            for row in session.exec(stmt).all():
-                row.revoked_at, row.revoked_reason = utcnow(), reason
-                session.add(row)
+        def revoke(session: Session) -> set[str]:
+            stmt = select(Token.id).where(Token.run_id == run_id, Token.label == f"run {run_id}")
+            return _revoke_tree(session, set(session.exec(stmt).all()), reason)
 
-        await self._store.run(revoke)
+        self._revoked(await self._store.run(revoke))
 
     async def sandbox_identity(self, sandbox_id: str) -> Identity | None:
         """What a sandbox's bridge acts as: its own live token, if it has one (never a run's
@@ -256,9 +292,22 @@ class TokenService:
         return _identity(row) if row is not None else None
 
     async def _insert(self, **fields: object) -> Minted:
+        """Store a new token, unless the token it comes from is no longer live (checked in the
+        same transaction, so a revocation racing the mint cannot leave a live child)."""
         token = _PREFIX + secrets.token_urlsafe(32)
         row = Token(id=f"tok_{secrets.token_hex(8)}", secret_hash=_hash(token), **fields)  # type: ignore[arg-type]
-        await self._store.add(row)
+
+        def insert(session: Session) -> str | None:
+            if row.parent_id is not None:
+                problem = _dead(session.get(Token, row.parent_id), row.parent_id)
+                if problem is not None:
+                    return problem
+            session.add(row)
+            return None
+
+        problem = await self._store.run(insert)
+        if problem is not None:
+            raise AccessDeniedError(f"no token can be minted from a token that is not live: {problem}")
         self._expiry[row.id] = _aware(row.expires_at)
         return Minted(token=token, token_id=row.id, identity=_identity(row), expires_at=_aware(row.expires_at))
 
@@ -268,31 +317,63 @@ class TokenService:
         """Revoke a token within the caller's reach (its own workspace, or any for the admin)."""
         await self.require(who, "token:mint", "token.revoke", token_id)
 
-        def revoke(session: Session) -> Token | None:
+        def revoke(session: Session) -> tuple[Token, set[str]] | None:
             row = session.get(Token, token_id)
             if row is None or (who.workspace_id != ANY and row.workspace_id != who.workspace_id):
                 return None
-            if row.revoked_at is None:
-                row.revoked_at, row.revoked_reason = utcnow(), reason
-                session.add(row)
-            return row
+            return row, _revoke_tree(session, {row.id}, reason)
 
-        row = await self._store.run(revoke)
-        if row is None:
+        done = await self._store.run(revoke)
+        if done is None:
             raise NotFoundError(f"unknown token '{token_id}'; token ids look like tok_... and are shown when minted")
-        await self._audit.append(who, "token.revoke", target=token_id, outcome="ok", detail={"reason": reason, "token_id": who.token_id})
+        row, revoked = done
+        self._revoked(revoked)
+        await self._audit.append(who, "token.revoke", target=token_id, outcome="ok",
+                                 detail={"reason": reason, "token_id": who.token_id, "also_revoked": sorted(revoked - {token_id})})
         return row
+
+    def _revoked(self, token_ids: set[str]) -> None:
+        for token_id in token_ids:
+            self._expiry.pop(token_id, None)
+        if token_ids and self.on_revoke is not None:
+            self.on_revoke(token_ids)
 
     async def revoke_sandbox(self, sandbox_id: str, reason: str) -> None:
         """Revoke every token of a sandbox that ended."""
 
-        def revoke(session: Session) -> None:
-            stmt = select(Token).where(Token.sandbox_id == sandbox_id, col(Token.revoked_at).is_(None))
-            for row in session.exec(stmt).all():
-                row.revoked_at, row.revoked_reason = utcnow(), reason
-                session.add(row)
+        def revoke(session: Session) -> set[str]:
+            return _revoke_tree(session, set(session.exec(select(Token.id).where(Token.sandbox_id == sandbox_id)).all()), reason)
 
-        await self._store.run(revoke)
+        self._revoked(await self._store.run(revoke))
+
+
+def _dead(row: Token | None, token_id: str) -> str | None:
+    """Why a token is not live (unknown, revoked, expired), or None when it is."""
+    if row is None:
+        return f"token {token_id} is unknown to this server"
+    if row.revoked_at is not None:
+        return f"token {row.id} was revoked ({row.revoked_reason or 'no reason given'})"
+    expires = _aware(row.expires_at)
+    if expires is not None and expires <= utcnow():
+        return f"token {row.id} expired at {expires.isoformat()}"
+    return None
+
+
+def _revoke_tree(session: Session, roots: set[str], reason: str) -> set[str]:
+    """Revoke `roots` and, transitively, every token minted from them; returns the ids that
+    were live and are revoked now. One transaction: no child outlives its parent's revocation."""
+    now, revoked, frontier, seen = utcnow(), set(), set(roots), set(roots)
+    while frontier:
+        rows = session.exec(select(Token).where(col(Token.id).in_(frontier))).all()
+        for row in rows:
+            if row.revoked_at is None:
+                row.revoked_at, row.revoked_reason = now, reason if row.id in roots else f"{reason} (it came from a revoked token)"
+                session.add(row)
+                revoked.add(row.id)
+        children = set(session.exec(select(Token.id).where(col(Token.parent_id).in_(frontier))).all())
+        frontier = children - seen
+        seen |= frontier
+    return revoked
 
 
 def _identity(row: Token) -> Identity:

@@ -9,12 +9,12 @@ from importlib.metadata import version
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
-from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.subscriptions import ResourceUpdated
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
+from dockyard.server.bus import WorkspaceBus
 from dockyard.server.transports import BearerTokens
 from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
 
@@ -40,16 +40,17 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     transport; `admin_key` is the key that mints the first tokens.
     """
     verifier = BearerTokens() if http_url else None
-    bus = InMemorySubscriptionBus()
+    bus = WorkspaceBus(settings.operator)
 
-    async def dispatch_changed(dispatch_id: str) -> None:
-        await bus.publish(ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
+    async def dispatch_changed(dispatch_id: str, workspace_id: str) -> None:
+        await bus.publish_to(workspace_id, "dispatch:read", ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         async with Engine.open(settings) as engine:
             engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
             engine.dispatches.on_change = dispatch_changed
+            engine.tokens.on_revoke = bus.revoked
             if admin_key:
                 engine.tokens.set_admin_key(admin_key)
             if verifier is not None:

@@ -145,7 +145,6 @@ def token_mint(
     workspace: Annotated[str, typer.Option("--workspace", "-w", help="The workspace the token acts in.")],
     project: Annotated[str, typer.Option("--project", help="Project id.")] = "default",
     user: Annotated[str, typer.Option("--user", help="User id.")] = "user",
-    run: Annotated[str | None, typer.Option("--run", help="Run id, if the token is for one run.")] = None,
     ttl: Annotated[int | None, typer.Option("--ttl", help="Lifetime in seconds (default 24 h).")] = None,
     label: Annotated[str | None, typer.Option("--label", help="A note for the audit log.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -157,7 +156,7 @@ def token_mint(
     try:
         minted = anyio.run(
             lambda: mint_as_admin(
-                settings, scopes=scope, workspace_id=workspace, project_id=project, user_id=user, run_id=run, ttl_s=ttl, label=label
+                settings, scopes=scope, workspace_id=workspace, project_id=project, user_id=user, ttl_s=ttl, label=label
             )
         )
     except DockyardError as exc:

@@ -40,9 +40,12 @@ class BearerTokens:
             log.info("bearer token refused: %s", exc)
             return None
         expires = self.tokens.expiry(identity.token_id)
+        # An HTTP session belongs to the token that opened it: the SDK serves a session only to
+        # requests whose principal (client id and subject) matches the one that created it.
         return CallerToken(
             token=token,
-            client_id=identity.user_id,
+            client_id=identity.token_id or identity.user_id,
+            subject=f"{identity.workspace_id}/{identity.user_id}",
             scopes=identity.scopes,
             expires_at=int(expires.timestamp()) if expires else None,
             identity=identity,

@@ -14,7 +14,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.settings import Identity
 
-__all__ = ["CallerToken", "EngineContext", "acting_as", "any_of", "authorized", "build_progress", "caller", "engine"]
+__all__ = ["CallerToken", "EngineContext", "acting_as", "any_of", "authorized", "build_progress", "caller", "current", "engine"]
 
 EngineContext = Context[Engine, Any]
 
@@ -44,8 +44,14 @@ def caller(ctx: EngineContext) -> Identity:
     return engine(ctx).operator
 
 
+async def current(ctx: EngineContext, action: str) -> Identity:
+    """The caller, if the token it acts with is still live (a session opened with a token that
+    was revoked since is refused); else the refusal is audited and raised."""
+    return await engine(ctx).tokens.live(caller(ctx), action)
+
+
 async def authorized(ctx: EngineContext, scope: str, action: str, target: str | None = None) -> Identity:
-    """The caller, if their token holds `scope`; else the refusal is audited and raised."""
+    """The caller, if their token is live and holds `scope`; else the refusal is audited and raised."""
     return await engine(ctx).tokens.require(caller(ctx), scope, action, target)
 
 
@@ -63,7 +69,7 @@ def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]
 
 async def any_of(ctx: EngineContext, scopes: list[str], action: str) -> Identity:
     """The caller, if their token holds at least one of `scopes` (for read-only listings)."""
-    who = caller(ctx)
+    who = await current(ctx, action)
     if any(who.allows(scope) for scope in scopes):
         return who
     return await engine(ctx).tokens.require(who, scopes[0], action)

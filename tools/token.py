@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.tokens import SCOPES
-from dockyard.tools._context import EngineContext, caller, engine
+from dockyard.tools._context import EngineContext, caller, current, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
@@ -38,7 +38,7 @@ async def whoami(ctx: EngineContext) -> Identity:
     create and every action you take is attributed to, your token's scopes ('*' is every
     scope), your token's id, and, for a sandbox's own token, the one sandbox it may act on.
     Costs nothing; safe to call any time."""
-    return caller(ctx)
+    return await current(ctx, "whoami")
 
 
 @tool_errors
@@ -48,13 +48,14 @@ async def token_mint(
     workspace_id: Annotated[str | None, Field(max_length=128, description="Workspace; default yours (you cannot name another).")] = None,
     project_id: Annotated[str | None, Field(max_length=128, description="Project; default yours.")] = None,
     user_id: Annotated[str | None, Field(max_length=128, description="User; default yours.")] = None,
-    run_id: Annotated[str | None, Field(max_length=128, description="Run the token is for, if any.")] = None,
+    run_id: Annotated[str | None, Field(max_length=128, description="Only your own token's run (tokens keep it anyway); runs are bound by dockyard, never named.")] = None,
     ttl_s: Annotated[int | None, Field(gt=0, description="Lifetime in seconds; default 24 h, never past your own token's expiry.")] = None,
     label: Annotated[str | None, Field(max_length=200, description="A note for the audit log.")] = None,
 ) -> MintedToken:
     """Mint a bearer token for another client or agent, never wider than your own: a subset of
-    your scopes, the same or a narrower workspace/project/user/run, and an expiry no later than
-    yours. Needs the token:mint scope. The secret is returned once; revoke it with token_revoke."""
+    your scopes, the same or a narrower workspace/project/user, your own run and sandbox (if
+    any), and an expiry no later than yours. Needs the token:mint scope. The secret is returned
+    once; revoke it with token_revoke, which also revokes every token minted from it."""
     minted = await engine(ctx).tokens.mint(
         caller(ctx),
         scopes=scopes,
@@ -73,8 +74,8 @@ async def token_revoke(
     ctx: EngineContext,
     token_id: Annotated[str, Field(max_length=64, description="The token's id (tok_...), as token_mint returned it.")],
 ) -> Revoked:
-    """Revoke a token of your workspace at once: every later call with it is refused. Needs the
-    token:mint scope."""
+    """Revoke a token of your workspace at once, and every token minted from it: every later
+    call with any of them is refused, open sessions included. Needs the token:mint scope."""
     row = await engine(ctx).tokens.revoke(caller(ctx), token_id)
     return Revoked(token_id=row.id, reason=row.revoked_reason)
 

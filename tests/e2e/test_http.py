@@ -128,8 +128,9 @@ async def test_a_token_can_only_mint_narrower_tokens(served: Served) -> None:
         assert "lacks sandbox:create" in await call_error(client, "token_mint", scopes=["sandbox:create"])
         assert "must stay 'ann'" in await call_error(client, "token_mint", scopes=["sandbox:exec"], user_id="bob")
         assert "cannot outlive" in await call_error(client, "token_mint", scopes=["sandbox:exec"], ttl_s=3600)
-        child = await call(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1", ttl_s=60)
-    assert child["identity"]["scopes"] == ["sandbox:exec"] and child["identity"]["run_id"] == "run-1"
+        assert "runs are bound by dockyard" in await call_error(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1")
+        child = await call(client, "token_mint", scopes=["sandbox:exec"], ttl_s=60)
+    assert child["identity"]["scopes"] == ["sandbox:exec"] and child["identity"]["run_id"] is None
     async with connect(served, child["token"]) as client:
         assert "needs the scope 'token:mint'" in await call_error(client, "token_mint", scopes=["sandbox:exec"])
         assert (await call(client, "whoami"))["user_id"] == "ann"
