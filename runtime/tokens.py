@@ -314,18 +314,25 @@ class TokenService:
     # -- revoke ---------------------------------------------------------------------
 
     async def revoke(self, who: Identity, token_id: str, reason: str = "revoked by its owner") -> Token:
-        """Revoke a token within the caller's reach (its own workspace, or any for the admin)."""
+        """Revoke a token within the caller's reach, and every token minted from it: the
+        caller's own user's tokens and those minted from the caller's token; another user's
+        needs workspace:admin (the admin key reaches every workspace)."""
         await self.require(who, "token:mint", "token.revoke", token_id)
 
-        def revoke(session: Session) -> tuple[Token, set[str]] | None:
+        def revoke(session: Session) -> tuple[Token, set[str]] | str | None:
             row = session.get(Token, token_id)
             if row is None or (who.workspace_id != ANY and row.workspace_id != who.workspace_id):
                 return None
+            if who.workspace_id != ANY and row.user_id != who.user_id and not who.allows("workspace:admin"):
+                if who.token_id is None or who.token_id not in _lineage(session, row):
+                    return f"token {row.id} belongs to user '{row.user_id}'; revoking another user's token needs the workspace:admin scope"
             return row, _revoke_tree(session, {row.id}, reason)
 
         done = await self._store.run(revoke)
         if done is None:
             raise NotFoundError(f"unknown token '{token_id}'; token ids look like tok_... and are shown when minted")
+        if isinstance(done, str):
+            raise await self.deny(who, "token.revoke", done, token_id)
         row, revoked = done
         self._revoked(revoked)
         await self._audit.append(who, "token.revoke", target=token_id, outcome="ok",
@@ -357,6 +364,17 @@ def _dead(row: Token | None, token_id: str) -> str | None:
     if expires is not None and expires <= utcnow():
         return f"token {row.id} expired at {expires.isoformat()}"
     return None
+
+
+def _lineage(session: Session, row: Token) -> set[str]:
+    """The ids of the tokens `row` was minted from, up to its root."""
+    seen: set[str] = set()
+    parent = row.parent_id
+    while parent is not None and parent not in seen:
+        seen.add(parent)
+        above = session.get(Token, parent)
+        parent = above.parent_id if above is not None else None
+    return seen
 
 
 def _revoke_tree(session: Session, roots: set[str], reason: str) -> set[str]:
