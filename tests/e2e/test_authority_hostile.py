@@ -353,3 +353,13 @@ async def test_messages_of_two_users_leading_one_team_carry_their_real_authors(s
     assert ("from ann", "ann") in authors and ("from bob", "bob") in authors, sent
     wire = {json.loads(line)["body"]: json.loads(line)["author"] for line in mirrored.splitlines()}
     assert wire == {"from ann": "ann", "from bob": "bob"}, wire
+
+
+async def test_a_user_cannot_destroy_another_users_computer(computer_image: str, served: Served) -> None:
+    ann = await mint(served, scopes=["computer:use"], workspace_id="w", user_id="ann")
+    bob = await mint(served, scopes=["computer:use"], workspace_id="w", user_id="bob")
+    async with connect(served, ann["token"]) as client_ann, connect(served, bob["token"]) as client_bob:
+        computer = (await call(client_ann, "computer_create"))["computer_id"]
+        assert "needs the workspace:admin scope" in await call_error(client_bob, "computer_destroy", computer_id=computer)
+        assert computer in {c["computer_id"] for c in (await call(client_ann, "computer_list"))["computers"]}
+        await call(client_ann, "computer_destroy", computer_id=computer)
