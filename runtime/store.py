@@ -281,6 +281,7 @@ class Member(SQLModel, table=True):
     prompt: str
     status: str = MemberStatus.STARTING
     sandbox_id: str | None = None
+    unix_user: str | None = None  # in a shared sandbox: its own Unix user there, assigned by the server
     token_id: str | None = None
     plan_mode: bool = False
     plan: str | None = None
@@ -361,7 +362,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
 _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
-                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON")]
+                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
+                  ("member", "unix_user", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:
