@@ -91,8 +91,10 @@ async def run_command(
     timeout_s: float,
     cap_bytes: int,
     on_output: OutputCallback | None = None,
+    user: str | None = None,
 ) -> ExecResult:
-    """Run `argv` as the sandbox user to completion or timeout; returns its (capped) output."""
+    """Run `argv` as the sandbox user (or `user`, another of the sandbox's users) to completion
+    or timeout; returns its (capped) output."""
     captures = {1: _Capture("stdout", cap_bytes), 2: _Capture("stderr", cap_bytes)}
     streamer = _Streamer(on_output)
     started = time.perf_counter()
@@ -106,6 +108,8 @@ async def run_command(
         "token": secrets.token_hex(12),
         "stdin": stdin is not None,
     }
+    if user is not None:
+        request["user"] = user
     ended: dict | None = None
     async with link.request(request) as (request_id, frames):
         try:
@@ -133,6 +137,8 @@ async def run_command(
         if link.closed:
             raise SupervisorError("the sandbox's supervisor went away while the command ran")
         raise SupervisorError(f"the sandbox did not report the command's end within {timeout_s + _LATE_S:g} s")
+    if ended.get("refused") == "user":
+        raise SupervisorError(f"{ended['error']} (its users are agent and m1..m16; an image built before they existed needs a rebuild)")
     if ended.get("refused") == "cwd":
         raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):

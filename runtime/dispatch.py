@@ -35,6 +35,7 @@ from dockyard.runtime.hostrun import run_on_host
 from dockyard.runtime.llmrunner import opening, run_llm, sandbox_tools
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
+from dockyard.runtime.provision import MEMBER_USERS
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.tokens import Minted, TokenService
@@ -399,6 +400,8 @@ class DispatchService:
         timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
 
         async def member(index: int, prompt: str) -> None:
+            # Members sharing the sandbox run each as a user of their own there (m1, m2, ...).
+            run_as = MEMBER_USERS[index] if shared else None
             try:
                 sandbox_id = shared
                 if sandbox_id is None:
@@ -409,10 +412,10 @@ class DispatchService:
                     work = [arg.replace("{prompt}", prompt) for arg in profile.argv]
                 if profile.kind == "llm":
                     with anyio.fail_after(timeout):
-                        text = await run_llm(profile, opening(prompt), sandbox_tools(self._sandboxes, owner, sandbox_id, {}))
+                        text = await run_llm(profile, opening(prompt), sandbox_tools(self._sandboxes, owner, sandbox_id, {}, run_as))
                     outcomes[index] = {"member": index, "sandbox_id": sandbox_id, "status": "completed", "result": text}
                     return
-                ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout)
+                ran = await self._sandboxes.exec(owner, sandbox_id, work, timeout_s=timeout, run_as=run_as)
                 ok = ran.exit_code == 0 and not ran.timed_out
                 outcomes[index] = {
                     "member": index, "sandbox_id": sandbox_id, "status": "completed" if ok else "failed",

@@ -1,8 +1,9 @@
 """File operations confined to a sandbox's /workspace.
 
 Paths are checked twice: here, before anything runs (no `..`, no absolute path elsewhere),
-and inside the sandbox by the supervisor, which works with the sandbox user's rights,
-resolves symlinks and refuses any path whose real location is outside /workspace.
+and inside the sandbox by the supervisor, which works with the sandbox user's rights (or a
+member's own user's, in a shared sandbox), resolves symlinks and refuses any path whose real
+location is outside /workspace.
 """
 
 from __future__ import annotations
@@ -64,15 +65,15 @@ class FileOps:
     def __init__(self, supervisors: Supervisors) -> None:
         self._supervisors = supervisors
 
-    async def write(self, container_id: str, path: str, data: bytes) -> FileWritten:
+    async def write(self, container_id: str, path: str, data: bytes, user: str | None = None) -> FileWritten:
         rel = workspace_path(path)
         if rel == ".":
             raise InvalidRequestError("give a file path under /workspace, not /workspace itself")
-        reply = await self._ask(container_id, {"t": "write", "path": rel, "mode": "644"}, path, data)
+        reply = await self._ask(container_id, {"t": "write", "path": rel, "mode": "644"}, path, data, user)
         return FileWritten(path=reply.obj["path"], size=reply.obj["size"])
 
-    async def read(self, container_id: str, path: str, max_bytes: int, encoding: str | None) -> FileContent:
-        reply = await self._ask(container_id, {"t": "read", "path": workspace_path(path), "max_bytes": max_bytes}, path)
+    async def read(self, container_id: str, path: str, max_bytes: int, encoding: str | None, user: str | None = None) -> FileContent:
+        reply = await self._ask(container_id, {"t": "read", "path": workspace_path(path), "max_bytes": max_bytes}, path, user=user)
         data = reply.body
         if encoding is None:
             try:
@@ -90,13 +91,15 @@ class FileOps:
             path=reply.obj["path"], encoding=chosen, content=text, size=reply.obj["size"], truncated=reply.obj["truncated"]
         )
 
-    async def list(self, container_id: str, path: str, recursive: bool, max_entries: int) -> FileListing:
+    async def list(self, container_id: str, path: str, recursive: bool, max_entries: int, user: str | None = None) -> FileListing:
         request = {"t": "list", "path": workspace_path(path), "recursive": recursive, "max_entries": max_entries}
-        reply = await self._ask(container_id, request, path)
+        reply = await self._ask(container_id, request, path, user=user)
         entries = [FileEntry(**entry) for entry in reply.obj["entries"]]
         return FileListing(path=reply.obj["path"], entries=entries, truncated=reply.obj["truncated"])
 
-    async def _ask(self, container_id: str, request: dict[str, Any], path: str, body: bytes = b"") -> Frame:
+    async def _ask(self, container_id: str, request: dict[str, Any], path: str, body: bytes = b"", user: str | None = None) -> Frame:
+        if user is not None:
+            request = {**request, "user": user}
         reply = await self._supervisors.call(container_id, request, body, timeout_s=_DEADLINE_S)
         if reply.obj.get("ok"):
             return reply

@@ -61,12 +61,15 @@ _TOOL_RESULT_CAP = 16 * 1024
 SandboxTools = Callable[[str, dict[str, Any]], Awaitable[str]]
 
 
-def sandbox_tools(sandboxes: SandboxService, owner: Identity, sandbox_id: str, env: dict[str, str]) -> SandboxTools:
-    """The sandbox tools, acting in `sandbox_id` as `owner` (commands also get `env`)."""
+def sandbox_tools(
+    sandboxes: SandboxService, owner: Identity, sandbox_id: str, env: dict[str, str], run_as: str | None = None
+) -> SandboxTools:
+    """The sandbox tools, acting in `sandbox_id` as `owner` (commands also get `env`, and run as
+    the sandbox user `run_as` when given)."""
 
     async def carry_out(name: str, arguments: dict[str, Any]) -> str:
         if name == "exec":
-            ran = await sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env)
+            ran = await sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env, run_as=run_as)
             return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
         if name == "read_file":
             return (await sandboxes.read_file(owner, sandbox_id, str(arguments.get("path", "")), "utf-8", None)).content

@@ -3,11 +3,11 @@
 The pool decides when; this module knows how, for both kinds of runtime.
 
 A sandbox's command is dockyard's supervisor (root with only SETUID, SETGID and KILL;
-everything it runs runs as `agent`), and it is ready once the supervisor answers on its control
-channel. It is fit to hand over only when the in-image helper finds nothing a previous owner
-could have left (a process, a file in /workspace, /tmp, /dev/shm, /dev/mqueue or the home
-directory, System V IPC objects) and the image's own filesystem is unchanged: mounted
-read-only, or else with an empty `docker diff`.
+everything it runs runs as `agent`, or as a member's own user in a shared sandbox), and it is
+ready once the supervisor answers on its control channel. It is fit to hand over only when the
+in-image helper finds nothing a previous owner could have left (a process, a file in
+/workspace, /tmp, /dev/shm, /dev/mqueue or a home directory, System V IPC objects) and the
+image's own filesystem is unchanged: mounted read-only, or else with an empty `docker diff`.
 
 A computer runs Debian's headless Chromium as uid 1000 with no network and no capabilities;
 the server reaches its DevTools endpoint through a unix socket in `<data dir>/cdp/<runtime>`,
@@ -35,12 +35,15 @@ from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
-__all__ = ["CDP_MOUNT", "COMPUTER_USER", "Provisioner", "USER", "HOME", "Started"]
+__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "USER", "HOME", "Started"]
 
 log = logging.getLogger(__name__)
 
 USER = "agent"
 HOME = "/home/agent"
+# The sandbox image's users for members of a shared sandbox, one each (uids 1001..1016, group
+# `agent`): the server assigns them, the supervisor runs a member's commands as its own.
+MEMBER_USERS = tuple(f"m{i}" for i in range(1, 17))
 _CHECK_TIMEOUT_S = 30.0
 _READY_TIMEOUT_S = 30.0
 # What the supervisor needs to act as the sandbox user and to stop that user's processes.

@@ -40,7 +40,7 @@ from dockyard.runtime.pool import Bind, PoolManager
 from dockyard.runtime.ports import PortForwarder
 from dockyard.runtime.provision import HOME, USER
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
-from dockyard.runtime.store import Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
+from dockyard.runtime.store import Member, Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 from dockyard.runtime.supervisor import Supervisors
 from dockyard.runtime.tokens import TokenService
 
@@ -203,6 +203,24 @@ class SandboxService:
         sandbox_id = await self._store.run(find)
         return await self._tokens.sandbox_identity(sandbox_id) if sandbox_id else None
 
+    async def unix_user(self, who: Identity, sandbox_id: str) -> str:
+        """The sandbox user `who` works as in `sandbox_id`: a team member's own user in its
+        team's shared sandbox (assigned by the server when it joined), else the sandbox user."""
+        if who.run_id and who.run_id.startswith("mem_"):
+            member = await self._store.get(Member, who.run_id)
+            if member is not None and member.sandbox_id == sandbox_id and member.unix_user:
+                return member.unix_user
+        return USER
+
+    async def seat_holder(self, sandbox_id: str, user: str) -> str | None:
+        """The team member whose own user in `sandbox_id` is `user`, if any."""
+
+        def find(session: Session) -> str | None:
+            row = session.exec(select(Member).where(Member.sandbox_id == sandbox_id, Member.unix_user == user)).first()
+            return row.id if row is not None else None
+
+        return await self._store.run(find)
+
     # -- work inside a sandbox ----------------------------------------------------------
 
     async def exec(
@@ -217,18 +235,22 @@ class SandboxService:
         stdin: str | None = None,
         on_output: OutputCallback | None = None,
         runner_env: dict[str, str] | None = None,
+        run_as: str | None = None,
     ) -> ExecResult:
         """Run a shell command (a string, for bash) or a program (an argv list, no shell) as the
-        sandbox user; output is capped, the timeout enforced. `runner_env` is dockyard's own
-        (DOCKYARD_* attribution for a dispatch's runner), never a caller's."""
+        sandbox user (a member's own user, see `unix_user`); output is capped, the timeout
+        enforced. `runner_env` and `run_as` (one of the image's member users, for a dispatch's
+        member in a shared sandbox) are dockyard's own, never a caller's."""
         row = await self._owned(who, sandbox_id, "sandbox.exec")
+        user = run_as or await self.unix_user(who, sandbox_id)
         timeout = timeout_s or self._limits.exec_default_timeout_s
         if timeout > self._limits.exec_max_timeout_s:
             raise InvalidRequestError(f"timeout_s {timeout} is over the cap; allowed: 1..{self._limits.exec_max_timeout_s}")
         workdir = WORKSPACE if cwd is None else f"{WORKSPACE}/{workspace_path(cwd)}".removesuffix("/.")
         argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
         shown = command[:1000] if isinstance(command, str) else [arg[:1000] for arg in command[:50]]
-        async with self._audit.record(who, "sandbox.exec", sandbox_id, command=shown, cwd=workdir) as rec:
+        as_member = {"user": user} if user != USER else {}
+        async with self._audit.record(who, "sandbox.exec", sandbox_id, command=shown, cwd=workdir, **as_member) as rec:
             result = await run_command(
                 await self._supervisors.link(row.container_id),
                 argv,
@@ -239,6 +261,7 @@ class SandboxService:
                 timeout_s=timeout,
                 cap_bytes=self._limits.output_cap_bytes,
                 on_output=on_output,
+                user=None if user == USER else user,
             )
             rec.detail.update(exit_code=result.exit_code, timed_out=result.timed_out, truncated=result.truncated)
         return result
@@ -247,7 +270,7 @@ class SandboxService:
         row = await self._owned(who, sandbox_id, "sandbox.write_file")
         async with self._audit.record(who, "sandbox.write_file", sandbox_id, path=path, encoding=encoding) as rec:
             data = decode_content(content, encoding, self._limits.write_cap_bytes)
-            written = await self._files.write(row.container_id, path, data)
+            written = await self._files.write(row.container_id, path, data, await self._member_user(who, sandbox_id))
             rec.detail["size"] = written.size
         return written
 
@@ -259,7 +282,7 @@ class SandboxService:
         if max_bytes is not None and max_bytes > cap:
             raise InvalidRequestError(f"max_bytes {max_bytes} is over the read cap; allowed: 1..{cap}")
         async with self._audit.record(who, "sandbox.read_file", sandbox_id, path=path) as rec:
-            content = await self._files.read(row.container_id, path, max_bytes or cap, encoding)
+            content = await self._files.read(row.container_id, path, max_bytes or cap, encoding, await self._member_user(who, sandbox_id))
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
 
@@ -269,7 +292,7 @@ class SandboxService:
         row = await self._owned(who, sandbox_id, "sandbox.list_files")
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, "sandbox.list_files", sandbox_id, path=path, recursive=recursive):
-            return await self._files.list(row.container_id, path, recursive, limit)
+            return await self._files.list(row.container_id, path, recursive, limit, await self._member_user(who, sandbox_id))
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._owned(who, sandbox_id, "sandbox.expose_port")
@@ -328,6 +351,11 @@ class SandboxService:
         return len(rows)
 
     # -- internals ----------------------------------------------------------------------
+
+    async def _member_user(self, who: Identity, sandbox_id: str) -> str | None:
+        """A member's own user in the sandbox, or None for the sandbox user."""
+        user = await self.unix_user(who, sandbox_id)
+        return None if user == USER else user
 
     async def check_owned(self, who: Identity, sandbox_id: str, action: str) -> None:
         """Raise (and audit) unless the sandbox is the caller's and live."""

@@ -285,6 +285,7 @@ class Member(SQLModel, table=True):
     prompt: str
     status: str = MemberStatus.STARTING
     sandbox_id: str | None = None
+    unix_user: str | None = None  # in a shared sandbox: its own Unix user there, assigned by the server
     token_id: str | None = None
     plan_mode: bool = False
     plan: str | None = None
@@ -370,7 +371,8 @@ _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted
                   ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
                   ("sandbox", "token_id", "VARCHAR"), ("computer", "token_id", "VARCHAR"),
                   ("dispatch", "token_id", "VARCHAR"), ("dispatch", "run_token_id", "VARCHAR"),
-                  ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR")]
+                  ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR"),
+                  ("member", "unix_user", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

@@ -66,10 +66,11 @@ class Frame:
 class BridgeSession:
     """Bytes a process inside a sandbox sent through dockyard-bridge, and the way back."""
 
-    def __init__(self, link: Link, bid: int) -> None:
+    def __init__(self, link: Link, bid: int, user: str | None = None) -> None:
         self._link = link
         self.bid = bid
         self.runtime_id = link.runtime_id
+        self.user = user  # the sandbox user the bridge's process runs as (SO_PEERCRED); None if unknown
         self._send, self.incoming = anyio.create_memory_object_stream[bytes](64)
 
     async def send(self, data: bytes) -> None:
@@ -193,7 +194,8 @@ class Link:
             if on_bridge is None:
                 await self.send({"t": "bridge_close", "bid": bid})
                 return
-            session = self._bridges[bid] = BridgeSession(self, bid)
+            user = frame.obj.get("user")
+            session = self._bridges[bid] = BridgeSession(self, bid, user if isinstance(user, str) else None)
 
             async def run() -> None:
                 try:

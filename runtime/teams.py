@@ -51,6 +51,7 @@ from dockyard.runtime.models import (
     TeamInfo,
     TeamView,
 )
+from dockyard.runtime.provision import MEMBER_USERS
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Member, MemberStatus, Message, Sandbox, SandboxStatus, Store, Team, TeamTask, Token, utcnow
@@ -540,7 +541,26 @@ class TeamService:
             if team.sandbox_id is None:
                 team.sandbox_id = (await self._sandboxes.create(_team_owner(team), ttl_s=ttl)).sandbox_id
                 await self._store.add(team)
+            member.unix_user = await self._seat(member, team.sandbox_id)
             return team.sandbox_id
+
+    async def _seat(self, member: Member, sandbox_id: str) -> str:
+        """A Unix user of the shared sandbox that no other member there has: the member's own,
+        recorded on its row, so no teammate can read its token or processes."""
+
+        def take(session: Session) -> str | None:
+            taken = {m.unix_user for m in session.exec(select(Member).where(Member.sandbox_id == sandbox_id)).all()}
+            row = session.get(Member, member.id)
+            free = [user for user in MEMBER_USERS if user not in taken]
+            if row is None or not free:
+                return None
+            row.sandbox_id, row.unix_user = sandbox_id, free[0]
+            session.add(row)
+            return free[0]
+
+        if (user := await self._store.run(take)) is None:
+            raise InvalidRequestError(f"the team's shared sandbox has no Unix user left for another member (at most {len(MEMBER_USERS)})")
+        return user
 
     async def _take(self, member: Member) -> tuple[str, list[Message]] | None:
         """The next turn's work: the first prompt, else every message not yet taken (marked

@@ -10,6 +10,12 @@ bridge sends it when DOCKYARD_TOKEN is set, as it is for a dispatch's runner). T
 acts as that token, which must be valid and bound to the very sandbox the link comes from: a
 token can only narrow what a program in the sandbox may do, never carry it to another sandbox.
 Any other token closes the session unserved.
+
+In a shared sandbox each team member runs as a Unix user of its own, and the supervisor says
+which user a session's process runs as. A member's token serves only sessions from that
+member's user, and a session from a member's user must present that member's token: a token a
+teammate got hold of is useless from the teammate's user, and no member acts as the sandbox's
+owner.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from mcp.server.stdio import stdio_server
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import DockyardError
+from dockyard.runtime.provision import USER
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.supervisor import BridgeSession
 from dockyard.tools._context import acting_as
@@ -104,26 +111,40 @@ def _presented_token(line: str | None) -> str | None:
 
 async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Identity | None:
     """Who the session acts as: the sandbox's owner, or the token it presented if that token is
-    bound to this sandbox; None to close it unserved."""
+    bound to this sandbox and to the session's Unix user; None to close it unserved."""
     owner = await engine.sandboxes.owner_of_runtime(session.runtime_id)
-    if owner is None:
+    if owner is None or owner.sandbox_id is None:
         log.info("bridge session from unclaimed runtime %s refused", session.runtime_id)
         return None
     token = _presented_token(await lines.peek())
     if token is None:
-        return owner
-    lines.skip()
-    try:
-        identity = await engine.tokens.verify(token)
-    except DockyardError as exc:
-        refusal = f"the bridge's DOCKYARD_TOKEN was refused: {exc}"
+        seat = await engine.sandboxes.seat_holder(owner.sandbox_id, session.user) if session.user not in (None, USER) else None
+        if seat is None:
+            return owner
+        refusal = f"a session from {session.user}, the Unix user of team member {seat}, must present that member's DOCKYARD_TOKEN"
     else:
-        if identity.sandbox_id is not None and identity.sandbox_id == owner.sandbox_id:
-            return identity
-        refusal = f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) is bound to {identity.sandbox_id or 'no sandbox'}, not this one"
+        lines.skip()
+        checked = await _token_identity(engine, session, owner, token)
+        if isinstance(checked, Identity):
+            return checked
+        refusal = checked
     log.warning("bridge session in sandbox %s closed: %s", owner.sandbox_id, refusal)
     await engine.tokens.deny(owner, "bridge.token", refusal, owner.sandbox_id)  # an audited refusal
     return None
+
+
+async def _token_identity(engine: Engine, session: BridgeSession, owner: Identity, token: str) -> Identity | str:
+    """The identity of a token presented in this sandbox, from this session's Unix user; else why not."""
+    try:
+        identity = await engine.tokens.verify(token)
+    except DockyardError as exc:
+        return f"the bridge's DOCKYARD_TOKEN was refused: {exc}"
+    if identity.sandbox_id is None or identity.sandbox_id != owner.sandbox_id:
+        return f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) is bound to {identity.sandbox_id or 'no sandbox'}, not this one"
+    bound = await engine.sandboxes.unix_user(identity, owner.sandbox_id)
+    if session.user is not None and session.user != bound:
+        return f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) serves the Unix user {bound} here, not {session.user}"
+    return identity
 
 
 async def serve_bridge(server: MCPServer[Engine], engine: Engine, session: BridgeSession) -> None:

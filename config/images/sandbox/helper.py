@@ -9,7 +9,9 @@ sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON
 stdout: {"ok": true, ...} or {"ok": false, "error": <code>, "message": <text>}.
 Codes: outside (path leaves /workspace), missing, not_file, not_dir, io.
 `reset` kills every process of the sandbox user and empties the writable places; `verify`
-answers {"ok": true, "leftovers": [...]}, empty when clean.
+answers {"ok": true, "leftovers": [...]}, empty when clean. `release`, run as a member's own
+user before `reset`, kills that user's processes and removes what it owns (or may remove) in the
+writable places, opening its directories to the rest, and makes its home fresh again.
 """
 
 import base64
@@ -273,8 +275,8 @@ def empty(path):
             os.unlink(full)
 
 
-def cmd_reset():
-    """Kill every stray process (frozen first, so none can fork), then empty the writable places."""
+def kill_mine():
+    """Kill every stray process of this user (frozen first, so none can fork)."""
     me = os.getuid()
     for _ in range(50):
         _, found = strays(processes())
@@ -290,10 +292,61 @@ def cmd_reset():
         time.sleep(0.01)
     if shutil.which("ipcrm"):
         os.spawnv(os.P_WAIT, shutil.which("ipcrm"), ["ipcrm", "--all"])
+
+
+def cmd_reset():
+    """Kill every stray process (frozen first, so none can fork), then empty the writable places."""
+    kill_mine()
     for path in (*SCRATCH, HOME):
         if os.path.isdir(path):
             empty(path)
     shutil.copytree(SKEL, HOME, symlinks=True, dirs_exist_ok=True)
+    answer()
+
+
+def open_and_remove(root):
+    """Open every directory this user owns under `root` to all (mode 0777, sticky bit gone), so
+    whoever comes next can empty it; then remove every entry it may remove, deepest first."""
+    me = os.getuid()
+    for folder, dirs, _files in os.walk(root):
+        for name in dirs:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid == me:
+                    os.fchmod(fd, 0o777)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        for name in dirs:
+            path = os.path.join(folder, name)
+            try:
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)
+            except OSError:
+                pass
+
+
+def cmd_release():
+    """A member's user leaving a shared sandbox: its processes, its files, a fresh home."""
+    kill_mine()
+    for path in SCRATCH:
+        if os.path.isdir(path):
+            open_and_remove(path)
+    if os.path.isdir(HOME) and os.stat(HOME).st_uid == os.getuid():
+        empty(HOME)
+        shutil.copytree(SKEL, HOME, symlinks=True, dirs_exist_ok=True)
     answer()
 
 
@@ -362,6 +415,7 @@ VERBS = {
     "list": cmd_list,
     "connect": cmd_connect,
     "reset": cmd_reset,
+    "release": cmd_release,
     "verify": cmd_verify,
 }
 

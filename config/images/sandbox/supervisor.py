@@ -2,10 +2,16 @@
 """dockyard's supervisor: the long-lived process inside every sandbox.
 
 It is the container's command (under Docker's init), runs as root with only the capabilities
-it needs to act as the sandbox user (SETUID, SETGID) and to stop that user's processes (KILL),
+it needs to act as the sandbox's users (SETUID, SETGID) and to stop their processes (KILL),
 and serves the dockyard server over a control channel, so that a command costs no
 `docker exec`. Commands and file operations run as the sandbox user `agent`, who can neither
 signal this process nor read its memory or environment, nor reach its control socket.
+
+Members of a team that share one sandbox each run as a user of their own (`m1`..`m16`, primary
+group `agent`): the server names the user with each request, and this process runs nothing as
+any other (never as root). With distinct uids and no capabilities, one member cannot read
+another's /proc/<pid>/environ (its DOCKYARD_TOKEN), trace it, signal it or enter its home;
+/workspace belongs to the group and everything runs with umask 002, so they share files there.
 
 Control channel, protocol version 1 (the other end is dockyard.runtime.supervisor)
 --------------------------------------------------------------------------------
@@ -24,24 +30,30 @@ Handshake, mutual, with the key the server wrote to `key` beside the socket:
 The server may rewrite the key file at any time; each handshake reads it afresh.
 
 Requests carry an "id" chosen by the server, unique on its connection:
-  exec {argv, env, cwd, timeout_s, cap_bytes, token, stdin: bool}
+  exec {argv, env, cwd, timeout_s, cap_bytes, token, stdin: bool, user?}
       -> out {id, fd: 1|2} + bytes, in order, at most cap_bytes per stream ...
       -> exit {id, code, timed_out, dropped: [stdout bytes, stderr bytes], error?, refused?}
-      (error: the command could not start; refused: "cwd" when the sandbox user cannot enter it)
-      The command runs as `agent` in a new session with `token` as DOCKYARD_EXEC_ID.
+      (error: the command could not start; refused: "cwd" when the user cannot enter it,
+      "user" when `user` is not one of the sandbox's users)
+      The command runs as `user` (default `agent`; HOME, USER and LOGNAME are its own) in a new
+      session with `token` as DOCKYARD_EXEC_ID.
       stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
       On timeout, kill or a closed connection, the command and everything it started
       (its session, its descendants, whatever carries its token) is frozen, then killed.
-  read {path, max_bytes} -> result + the file's bytes
-  write {path, mode} + bytes -> result
-  list {path, recursive, max_entries} -> result
-  reset {} / verify {} -> result (the helper's answer, run as `agent`)
+  read {path, max_bytes, user?} -> result + the file's bytes
+  write {path, mode, user?} + bytes -> result
+  list {path, recursive, max_entries, user?} -> result
+  reset {} / verify {} -> result (the helper's answer, run as `agent`; reset first stops every
+      process of the sandbox's users and has each member user that ran anything remove what
+      it owns; verify also finds a member's home that differs from a fresh one)
   ping {} -> result
   result: {"t": "result", "id", "ok": true, ...} or {"ok": false, "error": code, "message"}.
 
 Bridge: a process in the sandbox that connects to /run/dockyard/bridge.sock is relayed to the
 server, which serves it MCP as the sandbox's owner (newline-delimited JSON-RPC):
-  supervisor -> bridge_open {bid}, bridge_data {bid} + bytes, bridge_close {bid}
+  supervisor -> bridge_open {bid, uid, user}, bridge_data {bid} + bytes, bridge_close {bid}
+      (uid: the connecting process's, from SO_PEERCRED; user: its name if it is one of the
+      sandbox's users, else null)
   server     -> bridge_data {bid} + bytes, bridge_close {bid}
 Bridge traffic uses the most recently authenticated connection.
 """
@@ -54,7 +66,9 @@ import hmac
 import json
 import os
 import pwd
+import re
 import secrets
+import socket
 import signal
 import struct
 import sys
@@ -76,19 +90,41 @@ EXIT_GRACE_S = 0.2  # how long output is still read after a command's own proces
 HANDSHAKE_TIMEOUT_S = 10
 KILL_WAIT_S = 30  # a killed command's own process has surely ended by then
 
+UMASK = 0o002  # files are the group's to share (a member's private ones it makes 0600 itself)
+SKEL = "/etc/skel"
+
 AGENT = pwd.getpwnam(USER)
+# The members' users: a member of a shared sandbox runs as one of them, never as another's.
+MEMBERS = {p.pw_name: p for p in pwd.getpwall() if re.fullmatch(r"m[0-9]+", p.pw_name) and p.pw_gid == AGENT.pw_gid}
+USERS = {USER: AGENT, **MEMBERS}
+UIDS = {p.pw_uid for p in USERS.values()}
+# Member users that ran something since the last reset: each removes what it owns at the next.
+USED = set()
+
+
+def user_of(request):
+    """The sandbox user a request names (`agent` when it names none); None for any other."""
+    name = request.get("user") or USER
+    found = USERS.get(name) if isinstance(name, str) else None
+    if found is not None and found.pw_name in MEMBERS:
+        USED.add(found.pw_name)
+    return found
 
 
 @contextlib.contextmanager
-def as_agent():
-    """Act with the sandbox user's file rights for a moment (no await may happen inside)."""
-    os.setegid(AGENT.pw_gid)
-    os.seteuid(AGENT.pw_uid)
+def as_user(user):
+    """Act with a sandbox user's file rights for a moment (no await may happen inside)."""
+    os.setegid(user.pw_gid)
+    os.seteuid(user.pw_uid)
     try:
         yield
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def user_env(user):
+    return {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
 
 
 def proof(key, role, nonce):
@@ -171,6 +207,7 @@ class Command:
         self.sent = [0, 0]
         self.dropped = [0, 0]
         self.token = request.get("token") or secrets.token_hex(12)
+        self.user = user_of(request)
         self.outbox = asyncio.Queue()
         self.exited = asyncio.Event()
         self.open_pipes = {1, 2}
@@ -195,13 +232,17 @@ class Command:
 
     async def _run(self):
         req = self.request
-        env = {**BASE_ENV, **{str(k): str(v) for k, v in req.get("env", {}).items()}}
+        if self.user is None:
+            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False, "dropped": [0, 0],
+                                  "refused": "user", "error": f"no sandbox user {req.get('user')!r}"})
+            return
+        env = {**BASE_ENV, **user_env(self.user), **{str(k): str(v) for k, v in req.get("env", {}).items()}}
         env["DOCKYARD_EXEC_ID"] = self.token
-        # The working directory is opened with the sandbox user's rights and entered through
+        # The working directory is opened with the command user's rights and entered through
         # its descriptor: the child changes directory while still root, and must not land
         # anywhere the user could not (a symlink swapped in meanwhile changes nothing).
         try:
-            with as_agent():
+            with as_user(self.user):
                 cwd_fd = os.open(req.get("cwd") or "/workspace", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     os.fchdir(cwd_fd)  # the user's search permission on the directory itself
@@ -224,9 +265,10 @@ class Command:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=f"/proc/self/fd/{cwd_fd}",
-                user=AGENT.pw_uid,
-                group=AGENT.pw_gid,
+                user=self.user.pw_uid,
+                group=self.user.pw_gid,
                 extra_groups=[],
+                umask=UMASK,
                 start_new_session=True,
             )
         except OSError as exc:  # e.g. no pid to spare, no such program
@@ -298,23 +340,28 @@ class Command:
     async def kill(self):
         """Freeze and kill the command's processes (never the supervisor's own)."""
         self.killed = True
-        if self.transport is None:
+        if self.transport is None or self.user is None:
             return
-        with as_agent():
+        with as_user(self.user):  # its environment is readable by its own user only
             helper.kill_command(self.token, self.transport.get_pid())
         await asyncio.sleep(0)
 
 
 TASKS = set()
-# Sessions of the commands running now: everything else of the sandbox user's is background
+# Sessions of the commands running now: everything else of the sandbox users' is background
 # left by earlier commands (a server started with nohup, say), which may keep running.
 RUNNING = set()
 
 
 def stop_background():
     """The sandbox is out of process slots: freeze, then kill, every process of the sandbox
-    user that no running command owns (a fork bomb that backgrounded itself, say). Needs no
+    users that no running command owns (a fork bomb that backgrounded itself, say). Needs no
     new process, so it works when nothing else can start. Returns how many were stopped."""
+    return stop_processes(RUNNING)
+
+
+def stop_processes(spare=frozenset()):
+    """Freeze, then kill, every process of the sandbox's users outside the sessions `spare`."""
     frozen = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -328,7 +375,7 @@ def stop_background():
                 owner = os.stat(f"/proc/{entry}").st_uid
             except (OSError, IndexError):
                 continue
-            if owner == AGENT.pw_uid and fields[0] != "Z" and int(fields[3]) not in RUNNING:
+            if owner in UIDS and fields[0] != "Z" and int(fields[3]) not in spare:
                 fresh.add(int(entry))
         if not fresh:
             break
@@ -431,8 +478,13 @@ class Supervisor:
 
     async def file_op(self, conn, kind, obj, body):
         data = b""
+        user = user_of(obj)
+        if user is None:
+            await conn.send({"t": "result", "id": obj.get("id"), "ok": False, "error": "invalid",
+                             "message": f"no sandbox user {obj.get('user')!r}"})
+            return
         try:
-            with as_agent():
+            with as_user(user):
                 if kind == "read":
                     answer, data = helper.read_file(str(obj["path"]), int(obj["max_bytes"]))
                 elif kind == "write":
@@ -446,23 +498,29 @@ class Supervisor:
         await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
 
     async def run_helper(self, conn, verb, obj):
-        try:
-            process = await asyncio.create_subprocess_exec(
-                "/usr/bin/python3", "-I", HELPER, verb,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=BASE_ENV, cwd="/", user=AGENT.pw_uid, group=AGENT.pw_gid, extra_groups=[],
-            )
-            out, err = await process.communicate()
-        except OSError as exc:  # e.g. no pid to spare
-            answer = {"ok": False, "error": "io", "message": f"could not run the helper: {exc.strerror}"}
+        if verb == "reset":
+            answer = await self.reset()
         else:
-            try:
-                answer = json.loads(out)
-            except ValueError:
-                why = (err or out).decode(errors="replace").strip()[-300:]
-                answer = {"ok": False, "error": "io", "message": f"helper {verb} failed: {why}"}
+            answer = await helper_as(AGENT, verb)
+            if answer.get("ok"):
+                answer["leftovers"] = answer.get("leftovers", []) + member_leftovers()
         with contextlib.suppress(Closed):
             await conn.send({"t": "result", "id": obj.get("id"), **answer})
+
+    async def reset(self):
+        """Stop every process of the sandbox's users, have each member user that ran anything
+        remove what it owns (twice, for what one left inside another's), then reset as `agent`."""
+        stop_processes()
+        used = [MEMBERS[name] for name in sorted(USED)]
+        for _ in range(2 if len(used) > 1 else 1):
+            for user in used:
+                answer = await helper_as(user, "release")
+                if not answer.get("ok"):
+                    return answer
+        answer = await helper_as(AGENT, "reset")
+        if answer.get("ok"):
+            USED.clear()
+        return answer
 
     # -- bridge ---------------------------------------------------------------------------
 
@@ -474,8 +532,10 @@ class Supervisor:
         self.next_bridge += 1
         bid = self.next_bridge
         self.bridges[bid] = writer
+        uid = peer_uid(writer)
+        user = next((name for name, p in USERS.items() if p.pw_uid == uid), None)
         try:
-            await conn.send({"t": "bridge_open", "bid": bid})
+            await conn.send({"t": "bridge_open", "bid": bid, "uid": uid, "user": user})
             while True:
                 data = await reader.read(CHUNK)
                 if not data or bid not in self.bridges:
@@ -505,6 +565,48 @@ class Supervisor:
             writer.close()
 
 
+async def helper_as(user, verb):
+    """Run `dockyard-helper <verb>` as a sandbox user; its JSON answer."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-I", HELPER, verb,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**BASE_ENV, **user_env(user)}, cwd="/", user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+            umask=UMASK,
+        )
+        out, err = await process.communicate()
+    except OSError as exc:  # e.g. no pid to spare
+        return {"ok": False, "error": "io", "message": f"could not run the helper: {exc.strerror}"}
+    try:
+        return json.loads(out)
+    except ValueError:
+        why = (err or out).decode(errors="replace").strip()[-300:]
+        return {"ok": False, "error": "io", "message": f"helper {verb} as {user.pw_name} failed: {why}"}
+
+
+def member_leftovers():
+    """Member homes that differ from a fresh one (each looked at with its owner's rights)."""
+    found = []
+    for user in sorted(MEMBERS.values(), key=lambda member: member.pw_uid):
+        try:
+            with as_user(user):
+                differ = helper.same_tree(user.pw_dir, SKEL)
+        except OSError as exc:
+            differ = [f"({exc.strerror})"]
+        found += [f"{user.pw_dir}/{path} differs from a fresh home" for path in differ[:3]]
+    return found
+
+
+def peer_uid(writer):
+    """The uid of the process at the other end of a unix socket connection (None if unknown)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return None
+    return uid
+
+
 FILE_OPS = ("read", "write", "list")
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_SUPERVISOR")}
 BASE_ENV.setdefault("HOME", AGENT.pw_dir)
@@ -516,7 +618,7 @@ async def main():
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)
     os.setgroups([])
-    os.umask(0o022)
+    os.umask(UMASK)
     supervisor = Supervisor()
     control = os.path.join(CONTROL_DIR, "control.sock")
     for path in (control, BRIDGE_SOCKET):
