@@ -79,6 +79,7 @@ class Runtime(SQLModel, table=True):
     cpus: float
     memory_mb: int
     sandbox_id: str | None = None
+    workspace_id: str | None = None  # who holds it while it is claimed (its pool share)
     claims: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     state_at: datetime = Field(default_factory=utcnow)
@@ -361,7 +362,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
 _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
-                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON")]
+                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
+                  ("runtime", "workspace_id", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

@@ -213,7 +213,8 @@ async def test_autoscaler_grows_on_misses_and_shrinks_only_after_the_idle_hyster
 
 
 async def test_many_concurrent_creates_never_share_a_runtime(pool_settings) -> None:
-    settings = pool_settings(default_pool={"min": 2, "max": 6})
+    """One workspace may fill this pool (workspace_pool_share 1): the claims race for all of it."""
+    settings = pool_settings(default_pool={"min": 2, "max": 6}, quotas={"workspace_pool_share": 1.0})
     async with Engine.open(settings) as engine:
         await wait_for_pool(engine, warm=2)
         made: list[str] = []
