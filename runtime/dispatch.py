@@ -34,6 +34,7 @@ from dockyard.runtime.hostrun import run_on_host
 from dockyard.runtime.llmrunner import opening, run_llm, sandbox_tools
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
+from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.tokens import TokenService
@@ -198,6 +199,7 @@ class DispatchService:
             decision.dispatch_id, decision.outcome = row.id, "accepted"
             session.add(row)
             session.add(decision)
+            link_run(session, row.id, who.run_id)  # a child of the caller's run: counted in its tree
 
         try:
             await self._store.run(insert)

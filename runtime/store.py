@@ -202,6 +202,16 @@ class Dispatch(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class RunLink(SQLModel, table=True):
+    """A run and one run above it (the run that started it, that run's starter, and so on):
+    a closure table, so a run's limits count its whole tree in one query."""
+
+    __tablename__ = "run_links"
+
+    run_id: str = Field(primary_key=True)
+    ancestor_id: str = Field(primary_key=True, index=True)
+
+
 class DispatchDecision(SQLModel, table=True):
     """Why a dispatch went where it went (or was refused): one row per `dispatch` call."""
 
