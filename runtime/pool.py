@@ -12,8 +12,9 @@ A claim takes a warm runtime (no container start on its path), or cold-starts on
 pool is below `max`, or waits in a queue that is fair between workspaces until a runtime is
 released or the claim times out. No workspace holds more than its share of a pool
 (`quotas.workspace_pool_share` of `max`, at least one): a claim past it waits behind the other
-workspaces until one of its own is given back, so one workspace can never starve the rest. Background loops keep the pool at its target, evict what
-died or fails its probe (also on Docker's die events), and grow or shrink the target.
+workspaces until one of its own is given back, so one workspace can never starve the rest.
+Background loops keep the pool at its target, evict what died or fails its probe (also on
+Docker's die events), and grow or shrink the target.
 """
 
 from __future__ import annotations
