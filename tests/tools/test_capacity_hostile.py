@@ -122,7 +122,7 @@ async def test_a_burst_of_dispatches_from_workspace_a_runs_share_at_a_time_all_c
 ) -> None:
     served = serve_http(env={"POOL_MAX": "4", "DOCKYARD_POOL__CLAIM_TIMEOUT_S": "60"})
     async with tenant(served, "a") as a, tenant(served, "b") as b:
-        sent = [await send(a, f"sleep 3; echo a-{n}") for n in range(6)]
+        sent = [await send(a, f"sleep 8; echo a-{n}") for n in range(6)]  # long enough that B is served before any ends
         ids = [r.structured_content["dispatch_id"] for r in sent]
         await until_pool(a, lambda p: p["claimed"] + p["queue_depth"] >= 6, timeout_s=30)
         theirs = await call(b, "sandbox_create")
