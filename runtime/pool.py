@@ -54,7 +54,7 @@ class PoolManager:
 
     def __init__(self, settings: Settings, store: Store, provisioner: Provisioner) -> None:
         self._settings = settings.pool
-        self._share = settings.quotas.workspace_pool_share
+        self._quotas = settings.quotas
         self._store = store
         self._provisioner = provisioner
         self._pools = {
@@ -139,13 +139,13 @@ class PoolManager:
 
     def _refusal(self, pool: Pool, workspace_id: str) -> CapacityError:
         """Why a claim waited in vain: its workspace held its share, or the pool was full."""
-        share, held = pool.share(self._share), pool.held(workspace_id)
+        share, held = self._quotas.pool_share(pool.shape.max), pool.held(workspace_id)
         if held >= share and share < pool.shape.max:
             return QuotaExceededError(
                 f"quota workspace_pool_share reached: workspace '{workspace_id}' holds {held} of pool "
-                f"'{pool.template}' (its share: {share} of max {pool.shape.max}, workspace_pool_share {self._share:g}) "
-                f"and none of them was given back within {self._settings.claim_timeout_s:g} s; destroy one you "
-                "no longer need, or ask the operator for a higher quota"
+                f"'{pool.template}' (its share: {share} of max {pool.shape.max}, workspace_pool_share "
+                f"{self._quotas.workspace_pool_share:g}) and none of them was given back within "
+                f"{self._settings.claim_timeout_s:g} s; destroy one you no longer need, or ask the operator for a higher quota"
             )
         return PoolExhaustedError(pool.template, pool.shape.max, self._settings.claim_timeout_s)
 
@@ -174,7 +174,7 @@ class PoolManager:
     def _serve(self, pool: Pool) -> None:
         """Under the pool's lock: give queued claims their turns while there is capacity, passing
         over workspaces that hold their share."""
-        share = pool.share(self._share)
+        share = self._quotas.pool_share(pool.shape.max)
         while (waiter := pool.queue.peek(lambda workspace_id: pool.held(workspace_id) < share)) is not None:
             grant = self._grant(pool, waiter)
             if grant is None:

@@ -66,10 +66,6 @@ class Pool:
         """How many of this pool's runtimes a workspace holds (claimed, or granted and on the way)."""
         return sum(1 for holder in self.holders.values() if holder == workspace_id)
 
-    def share(self, fraction: float) -> int:
-        """The most runtimes one workspace may hold: `fraction` of max, rounded down, at least one."""
-        return max(1, int(fraction * self.shape.max + 1e-9))
-
     @property
     def total(self) -> int:
         return self.count(*_COUNTED)

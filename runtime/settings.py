@@ -178,6 +178,10 @@ class QuotaSettings(BaseModel):
     )
     dispatches_per_minute: int = Field(120, ge=0, description="Dispatches one workspace may start in any 60 s.")
 
+    def pool_share(self, maximum: int) -> int:
+        """The most runtimes of a pool with this `max` that one workspace may hold."""
+        return max(1, int(self.workspace_pool_share * maximum + 1e-9))
+
 
 class PoolSettings(BaseModel):
     """How the warm pools behave; each template's size is in its own `pool` table.

@@ -79,7 +79,7 @@ async def test_workspace_a_creating_all_it_can_still_leaves_workspace_b_a_sandbo
                 refusal = result.content[0].text
                 break
             held.append(result.structured_content["sandbox_id"])
-        assert len(held) == 3, held  # its share of a pool of four
+        assert len(held) == 3 == (await pool(a))["workspace_share"], held  # its share of a pool of four
         assert refusal is not None and "quota workspace_pool_share reached" in refusal and "share: 3 of max 4" in refusal, refusal
         with anyio.fail_after(30):
             theirs = await call(b, "sandbox_create")  # within the claim timeout of 3 s
