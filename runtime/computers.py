@@ -39,6 +39,7 @@ from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFound
 from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
 from dockyard.runtime.provision import Provisioner
+from dockyard.runtime.runs import tree_limit
 from dockyard.runtime.sandboxes import SandboxService, running_limits
 from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.settings import Identity, Settings
@@ -445,7 +446,14 @@ class ComputerService:
             ("workspace_computers", quotas.workspace_computers, same_workspace),
             ("user_computers", quotas.user_computers, same_workspace & (Computer.user_id == who.user_id)),
         ]
-        return running_limits(Computer, limits, "computers")
+        within = running_limits(Computer, limits, "computers")
+        within_runs = tree_limit(Computer, "run_computers", quotas.run_computers, who, "computers")
+
+        def check(session: Session) -> None:
+            within(session)
+            within_runs(session)
+
+        return check
 
 
 class _PageLease:

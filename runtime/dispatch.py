@@ -27,15 +27,16 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError, QuotaExceededError
 from dockyard.runtime.hostrun import run_on_host
 from dockyard.runtime.llmrunner import opening, run_llm, sandbox_tools
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.provision import MEMBER_USERS
+from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.tokens import Minted, TokenService
@@ -161,6 +162,14 @@ class DispatchService:
             outcome="refused",
         )
         runner = runner or "script"
+
+        async def refuse(exc: DockyardError) -> None:
+            decision.reason = str(exc)
+            await self._store.add(decision)
+            await self._audit.append(who, "dispatch.create", target=None, outcome="error",
+                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id,
+                                         "consent": consent})
+
         try:
             self._check(used, runner, prompt, sandbox_id, members)
             if used == "user_pc":
@@ -169,11 +178,7 @@ class DispatchService:
                 assert sandbox_id is not None
                 await self._sandboxes.check_owned(who, sandbox_id, "dispatch.create")
         except DockyardError as exc:
-            decision.reason = str(exc)
-            await self._store.add(decision)
-            await self._audit.append(who, "dispatch.create", target=None, outcome="error",
-                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id,
-                                         "consent": consent})
+            await refuse(exc)
             raise
         row = Dispatch(
             id=f"dsp_{secrets.token_hex(8)}",
@@ -191,13 +196,21 @@ class DispatchService:
             run_id=who.run_id,
             token_id=who.token_id,
         )
-        decision.dispatch_id, decision.outcome = row.id, "accepted"
 
         def insert(session: Session) -> None:
+            # Counted in the insert's own transaction, so racing dispatches cannot overshoot.
+            _within_rate(session, who.workspace_id, self._settings.quotas.dispatches_per_minute)
+            decision.dispatch_id, decision.outcome = row.id, "accepted"
             session.add(row)
             session.add(decision)
+            link_run(session, row.id, who.run_id)  # a child of the caller's run: counted in its tree
 
-        await self._store.run(insert)
+        try:
+            await self._store.run(insert)
+        except QuotaExceededError as exc:
+            decision.dispatch_id, decision.outcome = None, "refused"
+            await refuse(exc)
+            raise
         await self._audit.append(who, "dispatch.create", target=row.id, outcome="ok",
                                  detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id,
                                          "consent": consent})
@@ -572,6 +585,21 @@ def _info(row: Dispatch, hint: str | None) -> DispatchInfo:
         members=row.member_results,
         next_steps=None if final else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
     )
+
+
+def _within_rate(session: Session, workspace_id: str, per_minute: int) -> None:
+    """Refuse one more dispatch of a workspace that started `per_minute` in the last 60 s (0: no limit)."""
+    if not per_minute:
+        return
+    since = utcnow() - timedelta(seconds=60)
+    started = session.exec(
+        select(func.count()).select_from(Dispatch).where(Dispatch.workspace_id == workspace_id, col(Dispatch.created_at) >= since)
+    ).one()
+    if started >= per_minute:
+        raise QuotaExceededError(
+            f"quota dispatches_per_minute reached: workspace '{workspace_id}' started {started} dispatches in the last "
+            f"60 s and the limit is {per_minute}; wait before dispatching again, or ask the operator for a higher quota"
+        )
 
 
 def _runner_identity(row: Dispatch) -> Identity:

@@ -115,6 +115,9 @@ class PoolInfo(BaseModel):
     draining: int
     destroying: int = Field(0, description="Runtimes being removed (they still hold a place under max until gone).")
     queue_depth: int
+    workspace_share: int = Field(
+        0, description="The most of this pool's runtimes one workspace may hold (quotas.workspace_pool_share)."
+    )
     claims_warm: int = Field(description="Claims served from a warm runtime (recent history).")
     claims_cold: int = Field(description="Claims that had to wait for a container start.")
     claim_ms_p50: float | None = None

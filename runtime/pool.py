@@ -10,8 +10,11 @@ transition is written together with a `PoolEvent`, and is mirrored in memory for
 
 A claim takes a warm runtime (no container start on its path), or cold-starts one while the
 pool is below `max`, or waits in a queue that is fair between workspaces until a runtime is
-released or the claim times out. Background loops keep the pool at its target, evict what
-died or fails its probe (also on Docker's die events), and grow or shrink the target.
+released or the claim times out. No workspace holds more than its share of a pool
+(`quotas.workspace_pool_share` of `max`, at least one): a claim past it waits behind the other
+workspaces until one of its own is given back, so one workspace can never starve the rest.
+Background loops keep the pool at its target, evict what died or fails its probe (also on
+Docker's die events), and grow or shrink the target.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import anyio
 import anyio.abc
 from sqlmodel import Session, col, select, update
 
-from dockyard.runtime.errors import DockyardError, PoolExhaustedError, TemplateNotFoundError
+from dockyard.runtime.errors import (
+    CapacityError,
+    DockyardError,
+    PoolExhaustedError,
+    QuotaExceededError,
+    TemplateNotFoundError,
+)
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.settings import PoolShape, Settings
@@ -45,6 +54,7 @@ class PoolManager:
 
     def __init__(self, settings: Settings, store: Store, provisioner: Provisioner) -> None:
         self._settings = settings.pool
+        self._quotas = settings.quotas
         self._store = store
         self._provisioner = provisioner
         self._pools = {
@@ -75,7 +85,7 @@ class PoolManager:
         needs_cold = network != pool.network
         while True:
             grant = await self._turn(pool, workspace_id, needs_cold, deadline)
-            timed = timed_bind(bind, started, grant.warm)
+            timed = timed_bind(_held_by(workspace_id, bind), started, grant.warm)
             if grant.warm:
                 row = await self._claim_warm(pool, grant.runtime_id, timed)
                 if row is None:
@@ -87,13 +97,14 @@ class PoolManager:
 
     async def _turn(self, pool: Pool, workspace_id: str, needs_cold: bool, deadline: float) -> Grant:
         async with pool.lock:
-            grant = None if len(pool.queue) else self._grant(pool, needs_cold)
-            if grant is None or not grant.warm:
+            # Every claim joins the queue and is served at once if its turn and room allow it.
+            waiter: Waiter[Grant] = pool.queue.push(workspace_id, needs_cold=needs_cold)
+            self._serve(pool)
+            if waiter.grant is None or not waiter.grant.warm:
                 pool.misses += 1
                 pool.last_busy = time.monotonic()
-            if grant is not None:
-                return grant
-            waiter = pool.queue.push(workspace_id, needs_cold=needs_cold)
+            if waiter.grant is not None:
+                return waiter.grant
         self._publish()
         try:
             with anyio.move_on_after(max(deadline - time.monotonic(), 0)):
@@ -106,7 +117,7 @@ class PoolManager:
             async with pool.lock:
                 if pool.queue.remove(waiter):
                     self._publish()
-                    raise PoolExhaustedError(pool.template, pool.shape.max, self._settings.claim_timeout_s)
+                    raise self._refusal(pool, workspace_id)
         assert waiter.grant is not None
         self._publish()
         return waiter.grant
@@ -117,6 +128,7 @@ class PoolManager:
             if pool.queue.remove(waiter) or waiter.grant is None:
                 return
             grant = waiter.grant
+            pool.holders.pop(grant.runtime_id, None)
             if grant.warm:
                 pool.states[grant.runtime_id] = RuntimeState.WARM
                 pool.warm.appendleft(grant.runtime_id)
@@ -125,8 +137,27 @@ class PoolManager:
             self._serve(pool)
         self._publish()
 
-    def _grant(self, pool: Pool, needs_cold: bool) -> Grant | None:
-        """Under the pool's lock: a warm runtime if one fits, else room for a cold start, else None."""
+    def _refusal(self, pool: Pool, workspace_id: str) -> CapacityError:
+        """Why a claim waited in vain: its workspace held its share, or the pool was full."""
+        share, held = self._quotas.pool_share(pool.shape.max), pool.held(workspace_id)
+        if held >= share and share < pool.shape.max:
+            return QuotaExceededError(
+                f"quota workspace_pool_share reached: workspace '{workspace_id}' holds {held} of pool "
+                f"'{pool.template}' (its share: {share} of max {pool.shape.max}, workspace_pool_share "
+                f"{self._quotas.workspace_pool_share:g}) and none of them was given back within "
+                f"{self._settings.claim_timeout_s:g} s; destroy one you no longer need, or ask the operator for a higher quota"
+            )
+        return PoolExhaustedError(pool.template, pool.shape.max, self._settings.claim_timeout_s)
+
+    def _grant(self, pool: Pool, waiter: Waiter[Grant]) -> Grant | None:
+        """Under the pool's lock: a warm runtime if one fits, else room for a cold start, else None;
+        what is granted counts toward the waiter's workspace's share from now on."""
+        grant = self._room(pool, waiter.needs_cold)
+        if grant is not None:
+            pool.holders[grant.runtime_id] = waiter.workspace_id
+        return grant
+
+    def _room(self, pool: Pool, needs_cold: bool) -> Grant | None:
         if not needs_cold and pool.warm:
             runtime_id = pool.warm.popleft()
             pool.states[runtime_id] = RuntimeState.CLAIMED
@@ -141,12 +172,14 @@ class PoolManager:
         return None
 
     def _serve(self, pool: Pool) -> None:
-        """Under the pool's lock: give queued claims their turns while there is capacity."""
-        while (waiter := pool.queue.peek()) is not None:
-            grant = self._grant(pool, waiter.needs_cold)
+        """Under the pool's lock: give queued claims their turns while there is capacity, passing
+        over workspaces that hold their share."""
+        share = self._quotas.pool_share(pool.shape.max)
+        while (waiter := pool.queue.peek(lambda workspace_id: pool.held(workspace_id) < share)) is not None:
+            grant = self._grant(pool, waiter)
             if grant is None:
                 return
-            pool.queue.pop()
+            pool.queue.take(waiter)
             waiter.grant = grant
             waiter.granted.set()
 
@@ -176,10 +209,12 @@ class PoolManager:
         if row is None:
             async with pool.lock:
                 pool.states.pop(runtime_id, None)
+                pool.holders.pop(runtime_id, None)
         return row
 
     async def _back_to_warm(self, pool: Pool, runtime_id: str) -> None:
         async with pool.lock:
+            pool.holders.pop(runtime_id, None)
             if pool.states.get(runtime_id) == RuntimeState.CLAIMED:
                 pool.states[runtime_id] = RuntimeState.WARM
                 pool.warm.appendleft(runtime_id)
@@ -224,7 +259,7 @@ class PoolManager:
             if row is None or row.state != RuntimeState.CLAIMED:
                 return None
             move(session, row, RuntimeState.DRAINING, reason)
-            row.sandbox_id = None
+            row.sandbox_id = row.workspace_id = None
             bind(session, row)
             return row
 
@@ -234,6 +269,8 @@ class PoolManager:
         pool = self._pool(row.template)
         async with pool.lock:
             pool.states[row.id] = RuntimeState.DRAINING
+            pool.holders.pop(row.id, None)
+            self._serve(pool)  # a claim of that workspace waiting on its share may go now
         self._spawn(self._recycle, pool, row)
 
     async def resize(self, runtime_id: str, cpus: float, memory_mb: int) -> None:
@@ -408,6 +445,7 @@ class PoolManager:
             await self._store.run(transition(row.id, final, reason, only_from=RuntimeState.LIVE))
             async with pool.lock:
                 pool.states.pop(row.id, None)
+                pool.holders.pop(row.id, None)
                 self._serve(pool)
                 self._replenish(pool)
         self._publish()
@@ -466,6 +504,8 @@ class PoolManager:
         """Count a runtime that survived a restart (warm ones go back on the shelf)."""
         self._where[row.container_id or ""] = (pool, row.id)
         pool.states[row.id] = row.state
+        if row.state == RuntimeState.CLAIMED and row.workspace_id:
+            pool.holders[row.id] = row.workspace_id
         if row.state == RuntimeState.WARM:
             pool.warm.append(row.id)
 
@@ -531,3 +571,14 @@ class PoolManager:
 
             await self._store.run(write)
             await anyio.sleep(0.1)
+
+
+def _held_by(workspace_id: str, bind: Bind) -> Bind:
+    """`bind`, and the runtime's row records the workspace that holds it (its share, after a restart)."""
+
+    def held(session: Session, row: Runtime) -> None:
+        row.workspace_id = workspace_id
+        session.add(row)
+        bind(session, row)
+
+    return held

@@ -53,6 +53,7 @@ class Pool:
         self.states: dict[str, str] = {}
         self.warm: deque[str] = deque()
         self.filling: set[str] = set()
+        self.holders: dict[str, str] = {}  # runtime id -> the workspace it is granted to or claimed by
         self.queue: FairQueue[Grant] = FairQueue()
         self.misses = 0
         self.last_busy = time.monotonic()
@@ -60,6 +61,10 @@ class Pool:
 
     def count(self, *states: str) -> int:
         return sum(1 for state in self.states.values() if state in states)
+
+    def held(self, workspace_id: str) -> int:
+        """How many of this pool's runtimes a workspace holds (claimed, or granted and on the way)."""
+        return sum(1 for holder in self.holders.values() if holder == workspace_id)
 
     @property
     def total(self) -> int:

@@ -59,6 +59,7 @@ async def pool_status(store: Store, settings: Settings) -> list[PoolInfo]:
                     draining=counts.get((name, "draining"), 0),
                     destroying=counts.get((name, "destroying"), 0),
                     queue_depth=state.queue_depth if state else 0,
+                    workspace_share=settings.quotas.pool_share(tpl.pool.max),
                     claims_warm=sum(1 for warm, _ in claims if warm),
                     claims_cold=sum(1 for warm, _ in claims if not warm),
                     claim_ms_p50=_percentile(latencies, 50),

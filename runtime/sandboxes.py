@@ -39,6 +39,7 @@ from dockyard.runtime.models import (
 from dockyard.runtime.pool import Bind, PoolManager
 from dockyard.runtime.ports import PortForwarder
 from dockyard.runtime.provision import HOME, USER
+from dockyard.runtime.runs import tree_limit
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
 from dockyard.runtime.store import Member, Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 from dockyard.runtime.supervisor import Supervisors
@@ -177,7 +178,7 @@ class SandboxService:
 
     def _quota_check(self, who: Identity) -> Callable[[Session], None]:
         """A check that refuses one more sandbox past a concurrent-sandbox quota (tenant,
-        workspace, user, run). Run inside the claim's transaction, the count and the new row
+        workspace, user, and the run's tree: its own and every run it started). Run inside the claim's transaction, the count and the new row
         are one atomic step, so concurrent creates cannot overshoot."""
         quotas = self._settings.quotas
         same_workspace = Sandbox.workspace_id == who.workspace_id
@@ -186,9 +187,14 @@ class SandboxService:
             ("workspace_sandboxes", quotas.workspace_sandboxes, same_workspace),
             ("user_sandboxes", quotas.user_sandboxes, same_workspace & (Sandbox.user_id == who.user_id)),
         ]
-        if who.run_id:
-            limits.append(("run_sandboxes", quotas.run_sandboxes, same_workspace & (Sandbox.run_id == who.run_id)))
-        return running_limits(Sandbox, limits, "sandboxes")
+        within = running_limits(Sandbox, limits, "sandboxes")
+        within_runs = tree_limit(Sandbox, "run_sandboxes", quotas.run_sandboxes, who, "sandboxes")
+
+        def check(session: Session) -> None:
+            within(session)
+            within_runs(session)
+
+        return check
 
     async def owner_of_runtime(self, runtime_id: str) -> Identity | None:
         """What a bridge in this runtime acts as: the token of the live sandbox on it, if any."""

@@ -156,17 +156,31 @@ class QuotaSettings(BaseModel):
     """Limits on what callers hold at once; 0 means no limit. A refusal names the quota.
 
     The tenant is this dockyard instance (every workspace it serves); pools have their own
-    `max` per template. Computers and dispatches are counted once those exist.
+    `max` per template, of which one workspace holds at most `workspace_pool_share`. A run's
+    limits count its whole tree: the dispatches and members it started, at any depth.
     """
 
     tenant_sandboxes: int = Field(0, ge=0)
     workspace_sandboxes: int = Field(64, ge=0)
     user_sandboxes: int = Field(32, ge=0)
-    run_sandboxes: int = Field(16, ge=0, description="Child runtimes one run may hold at once.")
+    run_sandboxes: int = Field(
+        16, ge=0, description="Sandboxes one run's tree may hold at once: its own and those of every run it started."
+    )
     tenant_computers: int = Field(0, ge=0)
     workspace_computers: int = Field(16, ge=0)
     user_computers: int = Field(8, ge=0)
-    dispatches_per_minute: int = Field(120, ge=0)
+    run_computers: int = Field(
+        4, ge=0, description="Computers one run's tree may hold at once: its own and those of every run it started."
+    )
+    workspace_pool_share: float = Field(
+        0.75, gt=0, le=1,
+        description="The part of each pool's max one workspace may hold (rounded down, at least one runtime).",
+    )
+    dispatches_per_minute: int = Field(120, ge=0, description="Dispatches one workspace may start in any 60 s.")
+
+    def pool_share(self, maximum: int) -> int:
+        """The most runtimes of a pool with this `max` that one workspace may hold."""
+        return max(1, int(self.workspace_pool_share * maximum + 1e-9))
 
 
 class PoolSettings(BaseModel):

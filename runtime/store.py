@@ -79,6 +79,7 @@ class Runtime(SQLModel, table=True):
     cpus: float
     memory_mb: int
     sandbox_id: str | None = None
+    workspace_id: str | None = None  # who holds it while it is claimed (its pool share)
     claims: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     state_at: datetime = Field(default_factory=utcnow)
@@ -202,6 +203,16 @@ class Dispatch(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class RunLink(SQLModel, table=True):
+    """A run and one run above it (the run that started it, that run's starter, and so on):
+    a closure table, so a run's limits count its whole tree in one query."""
+
+    __tablename__ = "run_links"
+
+    run_id: str = Field(primary_key=True)
+    ancestor_id: str = Field(primary_key=True, index=True)
 
 
 class DispatchDecision(SQLModel, table=True):
@@ -372,7 +383,7 @@ _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted
                   ("sandbox", "token_id", "VARCHAR"), ("computer", "token_id", "VARCHAR"),
                   ("dispatch", "token_id", "VARCHAR"), ("dispatch", "run_token_id", "VARCHAR"),
                   ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR"),
-                  ("member", "unix_user", "VARCHAR")]
+                  ("member", "unix_user", "VARCHAR"), ("runtime", "workspace_id", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

@@ -52,6 +52,7 @@ from dockyard.runtime.models import (
     TeamView,
 )
 from dockyard.runtime.provision import MEMBER_USERS
+from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Member, MemberStatus, Message, Sandbox, SandboxStatus, Store, Team, TeamTask, Token, utcnow
@@ -180,7 +181,12 @@ class TeamService:
         team = Team(id=f"team_{secrets.token_hex(6)}", name=name, workspace_id=who.workspace_id, project_id=who.project_id,
                     user_id=who.user_id, lead_token_id=who.token_id)
         async with self._audit.record(who, "team.create", team.id, name=name, token_id=who.token_id):
-            await self._store.add(team)
+
+            def insert(session: Session) -> None:
+                session.add(team)
+                link_run(session, team.id, who.run_id)  # its shared sandbox counts in the lead's run
+
+            await self._store.run(insert)
         return _team_info(team)
 
     async def spawn(
@@ -219,6 +225,7 @@ class TeamService:
                 if len(others) >= self._limits.max_members:
                     return f"the team is at its limit of {self._limits.max_members} members"
                 session.add(member)
+                link_run(session, member.id, who.run_id)  # a child of the lead's run: counted in its tree
                 return None
 
             if (refusal := await self._store.run(insert)) is not None:

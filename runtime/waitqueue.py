@@ -1,9 +1,11 @@
-"""The queue of claims waiting on a full pool: first come, first served within a workspace,
-and workspaces served in turn, so one busy workspace cannot starve the others."""
+"""The queue of claims waiting on a pool: first come, first served within a workspace, and
+workspaces served in turn, so one busy workspace cannot starve the others. A workspace that
+holds its share of the pool is passed over until it gives one back."""
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -38,20 +40,21 @@ class FairQueue(Generic[G]):
         self._lanes.setdefault(workspace_id, deque()).append(waiter)
         return waiter
 
-    def peek(self) -> Waiter[G] | None:
-        """The waiter `pop` would return, left in place."""
-        return next(iter(self._lanes.values()))[0] if self._lanes else None
+    def peek(self, eligible: Callable[[str], bool] = lambda _: True) -> Waiter[G] | None:
+        """The next waiter to serve, left in place: the head of the first workspace in turn
+        order that is `eligible` (one at its share of the pool is not)."""
+        for workspace_id, lane in self._lanes.items():
+            if eligible(workspace_id):
+                return lane[0]
+        return None
 
-    def pop(self) -> Waiter[G] | None:
-        """The next waiter: the head of the workspace whose turn it is (that lane moves last)."""
-        if not self._lanes:
-            return None
-        workspace_id, lane = next(iter(self._lanes.items()))
-        waiter = lane.popleft()
-        del self._lanes[workspace_id]
+    def take(self, waiter: Waiter[G]) -> None:
+        """Serve the head of a lane (as `peek` found it): that workspace's lane moves last."""
+        lane = self._lanes.pop(waiter.workspace_id)
+        assert lane[0] is waiter, "only the head of a lane is served"
+        lane.popleft()
         if lane:
-            self._lanes[workspace_id] = lane
-        return waiter
+            self._lanes[waiter.workspace_id] = lane
 
     def remove(self, waiter: Waiter[G]) -> bool:
         """Take a waiter out (it gave up); False if it was no longer queued."""

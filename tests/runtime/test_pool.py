@@ -12,7 +12,7 @@ import pytest
 from sqlmodel import col, select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import PoolExhaustedError
+from dockyard.runtime.errors import PoolExhaustedError, QuotaExceededError
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
 from tests.conftest import make_settings, remove_instance
@@ -213,7 +213,8 @@ async def test_autoscaler_grows_on_misses_and_shrinks_only_after_the_idle_hyster
 
 
 async def test_many_concurrent_creates_never_share_a_runtime(pool_settings) -> None:
-    settings = pool_settings(default_pool={"min": 2, "max": 6})
+    """One workspace may fill this pool (workspace_pool_share 1): the claims race for all of it."""
+    settings = pool_settings(default_pool={"min": 2, "max": 6}, quotas={"workspace_pool_share": 1.0})
     async with Engine.open(settings) as engine:
         await wait_for_pool(engine, warm=2)
         made: list[str] = []
@@ -229,3 +230,17 @@ async def test_many_concurrent_creates_never_share_a_runtime(pool_settings) -> N
         )
         assert len({r.runtime_id for r in rows}) == 6 and len({r.container_id for r in rows}) == 6
         assert sum(r.served_warm for r in rows) == 2
+
+
+async def test_a_workspace_at_its_share_stays_there_across_a_restart_while_another_is_served(pool_settings) -> None:
+    """Max 2, share 1: the holder of a claimed runtime is on its row, so a restart does not
+    forget it and hand workspace a the pool's last place."""
+    settings = pool_settings(default_pool={"min": 0, "max": 2}, pool={"claim_timeout_s": 1.0})
+    async with Engine.open(settings) as engine:
+        await engine.sandboxes.create(who("a"))
+    async with Engine.open(settings) as engine:
+        with pytest.raises(QuotaExceededError, match="quota workspace_pool_share reached: workspace 'a' holds 1 of pool 'default'"):
+            await engine.sandboxes.create(who("a"))
+        theirs = await engine.sandboxes.create(who("b"))
+        assert (await engine.sandboxes.exec(who("b"), theirs.sandbox_id, "echo b")).stdout == "b\n"
+        assert (await pool_info(engine)).claimed == 2

@@ -56,7 +56,9 @@ def running_sandboxes(settings: Settings) -> list[Sandbox]:
 
 
 async def test_twenty_creates_on_a_pool_of_max_four_are_all_served_once_and_in_order(serve) -> None:
-    async with serve(default_pool={"min": 2, "max": 4}, pool={"claim_timeout_s": 120}) as (client, settings):
+    """One workspace may fill this pool (workspace_pool_share 1): the queue alone decides the order."""
+    quotas = {"workspace_pool_share": 1.0}
+    async with serve(default_pool={"min": 2, "max": 4}, pool={"claim_timeout_s": 120}, quotas=quotas) as (client, settings):
         await until(client, lambda p: p["warm"] == 2 and p["provisioning"] == 0)
         served: list[tuple[int, str]] = []
 
