@@ -16,7 +16,7 @@ from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import AuditWriteError, InvalidRequestError, ScopeError
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import AuditEvent, Store
-from dockyard.runtime.tokens import TokenService
+from dockyard.runtime.tokens import ADMIN, TokenService
 
 pytestmark = pytest.mark.anyio
 
@@ -118,10 +118,11 @@ async def test_query_filters_newest_first(audit: AuditLog) -> None:
 
 async def test_denied_calls_are_rows_with_their_token(audit: AuditLog, store: Store) -> None:
     tokens = TokenService(store, audit, None)
+    alice = (await tokens.mint(ADMIN, scopes=["sandbox:exec"], workspace_id="local", user_id="alice")).identity
     with pytest.raises(ScopeError):
-        await tokens.require(ALICE, "audit:read", "audit.query")
+        await tokens.require(alice, "audit:read", "audit.query")
     [row] = await audit.query(kind="audit.query")
-    assert (row.outcome, row.user_id, row.token_id) == ("denied", "alice", "tok_alice")
+    assert (row.outcome, row.user_id, row.token_id) == ("denied", "alice", alice.token_id)
     assert (await audit.verify()).intact
 
 

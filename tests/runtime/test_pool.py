@@ -3,6 +3,8 @@ timeout, recycling that carries nothing over, health eviction and the autoscaler
 
 from __future__ import annotations
 
+import io
+import tarfile
 import time
 from pathlib import Path
 
@@ -175,7 +177,9 @@ async def test_health_loop_evicts_a_warm_runtime_that_fails_its_probe(
     async with Engine.open(settings) as engine:
         await wait_for_pool(engine, warm=1)
         (tampered,) = [r for r in await live_runtimes(engine) if r.state == RuntimeState.WARM]
-        docker_client.containers.get(tampered.container_id).exec_run(["touch", "/workspace/planted"], user="agent")
+        # Planted without a process in the container (an exec's own process could be what the
+        # probe notices first).
+        docker_client.containers.get(tampered.container_id).put_archive("/workspace", _tar("planted", b"x"))
         with anyio.fail_after(30):
             while (await engine.store.get(Runtime, tampered.id)).state != RuntimeState.DESTROYED:
                 await anyio.sleep(0.1)
@@ -244,3 +248,13 @@ async def test_a_workspace_at_its_share_stays_there_across_a_restart_while_anoth
         theirs = await engine.sandboxes.create(who("b"))
         assert (await engine.sandboxes.exec(who("b"), theirs.sandbox_id, "echo b")).stdout == "b\n"
         assert (await pool_info(engine)).claimed == 2
+
+
+def _tar(name: str, data: bytes) -> bytes:
+    """A tar archive holding one file."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
