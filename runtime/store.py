@@ -326,7 +326,8 @@ class TeamTask(SQLModel, table=True):
 class AuditEvent(SQLModel, table=True):
     """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
 
-    Rows are append-only and chained: `hash` covers the row and `prev_hash`, its predecessor's.
+    Rows are append-only and chained: `hash` covers the row and `prev_hash`, its predecessor's;
+    `mac` binds `id` and `hash` under the audit key outside the store (None on rows from before it).
     """
 
     id: int | None = Field(default=None, primary_key=True)
@@ -343,6 +344,7 @@ class AuditEvent(SQLModel, table=True):
     duration_ms: float = 0.0
     prev_hash: str
     hash: str
+    mac: str | None = None
 
 
 @event.listens_for(SqlEngine, "connect")
@@ -361,7 +363,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
 _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
-                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON")]
+                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
+                  ("auditevent", "mac", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:
