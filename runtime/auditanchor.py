@@ -90,9 +90,10 @@ class AuditAnchor:
 
     # -- the key --------------------------------------------------------------------------
 
-    def key(self) -> bytes | None:
-        """The key, or None if there is none yet."""
-        if self._key is None:
+    def key(self, fresh: bool = False) -> bytes | None:
+        """The key, or None if there is none; `fresh` reads the file again (verify does)."""
+        if self._key is None or fresh:
+            self._key = None
             try:
                 self._key = bytes.fromhex(self.key_path.read_text().strip())
             except FileNotFoundError:

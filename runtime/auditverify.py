@@ -75,7 +75,7 @@ class _Walk:
 
 async def verify_chain(store: Store, anchor: AuditAnchor, batch: int, against: Export | None) -> AuditVerification:
     """Walk every row in id order and compare the result with the head and `against`."""
-    key = anchor.key()
+    key = anchor.key(fresh=True)
     head: Head | None = None
     walk = _Walk()
     if key is not None:
