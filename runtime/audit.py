@@ -55,7 +55,6 @@ class AuditRecord:
     kind: str
     target: str | None
     detail: dict[str, Any] = field(default_factory=dict)
-    outcome: str | None = None  # set to say how it ended when that is not `ok` yet no error was raised
 
 
 class AuditLog:
@@ -82,6 +81,8 @@ class AuditLog:
     ) -> AuditEvent:
         """Write one row, chained to the last one and keyed; attributed to `who` and the token it
         presented. The head is moved on to it once it is committed."""
+        # Filled in the store's thread: the lock must be released even if the commit fails after
+        # `append` returned, and the head is written only once the commit succeeded.
         locked: list[int] = []
         advance: list[tuple[bytes, Head]] = []
 
@@ -195,7 +196,7 @@ class AuditLog:
             outcome = "cancelled" if _is_cancel(exc) else "error"
             await self._write(who, rec, outcome, began, failure=exc)
             raise
-        await self._write(who, rec, rec.outcome or "ok", began)
+        await self._write(who, rec, "ok", began)
 
     async def recover(self) -> int:
         """Append an `interrupted` row for every `started` row that never ended (the server

@@ -170,3 +170,29 @@ async def test_a_server_killed_mid_dispatch_leaves_the_run_and_its_command_start
         assert (await cli_verify(again))[0] == 0
 
     await after_restart(served, docker_client, check)
+
+
+async def test_a_server_killed_mid_team_turn_leaves_the_turn_started_then_interrupted(
+    serve_http: Any, docker_client: docker.DockerClient
+) -> None:
+    served = serve_http()
+    lead = await mint(served, scopes=[*TENANT_SCOPES, "team:lead"], workspace_id="acme", user_id="alice")
+    async with connect(served, lead["token"]) as client:
+        team = (await call(client, "team_create", name="night shift"))["team_id"]
+        await call(client, "team_spawn", team_id=team, role="worker", prompt="echo ran > /workspace/proof; sleep 120")
+
+    async def nothing(client: Any) -> None:
+        await anyio.sleep_forever()
+
+    await kill_during(served, lead["token"], nothing, lambda: bool(started_rows(served, "sandbox.exec")))
+
+    async def check(again: Served) -> None:
+        async with connect(again, lead["token"]) as client:
+            rows = (await call(client, "audit_query"))["rows"]
+            started, ended = pair(rows, "team.turn", team)
+            assert started["detail"] == {"member": "worker", "turn": 1}
+            assert ended["outcome"] == "interrupted"
+            assert (await call(client, "audit_verify"))["intact"] is True
+        assert (await cli_verify(again))[0] == 0
+
+    await after_restart(served, docker_client, check)
