@@ -196,3 +196,28 @@ async def test_a_server_killed_mid_team_turn_leaves_the_turn_started_then_interr
         assert (await cli_verify(again))[0] == 0
 
     await after_restart(served, docker_client, check)
+
+
+async def test_rows_cut_from_a_running_servers_database_stay_reported_over_http_while_the_server_works_on(
+    serve_http: Any,
+) -> None:
+    """An attacker with the database file deletes a tenant's newest rows under a running server;
+    the operator's audit_verify over HTTP names the cut, and it still does after more work,
+    because the server never signs a head over a table that no longer extends it."""
+    served = serve_http()
+    tenant = await mint(served, scopes=TENANT_SCOPES, workspace_id="acme", user_id="alice")
+    async with connect(served, tenant["token"]) as client:
+        box = (await call(client, "sandbox_create"))["sandbox_id"]
+        await call(client, "sandbox_exec", sandbox_id=box, command="curl -s http://exfil.example || true")
+        with closing(sqlite3.connect(served.data_dir / "dockyard.db")) as db:
+            [(last,)] = db.execute("SELECT max(id) FROM auditevent").fetchall()
+            db.execute("DELETE FROM auditevent WHERE id > ?", (last - 2,))  # the command's two rows
+            db.commit()
+        async with connect(served, served.admin_key) as admin:
+            verdict = await call(admin, "audit_verify")
+            assert (verdict["intact"], [f["kind"] for f in verdict["findings"]]) == (False, ["truncated"])
+            assert f"rows {last - 1}..{last} were cut from the tail" in verdict["reason"]
+            await call(client, "sandbox_exec", sandbox_id=box, command="true")  # the server goes on working
+            verdict = await call(admin, "audit_verify")
+            assert (verdict["intact"], [f["kind"] for f in verdict["findings"]]) == (False, ["truncated"])
+            assert f"row {last} is not the row the signed head names" in verdict["reason"]
