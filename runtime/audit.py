@@ -266,6 +266,39 @@ class AuditLog:
         head (and an earlier export, if given) and report everything that does not hold."""
         return await verify_chain(self._store, self.anchor, batch, against)
 
+    async def reanchor(self, who: Identity) -> AuditVerification:
+        """After an operator has looked into a broken log: put what verify finds on the record
+        (an `audit.reanchor` row, with the head file as it was) and sign a new head over the
+        table as it is, so rows from now on are anchored again. Damage in the chain itself
+        (edited, deleted, recomputed rows) stays visible; only the head is renewed."""
+        found = await self.verify()
+        try:
+            old = self.anchor.head_path.read_text()
+        except FileNotFoundError:
+            old = None
+        await self.append(who, "audit.reanchor", target=None, outcome="ok",
+                          detail={"findings": [f.model_dump() for f in found.findings], "old_head": old})
+
+        def sign(session: Session) -> None:
+            fd = self.anchor.lock()
+            try:
+                key = self.anchor.key()
+                assert key is not None  # the append above made it if it was missing
+                previous = self.anchor.read_head(key)
+                last = session.exec(select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)).one()
+                count = session.exec(select(func.count()).select_from(AuditEvent)).one()
+                keyed = session.exec(select(func.min(AuditEvent.id)).where(col(AuditEvent.mac).is_not(None))).one()
+                first = previous.keyed_from if isinstance(previous, Head) else keyed
+                self.anchor.write_head(key, Head(count, last[0], last[1], first, utcnow().isoformat()))
+            finally:
+                self.anchor.unlock(fd)
+
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                await self._store.run(sign)
+        self._warned = False
+        return found
+
     async def export(self) -> tuple[list[dict[str, Any]], dict[str, object] | None]:
         """Every row (all columns, in id order) and the signed head as the file holds it."""
         key = self.anchor.key()

@@ -23,7 +23,7 @@ from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
 
-__all__ = ["build_images", "doctor", "export_audit", "show_images", "show_pools", "verify_audit"]
+__all__ = ["build_images", "doctor", "export_audit", "reanchor_audit", "show_images", "show_pools", "verify_audit"]
 
 console = Console(stderr=True)
 
@@ -115,6 +115,19 @@ async def verify_audit(settings: Settings, as_json: bool, against: Path | None =
             where = f" at row {finding.row_id}" if finding.row_id is not None else ""
             print(f"audit log broken{where} ({finding.kind}): {finding.reason}")
     return result.intact
+
+
+async def reanchor_audit(settings: Settings) -> None:
+    """Record what verify finds in an audit.reanchor row and sign a new head over the table."""
+    store = Store(settings.store_path)
+    await store.open()
+    try:
+        found = await AuditLog(store, settings.data_dir).reanchor(settings.operator)
+    finally:
+        await store.close()
+    for finding in found.findings:
+        print(f"recorded ({finding.kind}): {finding.reason}")
+    print("signed a new audit head over the table as it is; damage in the chain itself stays visible")
 
 
 async def export_audit(settings: Settings, out: TextIO) -> int:

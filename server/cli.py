@@ -152,6 +152,16 @@ def audit_export(
     err.print(f"exported {count} audit rows and the signed head")
 
 
+@audit_app.command("reanchor")
+def audit_reanchor(config: ConfigOption = None) -> None:
+    """After looking into a broken log (export it first): record what verify finds in an
+    audit.reanchor row and sign a new head over the table as it is, so new rows are anchored
+    again. Rows edited, deleted or recomputed stay reported; only the head is renewed."""
+    settings = _settings(config)
+    _logging("WARNING")
+    anyio.run(checks.reanchor_audit, settings)
+
+
 @app.command()
 def doctor(config: ConfigOption = None) -> None:
     """Check the Docker daemon, images, store and config, and say what to fix."""

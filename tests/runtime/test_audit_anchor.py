@@ -521,3 +521,34 @@ async def test_an_attacker_who_deletes_the_key_gets_no_clean_verdict_even_after_
     await fill(fresh, 1)
     result = await fresh.verify()
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, 1, ["recomputed"])
+
+
+# -- after an investigation --------------------------------------------------------------------
+
+
+async def test_the_operator_reanchors_after_a_cut_and_the_record_keeps_what_was_found(audit: AuditLog, data_dir: Path) -> None:
+    await fill(audit, 6)
+    db = data_dir / "dockyard.db"
+    sql(db, "DELETE FROM auditevent WHERE id > 4")
+    await fill(audit, 1)  # unanchored while the cut stands
+    assert kinds(await verdict(audit)) == ["truncated"]
+
+    code, out = await cli(data_dir, "reanchor")
+    assert code == 0 and out.startswith("recorded (truncated): the table ends at row 5, but the signed head says 6 rows")
+    result = await verdict(audit)
+    assert (result.intact, result.rows_checked, result.head_rows) == (True, 6, 6)
+    [row] = [r for r in table(db) if r["kind"] == "audit.reanchor"]
+    detail = json.loads(row["detail"])
+    assert [f["kind"] for f in detail["findings"]] == ["truncated"] and json.loads(detail["old_head"])["rows"] == 6
+
+    await fill(audit, 2)  # anchored again: a new cut shows
+    sql(db, "DELETE FROM auditevent WHERE id = 8")
+    assert kinds(await verdict(audit)) == ["truncated"]
+
+
+async def test_reanchoring_does_not_clear_an_edited_row(audit: AuditLog, data_dir: Path) -> None:
+    await fill(audit, 4)
+    sql(data_dir / "dockyard.db", "UPDATE auditevent SET outcome = 'denied' WHERE id = 2")
+    await audit.reanchor(Identity())
+    result = await verdict(audit)
+    assert (result.intact, result.first_broken_id, kinds(result)) == (False, 2, ["edited"])
