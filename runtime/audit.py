@@ -200,7 +200,8 @@ class AuditLog:
 
     async def recover(self) -> int:
         """Append an `interrupted` row for every `started` row that never ended (the server
-        stopped while it ran); call at start, before any action. Returns how many."""
+        stopped while it ran); call at start, before any action, with no other server on the
+        data dir (its running actions would be marked too). Returns how many."""
 
         def dangling(session: Session) -> list[AuditEvent]:
             started_id = func.json_extract(AuditEvent.detail, "$.started_id")
