@@ -294,8 +294,12 @@ class DispatchService:
         owner = _runner_identity(row)
         status, result, error = DispatchStatus.FAILED, None, None
         made: str | None = None
+        begun: int | None = None
         with running.scope:
             try:
+                # On the record before it runs: if dockyard dies mid-run, the next start marks it interrupted.
+                begun = (await self._audit.append(owner, "dispatch.run", target=row.id, outcome="started",
+                                                  detail={"mode": row.mode, "runner": row.runner})).id
                 if row.mode == "user_pc":
                     status, result, error = await self._on_host(row, owner)
                     raise _Done
@@ -366,7 +370,7 @@ class DispatchService:
                 await self._give_back(owner, row.id, made)
             await self._set(row.id, status=status, finished_at=utcnow())
             await self._audit.append(owner, "dispatch.finish", target=row.id, outcome="ok" if status == DispatchStatus.COMPLETED else "error",
-                                     detail={"status": status, "error": error})
+                                     detail={"status": status, "error": error, "started_id": begun})
             running.changed.set()
             self._running.pop(row.id, None)
 

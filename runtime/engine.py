@@ -79,7 +79,8 @@ class Engine:
         await store.open()
         docker = DockerBackend(settings.docker_host, settings.docker_timeout_s)
         images = ImageService(settings.images, docker, settings.data_dir / "build")
-        audit = AuditLog(store)
+        audit = AuditLog(store, settings.data_dir)
+        await audit.recover()  # what a crash cut short is marked interrupted before anything runs
         tokens = TokenService(store, audit, settings.admin_key.get_secret_value() if settings.admin_key else None)
         supervisors = Supervisors(settings.data_dir / "control", docker)
         provisioner = Provisioner(settings, instance, docker, images, supervisors)

@@ -149,8 +149,10 @@ class DockerUnavailableError(BackendError):
 class AuditWriteError(BackendError):
     """Raised when an action's audit row cannot be written: no unrecorded action is reported as done."""
 
-    def __init__(self, action: str, reason: str, error: str | None = None) -> None:
-        if error is None:
+    def __init__(self, action: str, reason: str, error: str | None = None, *, started: bool = True) -> None:
+        if not started:
+            super().__init__(f"the audit row that opens this {action} could not be written ({reason}), so it was not started")
+        elif error is None:
             super().__init__(
                 f"the audit row for this {action} could not be written ({reason}), so the call is reported as "
                 "failed; the action itself may have taken effect, so check before retrying"

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 __all__ = [
     "AuditEntry",
+    "AuditFinding",
     "AuditVerification",
     "ExecResult",
     "FileContent",
@@ -129,7 +130,7 @@ class AuditEntry(BaseModel):
     """One row of the audit log: who did what, on what, when, and how it ended."""
 
     id: int = Field(description="The row's place in the chain; ids only grow.")
-    ts: datetime = Field(description="When the action ended (UTC).")
+    ts: datetime = Field(description="When the action ended, or for a `started` row when it began (UTC).")
     workspace_id: str
     project_id: str
     user_id: str
@@ -137,18 +138,33 @@ class AuditEntry(BaseModel):
     token_id: str | None = Field(description="The token the actor presented; null for the local operator.")
     kind: str = Field(description="The action, such as sandbox.exec or token.mint.")
     target: str | None = Field(description="What it acted on, such as a sandbox id.")
-    outcome: str = Field(description="ok, error, denied or cancelled.")
+    outcome: str = Field(description="ok, error, denied, cancelled; started (a row written before the action ran, "
+                         "followed by its ending row, whose detail names it in started_id) or interrupted (the "
+                         "server stopped before the started action ended).")
     detail: dict[str, Any]
     duration_ms: float
 
 
+class AuditFinding(BaseModel):
+    """One thing wrong with the audit log."""
+
+    kind: str = Field(description="edited, deleted, reordered, recomputed (without the key), truncated (rows cut from the "
+                      "tail), emptied, head_missing, head_forged, key_missing or export_mismatch.")
+    row_id: int | None = Field(None, description="The row it concerns, when it concerns one.")
+    reason: str
+
+
 class AuditVerification(BaseModel):
-    """The result of walking the audit log's hash chain from its first row."""
+    """The result of walking the audit log's hash chain from its first row and checking its anchors."""
 
     rows_checked: int = Field(description="Rows examined, up to and including the first broken one.")
     intact: bool
-    first_broken_id: int | None = Field(None, description="The first row whose hash or link to its predecessor is wrong.")
-    reason: str | None = Field(None, description="What is wrong with that row.")
+    first_broken_id: int | None = Field(None, description="The first row whose hash, link or MAC is wrong.")
+    reason: str | None = Field(None, description="What is wrong, in a sentence (the first finding's).")
+    findings: list[AuditFinding] = Field(default_factory=list, description="Everything found wrong; empty when intact.")
+    head_rows: int | None = Field(None, description="Rows the signed head vouches for; null without a valid head.")
+    unanchored_rows: int | None = Field(None, description="Rows after the head's last row (a crash mid-append leaves one).")
+    legacy_rows: int = Field(0, description="Rows written before the audit key existed: checked by their chain only.")
 
 
 class DispatchInfo(BaseModel):

@@ -256,7 +256,7 @@ class SandboxService:
         argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
         shown = command[:1000] if isinstance(command, str) else [arg[:1000] for arg in command[:50]]
         as_member = {"user": user} if user != USER else {}
-        async with self._audit.record(who, "sandbox.exec", sandbox_id, command=shown, cwd=workdir, **as_member) as rec:
+        async with self._audit.record(who, "sandbox.exec", sandbox_id, started=True, command=shown, cwd=workdir, **as_member) as rec:
             result = await run_command(
                 await self._supervisors.link(row.container_id),
                 argv,
@@ -313,7 +313,7 @@ class SandboxService:
         row = await self._owned(who, sandbox_id, "sandbox.snapshot")
         snapshot_id = f"snp_{secrets.token_hex(8)}"
         folder = self._settings.snapshots_dir / snapshot_id
-        async with self._audit.record(who, "sandbox.snapshot", sandbox_id, snapshot_id=snapshot_id, label=label) as rec:
+        async with self._audit.record(who, "sandbox.snapshot", sandbox_id, started=True, snapshot_id=snapshot_id, label=label) as rec:
             try:
                 size = await self._archive(row.container_id, folder)
                 snap = await self._store.add(

@@ -344,7 +344,8 @@ class TeamTask(SQLModel, table=True):
 class AuditEvent(SQLModel, table=True):
     """One action, allowed or not: who, what, on what, when, how it ended, how long it took.
 
-    Rows are append-only and chained: `hash` covers the row and `prev_hash`, its predecessor's.
+    Rows are append-only and chained: `hash` covers the row and `prev_hash`, its predecessor's;
+    `mac` binds `id` and `hash` under the audit key outside the store (None on rows from before it).
     """
 
     id: int | None = Field(default=None, primary_key=True)
@@ -361,6 +362,7 @@ class AuditEvent(SQLModel, table=True):
     duration_ms: float = 0.0
     prev_hash: str
     hash: str
+    mac: str | None = None
 
 
 @event.listens_for(SqlEngine, "connect")
@@ -383,7 +385,7 @@ _ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted
                   ("sandbox", "token_id", "VARCHAR"), ("computer", "token_id", "VARCHAR"),
                   ("dispatch", "token_id", "VARCHAR"), ("dispatch", "run_token_id", "VARCHAR"),
                   ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR"),
-                  ("member", "unix_user", "VARCHAR"), ("runtime", "workspace_id", "VARCHAR")]
+                  ("member", "unix_user", "VARCHAR"), ("runtime", "workspace_id", "VARCHAR"), ("auditevent", "mac", "VARCHAR")]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

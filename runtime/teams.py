@@ -601,6 +601,9 @@ class TeamService:
         owner = _acting(member, team, live)
         env = _member_env(member, team, live, turn)
         output, error = None, None
+        # On the record before it runs: if dockyard dies mid-turn, the next start marks it interrupted.
+        begun = await self._audit.append(owner, "team.turn", target=member.team_id, outcome="started",
+                                         detail={"member": member.role, "turn": turn})
         try:
             with anyio.fail_after(profile.timeout_s):
                 if profile.kind == "llm":
@@ -617,6 +620,11 @@ class TeamService:
             error = f"turn {turn} did not finish within {profile.timeout_s} s"
         except DockyardError as exc:
             error = f"turn {turn} failed: {exc}"
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._audit.append(owner, "team.turn", target=member.team_id, outcome="cancelled",
+                                         detail={"member": member.role, "turn": turn, "started_id": begun.id})
+            raise
         with anyio.CancelScope(shield=True):
             def deliver(session: Session) -> None:
                 now = utcnow()
@@ -631,6 +639,8 @@ class TeamService:
                     session.add(row)
 
             await self._store.run(deliver)
+            await self._audit.append(owner, "team.turn", target=member.team_id, outcome="error" if error else "ok",
+                                     detail={"member": member.role, "turn": turn, "error": error, "started_id": begun.id})
 
     async def _llm_turn(self, member: Member, owner: Identity, env: dict[str, str], text: str) -> str:
         """Go on with the member's conversation: `text` is a new user turn."""

@@ -35,6 +35,6 @@ async def mint_as_admin(settings: Settings, **request: object) -> Minted:
     store = Store(settings.store_path)
     await store.open()
     try:
-        return await TokenService(store, AuditLog(store), None).mint(ADMIN, **request)  # type: ignore[arg-type]
+        return await TokenService(store, AuditLog(store, settings.data_dir), None).mint(ADMIN, **request)  # type: ignore[arg-type]
     finally:
         await store.close()

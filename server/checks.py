@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
+from typing import TextIO
 
 import anyio
 from rich.console import Console
@@ -12,6 +14,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.auditverify import load_export
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
 from dockyard.runtime.errors import DockyardError
@@ -20,7 +23,7 @@ from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
 
-__all__ = ["build_images", "doctor", "show_images", "show_pools", "verify_audit"]
+__all__ = ["build_images", "doctor", "export_audit", "reanchor_audit", "show_images", "show_pools", "verify_audit"]
 
 console = Console(stderr=True)
 
@@ -90,21 +93,56 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
     Console().print(table)
 
 
-async def verify_audit(settings: Settings, as_json: bool) -> bool:
-    """Walk the audit log's hash chain in the store and print the verdict; True when intact."""
+async def verify_audit(settings: Settings, as_json: bool, against: Path | None = None) -> bool:
+    """Walk the audit log's chain, check its key and signed head (and an earlier export, if
+    given), and print the verdict; True when intact."""
+    export = load_export(against.read_text()) if against is not None else None
     store = Store(settings.store_path)
     await store.open()
     try:
-        result = await AuditLog(store).verify()
+        result = await AuditLog(store, settings.data_dir).verify(against=export)
     finally:
         await store.close()
     if as_json:
         print(result.model_dump_json(indent=2))
     elif result.intact:
-        print(f"audit log intact: {result.rows_checked} rows")
+        anchored = f", signed head at {result.head_rows} rows" if result.head_rows is not None else ", no signed head yet"
+        lag = f" (+{result.unanchored_rows} after it)" if result.unanchored_rows else ""
+        legacy = f"; {result.legacy_rows} rows from before the audit key" if result.legacy_rows else ""
+        print(f"audit log intact: {result.rows_checked} rows{anchored}{lag}{legacy}")
     else:
-        print(f"audit log broken at row {result.first_broken_id}: {result.reason}")
+        for finding in result.findings:
+            where = f" at row {finding.row_id}" if finding.row_id is not None else ""
+            print(f"audit log broken{where} ({finding.kind}): {finding.reason}")
     return result.intact
+
+
+async def reanchor_audit(settings: Settings) -> None:
+    """Record what verify finds in an audit.reanchor row and sign a new head over the table."""
+    store = Store(settings.store_path)
+    await store.open()
+    try:
+        found = await AuditLog(store, settings.data_dir).reanchor(settings.operator)
+    finally:
+        await store.close()
+    for finding in found.findings:
+        print(f"recorded ({finding.kind}): {finding.reason}")
+    print("signed a new audit head over the table as it is; damage in the chain itself stays visible")
+
+
+async def export_audit(settings: Settings, out: TextIO) -> int:
+    """Write every audit row as a JSON line, then the signed head; returns the row count."""
+    store = Store(settings.store_path)
+    await store.open()
+    try:
+        rows, head = await AuditLog(store, settings.data_dir).export()
+    finally:
+        await store.close()
+    for row in rows:
+        out.write(json.dumps(row, sort_keys=True) + "\n")
+    out.write(json.dumps({"head": head}, sort_keys=True) + "\n")
+    out.flush()
+    return len(rows)
 
 
 async def doctor(settings: Settings) -> bool:

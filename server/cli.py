@@ -1,4 +1,4 @@
-"""The `dockyard` command line: serve, images, pool status, audit verify, doctor, version."""
+"""The `dockyard` command line: serve, images, pool status, audit verify and export, doctor, version."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ images_app = typer.Typer(help="Build and inspect runtime images.", no_args_is_he
 app.add_typer(images_app, name="images")
 pool_app = typer.Typer(help="Inspect the warm pools.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
-audit_app = typer.Typer(help="Check the audit log.", no_args_is_help=True)
+audit_app = typer.Typer(help="Check and export the audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 token_app = typer.Typer(help="Mint tokens for HTTP clients, with the admin's authority.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -113,12 +113,53 @@ def pool_status(
 @audit_app.command("verify")
 def audit_verify(
     config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a sentence.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of sentences.")] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="An earlier `dockyard audit export`: its rows must still be in the log, unchanged."),
+    ] = None,
 ) -> None:
-    """Walk the audit log's hash chain; exit 1 and name the first broken row if it was tampered with."""
+    """Walk the audit log's hash chain and check its key and signed head; exit 1 and say what
+    was done (rows edited, deleted, cut from the tail, the table emptied, the chain recomputed
+    without the key, the head removed or forged) if it was tampered with."""
     settings = _settings(config)
     _logging("WARNING")
-    raise typer.Exit(0 if anyio.run(checks.verify_audit, settings, as_json) else 1)
+    if against is not None and not against.is_file():
+        err.print(f"[red]no export at {against}")
+        raise typer.Exit(2)
+    try:
+        intact = anyio.run(checks.verify_audit, settings, as_json, against)
+    except ValueError as exc:
+        err.print(f"[red]{against} is not an audit export:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    raise typer.Exit(0 if intact else 1)
+
+
+@audit_app.command("export")
+def audit_export(
+    config: ConfigOption = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of to stdout.")] = None,
+) -> None:
+    """Write every audit row as JSON lines, then the signed head, to keep a copy elsewhere;
+    `dockyard audit verify --against` checks the log against it later."""
+    settings = _settings(config)
+    _logging("WARNING")
+    if output is None:
+        count = anyio.run(checks.export_audit, settings, sys.stdout)
+    else:
+        with output.open("w") as out:
+            count = anyio.run(checks.export_audit, settings, out)
+    err.print(f"exported {count} audit rows and the signed head")
+
+
+@audit_app.command("reanchor")
+def audit_reanchor(config: ConfigOption = None) -> None:
+    """After looking into a broken log (export it first): record what verify finds in an
+    audit.reanchor row and sign a new head over the table as it is, so new rows are anchored
+    again. Rows edited, deleted or recomputed stay reported; only the head is renewed."""
+    settings = _settings(config)
+    _logging("WARNING")
+    anyio.run(checks.reanchor_audit, settings)
 
 
 @app.command()

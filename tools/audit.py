@@ -66,10 +66,13 @@ async def audit_query(
 
 @tool_errors
 async def audit_verify(ctx: EngineContext) -> AuditVerification:
-    """Check that the audit log is intact: walk its whole hash chain, where each row's hash
-    covers its content and the previous row's hash, and report the number of rows checked and,
-    if the log was tampered with, the id of the first broken row (edited, or the first one after
-    a deleted row) and what is wrong with it. Read-only; it can take a moment on a long log."""
+    """Check that the audit log is intact: walk its whole hash chain (each row's hash covers its
+    content and the previous row's hash, and each row carries a MAC under a key kept outside the
+    database) and compare it with the signed head kept outside the table. Reports the rows
+    checked and, if the log was tampered with, each finding by kind: edited (a row changed),
+    deleted (rows missing in the middle), reordered, recomputed (the chain rewritten without the
+    key), truncated (rows cut from the tail), emptied, head_missing, head_forged or key_missing,
+    with the first broken row's id. Read-only; it can take a moment on a long log."""
     await authorized(ctx, "audit:read", "audit.verify")
     return await engine(ctx).audit.verify()
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.anyio
 OPERATOR = Identity()
 ALICE = Identity(user_id="alice", scopes=["sandbox:exec"], token_id="tok_alice")
 RIVAL = Identity(workspace_id="rival", project_id="p", user_id="mallory", token_id="tok_mallory")
+VERDICT = {"rows_checked", "intact", "first_broken_id", "reason"}
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 @pytest.fixture
 def audit(store: Store) -> AuditLog:
-    return AuditLog(store)
+    return AuditLog(store, store.path.parent)
 
 
 def sql(store: Store, statement: str, *params: object) -> list[tuple]:
@@ -55,7 +56,7 @@ async def fill(audit: AuditLog, count: int) -> list[AuditEvent]:
 
 
 async def test_an_untouched_chain_verifies_across_batches(audit: AuditLog) -> None:
-    assert (await audit.verify()).model_dump() == {"rows_checked": 0, "intact": True, "first_broken_id": None, "reason": None}
+    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 0, "intact": True, "first_broken_id": None, "reason": None}
     await fill(audit, 10)
     for batch in (1, 3, 10, 1000):
         result = await audit.verify(batch=batch)
@@ -90,7 +91,8 @@ async def test_a_deleted_row_breaks_the_link_of_the_row_after_it(audit: AuditLog
     result = await audit.verify(batch=3)
     assert (result.intact, result.first_broken_id) == (False, rows[deleted + 1].id)
     assert result.rows_checked == deleted + 1
-    assert "prev_hash does not match" in (result.reason or "")
+    assert f"row {rows[deleted].id} was deleted from the" in (result.reason or "")
+    assert [f.kind for f in result.findings] == ["deleted"]
 
 
 async def test_query_filters_newest_first(audit: AuditLog) -> None:
@@ -155,7 +157,7 @@ async def test_an_action_whose_row_cannot_be_written_fails(audit: AuditLog, stor
     assert scope.cancelled_caught
 
     sql(store, "DROP TRIGGER refuse")
-    assert (await audit.verify()).model_dump() == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
+    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
     async with audit.record(OPERATOR, "sandbox.exec", "sbx_1"):
         pass
     assert [r.outcome for r in await audit.query()] == ["ok", "ok", "ok"]

@@ -64,11 +64,12 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
     rows = (await engine.audit.query())[::-1]  # the query is newest first
     assert [(r.kind, r.outcome) for r in rows] == [
         ("sandbox.create", "ok"),
+        ("sandbox.exec", "started"),  # on the record before the command runs
         ("sandbox.exec", "ok"),
         ("sandbox.exec", "denied"),  # someone else's or no sandbox: refused, and on the record
         ("sandbox.destroy", "ok"),
     ]
-    assert rows[2].target == "sbx_missing"
+    assert rows[3].target == "sbx_missing"
     previous = GENESIS
     for row in rows:
         assert row.prev_hash == previous
@@ -76,7 +77,8 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
         body["ts"] = row.ts.isoformat()
         assert row.hash == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         previous = row.hash
-    assert json.loads(rows[1].detail)["exit_code"] == 0
+    assert json.loads(rows[2].detail) == {**json.loads(rows[1].detail), "exit_code": 0, "timed_out": False, "truncated": False,
+                                          "started_id": rows[1].id}
     assert (await engine.audit.verify()).intact
 
 

@@ -49,11 +49,16 @@ async def seed(settings: Settings, *rows: tuple[Identity, str]) -> None:
     store = Store(settings.store_path)
     await store.open()
     try:
-        log = AuditLog(store)
+        log = AuditLog(store, settings.data_dir)
         for who, kind in rows:
             await log.append(who, kind, target="sbx_elsewhere", outcome="ok", detail={"command": f"{who.user_id} was here"})
     finally:
         await store.close()
+
+
+def verdict_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The verdict's summary fields (the findings and head figures are asserted where they matter)."""
+    return {name: result[name] for name in ("rows_checked", "intact", "first_broken_id", "reason")}
 
 
 async def work(client: Client) -> str:
@@ -71,22 +76,25 @@ async def rows(client: Client, **filters: Any) -> list[dict[str, Any]]:
 async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row(client: Client, settings: Settings) -> None:
     box = await work(client)
     log = await rows(client)
-    assert [r["kind"] for r in log] == ["sandbox.destroy", "sandbox.write_file", "sandbox.exec", "sandbox.create"]
-    assert all(r["target"] == box and r["outcome"] == "ok" for r in log)
+    # a command is on the record before it runs (started) and again when it ends
+    assert [r["kind"] for r in log] == ["sandbox.destroy", "sandbox.write_file", "sandbox.exec", "sandbox.exec", "sandbox.create"]
+    assert [r["outcome"] for r in log] == ["ok", "ok", "ok", "started", "ok"]
+    assert all(r["target"] == box for r in log)
     assert all((r["workspace_id"], r["user_id"], r["token_id"]) == ("local", "operator", None) for r in log)
-    destroy, write, exec_, create = (r["id"] for r in log)
+    destroy, write, exec_, started, create = (r["id"] for r in log)
     assert log[2]["detail"]["command"] == "echo hi" and log[2]["detail"]["exit_code"] == 0
+    assert log[2]["detail"]["started_id"] == started and log[3]["detail"] == {"command": "echo hi", "cwd": "/workspace"}
 
-    assert await call(client, "audit_verify") == {"rows_checked": 4, "intact": True, "first_broken_id": None, "reason": None}
-    assert await cli_verify(settings) == (0, "audit log intact: 4 rows\n")
+    assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 5, "intact": True, "first_broken_id": None, "reason": None}
+    assert await cli_verify(settings) == (0, "audit log intact: 5 rows, signed head at 5 rows\n")
 
     # edit what the command was: the tool and the CLI name exactly that row
     [(original,)] = sql(settings, "SELECT detail FROM auditevent WHERE id = ?", exec_)
     sql(settings, "UPDATE auditevent SET detail = ? WHERE id = ?", original.replace("echo hi", "echo bye"), exec_)
     verdict = await call(client, "audit_verify")
-    assert (verdict["intact"], verdict["first_broken_id"], verdict["rows_checked"]) == (False, exec_, 2)
+    assert (verdict["intact"], verdict["first_broken_id"], verdict["rows_checked"]) == (False, exec_, 3)
     code, out = await cli_verify(settings)
-    assert code == 1 and out.startswith(f"audit log broken at row {exec_}: ")
+    assert code == 1 and out.startswith(f"audit log broken at row {exec_} (edited): ")
     code, out = await cli_verify(settings, "--json")
     assert code == 1 and json.loads(out)["first_broken_id"] == exec_ and json.loads(out)["intact"] is False
 
@@ -101,10 +109,10 @@ async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row
     sql(settings, "DELETE FROM auditevent WHERE id = ?", write)
     verdict = await call(client, "audit_verify")
     assert (verdict["intact"], verdict["first_broken_id"]) == (False, destroy)
-    assert "prev_hash" in verdict["reason"]
+    assert f"row {write} was deleted from the middle" in verdict["reason"]
     code, out = await cli_verify(settings)
-    assert code == 1 and f"broken at row {destroy}:" in out
-    assert create < exec_ < write < destroy
+    assert code == 1 and f"broken at row {destroy} (deleted):" in out
+    assert create < started < exec_ < write < destroy
 
 
 async def test_query_filters_and_never_shows_another_workspace(client: Client, settings: Settings) -> None:
@@ -112,14 +120,14 @@ async def test_query_filters_and_never_shows_another_workspace(client: Client, s
     await seed(settings, (RIVAL, "sandbox.exec"), (ALICE, "sandbox.exec"), (RIVAL, "sandbox.create"))
 
     everything = await rows(client)
-    assert len(everything) == 5
+    assert len(everything) == 6  # the command's started row and its ending row among them
     assert {r["workspace_id"] for r in everything} == {"local"}
     assert "mallory" not in json.dumps(everything)
     assert [r["kind"] for r in await rows(client, workspace_id="local")] == [r["kind"] for r in everything]
 
     [alice] = await rows(client, actor="alice")
     assert (alice["token_id"], alice["kind"], alice["detail"]) == ("tok_alice", "sandbox.exec", {"command": "alice was here"})
-    assert [r["user_id"] for r in await rows(client, kind="sandbox.exec")] == ["alice", "operator"]
+    assert [r["user_id"] for r in await rows(client, kind="sandbox.exec")] == ["alice", "operator", "operator"]
     assert await rows(client, actor="mallory") == []
     assert await rows(client, kind="sandbox.create", actor="operator") == [everything[-1]]
 
@@ -148,16 +156,18 @@ async def test_the_admin_reads_every_workspace(settings: Settings, cleanup: None
     async with Client(build_server(admin)) as client:
         assert [r["workspace_id"] for r in await rows(client)] == ["local", "rival"]
         assert [r["user_id"] for r in await rows(client, workspace_id="rival")] == ["mallory"]
-        assert await call(client, "audit_verify") == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
+        assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
 
 
 async def test_an_action_whose_audit_row_cannot_be_written_fails(client: Client, settings: Settings) -> None:
     box = (await call(client, "sandbox_create"))["sandbox_id"]
     sql(settings, "CREATE TRIGGER refuse BEFORE INSERT ON auditevent BEGIN SELECT RAISE(ABORT, 'audit disk full'); END")
-    message = await call_error(client, "sandbox_exec", sandbox_id=box, command="echo hi")
-    assert "the audit row for this sandbox.exec could not be written (audit disk full)" in message
+    message = await call_error(client, "sandbox_exec", sandbox_id=box, command="touch ran")
+    # the row that opens a command comes first: without it, the command does not run at all
+    assert "the audit row that opens this sandbox.exec could not be written (audit disk full), so it was not started" in message
     sql(settings, "DROP TRIGGER refuse")
 
     assert [r["kind"] for r in await rows(client)] == ["sandbox.create"]
+    assert (await call(client, "sandbox_exec", sandbox_id=box, command="test -e ran"))["exit_code"] == 1
     await call(client, "sandbox_destroy", sandbox_id=box)
-    assert await call(client, "audit_verify") == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
+    assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 4, "intact": True, "first_broken_id": None, "reason": None}

@@ -106,7 +106,7 @@ async def test_fifty_dispatches_at_once_on_a_pool_of_four_all_complete_once(tmp_
                 results = [await call(client, "await_dispatch", dispatch_id=s["dispatch_id"], timeout_s=300) for s in sent]
         assert [r["status"] for r in results] == ["completed"] * 50
         assert [r["result"] for r in results] == [f"job-{i}\n" for i in range(50)]
-        execs = [e for e in rows(settings, AuditEvent) if e.kind == "sandbox.exec"]
+        execs = [e for e in rows(settings, AuditEvent) if e.kind == "sandbox.exec" and e.outcome == "started"]
         assert sorted(e.run_id for e in execs) == sorted(s["dispatch_id"] for s in sent)  # each ran exactly once
     finally:
         remove_instance(docker_client, settings)
@@ -129,7 +129,7 @@ async def test_a_stop_mid_dispatch_leaves_it_interrupted_and_frees_its_sandbox(
             with anyio.fail_after(60):
                 while await engine.sandboxes.list(engine.operator.model_copy(update={"run_id": None})):
                     await anyio.sleep(0.2)
-            execs = [e for e in await engine.audit.query(kind="sandbox.exec")]
+            execs = [e for e in await engine.audit.query(kind="sandbox.exec") if e.outcome == "started"]
             assert len(execs) == 1  # never re-run
     finally:
         remove_instance(docker_client, settings)
