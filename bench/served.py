@@ -153,6 +153,10 @@ async def serve(
         "POOL_AUTOSCALE_ENABLED": "false",
         "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": str(computers[0]),
         "DOCKYARD_TEMPLATES__COMPUTER__POOL__MAX": str(computers[1]),
+        # One tenant measures the engine: its whole pool, and no rate limit on its dispatches
+        # (the quotas that keep tenants apart would otherwise be what is measured).
+        "DOCKYARD_QUOTAS__WORKSPACE_POOL_SHARE": "1.0",
+        "DOCKYARD_QUOTAS__DISPATCHES_PER_MINUTE": "0",
     }
     params = StdioServerParameters(command=str(DOCKYARD), args=["serve"], env=env)
     try:

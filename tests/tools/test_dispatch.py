@@ -98,7 +98,9 @@ async def test_cancel_stops_the_runner_and_frees_its_sandbox(client: Client, set
 
 
 async def test_fifty_dispatches_at_once_on_a_pool_of_four_all_complete_once(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> None:
-    settings = make_settings(tmp_path / "data", default_pool={"min": 2, "max": 4})
+    # One workspace runs at most its share of the pool at once (3 of 4), so the last of fifty
+    # queued claims waits for the forty-seven before it: the claim timeout allows for that.
+    settings = make_settings(tmp_path / "data", default_pool={"min": 2, "max": 4}, pool={"claim_timeout_s": 240.0})
     try:
         async with Client(build_server(settings)) as client:
             sent = [await send(client, f"echo job-{i}") for i in range(50)]
