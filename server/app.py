@@ -15,6 +15,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.bus import WorkspaceBus
+from dockyard.server.eventloop import without_cancelled_reader_reports
 from dockyard.server.transports import BearerTokens
 from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
 
@@ -47,15 +48,16 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
-        async with Engine.open(settings) as engine:
-            engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
-            engine.dispatches.on_change = dispatch_changed
-            engine.tokens.on_revoke = bus.revoked
-            if admin_key:
-                engine.tokens.set_admin_key(admin_key)
-            if verifier is not None:
-                verifier.tokens = engine.tokens
-            yield engine
+        with without_cancelled_reader_reports():
+            async with Engine.open(settings) as engine:
+                engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
+                engine.dispatches.on_change = dispatch_changed
+                engine.tokens.on_revoke = bus.revoked
+                if admin_key:
+                    engine.tokens.set_admin_key(admin_key)
+                if verifier is not None:
+                    verifier.tokens = engine.tokens
+                yield engine
 
     server: MCPServer[Engine] = MCPServer(
         "dockyard",
