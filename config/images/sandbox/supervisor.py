@@ -36,10 +36,12 @@ Requests carry an "id" chosen by the server, unique on its connection:
       (error: the command could not start; refused: "cwd" when the user cannot enter it,
       "user" when `user` is not one of the sandbox's users)
       The command runs as `user` (default `agent`; HOME, USER and LOGNAME are its own) in a new
-      session with `token` as DOCKYARD_EXEC_ID.
+      session with `token` as DOCKYARD_EXEC_ID, below a reaper of its own (reaper.py).
       stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
       On timeout, kill or a closed connection, the command and everything it started
-      (its session, its descendants, whatever carries its token) is frozen, then killed.
+      (everything below its reaper, however it detached) is frozen, then killed.
+      oom_kills: how many processes of the sandbox the kernel killed for memory while it ran
+      (absent when none), memory_mb: the sandbox's memory limit then (absent when unknown).
   read {path, max_bytes, user?} -> result + the file's bytes
   write {path, mode, user?} + bytes -> result
   list {path, recursive, max_entries, user?} -> result
@@ -71,11 +73,13 @@ import secrets
 import socket
 import signal
 import struct
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
 import helper  # noqa: E402
+import reaper  # noqa: E402
 
 PROTOCOL = 1
 CONTROL_DIR = "/run/dockyard-sup/control"
@@ -213,6 +217,7 @@ class Command:
         self.open_pipes = {1, 2}
         self.pipes_closed = asyncio.Event()
         self.early_stdin = []
+        self.kill_lock = asyncio.Lock()
 
     async def run(self):
         try:
@@ -256,6 +261,8 @@ class Command:
                                   "refused": "cwd", "error": f"cannot enter {req.get('cwd')}: {exc.strerror}"})
             return
         loop = asyncio.get_running_loop()
+        oom_before = reaper.oom_kills()
+        status_r, status_w = os.pipe()
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: Pipes(self),
@@ -265,24 +272,27 @@ class Command:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=f"/proc/self/fd/{cwd_fd}",
-                user=self.user.pw_uid,
-                group=self.user.pw_gid,
-                extra_groups=[],
                 umask=UMASK,
-                start_new_session=True,
+                pass_fds=(status_w,),
+                preexec_fn=reaper.Spawn(self.user.pw_uid, self.user.pw_gid, status_w),
             )
+        except subprocess.SubprocessError as exc:  # the reaper could not fork or become the user
+            os.close(status_w)
+            status_w = None
+            exc = start_error(status_r, exc)
+            await self.not_started(exc)
+            return
         except OSError as exc:  # e.g. no pid to spare, no such program
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            why = f"could not start the command: {exc.strerror}"
-            if exc.errno == errno.EAGAIN and (stopped := stop_background()):
-                why += (f"; the sandbox was out of process slots, so the {stopped} background processes "
-                        "earlier commands left behind were stopped: try again")
-            await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
-                                  "dropped": [0, 0], "error": why})
+            await self.not_started(exc)
             return
         finally:
             os.close(cwd_fd)
-        RUNNING.add(self.transport.get_pid())  # it leads its own session
+            os.close(status_r)
+            if status_w is not None:
+                os.close(status_w)
+        RUNNING.add(self.transport.get_pid())  # its reaper
+        if self.killed:  # cancelled while it started
+            await self.kill()
         for body in self.early_stdin:
             self.write_stdin(body)
         sender = spawn(self.send_output())
@@ -300,8 +310,23 @@ class Command:
         self.outbox.put_nowait(None)
         await sender
         code = self.transport.get_returncode()
-        await self.conn.send({"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
-                              "timed_out": timed_out, "dropped": self.dropped})
+        ended = {"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
+                 "timed_out": timed_out, "dropped": self.dropped}
+        oom_after = reaper.oom_kills()
+        if oom_before is not None and oom_after is not None and oom_after > oom_before:
+            ended.update(oom_kills=oom_after - oom_before, memory_mb=reaper.memory_limit_mb())
+        await self.conn.send(ended)
+
+    async def not_started(self, exc):
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        why = f"could not start the command: {exc.strerror}"
+        if exc.errno == errno.EAGAIN:
+            why += "; no process could be started: the sandbox is out of process slots"
+            if stopped := stop_background():
+                why += (f", so the {stopped} background processes earlier commands left behind were stopped: "
+                        "try again")
+        await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
+                              "dropped": [0, 0], "error": why})
 
     def output(self, fd, data):
         index = 0 if fd == 1 else 1
@@ -338,18 +363,18 @@ class Command:
             pipe.close()
 
     async def kill(self):
-        """Freeze and kill the command's processes (never the supervisor's own)."""
+        """Freeze and kill every process below the command's reaper (never the supervisor's)."""
         self.killed = True
-        if self.transport is None or self.user is None:
-            return
-        with as_user(self.user):  # its environment is readable by its own user only
-            helper.kill_command(self.token, self.transport.get_pid())
-        await asyncio.sleep(0)
+        if self.transport is None or self.transport.get_returncode() is not None:
+            return  # not started, or ended: what it left in the background may stay
+        async with self.kill_lock:
+            await reaper.kill_tree(self.transport.get_pid())
 
 
 TASKS = set()
-# Sessions of the commands running now: everything else of the sandbox users' is background
-# left by earlier commands (a server started with nohup, say), which may keep running.
+# The reapers of the commands running now: everything of the sandbox users' not below one of
+# them is background left by earlier commands (a server started with nohup, say), which may
+# keep running.
 RUNNING = set()
 
 
@@ -361,22 +386,14 @@ def stop_background():
 
 
 def stop_processes(spare=frozenset()):
-    """Freeze, then kill, every process of the sandbox's users outside the sessions `spare`."""
+    """Freeze, then kill, every process of the sandbox's users not below the reapers `spare`."""
     frozen = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        fresh = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in frozen:
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                owner = os.stat(f"/proc/{entry}").st_uid
-            except (OSError, IndexError):
-                continue
-            if owner in UIDS and fields[0] != "Z" and int(fields[3]) not in spare:
-                fresh.add(int(entry))
+        table = reaper.processes()
+        spared = reaper.descendants(table, spare)
+        fresh = {pid for pid, (_ppid, state, uid) in table.items()
+                 if uid in UIDS and state not in "ZX" and pid not in spared and pid not in frozen}
         if not fresh:
             break
         for pid in fresh:
@@ -387,6 +404,16 @@ def stop_processes(spare=frozenset()):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return len(frozen)
+
+
+def start_error(status_r, exc):
+    """Why the reaper could not start a command: the errno it left in its status pipe."""
+    try:
+        written = os.read(status_r, 64)
+    except OSError:
+        written = b""
+    number = int(written) if written.isdigit() else 0
+    return OSError(number or errno.EIO, os.strerror(number) if number else f"{exc}")
 
 
 def spawn(coro):
@@ -619,6 +646,7 @@ async def main():
     asyncio.set_child_watcher(watcher)
     os.setgroups([])
     os.umask(UMASK)
+    reaper.protect_supervisor()
     supervisor = Supervisor()
     control = os.path.join(CONTROL_DIR, "control.sock")
     for path in (control, BRIDGE_SOCKET):
