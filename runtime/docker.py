@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import httpx
 import docker.errors
 import requests.exceptions
 
-from dockyard.runtime.errors import BackendError, DockerUnavailableError
+from dockyard.runtime.errors import BackendError, DockerUnavailableError, SizeLimitError, TimeLimitError
 
 __all__ = ["ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel", "STDERR", "STDOUT"]
 
@@ -141,6 +142,8 @@ class DockerBackend:
         self._client: docker.DockerClient | None = None
         # Exec and archive calls are many and short; give them room beyond anyio's default pool.
         self._limiter = anyio.CapacityLimiter(64)
+        self._pausing: set[str] = set()  # containers this process paused (for a snapshot)
+        self._paused_outside: set[str] = set()  # containers seen paused by someone else
 
     @property
     def client(self) -> docker.DockerClient:
@@ -224,10 +227,35 @@ class DockerBackend:
         await self._run(self.client.api.start, container_id)
 
     async def pause(self, container_id: str) -> None:
-        await self._run(self.client.api.pause, container_id)
+        """Freeze a container; it counts as paused by dockyard until `unpause`."""
+        self._pausing.add(container_id)
+        try:
+            await self._run(self.client.api.pause, container_id)
+        except BaseException:
+            self._pausing.discard(container_id)
+            raise
 
     async def unpause(self, container_id: str) -> None:
         await self._run(self.client.api.unpause, container_id)
+        self._pausing.discard(container_id)
+
+    def paused_here(self, container_id: str) -> bool:
+        """Whether this process paused the container (a snapshot), as opposed to someone outside."""
+        return container_id in self._pausing
+
+    def seen_paused(self, container_id: str, paused: bool) -> bool:
+        """Record whether the container was seen paused by someone else; True when that is news."""
+        if paused and container_id not in self._pausing:
+            if container_id in self._paused_outside:
+                return False
+            self._paused_outside.add(container_id)
+            return True
+        self._paused_outside.discard(container_id)
+        return False
+
+    def paused_outside(self, container_id: str) -> bool:
+        """Whether the container is frozen by someone other than dockyard (`docker pause`)."""
+        return container_id in self._paused_outside
 
     async def update_limits(self, container_id: str, cpus: float, memory_mb: int) -> None:
         """Change a running container's CPU quota and memory limit (swap kept equal to it)."""
@@ -258,6 +286,14 @@ class DockerBackend:
             return False
         return bool(info["State"].get("Running"))
 
+    async def state(self, container_id: str) -> str | None:
+        """The container's status now ("running", "paused", "exited", ...), None once it is gone."""
+        try:
+            info = await self._run(self.client.api.inspect_container, container_id)
+        except ContainerGoneError:
+            return None
+        return str(info["State"].get("Status"))
+
     async def logs_tail(self, container_id: str, lines: int) -> str:
         """The container's last output lines (stdout and stderr), to say why it stopped."""
         try:
@@ -279,15 +315,10 @@ class DockerBackend:
     async def events(self, labels: dict[str, str], actions: list[str]) -> AsyncIterator[dict[str, Any]]:
         """Yield the daemon's container events for containers carrying these labels, as they happen."""
         filters = {"type": ["container"], "label": [f"{k}={v}" for k, v in labels.items()], "event": actions}
-        url = urlparse(self._host)
-        if url.scheme == "unix":
-            transport, base = httpx.AsyncHTTPTransport(uds=url.path), "http://docker"
-        else:
-            transport, base = httpx.AsyncHTTPTransport(), f"http://{url.hostname}:{url.port or 2375}"
         version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
         try:
             async with (
-                httpx.AsyncClient(transport=transport, base_url=base, timeout=None) as http,
+                self._http() as http,
                 http.stream("GET", f"/v{version}/events", params={"filters": json.dumps(filters)}) as response,
             ):
                 if response.status_code != 200:
@@ -297,6 +328,13 @@ class DockerBackend:
                         yield json.loads(line)
         except httpx.TransportError as exc:
             raise DockerUnavailableError(_UNREACHABLE) from exc
+
+    def _http(self) -> httpx.AsyncClient:
+        """An async HTTP client of the Engine API, for streams a caller must be able to cut short."""
+        url = urlparse(self._host)
+        if url.scheme == "unix":
+            return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=url.path), base_url="http://docker", timeout=None)
+        return httpx.AsyncClient(base_url=f"http://{url.hostname}:{url.port or 2375}", timeout=None)
 
     async def list_containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         """Every container (running or not) carrying all of these labels."""
@@ -378,18 +416,40 @@ class DockerBackend:
         """Extract a tar archive at `path` inside the container."""
         await self._run(self.client.api.put_archive, container_id, path, data)
 
-    async def get_archive_to(self, container_id: str, path: str, sink: BinaryIO) -> int:
-        """Stream a tar of `path` inside the container into `sink`; returns bytes written."""
+    async def get_archive_to(
+        self, container_id: str, path: str, sink: BinaryIO, *, limit: int | None = None, deadline: float | None = None
+    ) -> int:
+        """Stream a tar of `path` inside the container into `sink`; returns bytes written.
 
-        def copy() -> int:
-            chunks, _ = self.client.api.get_archive(container_id, path)
-            written = 0
-            for chunk in chunks:
-                sink.write(chunk)
-                written += len(chunk)
-            return written
-
-        return await self._run(copy)
+        Stops with a SizeLimitError past `limit` bytes, or a TimeLimitError past `deadline`
+        (a `time.monotonic()` value), holding one chunk in memory at a time. Stopping closes the
+        connection, so the daemon ends the copy at once and the container is free again."""
+        version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
+        written = 0
+        try:
+            with anyio.fail_after(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                async with (
+                    self._http() as http,
+                    http.stream(
+                        "GET", f"/v{version}/containers/{container_id}/archive", params={"path": path},
+                        headers={"Accept-Encoding": "identity"},  # a plain tar, as it is restored
+                    ) as response,
+                ):
+                    if response.status_code != 200:
+                        message = (await response.aread()).decode(errors="replace").strip()
+                        if response.status_code == 404:
+                            raise ContainerGoneError(f"docker: {message}")
+                        raise BackendError(f"docker: the archive of {path} was refused ({response.status_code}): {message}")
+                    async for chunk in response.aiter_raw(1 << 20):
+                        written += len(chunk)
+                        if limit is not None and written > limit:
+                            raise SizeLimitError(f"the archive of {path} is over {limit} bytes")
+                        await anyio.to_thread.run_sync(sink.write, chunk)
+        except TimeoutError:
+            raise TimeLimitError(f"the archive of {path} took too long") from None
+        except httpx.TransportError as exc:
+            raise DockerUnavailableError(_UNREACHABLE) from exc
+        return written
 
     # -- networks -----------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ class Engine:
             teams=TeamService(settings, store, audit, sandboxes, tokens),
             computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
         )
+        await sandboxes.sweep_partial_snapshots()
         try:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)

@@ -300,6 +300,8 @@ class PoolManager:
             reason = "recycling is off"
         elif reason is None and (tpl is None or row.network != tpl.network or row.container_id is None):
             reason = "it no longer matches its template"
+        elif reason is None and self._provisioner.paused_outside(row.container_id):
+            reason = "it was paused outside dockyard, so it cannot be wiped"
         elif reason is None:
             assert row.container_id is not None and tpl is not None
             try:
@@ -491,6 +493,13 @@ class PoolManager:
             return
         await self._store.run(end)
         await self._destroy(pool, row, reason, final=RuntimeState.LOST)
+
+    async def note(self, pool: Pool, runtime_id: str, reason: str) -> None:
+        """Record something about a runtime that changes nothing of its state (it stays where it is)."""
+        state = pool.states.get(runtime_id)
+        log.warning("runtime %s of pool %s: %s", runtime_id, pool.template, reason)
+        await self._store.add(PoolEvent(template=pool.template, runtime_id=runtime_id, from_state=state,
+                                        to_state=state or "unknown", reason=reason))
 
     async def replenish(self, pool: Pool) -> None:
         async with pool.lock:

@@ -35,7 +35,7 @@ from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
-__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "USER", "HOME", "Started"]
+__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "HOME", "Started"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ HOME = "/home/agent"
 # The sandbox image's users for members of a shared sandbox, one each (uids 1001..1016, group
 # `agent`): the server assigns them, the supervisor runs a member's commands as its own.
 MEMBER_USERS = tuple(f"m{i}" for i in range(1, 17))
+SANDBOX_UIDS = range(1000, 1000 + len(MEMBER_USERS) + 1)  # agent, then each member user
+SANDBOX_GID = 1000  # the group `agent`, which owns /workspace
 _CHECK_TIMEOUT_S = 30.0
 _READY_TIMEOUT_S = 30.0
 # What the supervisor needs to act as the sandbox user and to stop that user's processes.
@@ -87,6 +89,10 @@ class Provisioner:
 
     def template(self, name: str) -> TemplateSettings:
         return self._settings.templates[name]
+
+    def paused_outside(self, container_id: str) -> bool:
+        """Whether someone outside dockyard froze the container (it cannot be wiped then)."""
+        return self._docker.paused_outside(container_id)
 
     def workspace_network(self, workspace_id: str) -> str:
         return f"dockyard-{self._instance}-ws-{workspace_id}"

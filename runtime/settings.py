@@ -215,6 +215,8 @@ class SandboxSettings(BaseModel):
     read_cap_bytes: int = Field(1 << 20, ge=1024)
     write_cap_bytes: int = Field(10 << 20, ge=1024)
     list_max_entries: int = Field(1000, ge=1)
+    snapshot_max_bytes: int = Field(4 << 30, ge=1 << 20, description="A snapshot (workspace and home) larger than this fails.")
+    snapshot_timeout_s: float = Field(600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on.")
     reaper_interval_s: float = Field(5.0, gt=0)
 
 
