@@ -453,13 +453,21 @@ class DockerBackend:
 
     # -- networks -----------------------------------------------------------------------
 
-    async def ensure_network(self, name: str, labels: dict[str, str], *, internal: bool) -> None:
-        """Create a bridge network unless one of that name exists."""
+    async def ensure_network(self, name: str, labels: dict[str, str], *, internal: bool, bridge: str) -> None:
+        """Create a bridge network (its host interface named `bridge`) unless one of that name exists."""
 
         def ensure() -> None:
-            if self.client.api.networks(names=[name]):
+            # Docker's name filter matches parts of names too: only an exact one counts.
+            if any(net["Name"] == name for net in self.client.api.networks(names=[name])):
                 return
-            self.client.api.create_network(name, driver="bridge", internal=internal, labels=labels)
+            try:
+                self.client.api.create_network(
+                    name, driver="bridge", internal=internal, labels=labels,
+                    options={"com.docker.network.bridge.name": bridge},
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: made a moment ago by a claim racing this one
+                    raise
 
         await self._run(ensure)
 

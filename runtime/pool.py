@@ -82,7 +82,7 @@ class PoolManager:
         pool = self._pool(template)
         started = time.perf_counter()
         deadline = time.monotonic() + (timeout_s or self._settings.claim_timeout_s)
-        needs_cold = network != pool.network
+        needs_cold = network != pool.network or network != "none"  # a network is the workspace's own
         while True:
             grant = await self._turn(pool, workspace_id, needs_cold, deadline)
             timed = timed_bind(_held_by(workspace_id, bind), started, grant.warm)
@@ -300,6 +300,8 @@ class PoolManager:
             reason = "recycling is off"
         elif reason is None and (tpl is None or row.network != tpl.network or row.container_id is None):
             reason = "it no longer matches its template"
+        elif reason is None and row.network != "none":
+            reason = "it is on its last owner's workspace network"
         elif reason is None and self._provisioner.paused_outside(row.container_id):
             reason = "it was paused outside dockyard, so it cannot be wiped"
         elif reason is None:

@@ -33,6 +33,7 @@ from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError, InvalidRequestError
 from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
+from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
 __all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "HOME", "Started"]
@@ -81,6 +82,7 @@ class Provisioner:
         self._docker = docker
         self._images = images
         self.supervisors = supervisors
+        self.guard = NetworkGuard(instance)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -94,8 +96,9 @@ class Provisioner:
         """Whether someone outside dockyard froze the container (it cannot be wiped then)."""
         return self._docker.paused_outside(container_id)
 
-    def workspace_network(self, workspace_id: str) -> str:
-        return f"dockyard-{self._instance}-ws-{workspace_id}"
+    def workspace_network(self, workspace_id: str, mode: str = "workspace") -> str:
+        """The Docker network of one workspace's sandboxes on `mode` ('workspace' or 'internet')."""
+        return f"dockyard-{self._instance}-{'ws' if mode == 'workspace' else 'net'}-{workspace_id}"
 
     async def wait_image(self, template: str) -> str:
         """The template's image, built first if need be (however long that takes)."""
@@ -130,13 +133,17 @@ class Provisioner:
         self, runtime_id: str, template: str, image: str, network: str, workspace_id: str | None
     ) -> Started:
         tpl = self.template(template)
-        docker_network = {"none": "none", "internet": "bridge"}.get(network)
-        if docker_network is None:
+        docker_network = "none"
+        if network != "none":
+            # Each workspace has its own bridges, guarded from this host and private ranges.
             if workspace_id is None:
-                raise ValueError("a workspace-network runtime needs its workspace")
-            docker_network = self.workspace_network(workspace_id)
+                raise ValueError(f"a runtime on network '{network}' needs its workspace")
+            await self.guard.ensure(network)
+            docker_network = self.workspace_network(workspace_id, network)
             ws_labels = {**self.labels, "dockyard.workspace": workspace_id}
-            await self._docker.ensure_network(docker_network, ws_labels, internal=True)
+            await self._docker.ensure_network(
+                docker_network, ws_labels, internal=network == "workspace", bridge=self.guard.bridge_name(docker_network)
+            )
         spec = ContainerSpec(
             image=image,
             name=self._container_name(runtime_id),

@@ -22,6 +22,7 @@ from sqlmodel import Session, create_engine
 from dockyard.runtime.engine import Engine, instance_id
 from dockyard.runtime.images import ImageService
 from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.netguard import remove_rules
 from dockyard.runtime.settings import Settings, load_settings
 from dockyard.runtime.store import Runtime, Sandbox
 from dockyard.server.app import build_server
@@ -106,6 +107,7 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
         time.sleep(0.2)
     for network in client.networks.list(filters={"label": label}):
         network.remove()
+    remove_rules(instance_id(settings))  # the firewall rules that guarded its networks
     return removed
 
 
