@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import struct
+import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
@@ -499,6 +502,37 @@ class DockerBackend:
 
     async def pull(self, ref: str) -> None:
         await self._run(self.client.api.pull, ref)
+
+    async def image_id(self, tag: str) -> str:
+        """The id of a local image."""
+        info = await self._run(self.client.api.inspect_image, tag)
+        return str(info["Id"])
+
+    async def export_paths(self, image: str, paths: list[str], target: Path, labels: dict[str, str]) -> None:
+        """Write one tar of `paths` as the image has them (owners and modes included) to
+        `target`, from a container that is created and removed without ever starting."""
+
+        def export() -> None:
+            api = self.client.api
+            container_id = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
+            partial = target.with_suffix(".partial")
+            try:
+                with tarfile.open(partial, "w") as out:
+                    for path in paths:
+                        chunks, _stat = api.get_archive(container_id, path)
+                        with tempfile.TemporaryFile() as raw:
+                            for chunk in chunks:
+                                raw.write(chunk)
+                            raw.seek(0)
+                            with tarfile.open(fileobj=raw) as part:
+                                for member in part.getmembers():
+                                    out.addfile(member, part.extractfile(member) if member.isfile() else None)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+                api.remove_container(container_id, force=True, v=True)
+
+        await self._run(export)
 
     async def tag(self, image: str, repository: str, tag: str) -> None:
         await self._run(self.client.api.tag, image, repository, tag, force=True)

@@ -33,6 +33,7 @@ from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError, InvalidRequestError
 from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
+from dockyard.runtime.disks import Disks
 from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
@@ -83,6 +84,7 @@ class Provisioner:
         self._images = images
         self.supervisors = supervisors
         self.guard = NetworkGuard(instance)
+        self.disks = Disks(settings.data_dir / "disks", docker, instance)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -144,6 +146,7 @@ class Provisioner:
             await self._docker.ensure_network(
                 docker_network, ws_labels, internal=network == "workspace", bridge=self.guard.bridge_name(docker_network)
             )
+        disk = await self.disks.create(runtime_id, image, tpl.disk_mb)
         spec = ContainerSpec(
             image=image,
             name=self._container_name(runtime_id),
@@ -160,13 +163,14 @@ class Provisioner:
             },
             env=dict(tpl.env),
             cap_add=_SUPERVISOR_CAPS,
-            binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT},
+            binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT, **disk},
         )
         try:
             container_id = await self._docker.run_container(spec)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.supervisors.discard(runtime_id, None)
+                await self.disks.remove(runtime_id)
             raise
         started = Started(image, container_id, spec.name, docker_network)
         try:
@@ -294,6 +298,7 @@ class Provisioner:
         if runtime_id:
             await self.supervisors.discard(runtime_id, container_id)
             shutil.rmtree(self._cdp_dir(runtime_id), ignore_errors=True)
+            await self.disks.remove(runtime_id)
 
     def sweep(self, live: set[str]) -> None:
         """Remove the host directories of runtimes that are no longer live (after a crash, say)."""

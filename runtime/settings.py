@@ -107,6 +107,10 @@ class TemplateSettings(BaseModel):
     memory_mb: int = Field(1024, ge=64, le=65536)
     pids_limit: int = Field(256, ge=16, le=65536)
     tmp_size_mb: int = Field(256, ge=1, le=65536)
+    disk_mb: int = Field(
+        4096, ge=0, le=1 << 20,
+        description="A sandbox's disk for /workspace and /home together; a write past it fails with ENOSPC. 0: no limit.",
+    )
     network: NetworkMode = "none"
     env: dict[str, str] = Field(default_factory=dict)
     pool: PoolShape = Field(default_factory=PoolShape)

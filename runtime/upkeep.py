@@ -64,6 +64,7 @@ class PoolUpkeep:
             lambda s: set(s.exec(select(Runtime.id).where(col(Runtime.state).in_(RuntimeState.LIVE))).all())
         )
         self._provisioner.sweep(live)
+        await self._provisioner.disks.sweep(live)  # before any refill: every disk now is a known runtime's
 
     async def _match(self, containers: list[dict]) -> None:
         by_id = {c["Id"]: c for c in containers}

@@ -17,6 +17,7 @@ from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.auditverify import load_export
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
+from dockyard.runtime.disks import host_check
 from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.images import ImageService
@@ -184,6 +185,12 @@ async def doctor(settings: Settings) -> bool:
                       "(or with CAP_NET_ADMIN) on a host with iptables, and Docker with its iptables rules on")
     else:
         table.add_row("network rules", _mark(True), rules)
+    lacking = host_check()
+    if lacking is not None:
+        table.add_row("sandbox disks", _mark(None), f"missing: {lacking}; /workspace and /home are Docker volumes "
+                      "without a size limit\n[yellow]fix:[/yellow] run dockyard as root on a host with loop devices")
+    else:
+        table.add_row("sandbox disks", _mark(True), "an ext4 image per sandbox on a loop device, of its template's disk_mb")
     if shutil.which("debootstrap") is None:
         hint = "installed automatically when running as root" if os.geteuid() == 0 else "`sudo apt-get install debootstrap`"
         table.add_row("debootstrap", _mark(None), f"not installed; needed only where no registry answers ({hint})")
