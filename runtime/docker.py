@@ -60,6 +60,7 @@ class ContainerSpec:
     read_only: bool = True
     cap_add: list[str] = field(default_factory=list)
     binds: dict[str, str] = field(default_factory=dict)  # host directory -> path inside
+    runtime: str | None = None  # the OCI runtime registered with Docker (e.g. runsc); None: Docker's default
 
 
 _UNREACHABLE = (
@@ -169,6 +170,11 @@ class DockerBackend:
         """The daemon's version document (also a reachability check)."""
         return await self._run(lambda: self.client.version())
 
+    async def oci_runtimes(self) -> tuple[str, list[str]]:
+        """Docker's default OCI runtime and every runtime registered with it."""
+        info = await self._run(lambda: self.client.info())
+        return str(info.get("DefaultRuntime", "runc")), sorted(info.get("Runtimes") or {})
+
     # -- containers ---------------------------------------------------------------------
 
     async def run_container(self, spec: ContainerSpec) -> str:
@@ -190,6 +196,7 @@ class DockerBackend:
                 tmpfs=spec.tmpfs,
                 network_mode=spec.network,
                 ipc_mode="private",
+                runtime=spec.runtime,
             )
             created = api.create_container(
                 spec.image,

@@ -333,6 +333,9 @@ class PoolManager:
 
     async def _add_warm(self, pool: Pool, runtime_id: str) -> None:
         async with pool.lock:
+            # one step: a runtime between "filling" and "warm" would count as neither, and a
+            # refill in that moment would start one too many
+            pool.filling.discard(runtime_id)
             pool.states[runtime_id] = RuntimeState.WARM
             pool.warm.append(runtime_id)
             self._serve(pool)
@@ -394,8 +397,6 @@ class PoolManager:
                 return
 
             await self._store.run(transition(runtime_id, RuntimeState.WARM, "ready", only_from=(RuntimeState.PROVISIONING,)))
-            async with pool.lock:
-                pool.filling.discard(runtime_id)
             await self._add_warm(pool, runtime_id)
         except DockyardError as exc:
             log.warning("could not provision a warm runtime for pool '%s': %s", pool.template, exc)

@@ -94,6 +94,16 @@ class Provisioner:
     def template(self, name: str) -> TemplateSettings:
         return self._settings.templates[name]
 
+    async def _check_oci_runtime(self, template: str, wanted: str) -> None:
+        """Refuse, before anything is made, a template whose OCI runtime Docker does not have."""
+        _default, registered = await self._docker.oci_runtimes()
+        if wanted not in registered:
+            raise InvalidRequestError(
+                f"template '{template}' asks for the OCI runtime '{wanted}', which Docker here does not have "
+                f"(it has: {', '.join(registered)}); register it with Docker (see the README on runsc) "
+                "or use a template without `runtime`"
+            )
+
     def paused_outside(self, container_id: str) -> bool:
         """Whether someone outside dockyard froze the container (it cannot be wiped then)."""
         return self._docker.paused_outside(container_id)
@@ -146,6 +156,8 @@ class Provisioner:
             await self._docker.ensure_network(
                 docker_network, ws_labels, internal=network == "workspace", bridge=self.guard.bridge_name(docker_network)
             )
+        if tpl.runtime is not None:
+            await self._check_oci_runtime(template, tpl.runtime)
         disk = await self.disks.create(runtime_id, image, tpl.disk_mb)
         spec = ContainerSpec(
             image=image,
@@ -164,6 +176,7 @@ class Provisioner:
             env=dict(tpl.env),
             cap_add=_SUPERVISOR_CAPS,
             binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT, **disk},
+            runtime=tpl.runtime,
         )
         try:
             container_id = await self._docker.run_container(spec)

@@ -112,6 +112,11 @@ class TemplateSettings(BaseModel):
         description="A sandbox's disk for /workspace and /home together; a write past it fails with ENOSPC. 0: no limit.",
     )
     network: NetworkMode = "none"
+    runtime: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="An OCI runtime registered with Docker for this template's sandboxes (e.g. runsc, gVisor); "
+        "unset: Docker's default.",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     pool: PoolShape = Field(default_factory=PoolShape)
 

@@ -185,6 +185,12 @@ async def doctor(settings: Settings) -> bool:
                       "(or with CAP_NET_ADMIN) on a host with iptables, and Docker with its iptables rules on")
     else:
         table.add_row("network rules", _mark(True), rules)
+    default_runtime, registered = await docker.oci_runtimes()
+    table.add_row("OCI runtime", _mark(True), f"Docker's default: {default_runtime}; registered: {', '.join(registered)}")
+    for name, tpl in sorted(settings.templates.items()):
+        if tpl.runtime is not None:
+            row(f"template {name}", tpl.runtime in registered, f"runs its sandboxes under {tpl.runtime}",
+                f"install {tpl.runtime} and register it with Docker (see the README), or remove `runtime`")
     lacking = host_check()
     if lacking is not None:
         table.add_row("sandbox disks", _mark(None), f"missing: {lacking}; /workspace and /home are Docker volumes "

@@ -642,7 +642,11 @@ BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
 async def main():
     # No thread per child: a sandbox at its pids limit must not stop the supervisor noticing exits.
-    watcher = asyncio.PidfdChildWatcher()
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        watcher = asyncio.PidfdChildWatcher()
+    except OSError:  # a kernel without pidfds (gVisor's, say): one thread per child instead
+        watcher = asyncio.ThreadedChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)
     os.setgroups([])
