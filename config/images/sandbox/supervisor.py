@@ -530,7 +530,7 @@ class Supervisor:
         else:
             answer = await helper_as(AGENT, verb)
             if answer.get("ok"):
-                answer["leftovers"] = answer.get("leftovers", []) + member_leftovers()
+                answer["leftovers"] = answer.get("leftovers", []) + member_leftovers() + place_leftovers()
         with contextlib.suppress(Closed):
             await conn.send({"t": "result", "id": obj.get("id"), **answer})
 
@@ -624,6 +624,34 @@ def member_leftovers():
     return found
 
 
+def place_prints():
+    """{place: what its owner may change on it}, each looked at with its owner's rights: the
+    writable places, the sandbox user's home and every member's."""
+    prints = {}
+    for user, places in ((AGENT, (*helper.SCRATCH, AGENT.pw_dir)), *((m, (m.pw_dir,)) for m in MEMBERS.values())):
+        for place in places:
+            try:
+                with as_user(user):
+                    prints[place] = helper.place_print(place)
+            except OSError as exc:
+                prints[place] = {"error": exc.strerror}
+    return prints
+
+
+# The places as this runtime had them before its first owner: what `verify` compares against.
+FRESH = {}
+
+
+def place_leftovers():
+    """Places whose mode, owner or extended attributes differ from this runtime's fresh ones."""
+    now = place_prints()
+    return [
+        f"{place} is not as fresh: {now.get(place)} (fresh: {fresh})"
+        for place, fresh in sorted(FRESH.items())
+        if now.get(place) != fresh
+    ]
+
+
 def peer_uid(writer):
     """The uid of the process at the other end of a unix socket connection (None if unknown)."""
     sock = writer.get_extra_info("socket")
@@ -641,12 +669,17 @@ BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
 async def main():
     # No thread per child: a sandbox at its pids limit must not stop the supervisor noticing exits.
-    watcher = asyncio.PidfdChildWatcher()
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        watcher = asyncio.PidfdChildWatcher()
+    except OSError:  # a kernel without pidfds (gVisor's, say): one thread per child instead
+        watcher = asyncio.ThreadedChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)
     os.setgroups([])
     os.umask(UMASK)
     reaper.protect_supervisor()
+    FRESH.update(place_prints())  # before any owner: this is what a fresh runtime looks like
     supervisor = Supervisor()
     control = os.path.join(CONTROL_DIR, "control.sock")
     for path in (control, BRIDGE_SOCKET):
