@@ -59,11 +59,11 @@ async def test_a_timed_out_command_cannot_leave_a_detached_process_behind(client
 
 
 async def test_a_detached_writer_stops_writing_when_its_command_times_out(client: Client) -> None:
-    """A daemon that keeps working (appending to a file) and keeps changing its pid: each
-    generation forks the next and ends, so it is always an orphan somewhere new."""
+    """A daemon with an empty environment that keeps working (appending to a file) and keeps
+    changing its pid: each generation forks the next and ends, so it is always a new orphan."""
     sandbox_id = await create(client)
     hopper = (
-        "python3 -c 'import os, time\n"
+        "env -i python3 -c 'import os, time\n"
         "if os.fork(): os._exit(0)\n"
         "os.setsid()\n"
         "while True:\n"

@@ -90,7 +90,11 @@ def _reap(main):
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # the command's pipes and the supervisor's sockets
+        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:  # the command's pipes, the supervisor's sockets
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, closed already
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
