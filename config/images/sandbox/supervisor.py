@@ -279,8 +279,7 @@ class Command:
         except subprocess.SubprocessError as exc:  # the reaper could not fork or become the user
             os.close(status_w)
             status_w = None
-            exc = start_error(status_r, exc)
-            await self.not_started(exc)
+            await self.not_started(start_error(status_r, exc))
             return
         except OSError as exc:  # e.g. no pid to spare, no such program
             await self.not_started(exc)
