@@ -117,10 +117,14 @@ def _write_score(score):
 
 
 def protect_supervisor():
-    """Give the supervisor the lowest OOM score the container allows; returns the score."""
+    """Give the supervisor the lowest OOM score the container allows; returns the score
+    (None where the kernel has no such knob)."""
     _write_score(SUPERVISOR_OOM_SCORE)
-    with open("/proc/self/oom_score_adj") as fh:
-        return int(fh.read())
+    try:
+        with open("/proc/self/oom_score_adj") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
 
 
 def processes():
