@@ -29,6 +29,7 @@ __all__ = ["Exposed", "PortForwarder", "LINK_PARAM", "cookie_name", "without_key
 log = logging.getLogger(__name__)
 
 LINK_PARAM = "dockyard_key"
+_HELPER_REFUSED = b'{"ok": false'
 _COOKIE_PREFIX = "dockyard_preview_"
 
 
@@ -177,7 +178,14 @@ class _IntoSandbox:
                             await channel.close_stdin()
 
                 tg.start_soon(upstream)
+                answered = False
                 async for kind, chunk in channel.frames():
-                    if kind == STDOUT:
-                        await client.send(chunk)
+                    if kind != STDOUT:
+                        continue
+                    if not answered and chunk.startswith(_HELPER_REFUSED):
+                        # The helper could not connect (no HTTP server answers with this): the
+                        # client sees the connection closed, as it would on a closed port.
+                        break
+                    answered = True
+                    await client.send(chunk)
                 tg.cancel_scope.cancel()
