@@ -130,13 +130,16 @@ async def _admit(gate: Gate, relay: Relay, client: anyio.abc.SocketStream) -> No
     error of one connection may end the listener, so every way a connection ends is caught."""
     async with client:
         try:
-            first = None
-            with anyio.move_on_after(HEAD_TIMEOUT_S):  # a client that sends too little is dropped
-                first = await _judge(gate, client)
-            if first is not None:
-                await relay(client, first)
-        except _ENDED as exc:
-            log.debug("relayed connection ended: %s", exc)
+            try:
+                first = None
+                with anyio.move_on_after(HEAD_TIMEOUT_S):  # a client that sends too little is dropped
+                    first = await _judge(gate, client)
+                if first is not None:
+                    await relay(client, first)
+            except* _ENDED as ended:  # the relays' task groups raise their pumps' endings in groups
+                log.debug("relayed connection ended: %s", ended.exceptions[0])
+        except Exception:  # one connection's failure must not end the listener (or the server's task group)
+            log.exception("relayed connection failed")
 
 
 async def _judge(gate: Gate, client: anyio.abc.SocketStream) -> bytes | None:
