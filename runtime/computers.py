@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -365,12 +365,14 @@ class ComputerService:
             if exposed is None:
                 await route.abort("blockedbyclient")
                 return
-            # The fetch takes the context's cookies: the preview's key goes with it, set again
-            # each time so a page's own Set-Cookie cannot displace it.
+            # The browser's Cookie header may predate this preview's key, so it is left out and the
+            # fetch takes the context's cookies instead: the key among them, set again each time
+            # so a page's own Set-Cookie cannot displace it.
             await context.add_cookies([{"name": cookie_name(exposed.host_port), "value": exposed.secret, "httpOnly": True,
                                         "url": f"http://{urlsplit(url).hostname}:{exposed.host_port}/", "sameSite": "Strict"}])
+            headers = {name: value for name, value in route.request.headers.items() if name.lower() != "cookie"}
             # Redirects come back to the page, so each hop is checked here again.
-            fetched = await route.fetch(max_redirects=0, timeout=self._timeout_ms)
+            fetched = await route.fetch(headers=headers, max_redirects=0, timeout=self._timeout_ms)
             await route.fulfill(response=fetched)
         except PlaywrightError as exc:
             log.debug("request %s from a computer failed: %s", url, exc)

@@ -277,3 +277,6 @@ async def test_a_computer_opens_and_screenshots_a_preview_that_refuses_everyone_
         assert (width, height) == (1280, 800) and len(png) > 1000
         # The page's own script cannot read the key: the cookie that carries it is HttpOnly.
         assert "dockyard" not in (await call(client, "computer_snapshot", computer_id=cid))["snapshot"]
+        # A second preview, opened after the first one's cookie is in the browser, gets its own key.
+        _, other = await serve_page(client)
+        assert (await call(client, "computer_navigate", computer_id=cid, url=other))["title"] == "Ledger of A"
