@@ -122,7 +122,8 @@ def _preview_gate(secret: str, host_port: int) -> relays.Gate:
         if linked:
             if not holds(linked[0]):
                 return relays.answer(403, "Forbidden", "wrong preview key\n")
-            back = urlunsplit(("", "", parts.path or "/", urlsplit(without_key(head.target)).query, ""))
+            # One leading slash: "//host/..." would send the browser to another host.
+            back = urlunsplit(("", "", "/" + parts.path.lstrip("/"), urlsplit(without_key(head.target)).query, ""))
             return relays.answer(303, "See Other", "", f"Location: {back}",
                                  f"Set-Cookie: {cookie}={secret}; Path=/; HttpOnly; SameSite=Strict")
         shown = [_cookies(head).get(cookie), relays.bearer_of(head)]
@@ -147,7 +148,8 @@ def _strip(head: RequestHead, secret: str) -> RequestHead:
 
     def keep(name: str, value: str) -> bool:
         scheme, _, token = value.strip().partition(" ")
-        is_key = name.lower() == "authorization" and scheme.lower() == "bearer" and token.strip() == secret
+        is_key = name.lower() == "authorization" and scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), secret.encode())
         return not is_key and name.lower() != "cookie"
 
     others = "; ".join(pair.strip() for value in head.values("cookie") for pair in value.split(";")
