@@ -320,10 +320,9 @@ class SandboxService:
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._owned(who, sandbox_id, "sandbox.expose_port")
         async with self._audit.record(who, "sandbox.expose_port", sandbox_id, port=port) as rec:
-            host_port = await self.ports.open(row.container_id, port)
-            url = f"http://127.0.0.1:{host_port}/"
-            rec.detail["url"] = url
-        return PortInfo(sandbox_id=sandbox_id, port=port, url=url)
+            exposed = await self.ports.open(row.container_id, port)
+            rec.detail["host_port"] = exposed.host_port  # not the URL: it carries the preview's key
+        return PortInfo(sandbox_id=sandbox_id, port=port, url=exposed.url)
 
     async def snapshot(self, who: Identity, sandbox_id: str, label: str | None) -> SnapshotInfo:
         """Save /workspace and the home directory, consistent: the sandbox is paused meanwhile."""
@@ -530,7 +529,7 @@ class SandboxService:
             created_at=row.created_at,
             expires_at=row.expires_at,
             from_snapshot=row.from_snapshot,
-            ports={port: f"http://127.0.0.1:{host}/" for port, host in ports.items()},
+            ports={port: exposed.url for port, exposed in ports.items()},
         )
 
 
