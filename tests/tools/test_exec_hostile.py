@@ -146,3 +146,17 @@ async def test_a_detached_fork_bomb_dies_at_its_timeout_and_leaves_every_slot_fr
     assert (await sh(client, sandbox_id, "echo ok"))["stdout"] == "ok\n"
     assert await survivors(client, sandbox_id, "b.sh") == []
     assert sandbox_row(settings, sandbox_id).status == SandboxStatus.RUNNING
+
+
+async def test_a_command_is_the_kernels_first_pick_for_memory_and_yields_the_cpu_to_the_supervisor(
+    client: Client,
+) -> None:
+    """What a command starts is killed for memory before the supervisor and runs behind it."""
+    sandbox_id = await create(client)
+    probe = (
+        "sleep 30 & echo $(cat /proc/self/oom_score_adj) $(ps -o ni= -p $!) "
+        "$(cat /proc/$(pgrep -o -f supervisor.py)/oom_score_adj)"
+    )
+    command, child_nice, supervisor = (await sh(client, sandbox_id, probe, timeout_s=5))["stdout"].split()
+    assert (int(command), int(child_nice)) == (1000, 10)
+    assert int(supervisor) < int(command)
