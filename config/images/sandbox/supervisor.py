@@ -75,6 +75,7 @@ import sys
 import time
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
+import confined  # noqa: E402
 import helper  # noqa: E402
 
 PROTOCOL = 1
@@ -486,13 +487,13 @@ class Supervisor:
         try:
             with as_user(user):
                 if kind == "read":
-                    answer, data = helper.read_file(str(obj["path"]), int(obj["max_bytes"]))
+                    answer, data = confined.read_file(str(obj["path"]), int(obj["max_bytes"]))
                 elif kind == "write":
-                    answer = helper.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
+                    answer = confined.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
                 else:
-                    answer = helper.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
-        except (helper.Refused, OSError) as exc:
-            answer = helper.refusal(exc)
+                    answer = confined.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
+        except (confined.Refused, OSError) as exc:
+            answer = confined.refusal(exc)
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": "invalid", "message": f"bad {kind} request: {exc}"}
         await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
