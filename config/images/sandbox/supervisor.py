@@ -41,6 +41,8 @@ Requests carry an "id" chosen by the server, unique on its connection:
       On timeout, kill or a closed connection, the command and everything it started
       (its session, its descendants, whatever carries its token) is frozen, then killed.
   read {path, max_bytes, user?} -> result + the file's bytes
+      (read, write and list walk the path inside /workspace without following a symlink out;
+      see confined.py for how, and for how a listing shows names that are not UTF-8)
   write {path, mode, user?} + bytes -> result
   list {path, recursive, max_entries, user?} -> result
   reset {} / verify {} -> result (the helper's answer, run as `agent`; reset first stops every
