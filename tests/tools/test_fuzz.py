@@ -1,7 +1,7 @@
 """Every tool of the server, fuzzed with random and adversarial arguments through the official client.
 
 The arguments come from each tool's own input schema (as the client lists it), mixed with odd
-values: control characters, lone surrogates, paths out of /workspace, huge and negative numbers,
+values: control characters, escapes, paths out of /workspace, huge and negative numbers,
 wrong types, missing and unknown fields, and ids that name live objects (a sandbox with odd
 files in it, a team with a member and a task, a running dispatch, a snapshot, a token), objects
 that are gone, objects of another kind, and nothing at all. Every failure must be a ToolError
