@@ -20,7 +20,7 @@ ODD_STRINGS: list[str] = [
 ]
 PATHS: list[str] = [
     "hello.txt", "dir", "dir/sub/f", "dir/sub", "new/deeper/file.txt", "fifo", "sock", "link_out", "link_out/passwd",
-    "link_in", "loop", "up", "up/etc/passwd", "two\nlines", "caf\\xe9", "café", "../etc/passwd", "/etc/passwd",
+    "link_in", "loop", "here", "here/here/hello.txt", "dir/sub/../sub", "up", "up/etc/passwd", "two\nlines", "caf\\xe9", "café", "../etc/passwd", "/etc/passwd",
     "/workspace", "/workspace/hello.txt", "/workspace/../etc", "a/../../x", ".", "./", "//", "dir//sub///f",
     "hello.txt/x", " hello.txt ", "/proc/self/status", "/tmp/x", "~/x", "a" * 255, "a" * 256, ("d/" * 200) + "f",
 ]

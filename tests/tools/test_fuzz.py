@@ -41,7 +41,7 @@ ODD_FILES = (
     "echo hello > hello.txt && mkdir -p dir/sub && echo deep > dir/sub/f && "
     "touch \"$(printf 'caf\\351')\" \"$(printf 'two\\nlines')\" && mkfifo fifo && "
     "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('sock')\" && "
-    "ln -s /etc link_out && ln -s hello.txt link_in && ln -s loop loop && ln -s ../.. up"
+    "ln -s /etc link_out && ln -s hello.txt link_in && ln -s loop loop && ln -s ../.. up && ln -s . here"
 )
 
 

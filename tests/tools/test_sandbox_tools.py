@@ -224,3 +224,6 @@ async def test_symlinks_inside_workspace_are_followed_and_reported_by_their_targ
     assert written["path"] == "sub/new/g"
     assert (await sh(client, sid, "cat sub/new/g"))["stdout"] == "g"
     assert "outside /workspace" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="sub/out")
+    await sh(client, sid, "ln -s . sub/here")
+    assert (await call(client, "sandbox_list_files", sandbox_id=sid, path="sub/here"))["path"] == "sub"
+    assert "'sub/here' is a directory" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="sub/here")

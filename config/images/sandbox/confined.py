@@ -111,7 +111,7 @@ class _Walk:
         self.path = path
         self.fds = [os.open(ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
         self.names = []
-        self.leaf = None  # the last name, in self.dir; None when the path is /workspace itself
+        self.leaf = None  # the last name, in self.dir; None when the path ends at a directory held (/workspace, or a link to '.')
         self.info = None  # its lstat, None when it does not exist
         try:
             self._walk(_parts(path), make_dirs)
@@ -225,7 +225,7 @@ def read_file(path, max_bytes):
     """Up to `max_bytes` of a regular file: (answer, bytes)."""
     with _Walk(path) as walk:
         if walk.leaf is None:
-            raise Refused("not_file", f"'{path}' is /workspace itself, a directory; give a file under it")
+            raise Refused("not_file", f"'{path}' is a directory; call sandbox_list_files to see what it holds")
         if walk.info is None:
             raise Refused("missing", f"'{path}' does not exist")
         _refuse_kind(path, walk.info, "file")
@@ -249,7 +249,7 @@ def write_file(path, mode, data):
     """Write `data` to `path` atomically (a temp file renamed over it); returns the answer."""
     with _Walk(path, make_dirs=True) as walk:
         if walk.leaf is None:
-            raise Refused("not_file", "give a file path under /workspace, not /workspace itself")
+            raise Refused("not_file", f"'{path}' is a directory; give the path of a file in it")
         if walk.info is not None:
             _refuse_kind(path, walk.info, "file")
         tmp = f".dockyard-write-{secrets.token_hex(8)}"
@@ -272,8 +272,8 @@ def list_files(path, recursive, max_entries):
     """Entries under a directory, breadth first and sorted by name, at most `max_entries`."""
     limit = int(max_entries)
     with _Walk(path) as walk:
-        if walk.leaf is None:
-            top = os.dup(walk.dir)
+        if walk.leaf is None:  # the directory the walk holds (O_PATH): open it for reading
+            top = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=walk.dir)
         elif walk.info is None:
             raise Refused("missing", f"'{path}' does not exist")
         elif not stat.S_ISDIR(walk.info.st_mode):
@@ -325,5 +325,6 @@ def refusal(exc):
     """The JSON answer for a refused or failed file operation."""
     if isinstance(exc, Refused):
         return {"ok": False, "error": exc.code, "message": str(exc)}
-    where = f" ({shown(os.fsdecode(exc.filename))[0]})" if exc.filename is not None else ""
+    name = exc.filename
+    where = f" ({shown(os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name))[0]})" if name is not None else ""
     return {"ok": False, "error": "io", "message": f"{exc.strerror or exc}{where}"}

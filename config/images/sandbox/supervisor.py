@@ -498,6 +498,8 @@ class Supervisor:
             answer = confined.refusal(exc)
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": "invalid", "message": f"bad {kind} request: {exc}"}
+        except Exception as exc:  # a bug in one operation must not take the control channel down
+            answer = {"ok": False, "error": "io", "message": f"the {kind} failed inside the sandbox ({type(exc).__name__})"}
         await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
 
     async def run_helper(self, conn, verb, obj):
