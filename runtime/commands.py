@@ -1,9 +1,11 @@
 """Running one command in a sandbox: streamed output, capped capture, a real kill at timeout.
 
-The sandbox's supervisor runs the command as the sandbox user in a new session, with a random
-`DOCKYARD_EXEC_ID` in its environment, and streams its output back over the control link. On
-timeout, cancel or a lost connection it freezes and kills every process of the command (its
-session, its descendants, whatever inherited the id), so nothing keeps running behind it.
+The sandbox's supervisor runs the command as the sandbox user in a new session, below a reaper
+of its own that every orphan of the command is re-parented to, and streams its output back
+over the control link. On timeout, cancel or a lost connection it freezes and kills everything
+below that reaper (however it detached: double forks, `setsid`, an emptied environment), so
+nothing keeps running behind it. When the kernel killed processes for memory while the command
+ran, its stderr ends with a note that says so.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ class _Streamer:
                 await self._callback(name, text)
 
 
+def _memory_note(ended: dict) -> str:
+    """A visible note when the kernel killed processes of the sandbox for memory meanwhile."""
+    kills = int(ended.get("oom_kills") or 0)
+    if not kills:
+        return ""
+    limit = f" (its limit is {ended['memory_mb']} MiB)" if ended.get("memory_mb") else ""
+    which = "1 process" if kills == 1 else f"{kills} processes"
+    return (f"\n[dockyard: the sandbox ran out of memory{limit}; the kernel killed {which} "
+            "while this command ran (exit code 137 means the command itself was one)]")
+
+
 async def run_command(
     link: Link,
     argv: list[str],
@@ -149,7 +162,7 @@ async def run_command(
     return ExecResult(
         exit_code=TIMEOUT_EXIT_CODE if timed_out else int(ended.get("code") if ended.get("code") is not None else -1),
         stdout=captures[1].text(),
-        stderr=captures[2].text(),
+        stderr=captures[2].text() + _memory_note(ended),
         timed_out=timed_out,
         truncated=any(c.dropped for c in captures.values()),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),

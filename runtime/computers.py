@@ -3,11 +3,12 @@
 A computer is a runtime of a `computer` template claimed from the pool, so a claim hands over a
 browser that is already running. The container has no network at all: the server reaches the
 browser over the Chrome DevTools Protocol through a unix socket in a host directory (relayed to
-a loopback port for Playwright), and every request the page makes is intercepted. A request to
-a preview that one of the same workspace's sandboxes exposes (`sandbox_expose_port`) is fetched
-by the server and handed to the page; anything else is refused. So a computer cannot reach
-another workspace's runtimes, this machine's services (dockyard's own port included) or a cloud
-metadata address, and `file://` and other schemes are refused before the browser sees them.
+a loopback port for Playwright, behind a bearer token only this server knows), and every request
+the page makes is intercepted. A request to a preview that one of the same workspace's sandboxes
+exposes (`sandbox_expose_port`) is fetched by the server with that preview's key and handed to
+the page; anything else is refused. So a computer cannot reach another workspace's runtimes,
+this machine's services (dockyard's own port included) or a cloud metadata address, and
+`file://` and other schemes are refused before the browser sees them.
 
 A computer is never reused: when it is destroyed, its container goes, and the pool starts a
 fresh one, so no cookie, storage or history outlives its owner. Each computer is its own
@@ -24,7 +25,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,15 +37,16 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime import relays
 from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
+from dockyard.runtime.ports import Exposed, cookie_name, without_key
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.runs import tree_limit
 from dockyard.runtime.sandboxes import SandboxService, running_limits
 from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Computer, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
-from dockyard.runtime.supervisor import connect_unix
 
 __all__ = ["ComputerService", "ComputerNotFoundError", "ComputerActionError"]
 
@@ -188,6 +190,7 @@ class ComputerService:
     async def navigate(self, who: Identity, computer_id: str, url: str) -> PageState:
         """Open `url` (a preview of one of the workspace's sandboxes, or about:blank)."""
         row = await self._owned(who, computer_id, "computer.navigate")
+        url = without_key(url)  # the server shows a preview its key itself: the page's address and the audit stay clean
         async with self._audit.record(who, "computer.navigate", computer_id, url=url[:2000]) as rec:
             if url != "about:blank":
                 scheme = urlsplit(url).scheme.lower()
@@ -326,11 +329,15 @@ class ComputerService:
         socket = self._provisioner.cdp_socket(row.runtime_id)
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        relay = await self._tg.start(_serve_relay, listener, socket)
+        # Any local user can connect to the loopback relay: it admits only this server's token,
+        # which Playwright sends on the /json/version request and on the WebSocket upgrade.
+        token = secrets.token_urlsafe(24)
+        relay = await self._tg.start(relays.serve, listener, relays.bearer_gate(token), relays.to_unix(socket))
         try:
-            browser = await self._playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}", timeout=_CONNECT_TIMEOUT_MS)
+            browser = await self._playwright.chromium.connect_over_cdp(
+                f"http://127.0.0.1:{port}", timeout=_CONNECT_TIMEOUT_MS, headers={"Authorization": f"Bearer {token}"})
             context = await browser.new_context(viewport={"width": row.width, "height": row.height}, service_workers="block")
-            await context.route("**/*", lambda route: self._route(row.workspace_id, route))
+            await context.route("**/*", lambda route: self._route(row.workspace_id, context, route))
             page = await context.new_page()
         except PlaywrightError as exc:
             relay.cancel()
@@ -350,15 +357,22 @@ class ComputerService:
             pass
         live.relay.cancel()
 
-    async def _route(self, workspace_id: str, route: Route) -> None:
+    async def _route(self, workspace_id: str, context: BrowserContext, route: Route) -> None:
         """Serve a page's request if it is for one of the workspace's previews; refuse the rest."""
         url = route.request.url
         try:
-            if await self._preview(workspace_id, url) is None:
+            exposed = await self._preview(workspace_id, url)
+            if exposed is None:
                 await route.abort("blockedbyclient")
                 return
+            # The browser's Cookie header may predate this preview's key, so it is left out and the
+            # fetch takes the context's cookies instead: the key among them, set again each time
+            # so a page's own Set-Cookie cannot displace it.
+            await context.add_cookies([{"name": cookie_name(exposed.host_port), "value": exposed.secret, "httpOnly": True,
+                                        "url": f"http://{urlsplit(url).hostname}:{exposed.host_port}/", "sameSite": "Strict"}])
+            headers = {name: value for name, value in route.request.headers.items() if name.lower() != "cookie"}
             # Redirects come back to the page, so each hop is checked here again.
-            fetched = await route.fetch(max_redirects=0, timeout=self._timeout_ms)
+            fetched = await route.fetch(headers=headers, max_redirects=0, timeout=self._timeout_ms)
             await route.fulfill(response=fetched)
         except PlaywrightError as exc:
             log.debug("request %s from a computer failed: %s", url, exc)
@@ -367,17 +381,17 @@ class ComputerService:
             except PlaywrightError:
                 pass
 
-    async def _preview(self, workspace_id: str, url: str) -> str | None:
-        """The sandbox whose exposed port `url` is, if it belongs to `workspace_id`."""
+    async def _preview(self, workspace_id: str, url: str) -> Exposed | None:
+        """The exposed port `url` is, if it is one of `workspace_id`'s sandboxes'."""
         parts = urlsplit(url)
         if parts.scheme != "http" or (parts.hostname or "") not in _PREVIEW_HOSTS or parts.port is None:
             return None
-        container_id = self._ports.container_of(parts.port)
-        if container_id is None:
+        exposed = self._ports.exposed(parts.port)
+        if exposed is None:
             return None
         sandbox = await self._store.run(lambda s: s.exec(select(Sandbox).where(
-            Sandbox.container_id == container_id, Sandbox.status == SandboxStatus.RUNNING)).first())
-        return sandbox.id if sandbox is not None and sandbox.workspace_id == workspace_id else None
+            Sandbox.container_id == exposed.container_id, Sandbox.status == SandboxStatus.RUNNING)).first())
+        return exposed if sandbox is not None and sandbox.workspace_id == workspace_id else None
 
     async def _element(self, page: Page, ref: str) -> Any:
         if not _REF.match(ref):
@@ -472,34 +486,6 @@ class _PageLease:
     async def __aexit__(self, *exc: object) -> None:
         assert self._live is not None
         self._live.lock.release()
-
-
-async def _serve_relay(
-    listener: anyio.abc.Listener[anyio.abc.SocketStream], socket: Path, *, task_status: anyio.abc.TaskStatus[anyio.CancelScope]
-) -> None:
-    """Relay each loopback connection to the browser's CDP unix socket."""
-
-    async def relay(client: anyio.abc.SocketStream) -> None:
-        try:
-            async with client, await connect_unix(socket) as upstream:
-                async with anyio.create_task_group() as tg:
-
-                    async def pump(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
-                        try:
-                            async for chunk in source:
-                                await sink.send(chunk)
-                        finally:
-                            tg.cancel_scope.cancel()
-
-                    tg.start_soon(pump, client, upstream)
-                    tg.start_soon(pump, upstream, client)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            log.debug("CDP relay to %s ended: %s", socket, exc)
-
-    with anyio.CancelScope() as scope:
-        task_status.started(scope)
-        async with listener:
-            await listener.serve(relay)
 
 
 async def _settle(page: Page) -> None:

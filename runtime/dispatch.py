@@ -27,7 +27,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, func, or_, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError, QuotaExceededError
@@ -93,16 +93,17 @@ class DispatchService:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Mark what a crash interrupted, start what was queued, then hold the runs' tasks."""
 
-        def recover(session: Session) -> tuple[list[Dispatch], list[Dispatch]]:
+        def recover(session: Session) -> tuple[list[tuple[Dispatch, str]], list[Dispatch]]:
             for row in session.exec(select(Dispatch).where(Dispatch.status == DispatchStatus.RUNNING)).all():
                 row.status, row.finished_at, row.error = DispatchStatus.INTERRUPTED, utcnow(), _INTERRUPTED
                 session.add(row)
             session.flush()
-            # Finished remote dispatches whose sandbox is still held (dockyard stopped before it
-            # was given back): it goes back to the pool now.
-            held = select(Dispatch).join(Sandbox, col(Sandbox.id) == col(Dispatch.sandbox_id)).where(
-                col(Dispatch.status).in_(DispatchStatus.FINAL), Dispatch.mode != "local", Sandbox.status == SandboxStatus.RUNNING
-            )
+            # Sandboxes a finished dispatch made and still holds (dockyard stopped before they were
+            # given back: its remote sandbox, the shared or each member's of a team): they go
+            # back to the pool now. A local dispatch's sandbox is its caller's and stays.
+            held = select(Dispatch, Sandbox.id).join(
+                Sandbox, or_(col(Sandbox.id) == col(Dispatch.sandbox_id), col(Sandbox.run_id) == col(Dispatch.id))
+            ).where(col(Dispatch.status).in_(DispatchStatus.FINAL), Dispatch.mode != "local", Sandbox.status == SandboxStatus.RUNNING)
             interrupted = list(session.exec(held).all())
             queued = list(session.exec(select(Dispatch).where(Dispatch.status == DispatchStatus.QUEUED)).all())
             return interrupted, queued
@@ -110,21 +111,19 @@ class DispatchService:
         interrupted, queued = await self._store.run(recover)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            for row in interrupted:
-                tg.start_soon(self._free, row)
+            for row, sandbox_id in interrupted:
+                tg.start_soon(self._free, row, sandbox_id)
             for row in queued:
                 self._start(row)
             task_status.started()
             await anyio.sleep_forever()
 
-    async def _free(self, row: Dispatch) -> None:
-        """Give back the sandbox a finished remote dispatch still holds."""
-        if row.mode == "local" or row.sandbox_id is None:
-            return
+    async def _free(self, row: Dispatch, sandbox_id: str) -> None:
+        """Give back a sandbox a finished dispatch made and still holds."""
         try:
-            await self._sandboxes.destroy(_runner_identity(row), row.sandbox_id)
+            await self._sandboxes.destroy(_runner_identity(row), sandbox_id)
         except DockyardError as exc:
-            log.info("sandbox %s of interrupted dispatch %s: %s", row.sandbox_id, row.id, exc)
+            log.info("sandbox %s of interrupted dispatch %s: %s", sandbox_id, row.id, exc)
 
     # -- dispatch ---------------------------------------------------------------------
 

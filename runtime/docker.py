@@ -11,9 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import struct
+import tarfile
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
@@ -24,7 +28,7 @@ import httpx
 import docker.errors
 import requests.exceptions
 
-from dockyard.runtime.errors import BackendError, DockerUnavailableError
+from dockyard.runtime.errors import BackendError, DockerUnavailableError, SizeLimitError, TimeLimitError
 
 __all__ = ["ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel", "STDERR", "STDOUT"]
 
@@ -56,6 +60,7 @@ class ContainerSpec:
     read_only: bool = True
     cap_add: list[str] = field(default_factory=list)
     binds: dict[str, str] = field(default_factory=dict)  # host directory -> path inside
+    runtime: str | None = None  # the OCI runtime registered with Docker (e.g. runsc); None: Docker's default
 
 
 _UNREACHABLE = (
@@ -141,6 +146,8 @@ class DockerBackend:
         self._client: docker.DockerClient | None = None
         # Exec and archive calls are many and short; give them room beyond anyio's default pool.
         self._limiter = anyio.CapacityLimiter(64)
+        self._pausing: set[str] = set()  # containers this process paused (for a snapshot)
+        self._paused_outside: set[str] = set()  # containers seen paused by someone else
 
     @property
     def client(self) -> docker.DockerClient:
@@ -163,6 +170,11 @@ class DockerBackend:
         """The daemon's version document (also a reachability check)."""
         return await self._run(lambda: self.client.version())
 
+    async def oci_runtimes(self) -> tuple[str, list[str]]:
+        """Docker's default OCI runtime and every runtime registered with it."""
+        info = await self._run(lambda: self.client.info())
+        return str(info.get("DefaultRuntime", "runc")), sorted(info.get("Runtimes") or {})
+
     # -- containers ---------------------------------------------------------------------
 
     async def run_container(self, spec: ContainerSpec) -> str:
@@ -184,6 +196,7 @@ class DockerBackend:
                 tmpfs=spec.tmpfs,
                 network_mode=spec.network,
                 ipc_mode="private",
+                runtime=spec.runtime,
             )
             created = api.create_container(
                 spec.image,
@@ -224,10 +237,35 @@ class DockerBackend:
         await self._run(self.client.api.start, container_id)
 
     async def pause(self, container_id: str) -> None:
-        await self._run(self.client.api.pause, container_id)
+        """Freeze a container; it counts as paused by dockyard until `unpause`."""
+        self._pausing.add(container_id)
+        try:
+            await self._run(self.client.api.pause, container_id)
+        except BaseException:
+            self._pausing.discard(container_id)
+            raise
 
     async def unpause(self, container_id: str) -> None:
         await self._run(self.client.api.unpause, container_id)
+        self._pausing.discard(container_id)
+
+    def paused_here(self, container_id: str) -> bool:
+        """Whether this process paused the container (a snapshot), as opposed to someone outside."""
+        return container_id in self._pausing
+
+    def seen_paused(self, container_id: str, paused: bool) -> bool:
+        """Record whether the container was seen paused by someone else; True when that is news."""
+        if paused and container_id not in self._pausing:
+            if container_id in self._paused_outside:
+                return False
+            self._paused_outside.add(container_id)
+            return True
+        self._paused_outside.discard(container_id)
+        return False
+
+    def paused_outside(self, container_id: str) -> bool:
+        """Whether the container is frozen by someone other than dockyard (`docker pause`)."""
+        return container_id in self._paused_outside
 
     async def update_limits(self, container_id: str, cpus: float, memory_mb: int) -> None:
         """Change a running container's CPU quota and memory limit (swap kept equal to it)."""
@@ -258,6 +296,14 @@ class DockerBackend:
             return False
         return bool(info["State"].get("Running"))
 
+    async def state(self, container_id: str) -> str | None:
+        """The container's status now ("running", "paused", "exited", ...), None once it is gone."""
+        try:
+            info = await self._run(self.client.api.inspect_container, container_id)
+        except ContainerGoneError:
+            return None
+        return str(info["State"].get("Status"))
+
     async def logs_tail(self, container_id: str, lines: int) -> str:
         """The container's last output lines (stdout and stderr), to say why it stopped."""
         try:
@@ -279,15 +325,10 @@ class DockerBackend:
     async def events(self, labels: dict[str, str], actions: list[str]) -> AsyncIterator[dict[str, Any]]:
         """Yield the daemon's container events for containers carrying these labels, as they happen."""
         filters = {"type": ["container"], "label": [f"{k}={v}" for k, v in labels.items()], "event": actions}
-        url = urlparse(self._host)
-        if url.scheme == "unix":
-            transport, base = httpx.AsyncHTTPTransport(uds=url.path), "http://docker"
-        else:
-            transport, base = httpx.AsyncHTTPTransport(), f"http://{url.hostname}:{url.port or 2375}"
         version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
         try:
             async with (
-                httpx.AsyncClient(transport=transport, base_url=base, timeout=None) as http,
+                self._http() as http,
                 http.stream("GET", f"/v{version}/events", params={"filters": json.dumps(filters)}) as response,
             ):
                 if response.status_code != 200:
@@ -297,6 +338,13 @@ class DockerBackend:
                         yield json.loads(line)
         except httpx.TransportError as exc:
             raise DockerUnavailableError(_UNREACHABLE) from exc
+
+    def _http(self) -> httpx.AsyncClient:
+        """An async HTTP client of the Engine API, for streams a caller must be able to cut short."""
+        url = urlparse(self._host)
+        if url.scheme == "unix":
+            return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=url.path), base_url="http://docker", timeout=None)
+        return httpx.AsyncClient(base_url=f"http://{url.hostname}:{url.port or 2375}", timeout=None)
 
     async def list_containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         """Every container (running or not) carrying all of these labels."""
@@ -378,28 +426,58 @@ class DockerBackend:
         """Extract a tar archive at `path` inside the container."""
         await self._run(self.client.api.put_archive, container_id, path, data)
 
-    async def get_archive_to(self, container_id: str, path: str, sink: BinaryIO) -> int:
-        """Stream a tar of `path` inside the container into `sink`; returns bytes written."""
+    async def get_archive_to(
+        self, container_id: str, path: str, sink: BinaryIO, *, limit: int | None = None, deadline: float | None = None
+    ) -> int:
+        """Stream a tar of `path` inside the container into `sink`; returns bytes written.
 
-        def copy() -> int:
-            chunks, _ = self.client.api.get_archive(container_id, path)
-            written = 0
-            for chunk in chunks:
-                sink.write(chunk)
-                written += len(chunk)
-            return written
-
-        return await self._run(copy)
+        Stops with a SizeLimitError past `limit` bytes, or a TimeLimitError past `deadline`
+        (a `time.monotonic()` value), holding one chunk in memory at a time. Stopping closes the
+        connection, so the daemon ends the copy at once and the container is free again."""
+        version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
+        written = 0
+        try:
+            with anyio.fail_after(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                async with (
+                    self._http() as http,
+                    http.stream(
+                        "GET", f"/v{version}/containers/{container_id}/archive", params={"path": path},
+                        headers={"Accept-Encoding": "identity"},  # a plain tar, as it is restored
+                    ) as response,
+                ):
+                    if response.status_code != 200:
+                        message = (await response.aread()).decode(errors="replace").strip()
+                        if response.status_code == 404:
+                            raise ContainerGoneError(f"docker: {message}")
+                        raise BackendError(f"docker: the archive of {path} was refused ({response.status_code}): {message}")
+                    async for chunk in response.aiter_raw(1 << 20):
+                        written += len(chunk)
+                        if limit is not None and written > limit:
+                            raise SizeLimitError(f"the archive of {path} is over {limit} bytes")
+                        await anyio.to_thread.run_sync(sink.write, chunk)
+        except TimeoutError:
+            raise TimeLimitError(f"the archive of {path} took too long") from None
+        except httpx.TransportError as exc:
+            raise DockerUnavailableError(_UNREACHABLE) from exc
+        return written
 
     # -- networks -----------------------------------------------------------------------
 
-    async def ensure_network(self, name: str, labels: dict[str, str], *, internal: bool) -> None:
-        """Create a bridge network unless one of that name exists."""
+    async def ensure_network(self, name: str, labels: dict[str, str], *, internal: bool, bridge: str) -> None:
+        """Create a bridge network (its host interface named `bridge`) unless one of that name exists."""
 
         def ensure() -> None:
-            if self.client.api.networks(names=[name]):
+            # Docker's name filter matches parts of names too: only an exact one counts.
+            if any(net["Name"] == name for net in self.client.api.networks(names=[name])):
                 return
-            self.client.api.create_network(name, driver="bridge", internal=internal, labels=labels)
+            try:
+                self.client.api.create_network(
+                    name, driver="bridge", internal=internal, labels=labels,
+                    options={"com.docker.network.bridge.name": bridge},
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: made a moment ago by a claim racing this one
+                    raise
 
         await self._run(ensure)
 
@@ -431,6 +509,37 @@ class DockerBackend:
 
     async def pull(self, ref: str) -> None:
         await self._run(self.client.api.pull, ref)
+
+    async def image_id(self, tag: str) -> str:
+        """The id of a local image."""
+        info = await self._run(self.client.api.inspect_image, tag)
+        return str(info["Id"])
+
+    async def export_paths(self, image: str, paths: list[str], target: Path, labels: dict[str, str]) -> None:
+        """Write one tar of `paths` as the image has them (owners and modes included) to
+        `target`, from a container that is created and removed without ever starting."""
+
+        def export() -> None:
+            api = self.client.api
+            container_id = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
+            partial = target.with_suffix(".partial")
+            try:
+                with tarfile.open(partial, "w") as out:
+                    for path in paths:
+                        chunks, _stat = api.get_archive(container_id, path)
+                        with tempfile.TemporaryFile() as raw:
+                            for chunk in chunks:
+                                raw.write(chunk)
+                            raw.seek(0)
+                            with tarfile.open(fileobj=raw) as part:
+                                for member in part.getmembers():
+                                    out.addfile(member, part.extractfile(member) if member.isfile() else None)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+                api.remove_container(container_id, force=True, v=True)
+
+        await self._run(export)
 
     async def tag(self, image: str, repository: str, tag: str) -> None:
         await self._run(self.client.api.tag, image, repository, tag, force=True)

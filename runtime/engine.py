@@ -102,6 +102,7 @@ class Engine:
             teams=TeamService(settings, store, audit, sandboxes, tokens),
             computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
         )
+        await sandboxes.sweep_partial_snapshots()
         try:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)
@@ -124,6 +125,7 @@ class Engine:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await provisioner.guard.close(networks_left=await _networks_left(docker, provisioner))
                 await docker.close()
                 await store.close()
 
@@ -138,6 +140,10 @@ class Engine:
                 await upkeep.reconcile()
                 for network in await self.docker.list_networks(self.provisioner.labels):
                     await self.docker.remove_network_if_unused(network["Name"])
+                if await self.docker.list_networks(self.provisioner.labels):
+                    # sandboxes adopted on their networks are guarded again at once (the
+                    # rules may be gone after a reboot or a firewall reload)
+                    await self.provisioner.guard.ensure("workspace")
             except DockyardError as exc:
                 log.warning("start-up reconciliation skipped: %s", exc)
 
@@ -157,3 +163,11 @@ class Engine:
                 await self.computers.reap_expired()
             except BackendError as exc:
                 log.warning("expiry sweep failed: %s", exc)
+
+
+async def _networks_left(docker: DockerBackend, provisioner: Provisioner) -> bool:
+    """Whether a network of this instance still exists (when Docker cannot say: assume so)."""
+    try:
+        return bool(await docker.list_networks(provisioner.labels))
+    except DockyardError:
+        return True

@@ -13,8 +13,10 @@ The tool layer passes that message on unchanged and hides everything else.
     ├── InvalidRequestError           input the schema cannot catch
     │   ├── PathOutsideWorkspaceError
     │   ├── SizeLimitError
+    │   ├── TimeLimitError            an operation ran past its configured time limit
     │   ├── EncodingError
     │   └── NetworkNotAllowedError
+    ├── SandboxPausedError            frozen from outside dockyard (`docker pause`); unpause it
     ├── AccessDeniedError             the caller's token does not allow this
     │   └── ScopeError                a scope the call needs is missing
     ├── CapacityError                 no room now; retry later or free something
@@ -49,10 +51,12 @@ __all__ = [
     "QuotaExceededError",
     "SandboxLostError",
     "SandboxNotFoundError",
+    "SandboxPausedError",
     "ScopeError",
     "SizeLimitError",
     "SnapshotNotFoundError",
     "TemplateNotFoundError",
+    "TimeLimitError",
 ]
 
 
@@ -76,6 +80,16 @@ class SandboxLostError(SandboxNotFoundError):
 
     def __init__(self, sandbox_id: str, reason: str) -> None:
         NotFoundError.__init__(self, f"sandbox '{sandbox_id}' was lost ({reason}); create a new one with sandbox_create")
+
+
+class SandboxPausedError(DockyardError):
+    """Raised for a sandbox whose container someone outside dockyard froze (`docker pause`)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(
+            f"sandbox '{sandbox_id}' is paused outside dockyard (docker pause), so nothing in it can run; "
+            "its /workspace is intact: unpause its container, or destroy it with sandbox_destroy"
+        )
 
 
 class SnapshotNotFoundError(NotFoundError):
@@ -102,6 +116,10 @@ class PathOutsideWorkspaceError(InvalidRequestError):
 
 class SizeLimitError(InvalidRequestError):
     """Raised when content is larger than the configured cap."""
+
+
+class TimeLimitError(InvalidRequestError):
+    """Raised when an operation (such as a snapshot of a large workspace) runs past its time limit."""
 
 
 class EncodingError(InvalidRequestError):

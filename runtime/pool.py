@@ -82,7 +82,7 @@ class PoolManager:
         pool = self._pool(template)
         started = time.perf_counter()
         deadline = time.monotonic() + (timeout_s or self._settings.claim_timeout_s)
-        needs_cold = network != pool.network
+        needs_cold = network != pool.network or network != "none"  # a network is the workspace's own
         while True:
             grant = await self._turn(pool, workspace_id, needs_cold, deadline)
             timed = timed_bind(_held_by(workspace_id, bind), started, grant.warm)
@@ -300,6 +300,10 @@ class PoolManager:
             reason = "recycling is off"
         elif reason is None and (tpl is None or row.network != tpl.network or row.container_id is None):
             reason = "it no longer matches its template"
+        elif reason is None and row.network != "none":
+            reason = "it is on its last owner's workspace network"
+        elif reason is None and self._provisioner.paused_outside(row.container_id):
+            reason = "it was paused outside dockyard, so it cannot be wiped"
         elif reason is None:
             assert row.container_id is not None and tpl is not None
             try:
@@ -329,6 +333,9 @@ class PoolManager:
 
     async def _add_warm(self, pool: Pool, runtime_id: str) -> None:
         async with pool.lock:
+            # one step: a runtime between "filling" and "warm" would count as neither, and a
+            # refill in that moment would start one too many
+            pool.filling.discard(runtime_id)
             pool.states[runtime_id] = RuntimeState.WARM
             pool.warm.append(runtime_id)
             self._serve(pool)
@@ -390,8 +397,6 @@ class PoolManager:
                 return
 
             await self._store.run(transition(runtime_id, RuntimeState.WARM, "ready", only_from=(RuntimeState.PROVISIONING,)))
-            async with pool.lock:
-                pool.filling.discard(runtime_id)
             await self._add_warm(pool, runtime_id)
         except DockyardError as exc:
             log.warning("could not provision a warm runtime for pool '%s': %s", pool.template, exc)
@@ -491,6 +496,13 @@ class PoolManager:
             return
         await self._store.run(end)
         await self._destroy(pool, row, reason, final=RuntimeState.LOST)
+
+    async def note(self, pool: Pool, runtime_id: str, reason: str) -> None:
+        """Record something about a runtime that changes nothing of its state (it stays where it is)."""
+        state = pool.states.get(runtime_id)
+        log.warning("runtime %s of pool %s: %s", runtime_id, pool.template, reason)
+        await self._store.add(PoolEvent(template=pool.template, runtime_id=runtime_id, from_state=state,
+                                        to_state=state or "unknown", reason=reason))
 
     async def replenish(self, pool: Pool) -> None:
         async with pool.lock:

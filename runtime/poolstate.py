@@ -72,8 +72,9 @@ class Pool:
 
     @property
     def prewarms(self) -> bool:
-        """Workspace-network runtimes need their owner to start, so such pools are not pre-warmed."""
-        return self.network != "workspace"
+        """A networked runtime is on its owner's workspace's own bridge, so it starts for its owner:
+        such pools are not pre-warmed."""
+        return self.network == "none"
 
 
 def new_runtime_id() -> str:

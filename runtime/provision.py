@@ -33,9 +33,11 @@ from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError, InvalidRequestError
 from dockyard.runtime.images import BuildState, ImageService
 from dockyard.runtime.settings import Settings, TemplateSettings
+from dockyard.runtime.disks import Disks
+from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
-__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "USER", "HOME", "Started"]
+__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "HOME", "Started"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ HOME = "/home/agent"
 # The sandbox image's users for members of a shared sandbox, one each (uids 1001..1016, group
 # `agent`): the server assigns them, the supervisor runs a member's commands as its own.
 MEMBER_USERS = tuple(f"m{i}" for i in range(1, 17))
+SANDBOX_UIDS = range(1000, 1000 + len(MEMBER_USERS) + 1)  # agent, then each member user
+SANDBOX_GID = 1000  # the group `agent`, which owns /workspace
 _CHECK_TIMEOUT_S = 30.0
 _READY_TIMEOUT_S = 30.0
 # What the supervisor needs to act as the sandbox user and to stop that user's processes.
@@ -79,6 +83,8 @@ class Provisioner:
         self._docker = docker
         self._images = images
         self.supervisors = supervisors
+        self.guard = NetworkGuard(instance)
+        self.disks = Disks(settings.data_dir / "disks", docker, instance)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -88,8 +94,23 @@ class Provisioner:
     def template(self, name: str) -> TemplateSettings:
         return self._settings.templates[name]
 
-    def workspace_network(self, workspace_id: str) -> str:
-        return f"dockyard-{self._instance}-ws-{workspace_id}"
+    async def _check_oci_runtime(self, template: str, wanted: str) -> None:
+        """Refuse, before anything is made, a template whose OCI runtime Docker does not have."""
+        _default, registered = await self._docker.oci_runtimes()
+        if wanted not in registered:
+            raise InvalidRequestError(
+                f"template '{template}' asks for the OCI runtime '{wanted}', which Docker here does not have "
+                f"(it has: {', '.join(registered)}); register it with Docker (see the README on runsc) "
+                "or use a template without `runtime`"
+            )
+
+    def paused_outside(self, container_id: str) -> bool:
+        """Whether someone outside dockyard froze the container (it cannot be wiped then)."""
+        return self._docker.paused_outside(container_id)
+
+    def workspace_network(self, workspace_id: str, mode: str = "workspace") -> str:
+        """The Docker network of one workspace's sandboxes on `mode` ('workspace' or 'internet')."""
+        return f"dockyard-{self._instance}-{'ws' if mode == 'workspace' else 'net'}-{workspace_id}"
 
     async def wait_image(self, template: str) -> str:
         """The template's image, built first if need be (however long that takes)."""
@@ -124,13 +145,20 @@ class Provisioner:
         self, runtime_id: str, template: str, image: str, network: str, workspace_id: str | None
     ) -> Started:
         tpl = self.template(template)
-        docker_network = {"none": "none", "internet": "bridge"}.get(network)
-        if docker_network is None:
+        docker_network = "none"
+        if network != "none":
+            # Each workspace has its own bridges, guarded from this host and private ranges.
             if workspace_id is None:
-                raise ValueError("a workspace-network runtime needs its workspace")
-            docker_network = self.workspace_network(workspace_id)
+                raise ValueError(f"a runtime on network '{network}' needs its workspace")
+            await self.guard.ensure(network)
+            docker_network = self.workspace_network(workspace_id, network)
             ws_labels = {**self.labels, "dockyard.workspace": workspace_id}
-            await self._docker.ensure_network(docker_network, ws_labels, internal=True)
+            await self._docker.ensure_network(
+                docker_network, ws_labels, internal=network == "workspace", bridge=self.guard.bridge_name(docker_network)
+            )
+        if tpl.runtime is not None:
+            await self._check_oci_runtime(template, tpl.runtime)
+        disk = await self.disks.create(runtime_id, image, tpl.disk_mb)
         spec = ContainerSpec(
             image=image,
             name=self._container_name(runtime_id),
@@ -147,13 +175,15 @@ class Provisioner:
             },
             env=dict(tpl.env),
             cap_add=_SUPERVISOR_CAPS,
-            binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT},
+            binds={str(self.supervisors.prepare(runtime_id)): CONTROL_MOUNT, **disk},
+            runtime=tpl.runtime,
         )
         try:
             container_id = await self._docker.run_container(spec)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.supervisors.discard(runtime_id, None)
+                await self.disks.remove(runtime_id)
             raise
         started = Started(image, container_id, spec.name, docker_network)
         try:
@@ -281,6 +311,7 @@ class Provisioner:
         if runtime_id:
             await self.supervisors.discard(runtime_id, container_id)
             shutil.rmtree(self._cdp_dir(runtime_id), ignore_errors=True)
+            await self.disks.remove(runtime_id)
 
     def sweep(self, live: set[str]) -> None:
         """Remove the host directories of runtimes that are no longer live (after a crash, say)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import shutil
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +24,12 @@ from dockyard.runtime.errors import (
     NetworkNotAllowedError,
     QuotaExceededError,
     SandboxLostError,
+    SandboxPausedError,
     SandboxNotFoundError,
+    SizeLimitError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
+    TimeLimitError,
 )
 from dockyard.runtime.files import WORKSPACE, FileOps, decode_content, workspace_path
 from dockyard.runtime.images import BuildState
@@ -38,8 +44,9 @@ from dockyard.runtime.models import (
 )
 from dockyard.runtime.pool import Bind, PoolManager
 from dockyard.runtime.ports import PortForwarder
-from dockyard.runtime.provision import HOME, USER
+from dockyard.runtime.provision import HOME, SANDBOX_GID, SANDBOX_UIDS, USER
 from dockyard.runtime.runs import tree_limit
+from dockyard.runtime.snapshotcheck import copy_checked
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
 from dockyard.runtime.store import Member, Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 from dockyard.runtime.supervisor import Supervisors
@@ -47,8 +54,12 @@ from dockyard.runtime.tokens import TokenService
 
 __all__ = ["SandboxService"]
 
+log = logging.getLogger(__name__)
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BuildNotify = Callable[[BuildState], Awaitable[None]]
+_TARS = {"workspace.tar": WORKSPACE, "home.tar": HOME}  # a snapshot's files, and where each goes
+_RESTORING = ".restoring-"  # a checked copy of a snapshot being restored, in the snapshots dir
 
 
 class SandboxService:
@@ -130,19 +141,25 @@ class SandboxService:
                     )
                 )
 
-            lease = await self._pools.claim(name, who.workspace_id, bind, network=spec_network, notify=notify)
+            # checked before anything is claimed: a snapshot that fails the check holds nothing
+            checked = await self._checked_copy(snapshot) if snapshot is not None else None
             try:
-                if (cpus, memory_mb) != (lease.runtime.cpus, lease.runtime.memory_mb):
-                    await self._pools.resize(lease.runtime.id, cpus, memory_mb)
-                if snapshot is not None:
-                    await self._restore(lease.runtime.container_id or "", Path(snapshot.path))
-                expires = utcnow() + timedelta(seconds=ttl) if ttl else None
-                await self._tokens.mint_for_sandbox(who, sandbox_id, expires)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._tokens.revoke_sandbox(sandbox_id, "its creation failed")
-                    await self._pools.release(lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed")
-                raise
+                lease = await self._pools.claim(name, who.workspace_id, bind, network=spec_network, notify=notify)
+                try:
+                    if (cpus, memory_mb) != (lease.runtime.cpus, lease.runtime.memory_mb):
+                        await self._pools.resize(lease.runtime.id, cpus, memory_mb)
+                    if checked is not None:
+                        await self._restore(lease.runtime.container_id or "", checked)
+                    expires = utcnow() + timedelta(seconds=ttl) if ttl else None
+                    await self._tokens.mint_for_sandbox(who, sandbox_id, expires)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._tokens.revoke_sandbox(sandbox_id, "its creation failed")
+                        await self._pools.release(lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed")
+                    raise
+            finally:
+                if checked is not None:
+                    await anyio.to_thread.run_sync(shutil.rmtree, checked, True)
             row = await self._store.get(Sandbox, sandbox_id)
             assert row is not None
             rec.detail.update(
@@ -303,10 +320,9 @@ class SandboxService:
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._owned(who, sandbox_id, "sandbox.expose_port")
         async with self._audit.record(who, "sandbox.expose_port", sandbox_id, port=port) as rec:
-            host_port = await self.ports.open(row.container_id, port)
-            url = f"http://127.0.0.1:{host_port}/"
-            rec.detail["url"] = url
-        return PortInfo(sandbox_id=sandbox_id, port=port, url=url)
+            exposed = await self.ports.open(row.container_id, port)
+            rec.detail["host_port"] = exposed.host_port  # not the URL: it carries the preview's key
+        return PortInfo(sandbox_id=sandbox_id, port=port, url=exposed.url)
 
     async def snapshot(self, who: Identity, sandbox_id: str, label: str | None) -> SnapshotInfo:
         """Save /workspace and the home directory, consistent: the sandbox is paused meanwhile."""
@@ -382,6 +398,8 @@ class SandboxService:
             raise SandboxLostError(sandbox_id, row.end_reason or "its container is gone")
         if row.status != SandboxStatus.RUNNING:
             raise SandboxNotFoundError(sandbox_id)
+        if self._docker.paused_outside(row.container_id) and action != "sandbox.destroy":
+            raise SandboxPausedError(sandbox_id)
         return row
 
     async def _owned_snapshot(self, who: Identity, snapshot_id: str) -> Snapshot:
@@ -397,20 +415,75 @@ class SandboxService:
         await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
 
     async def _archive(self, container_id: str, folder: Path) -> int:
+        """Stream /workspace and the home into `folder`, paused, bounded in size and time.
+
+        The folder counts as a snapshot only once its row is written: one left without a row
+        (a failure, or a crash mid-way) is removed, here or by `sweep_partial_snapshots`."""
+        limits = self._limits
         folder.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + limits.snapshot_timeout_s
         await self._docker.pause(container_id)
         try:
             size = 0
-            for name, path in (("workspace.tar", WORKSPACE), ("home.tar", HOME)):
+            for name, path in _TARS.items():
                 with open(folder / name, "wb") as sink:
-                    size += await self._docker.get_archive_to(container_id, f"{path}/.", sink)
+                    try:
+                        size += await self._docker.get_archive_to(
+                            container_id, f"{path}/.", sink, limit=limits.snapshot_max_bytes - size, deadline=deadline
+                        )
+                    except SizeLimitError:
+                        raise SizeLimitError(
+                            f"the snapshot is over its limit of {limits.snapshot_max_bytes} bytes (sandbox.snapshot_max_bytes); "
+                            "remove what need not be kept (build output, caches) and snapshot again"
+                        ) from None
+                    except TimeLimitError:
+                        raise TimeLimitError(
+                            f"the snapshot took longer than {limits.snapshot_timeout_s:g} s (sandbox.snapshot_timeout_s); "
+                            "the sandbox runs on unchanged; make the workspace smaller and snapshot again"
+                        ) from None
             return size
         finally:
             with anyio.CancelScope(shield=True):
                 await self._docker.unpause(container_id)
 
+    async def sweep_partial_snapshots(self) -> int:
+        """At start: remove snapshot folders that have no row (a snapshot cut short by a crash)."""
+        root = self._settings.snapshots_dir
+        folders = [p for p in root.glob("snp_*") if p.is_dir()] if root.is_dir() else []
+        for path in root.glob(f"{_RESTORING}*") if root.is_dir() else []:  # copies of a restore cut short
+            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+        if not folders:
+            return 0
+
+        def known(session: Session) -> set[str]:
+            return set(session.exec(select(Snapshot.id).where(col(Snapshot.id).in_([p.name for p in folders]))).all())
+
+        kept = await self._store.run(known)
+        partial = [p for p in folders if p.name not in kept]
+        for path in partial:
+            log.warning("removing snapshot %s: it was cut short (no record of it was written)", path.name)
+            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+        return len(partial)
+
+    async def _checked_copy(self, snapshot: Snapshot) -> Path:
+        """Copy the snapshot's tars, entry by entry through `copy_checked`, into a folder of the
+        data dir that only this restore uses; raises UnsafeSnapshotError for a tampered one."""
+        folder = Path(tempfile.mkdtemp(prefix=_RESTORING, dir=self._settings.snapshots_dir))
+
+        def copy() -> None:
+            for name in _TARS:
+                with open(Path(snapshot.path) / name, "rb") as source, open(folder / name, "wb") as sink:
+                    copy_checked(snapshot.id, source, sink, SANDBOX_UIDS, SANDBOX_GID)
+
+        try:
+            await anyio.to_thread.run_sync(copy)
+        except BaseException:
+            await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
+            raise
+        return folder
+
     async def _restore(self, container_id: str, folder: Path) -> None:
-        for name, path in (("workspace.tar", WORKSPACE), ("home.tar", HOME)):
+        for name, path in _TARS.items():
             with open(folder / name, "rb") as source:
                 await self._docker.put_archive(container_id, path, source)
 
@@ -456,7 +529,7 @@ class SandboxService:
             created_at=row.created_at,
             expires_at=row.expires_at,
             from_snapshot=row.from_snapshot,
-            ports={port: f"http://127.0.0.1:{host}/" for port, host in ports.items()},
+            ports={port: exposed.url for port, exposed in ports.items()},
         )
 
 

@@ -107,7 +107,16 @@ class TemplateSettings(BaseModel):
     memory_mb: int = Field(1024, ge=64, le=65536)
     pids_limit: int = Field(256, ge=16, le=65536)
     tmp_size_mb: int = Field(256, ge=1, le=65536)
+    disk_mb: int = Field(
+        4096, ge=0, le=1 << 20,
+        description="A sandbox's disk for /workspace and /home together; a write past it fails with ENOSPC. 0: no limit.",
+    )
     network: NetworkMode = "none"
+    runtime: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="An OCI runtime registered with Docker for this template's sandboxes (e.g. runsc, gVisor); "
+        "unset: Docker's default.",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     pool: PoolShape = Field(default_factory=PoolShape)
 
@@ -215,6 +224,8 @@ class SandboxSettings(BaseModel):
     read_cap_bytes: int = Field(1 << 20, ge=1024)
     write_cap_bytes: int = Field(10 << 20, ge=1024)
     list_max_entries: int = Field(1000, ge=1)
+    snapshot_max_bytes: int = Field(4 << 30, ge=1 << 20, description="A snapshot (workspace and home) larger than this fails.")
+    snapshot_timeout_s: float = Field(600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on.")
     reaper_interval_s: float = Field(5.0, gt=0)
 
 

@@ -5,6 +5,7 @@
 - health (every `pool.health_interval_s`): probe each warm runtime, evict the dead and the
   unhealthy, notice claimed runtimes whose container vanished, refill to the target;
 - events: Docker's die/destroy events for our containers act at once, between health checks;
+  pause/unpause events by anyone but dockyard mark a sandbox paused (its tools say so);
 - autoscaler (every `pool.autoscale_interval_s`, when enabled): grow the target toward max
   while claims miss the warm shelf or queue, shrink it one step toward min per tick once no
   claim has missed for `pool.scale_down_after_s` (the hysteresis that stops flapping).
@@ -29,7 +30,8 @@ __all__ = ["PoolUpkeep"]
 
 log = logging.getLogger(__name__)
 
-_EVENTS = ["die", "destroy"]
+_EVENTS = ["die", "destroy", "pause", "unpause"]
+_PAUSED_NOTE = "paused outside dockyard; kept as it is (unpause it to use it)"
 
 
 class PoolUpkeep:
@@ -62,6 +64,7 @@ class PoolUpkeep:
             lambda s: set(s.exec(select(Runtime.id).where(col(Runtime.state).in_(RuntimeState.LIVE))).all())
         )
         self._provisioner.sweep(live)
+        await self._provisioner.disks.sweep(live)  # before any refill: every disk now is a known runtime's
 
     async def _match(self, containers: list[dict]) -> None:
         by_id = {c["Id"]: c for c in containers}
@@ -73,6 +76,13 @@ class PoolUpkeep:
             known.add(row.container_id or "")
             pool = self._pools.pool_of(row.template)
             container = by_id.get(row.container_id or "")
+            if container is not None and container["State"] == "paused" and row.state == RuntimeState.CLAIMED:
+                # Most likely paused by dockyard for a snapshot when it stopped: resumed, kept.
+                try:
+                    await self._docker.unpause(row.container_id or "")
+                    container = {**container, "State": "running"}
+                except DockyardError:
+                    pass
             if container is not None and container["State"] != "running" and row.state == RuntimeState.CLAIMED:
                 try:
                     await self._provisioner.start_existing(row.container_id or "")
@@ -117,9 +127,8 @@ class PoolUpkeep:
             (pool, self._pools.containers_of(pool, RuntimeState.WARM), self._pools.containers_of(pool, RuntimeState.CLAIMED))
             for pool in self._pools.pools
         ]
-        running = {
-            c["Id"] for c in await self._docker.list_containers(self._provisioner.labels) if c["State"] == "running"
-        }
+        states = {c["Id"]: c["State"] for c in await self._docker.list_containers(self._provisioner.labels)}
+        running = {cid for cid, state in states.items() if state == "running"}
         for pool, warm, claimed in checks:
             for runtime_id, container_id in warm:
                 if container_id not in running:
@@ -129,6 +138,19 @@ class PoolUpkeep:
                 if left:
                     await self._pools.evict(pool, runtime_id, "unhealthy: " + "; ".join(left[:3]))
             for runtime_id, container_id in claimed:
+                state = states.get(container_id)
+                if (state == "paused") != self._docker.paused_outside(container_id):
+                    state = await self._docker.state(container_id)  # the list may predate a (un)pause event
+                if state == "paused":
+                    # dockyard's own pause (a snapshot) is no stop; someone else's is reported and
+                    # kept: the sandbox and its /workspace are still there, unpausing resumes it.
+                    if self._docker.seen_paused(container_id, True):
+                        await self._pools.note(pool, runtime_id, _PAUSED_NOTE)
+                    continue
+                if state is not None:
+                    self._docker.seen_paused(container_id, False)
+                if state == "running":
+                    running.add(container_id)
                 if container_id not in running and pool.states.get(runtime_id) == RuntimeState.CLAIMED:
                     await self._pools.lose(pool, runtime_id, "its container stopped outside dockyard")
             await self._pools.replenish(pool)
@@ -148,6 +170,11 @@ class PoolUpkeep:
             return
         pool, runtime_id = found
         state = pool.states.get(runtime_id)
+        action, container_id = event.get("Action"), event.get("id", "")
+        if action in ("pause", "unpause"):
+            if self._docker.seen_paused(container_id, action == "pause") and state == RuntimeState.CLAIMED:
+                await self._pools.note(pool, runtime_id, _PAUSED_NOTE)
+            return
         why = f"its container {'was removed' if event.get('Action') == 'destroy' else 'died'} outside dockyard"
         if state == RuntimeState.WARM:
             await self._pools.evict(pool, runtime_id, f"unhealthy: {why}")

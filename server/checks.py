@@ -17,6 +17,8 @@ from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.auditverify import load_export
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
+from dockyard.runtime.disks import host_check
+from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.images import ImageService
 from dockyard.runtime.poolstatus import pool_status
@@ -176,6 +178,25 @@ async def doctor(settings: Settings) -> bool:
         status = await images.status(recipe)
         detail = f"{status.tag}: " + ("built and current" if status.is_current else "stale" if status.is_present else "missing")
         row(f"image {recipe}", status.is_current, detail, "run `dockyard images build` (also done on first use)")
+    rules = await NetworkGuard(instance_id(settings)).check()
+    if rules.startswith("missing"):
+        # not a failure: sandboxes on network 'none' (the default) need no rules
+        table.add_row("network rules", _mark(None), f"{rules}\n[yellow]fix:[/yellow] run dockyard as root "
+                      "(or with CAP_NET_ADMIN) on a host with iptables, and Docker with its iptables rules on")
+    else:
+        table.add_row("network rules", _mark(True), rules)
+    default_runtime, registered = await docker.oci_runtimes()
+    table.add_row("OCI runtime", _mark(True), f"Docker's default: {default_runtime}; registered: {', '.join(registered)}")
+    for name, tpl in sorted(settings.templates.items()):
+        if tpl.runtime is not None:
+            row(f"template {name}", tpl.runtime in registered, f"runs its sandboxes under {tpl.runtime}",
+                f"install {tpl.runtime} and register it with Docker (see the README), or remove `runtime`")
+    lacking = host_check()
+    if lacking is not None:
+        table.add_row("sandbox disks", _mark(None), f"missing: {lacking}; /workspace and /home are Docker volumes "
+                      "without a size limit\n[yellow]fix:[/yellow] run dockyard as root on a host with loop devices")
+    else:
+        table.add_row("sandbox disks", _mark(True), "an ext4 image per sandbox on a loop device, of its template's disk_mb")
     if shutil.which("debootstrap") is None:
         hint = "installed automatically when running as root" if os.geteuid() == 0 else "`sudo apt-get install debootstrap`"
         table.add_row("debootstrap", _mark(None), f"not installed; needed only where no registry answers ({hint})")

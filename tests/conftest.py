@@ -22,6 +22,8 @@ from sqlmodel import Session, create_engine
 from dockyard.runtime.engine import Engine, instance_id
 from dockyard.runtime.images import ImageService
 from dockyard.runtime.docker import DockerBackend
+from dockyard.runtime.disks import release_all
+from dockyard.runtime.netguard import remove_rules
 from dockyard.runtime.settings import Settings, load_settings
 from dockyard.runtime.store import Runtime, Sandbox
 from dockyard.server.app import build_server
@@ -92,7 +94,8 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
     removed = []
     # sparse: a container removed between listing and inspecting must not fail the cleanup;
     # one the server is removing at this moment (409) is waited for below.
-    for container in client.containers.list(all=True, sparse=True, filters={"label": label}):
+    exports = client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.export-of={instance_id(settings)}"})
+    for container in [*client.containers.list(all=True, sparse=True, filters={"label": label}), *exports]:
         removed.append(container.attrs["Names"][0].lstrip("/"))
         try:
             container.remove(force=True, v=True)
@@ -106,6 +109,8 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
         time.sleep(0.2)
     for network in client.networks.list(filters={"label": label}):
         network.remove()
+    remove_rules(instance_id(settings))  # the firewall rules that guarded its networks
+    release_all(settings.data_dir / "disks")  # the sandboxes' disks, mounted on this host
     return removed
 
 

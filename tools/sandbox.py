@@ -169,7 +169,9 @@ async def sandbox_expose_port(
     """Make a port of a sandbox reachable on this machine and return its URL (on 127.0.0.1 only).
 
     The server inside the sandbox should listen on 127.0.0.1 or 0.0.0.0 at that port. This works
-    for sandboxes without a network too. Calling it again for the same port returns the same URL.
+    for sandboxes without a network too. The URL carries the preview's key (dockyard_key=...):
+    without it the port refuses every request, so share it only with whoever may see the preview.
+    Calling it again for the same port returns the same URL.
     """
     who = await authorized(ctx, "sandbox:create", "sandbox.expose_port", sandbox_id)
     return await engine(ctx).sandboxes.expose_port(who, sandbox_id, port)

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from sqlmodel import Session, col, create_engine, select
 
-from dockyard.runtime.store import Runtime, RuntimeState
+from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
 from tests.conftest import call, make_settings, remove_instance, sh
 
 pytestmark = pytest.mark.anyio
@@ -172,3 +172,66 @@ async def test_kill_9_mid_team_marks_busy_members_ready_tells_the_lead_and_a_mes
                 r.container_id for r in live_runtimes(data_dir)
             }:
                 await anyio.sleep(0.2)
+
+
+def held_by(data_dir: Path, dispatch_id: str) -> list[Sandbox]:
+    """Running sandboxes a dispatch made (its runner's run id is the dispatch's id)."""
+    with Session(create_engine(f"sqlite:///{data_dir / 'dockyard.db'}")) as session:
+        return list(session.exec(select(Sandbox).where(Sandbox.run_id == dispatch_id, Sandbox.status == "running")).all())
+
+
+async def test_kill_9_mid_snapshot_keeps_the_sandbox_running_and_removes_the_partial_snapshot(
+    data_dir: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """The snapshot holds the sandbox paused when dockyard dies: after a restart it runs again,
+    with its files, and the half-written archive is gone."""
+    pid_file = tmp_path / "server.pid"
+    snapshots = data_dir / "snapshots"
+    try:
+        async with killable(data_dir, pid_file) as client:
+            sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
+            filled = await sh(client, sandbox_id, "head -c 400M /dev/zero > /workspace/big.bin && echo kept > /workspace/marker", timeout_s=120)
+            assert filled["exit_code"] == 0, filled
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: call(client, "sandbox_snapshot", sandbox_id=sandbox_id))
+                with anyio.fail_after(60):
+                    while not any(p.stat().st_size > 0 for p in snapshots.glob("snp_*/workspace.tar")):
+                        await anyio.sleep(0.02)
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                await anyio.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
+        pass
+    assert list(snapshots.glob("snp_*")), "the snapshot should have been cut short mid-way"
+    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+        assert list(snapshots.glob("snp_*")) == []
+        ran = await sh(client, sandbox_id, "cat /workspace/marker; stat -c %s /workspace/big.bin")
+        assert ran["stdout"] == f"kept\n{400 << 20}\n"
+        assert [s["sandbox_id"] for s in (await call(client, "sandbox_list"))["sandboxes"]] == [sandbox_id]
+        snap = await call(client, "sandbox_snapshot", sandbox_id=sandbox_id)  # and it can be snapshotted again
+        assert snap["size_bytes"] > 400 << 20
+
+
+async def test_kill_9_mid_team_dispatch_gives_back_every_member_sandbox_after_restart(
+    data_dir: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pid_file = tmp_path / "server.pid"
+    try:
+        async with killable(data_dir, pid_file) as client:
+            await settled(client, warm=3)
+            team = await call(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="two slow parts",
+                              members=["sleep 300", "sleep 300"])
+            with anyio.fail_after(60):
+                while len(held_by(data_dir, team["dispatch_id"])) < 2:
+                    await anyio.sleep(0.1)
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            await anyio.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
+        pass
+    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+        after = await call(client, "await_dispatch", dispatch_id=team["dispatch_id"], timeout_s=5)
+        assert after["status"] == "interrupted"
+        with anyio.fail_after(60):  # both members' sandboxes go back to the pool, not at their TTL
+            while held_by(data_dir, team["dispatch_id"]) or (await pool(client))["claimed"]:
+                await anyio.sleep(0.2)
+        await settled(client, warm=3)
+        assert labelled_containers(docker_client, data_dir) == {r.container_id for r in live_runtimes(data_dir)}

@@ -126,7 +126,9 @@ async def test_exposed_port_serves_a_preview_on_loopback_even_without_network(cl
     with anyio.fail_after(20):
         while b"preview" not in body:  # the server inside may take a moment to listen
             try:
-                body = await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(exposed["url"], timeout=5).read())
+                # The link's key comes back as a cookie, which the redirect it answers with needs.
+                opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+                body = await anyio.to_thread.run_sync(lambda: opener.open(exposed["url"], timeout=5).read())
             except OSError:
                 await anyio.sleep(0.2)
     assert b"<h1>preview</h1>" in body

@@ -12,16 +12,19 @@ user before `reset`, kills that user's processes and removes what it owns (or ma
 writable places, opening its directories to the rest, and makes its home fresh again.
 """
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 
 VERSION = 1
+ROOT = "/workspace"
 HOME = os.environ.get("HOME", "/home/agent")
 SKEL = "/etc/skel"
 SCRATCH = ("/workspace", "/tmp", "/dev/shm", "/dev/mqueue")
@@ -187,13 +190,54 @@ def kill_mine():
         os.spawnv(os.P_WAIT, shutil.which("ipcrm"), ["ipcrm", "--all"])
 
 
+# What a fresh runtime's own places look like: the modes the image gives them (its Dockerfile).
+FRESH_MODES = {ROOT: 0o2775, HOME: 0o700}
+
+
+def place_print(path):
+    """What an owner may change on a place itself (not its content): mode, owner, group and
+    extended attributes, ACLs included (their values hashed; '?' where unreadable)."""
+    st = os.lstat(path)
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
+    xattrs = {}
+    for name in sorted(names):
+        try:
+            xattrs[name] = hashlib.sha256(os.getxattr(path, name, follow_symlinks=False)).hexdigest()[:16]
+        except OSError:
+            xattrs[name] = "?"
+    return {"mode": oct(stat.S_IMODE(st.st_mode)), "uid": st.st_uid, "gid": st.st_gid, "xattrs": xattrs}
+
+
+def make_fresh(path, mode):
+    """Undo what its owner may have changed on a place itself: every extended attribute (a
+    default or access ACL too) goes, the mode is the image's again."""
+    if not os.path.isdir(path) or os.stat(path).st_uid != os.getuid():
+        return
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            os.removexattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+    os.chmod(path, mode)
+
+
 def cmd_reset():
-    """Kill every stray process (frozen first, so none can fork), then empty the writable places."""
+    """Kill every stray process (frozen first, so none can fork), then empty the writable places
+    and make the places themselves as the image made them."""
     kill_mine()
     for path in (*SCRATCH, HOME):
         if os.path.isdir(path):
             empty(path)
     shutil.copytree(SKEL, HOME, symlinks=True, dirs_exist_ok=True)
+    for path, mode in FRESH_MODES.items():
+        make_fresh(path, mode)
     answer()
 
 
@@ -240,6 +284,7 @@ def cmd_release():
     if os.path.isdir(HOME) and os.stat(HOME).st_uid == os.getuid():
         empty(HOME)
         shutil.copytree(SKEL, HOME, symlinks=True, dirs_exist_ok=True)
+        make_fresh(HOME, FRESH_MODES[HOME])
     answer()
 
 

@@ -36,10 +36,12 @@ Requests carry an "id" chosen by the server, unique on its connection:
       (error: the command could not start; refused: "cwd" when the user cannot enter it,
       "user" when `user` is not one of the sandbox's users)
       The command runs as `user` (default `agent`; HOME, USER and LOGNAME are its own) in a new
-      session with `token` as DOCKYARD_EXEC_ID.
+      session with `token` as DOCKYARD_EXEC_ID, below a reaper of its own (reaper.py).
       stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
       On timeout, kill or a closed connection, the command and everything it started
-      (its session, its descendants, whatever carries its token) is frozen, then killed.
+      (everything below its reaper, however it detached) is frozen, then killed.
+      oom_kills: how many processes of the sandbox the kernel killed for memory while it ran
+      (absent when none), memory_mb: the sandbox's memory limit then (absent when unknown).
   read {path, max_bytes, user?} -> result + the file's bytes
       (read, write and list walk the path inside /workspace without following a symlink out;
       see confined.py for how, and for how a listing shows names that are not UTF-8)
@@ -73,12 +75,14 @@ import secrets
 import socket
 import signal
 import struct
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
 import confined  # noqa: E402
 import helper  # noqa: E402
+import reaper  # noqa: E402
 
 PROTOCOL = 1
 CONTROL_DIR = "/run/dockyard-sup/control"
@@ -216,6 +220,7 @@ class Command:
         self.open_pipes = {1, 2}
         self.pipes_closed = asyncio.Event()
         self.early_stdin = []
+        self.kill_lock = asyncio.Lock()
 
     async def run(self):
         try:
@@ -259,6 +264,8 @@ class Command:
                                   "refused": "cwd", "error": f"cannot enter {req.get('cwd')}: {exc.strerror}"})
             return
         loop = asyncio.get_running_loop()
+        oom_before = reaper.oom_kills()
+        status_r, status_w = os.pipe()
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: Pipes(self),
@@ -268,24 +275,26 @@ class Command:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=f"/proc/self/fd/{cwd_fd}",
-                user=self.user.pw_uid,
-                group=self.user.pw_gid,
-                extra_groups=[],
                 umask=UMASK,
-                start_new_session=True,
+                pass_fds=(status_w,),
+                preexec_fn=reaper.Spawn(self.user.pw_uid, self.user.pw_gid, status_w),
             )
+        except subprocess.SubprocessError as exc:  # the reaper could not fork or become the user
+            os.close(status_w)
+            status_w = None
+            await self.not_started(start_error(status_r, exc))
+            return
         except OSError as exc:  # e.g. no pid to spare, no such program
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            why = f"could not start the command: {exc.strerror}"
-            if exc.errno == errno.EAGAIN and (stopped := stop_background()):
-                why += (f"; the sandbox was out of process slots, so the {stopped} background processes "
-                        "earlier commands left behind were stopped: try again")
-            await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
-                                  "dropped": [0, 0], "error": why})
+            await self.not_started(exc)
             return
         finally:
             os.close(cwd_fd)
-        RUNNING.add(self.transport.get_pid())  # it leads its own session
+            os.close(status_r)
+            if status_w is not None:
+                os.close(status_w)
+        RUNNING.add(self.transport.get_pid())  # its reaper
+        if self.killed:  # cancelled while it started
+            await self.kill()
         for body in self.early_stdin:
             self.write_stdin(body)
         sender = spawn(self.send_output())
@@ -303,8 +312,23 @@ class Command:
         self.outbox.put_nowait(None)
         await sender
         code = self.transport.get_returncode()
-        await self.conn.send({"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
-                              "timed_out": timed_out, "dropped": self.dropped})
+        ended = {"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
+                 "timed_out": timed_out, "dropped": self.dropped}
+        oom_after = reaper.oom_kills()
+        if oom_before is not None and oom_after is not None and oom_after > oom_before:
+            ended.update(oom_kills=oom_after - oom_before, memory_mb=reaper.memory_limit_mb())
+        await self.conn.send(ended)
+
+    async def not_started(self, exc):
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        why = f"could not start the command: {exc.strerror}"
+        if exc.errno == errno.EAGAIN:
+            why += "; no process could be started: the sandbox is out of process slots"
+            if stopped := stop_background():
+                why += (f", so the {stopped} background processes earlier commands left behind were stopped: "
+                        "try again")
+        await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
+                              "dropped": [0, 0], "error": why})
 
     def output(self, fd, data):
         index = 0 if fd == 1 else 1
@@ -341,18 +365,18 @@ class Command:
             pipe.close()
 
     async def kill(self):
-        """Freeze and kill the command's processes (never the supervisor's own)."""
+        """Freeze and kill every process below the command's reaper (never the supervisor's)."""
         self.killed = True
-        if self.transport is None or self.user is None:
-            return
-        with as_user(self.user):  # its environment is readable by its own user only
-            helper.kill_command(self.token, self.transport.get_pid())
-        await asyncio.sleep(0)
+        if self.transport is None or self.transport.get_returncode() is not None:
+            return  # not started, or ended: what it left in the background may stay
+        async with self.kill_lock:
+            await reaper.kill_tree(self.transport.get_pid())
 
 
 TASKS = set()
-# Sessions of the commands running now: everything else of the sandbox users' is background
-# left by earlier commands (a server started with nohup, say), which may keep running.
+# The reapers of the commands running now: everything of the sandbox users' not below one of
+# them is background left by earlier commands (a server started with nohup, say), which may
+# keep running.
 RUNNING = set()
 
 
@@ -364,22 +388,14 @@ def stop_background():
 
 
 def stop_processes(spare=frozenset()):
-    """Freeze, then kill, every process of the sandbox's users outside the sessions `spare`."""
+    """Freeze, then kill, every process of the sandbox's users not below the reapers `spare`."""
     frozen = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        fresh = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in frozen:
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                owner = os.stat(f"/proc/{entry}").st_uid
-            except (OSError, IndexError):
-                continue
-            if owner in UIDS and fields[0] != "Z" and int(fields[3]) not in spare:
-                fresh.add(int(entry))
+        table = reaper.processes()
+        spared = reaper.descendants(table, spare)
+        fresh = {pid for pid, (_ppid, state, uid) in table.items()
+                 if uid in UIDS and state not in "ZX" and pid not in spared and pid not in frozen}
         if not fresh:
             break
         for pid in fresh:
@@ -390,6 +406,16 @@ def stop_processes(spare=frozenset()):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return len(frozen)
+
+
+def start_error(status_r, exc):
+    """Why the reaper could not start a command: the errno it left in its status pipe."""
+    try:
+        written = os.read(status_r, 64)
+    except OSError:
+        written = b""
+    number = int(written) if written.isdigit() else 0
+    return OSError(number or errno.EIO, os.strerror(number) if number else f"{exc}")
 
 
 def spawn(coro):
@@ -508,7 +534,7 @@ class Supervisor:
         else:
             answer = await helper_as(AGENT, verb)
             if answer.get("ok"):
-                answer["leftovers"] = answer.get("leftovers", []) + member_leftovers()
+                answer["leftovers"] = answer.get("leftovers", []) + member_leftovers() + place_leftovers()
         with contextlib.suppress(Closed):
             await conn.send({"t": "result", "id": obj.get("id"), **answer})
 
@@ -602,6 +628,34 @@ def member_leftovers():
     return found
 
 
+def place_prints():
+    """{place: what its owner may change on it}, each looked at with its owner's rights: the
+    writable places, the sandbox user's home and every member's."""
+    prints = {}
+    for user, places in ((AGENT, (*helper.SCRATCH, AGENT.pw_dir)), *((m, (m.pw_dir,)) for m in MEMBERS.values())):
+        for place in places:
+            try:
+                with as_user(user):
+                    prints[place] = helper.place_print(place)
+            except OSError as exc:
+                prints[place] = {"error": exc.strerror}
+    return prints
+
+
+# The places as this runtime had them before its first owner: what `verify` compares against.
+FRESH = {}
+
+
+def place_leftovers():
+    """Places whose mode, owner or extended attributes differ from this runtime's fresh ones."""
+    now = place_prints()
+    return [
+        f"{place} is not as fresh: {now.get(place)} (fresh: {fresh})"
+        for place, fresh in sorted(FRESH.items())
+        if now.get(place) != fresh
+    ]
+
+
 def peer_uid(writer):
     """The uid of the process at the other end of a unix socket connection (None if unknown)."""
     sock = writer.get_extra_info("socket")
@@ -619,11 +673,17 @@ BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
 async def main():
     # No thread per child: a sandbox at its pids limit must not stop the supervisor noticing exits.
-    watcher = asyncio.PidfdChildWatcher()
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        watcher = asyncio.PidfdChildWatcher()
+    except OSError:  # a kernel without pidfds (gVisor's, say): one thread per child instead
+        watcher = asyncio.ThreadedChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)
     os.setgroups([])
     os.umask(UMASK)
+    reaper.protect_supervisor()
+    FRESH.update(place_prints())  # before any owner: this is what a fresh runtime looks like
     supervisor = Supervisor()
     control = os.path.join(CONTROL_DIR, "control.sock")
     for path in (control, BRIDGE_SOCKET):
