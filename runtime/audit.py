@@ -336,7 +336,12 @@ def audit_entry(row: AuditEvent) -> AuditEntry:
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # a zone that pushes year 1 or 9999 past the calendar: before or after every row
+        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def _reason(exc: Exception) -> str:

@@ -1,15 +1,18 @@
 """File operations confined to a sandbox's /workspace.
 
-Paths are checked twice: here, before anything runs (no `..`, no absolute path elsewhere),
-and inside the sandbox by the supervisor, which works with the sandbox user's rights (or a
-member's own user's, in a shared sandbox), resolves symlinks and refuses any path whose real
-location is outside /workspace.
+Paths are checked twice: here, before anything runs (no `..`, no absolute path elsewhere, only
+printable UTF-8), and inside the sandbox by the supervisor, which works with the sandbox user's
+rights (or a member's own user's, in a shared sandbox) and walks the path one name at a time
+without letting the kernel follow a symlink; a symlink on the way is followed only to a place
+inside /workspace (see `confined.py` in the sandbox image), so a process that swaps files
+meanwhile cannot lead a tool out.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 from typing import Any
 
 from dockyard.runtime.errors import (
@@ -22,16 +25,33 @@ from dockyard.runtime.errors import (
 from dockyard.runtime.models import FileContent, FileEntry, FileListing, FileWritten
 from dockyard.runtime.supervisor import Frame, Supervisors
 
-__all__ = ["WORKSPACE", "FileOps", "decode_content", "workspace_path"]
+__all__ = ["WORKSPACE", "FileOps", "decode_content", "shown", "workspace_path"]
 
 WORKSPACE = "/workspace"
 _DEADLINE_S = 60.0
 
 
+def shown(text: str) -> str:
+    """`text` safe to print: control characters and lone surrogates as \\xNN or \\uNNNN escapes."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as Python decodes file names
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF or unicodedata.category(char) == "Cc":
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def workspace_path(path: str) -> str:
     """The caller's path as a clean path relative to /workspace ('.' for the root), or raise."""
-    if "\x00" in path:
-        raise PathOutsideWorkspaceError("paths may not contain NUL bytes")
+    if shown(path) != path:
+        raise InvalidRequestError(
+            f"'{shown(path)}' contains a control character (such as a newline) or a lone surrogate; paths are "
+            "printable UTF-8 under /workspace (a file with such a name can be renamed with sandbox_exec)"
+        )
     rel = path.strip()
     if rel.startswith("/"):
         if rel != WORKSPACE and not rel.startswith(WORKSPACE + "/"):

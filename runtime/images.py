@@ -129,7 +129,6 @@ class ImageService:
         """Build the recipe's image if it is missing or stale; returns its tag."""
         if recipe in self._ready:
             return self.tag(recipe)
-        self._recipe_dir(recipe)
         lock = self._locks.setdefault(recipe, anyio.Lock())
         async with lock:
             if recipe in self._ready:

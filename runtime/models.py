@@ -69,10 +69,17 @@ class FileContent(BaseModel):
 class FileEntry(BaseModel):
     """One entry of a directory listing."""
 
-    path: str
-    type: Literal["file", "dir", "symlink"]
+    path: str = Field(
+        description="Relative to /workspace; a byte that is not printable UTF-8 is shown as \\xNN (see is_addressable)."
+    )
+    type: Literal["file", "dir", "symlink", "fifo", "socket", "device", "other"]
     size: int
     mtime: float
+    is_addressable: bool = Field(
+        default=True,
+        description="False when the name is not UTF-8 or holds control characters: the file tools cannot "
+        "reach it by name (rename it with sandbox_exec).",
+    )
 
 
 class FileListing(BaseModel):

@@ -60,7 +60,8 @@ _MAX_TTL = timedelta(days=365)
 
 
 def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogatepass: a presented string may hold anything (a lone surrogate from the bridge's JSON)
+    return hashlib.sha256(token.encode(errors="surrogatepass")).hexdigest()
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -141,7 +142,7 @@ class TokenService:
 
     async def verify(self, token: str) -> Identity:
         """The identity a presented token acts as; raises AccessDeniedError for anything else."""
-        if self._admin_key and hmac.compare_digest(token.encode(), self._admin_key.encode()):
+        if self._admin_key and hmac.compare_digest(token.encode(errors="surrogatepass"), self._admin_key.encode()):
             return ADMIN
         if not token.startswith(_PREFIX):
             raise AccessDeniedError("this is not a token minted by this dockyard server")

@@ -151,7 +151,11 @@ async def sandbox_list_files(
     recursive: Annotated[bool, Field(description="Walk subdirectories too.")] = False,
     max_entries: Annotated[int | None, Field(gt=0, description="Stop after this many entries (cap 1000).")] = None,
 ) -> FileListing:
-    """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times."""
+    """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times.
+
+    Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
+    escapes and is_addressable false: the file tools cannot name it (rename it with sandbox_exec).
+    """
     who = await authorized(ctx, "sandbox:files", "sandbox.list_files", sandbox_id)
     return await engine(ctx).sandboxes.list_files(who, sandbox_id, path, recursive, max_entries)
 

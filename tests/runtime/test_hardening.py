@@ -152,3 +152,20 @@ async def test_setuid_binaries_do_not_give_root(client: Client) -> None:
     assert sudo["exit_code"] != 0 and sudo["stdout"].strip() != "0"
     mount = await sh(client, sandbox_id, "mount -t tmpfs none /mnt")
     assert mount["exit_code"] != 0
+
+
+async def test_nothing_in_workspace_can_be_renamed_out_of_it(client: Client) -> None:
+    """/workspace is a mount of its own: a directory the file tools hold open stays inside it."""
+    sandbox_id = await create(client)
+    moves = (
+        "import errno, os\n"
+        "os.mkdir('d')\n"
+        "for there in ('/home/agent/d', '/tmp/d', '/dev/shm/d'):\n"
+        "    try:\n"
+        "        os.rename('d', there)\n"
+        "    except OSError as exc:\n"
+        "        print(errno.errorcode[exc.errno])\n"
+    )
+    await call(client, "sandbox_write_file", sandbox_id=sandbox_id, path="move.py", content=moves)
+    result = await sh(client, sandbox_id, "python3 move.py")
+    assert result["stdout"].split() == ["EXDEV", "EXDEV", "EXDEV"], result

@@ -150,6 +150,17 @@ async def test_query_filters_and_never_shows_another_workspace(client: Client, s
     assert (await call(client, "audit_verify"))["intact"] is True
 
 
+async def test_a_time_window_at_the_ends_of_the_calendar_is_answered(client: Client) -> None:
+    """Year 1 at +14:00 is before year 1 in UTC: such a bound keeps or drops every row, never fails."""
+    await work(client)
+    some = await rows(client)
+    assert some
+    assert await rows(client, since="0001-01-01T00:00:00+14:00") == some
+    assert await rows(client, until="0001-01-01T00:00:00+14:00") == []
+    assert await rows(client, until="9999-12-31T23:59:59-14:00") == some
+    assert await rows(client, since="9999-12-31T23:59:59-14:00") == []
+
+
 async def test_the_admin_reads_every_workspace(settings: Settings, cleanup: None) -> None:
     await seed(settings, (RIVAL, "sandbox.exec"), (ALICE, "sandbox.exec"))
     admin = settings.model_copy(update={"operator": Identity(workspace_id="*", project_id="*", user_id="admin")})

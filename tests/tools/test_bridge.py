@@ -221,3 +221,14 @@ async def test_dockyard_call_from_a_shell(client: Client) -> None:
     for bad in ("dockyard-call", "dockyard-call whoami 'not json'", "dockyard-call whoami '[1]'", "dockyard-call a b c"):
         usage = await sh(client, sandbox_id, bad)
         assert usage["exit_code"] == 2 and "usage: dockyard-call" in usage["stderr"], (bad, usage)
+
+
+async def test_a_token_that_is_not_utf8_gets_the_session_closed_and_the_refusal_audited(client: Client) -> None:
+    """A program in the sandbox controls the bytes of DOCKYARD_TOKEN; odd ones are refused like
+    any unknown token, the refusal is recorded, and the server keeps serving the sandbox."""
+    here = (await call(client, "sandbox_create"))["sandbox_id"]
+    odd = await sh(client, here, "DOCKYARD_TOKEN=\"$(printf 'dyt_\\377\\376')\" dockyard-call whoami", timeout_s=60)
+    assert odd["exit_code"] == 1 and "closed the session unanswered" in odd["stderr"], odd
+    [refusal] = (await call(client, "audit_query", kind="bridge.token"))["rows"]
+    assert refusal["outcome"] == "denied" and "unknown token" in json.dumps(refusal), refusal
+    assert (await sh(client, here, "dockyard-call whoami", timeout_s=60))["exit_code"] == 0

@@ -83,3 +83,20 @@ async def test_wheels_a_recipe_lists_that_cannot_be_downloaded_fail_its_build_cl
     before = images.recipe_hash(recipe)
     (folder / "wheels.txt").write_text("--no-index\ndockyard-no-such-package==2.0\n")
     assert images.recipe_hash(recipe) != before
+
+
+async def test_a_template_naming_no_recipe_is_refused_at_once_not_reported_as_building(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    """A typo in a template's image must not look like a build in progress for wait_s, every time."""
+    settings = make_settings(tmp_path / "data", templates={"default": {}, "typo": {"image": "no-such-recipe"}})
+    try:
+        async with Client(build_server(settings)) as client:
+            for _ in range(2):
+                with anyio.fail_after(10):
+                    result = await client.call_tool("sandbox_create", {"template": "typo"})
+                assert result.is_error
+                message = result.content[0].text
+                assert "no image recipe 'no-such-recipe'" in message and "still being built" not in message, message
+    finally:
+        remove_instance(docker_client, settings)

@@ -206,3 +206,26 @@ async def test_expired_sandbox_is_destroyed_by_the_reaper(client: Client, settin
         while any(s["sandbox_id"] == sid for s in (await call(client, "sandbox_list"))["sandboxes"]):
             await anyio.sleep(0.3)
     assert sandbox_row(settings, sid).end_reason == "its time to live ran out"
+
+
+async def test_symlinks_inside_workspace_are_followed_and_reported_by_their_target(client: Client) -> None:
+    """Links that stay inside (relative, absolute under /workspace, through a directory, with
+    '..' in the target) work; one whose '..' climbs above /workspace is refused."""
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    links = (
+        "mkdir -p sub/deeper && echo hi > sub/deeper/f && ln -s sub s && ln -s /workspace/sub/deeper/f abs && "
+        "ln -s deeper/../deeper/f sub/up && ln -s s/deeper down && ln -s ../../etc/passwd sub/out"
+    )
+    await sh(client, sid, links)
+    for path in ("s/deeper/f", "abs", "sub/up"):
+        content = await call(client, "sandbox_read_file", sandbox_id=sid, path=path)
+        assert (content["content"], content["path"]) == ("hi\n", "sub/deeper/f"), path
+    listing = await call(client, "sandbox_list_files", sandbox_id=sid, path="down")
+    assert listing["path"] == "sub/deeper" and [e["path"] for e in listing["entries"]] == ["sub/deeper/f"]
+    written = await call(client, "sandbox_write_file", sandbox_id=sid, path="s/new/g", content="g")
+    assert written["path"] == "sub/new/g"
+    assert (await sh(client, sid, "cat sub/new/g"))["stdout"] == "g"
+    assert "outside /workspace" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="sub/out")
+    await sh(client, sid, "ln -s . sub/here")
+    assert (await call(client, "sandbox_list_files", sandbox_id=sid, path="sub/here"))["path"] == "sub"
+    assert "'sub/here' is a directory" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="sub/here")

@@ -1,20 +1,17 @@
 #!/usr/bin/python3
-"""dockyard's helper inside a sandbox: file operations confined to /workspace, the wipe and
-check that let a pool hand a released sandbox to its next owner, and a stdin/stdout relay to
-a local TCP port.
+"""dockyard's helper inside a sandbox: the wipe and check that let a pool hand a released
+sandbox to its next owner, the kill of a command's processes, and a stdin/stdout relay to a
+local TCP port. (The file tools' operations live in confined.py.)
 
-The supervisor imports the file operations (`write_file`, `read_file`, `list_files`) and runs
-them with the sandbox user's rights; it runs `reset` and `verify` as this command, as the
-sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON object on
-stdout: {"ok": true, ...} or {"ok": false, "error": <code>, "message": <text>}.
-Codes: outside (path leaves /workspace), missing, not_file, not_dir, io.
+The supervisor imports what kills a command's processes and runs `reset` and `verify` as this
+command, as the sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON
+object on stdout: {"ok": true, ...} or {"ok": false, "error": "io", "message": <text>}.
 `reset` kills every process of the sandbox user and empties the writable places; `verify`
 answers {"ok": true, "leftovers": [...]}, empty when clean. `release`, run as a member's own
 user before `reset`, kills that user's processes and removes what it owns (or may remove) in the
 writable places, opening its directories to the rest, and makes its home fresh again.
 """
 
-import base64
 import hashlib
 import json
 import os
@@ -33,110 +30,8 @@ SKEL = "/etc/skel"
 SCRATCH = ("/workspace", "/tmp", "/dev/shm", "/dev/mqueue")
 
 
-class Refused(Exception):
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
 def answer(**fields):
     sys.stdout.write(json.dumps({"ok": True, **fields}))
-
-
-def refusal(exc):
-    """The JSON answer for a refused or failed file operation."""
-    if isinstance(exc, Refused):
-        return {"ok": False, "error": exc.code, "message": str(exc)}
-    return {"ok": False, "error": "io", "message": f"{exc.strerror}: {exc.filename or ''}"}
-
-
-def confine(path):
-    """The real path of `path` (relative to /workspace), refused if it resolves outside."""
-    full = os.path.realpath(os.path.join(ROOT, path))
-    if full != ROOT and not full.startswith(ROOT + "/"):
-        raise Refused("outside", f"'{path}' resolves to {full}, outside /workspace (a symlink escape?)")
-    return full
-
-
-def relative(full):
-    return os.path.relpath(full, ROOT)
-
-
-def write_file(path, mode, data):
-    """Write `data` to `path` atomically (a temp file renamed over it); returns the answer."""
-    full = confine(path)
-    if os.path.isdir(full):
-        raise Refused("not_file", f"'{path}' is a directory")
-    parent = os.path.dirname(full)
-    os.makedirs(parent, exist_ok=True)
-    confine(relative(parent))  # a parent created through a symlink must still be inside
-    tmp = os.path.join(parent, f".dockyard-write-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, int(mode, 8))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, full)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return {"ok": True, "path": relative(full), "size": len(data)}
-
-
-def read_file(path, max_bytes):
-    """Up to `max_bytes` of a regular file: (answer, bytes)."""
-    full = confine(path)
-    try:
-        if not stat.S_ISREG(os.stat(full).st_mode):
-            raise Refused("not_file", f"'{path}' is not a regular file")
-        # O_NONBLOCK: a FIFO swapped in after the check must not block the read forever.
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise Refused("missing", f"'{path}' does not exist")
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise Refused("not_file", f"'{path}' is not a regular file")
-        data = fh.read(int(max_bytes))
-    return {"ok": True, "path": relative(full), "size": info.st_size, "truncated": info.st_size > len(data)}, data
-
-
-def list_files(path, recursive, max_entries):
-    """Entries under a directory, breadth first and sorted, at most `max_entries`."""
-    full = confine(path)
-    if not os.path.exists(full):
-        raise Refused("missing", f"'{path}' does not exist")
-    if not os.path.isdir(full):
-        raise Refused("not_dir", f"'{path}' is not a directory")
-    limit = int(max_entries)
-    entries = []
-    truncated = False
-    for dirpath, dirnames, filenames in os.walk(full):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            item = os.path.join(dirpath, name)
-            info = os.lstat(item)
-            kind = "dir" if stat.S_ISDIR(info.st_mode) else "symlink" if stat.S_ISLNK(info.st_mode) else "file"
-            if len(entries) >= limit:
-                truncated = True
-                break
-            entries.append({"path": relative(item), "type": kind, "size": info.st_size, "mtime": info.st_mtime})
-        if truncated or not recursive:
-            break
-    return {"ok": True, "path": relative(full), "entries": entries, "truncated": truncated}
-
-
-def cmd_write(path, mode):
-    sys.stdout.write(json.dumps(write_file(path, mode, sys.stdin.buffer.read())))
-
-
-def cmd_read(path, max_bytes):
-    reply, data = read_file(path, max_bytes)
-    sys.stdout.write(json.dumps({**reply, "content_b64": base64.b64encode(data).decode()}))
-
-
-def cmd_list(path, recursive, max_entries):
-    sys.stdout.write(json.dumps(list_files(path, recursive == "1", max_entries)))
 
 
 def marked(token):
@@ -453,9 +348,6 @@ def cmd_connect(port):
 
 
 VERBS = {
-    "write": cmd_write,
-    "read": cmd_read,
-    "list": cmd_list,
     "connect": cmd_connect,
     "reset": cmd_reset,
     "release": cmd_release,
@@ -472,8 +364,8 @@ def main(argv):
         return 64
     try:
         VERBS[argv[1]](*argv[2:])
-    except (Refused, OSError) as exc:
-        sys.stdout.write(json.dumps(refusal(exc)))
+    except OSError as exc:
+        sys.stdout.write(json.dumps({"ok": False, "error": "io", "message": f"{exc.strerror}: {exc.filename or ''}"}))
         return 2
     return 0
 

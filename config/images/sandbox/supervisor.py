@@ -43,6 +43,8 @@ Requests carry an "id" chosen by the server, unique on its connection:
       oom_kills: how many processes of the sandbox the kernel killed for memory while it ran
       (absent when none), memory_mb: the sandbox's memory limit then (absent when unknown).
   read {path, max_bytes, user?} -> result + the file's bytes
+      (read, write and list walk the path inside /workspace without following a symlink out;
+      see confined.py for how, and for how a listing shows names that are not UTF-8)
   write {path, mode, user?} + bytes -> result
   list {path, recursive, max_entries, user?} -> result
   reset {} / verify {} -> result (the helper's answer, run as `agent`; reset first stops every
@@ -78,6 +80,7 @@ import sys
 import time
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
+import confined  # noqa: E402
 import helper  # noqa: E402
 import reaper  # noqa: E402
 
@@ -512,15 +515,17 @@ class Supervisor:
         try:
             with as_user(user):
                 if kind == "read":
-                    answer, data = helper.read_file(str(obj["path"]), int(obj["max_bytes"]))
+                    answer, data = confined.read_file(str(obj["path"]), int(obj["max_bytes"]))
                 elif kind == "write":
-                    answer = helper.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
+                    answer = confined.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
                 else:
-                    answer = helper.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
-        except (helper.Refused, OSError) as exc:
-            answer = helper.refusal(exc)
+                    answer = confined.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
+        except (confined.Refused, OSError) as exc:
+            answer = confined.refusal(exc)
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": "invalid", "message": f"bad {kind} request: {exc}"}
+        except Exception as exc:  # a bug in one operation must not take the control channel down
+            answer = {"ok": False, "error": "io", "message": f"the {kind} failed inside the sandbox ({type(exc).__name__})"}
         await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
 
     async def run_helper(self, conn, verb, obj):
