@@ -107,6 +107,7 @@ async def test_workspace_a_queueing_claims_behind_its_share_cannot_keep_workspac
             await until_pool(a, lambda p: p["claimed"] + p["queue_depth"] >= 6, timeout_s=20)
             with anyio.fail_after(6):  # well inside A's queued claims' timeout
                 theirs = await call(b, "sandbox_create")
+            assert theirs["status"] == "running"
             assert queued == []  # B went first although A asked first
             await call(a, "sandbox_destroy", sandbox_id=mine.pop())
         served_a = [r.structured_content["sandbox_id"] for r in queued if not r.is_error]

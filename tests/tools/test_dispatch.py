@@ -15,7 +15,7 @@ from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import AuditEvent, Dispatch, DispatchDecision
 from dockyard.server.app import build_server
-from tests.conftest import call, call_error, make_settings, remove_instance, sh
+from tests.conftest import call, call_error, make_settings, remove_instance
 from tests.scripted_llm import scripted_model, tool_call
 
 pytestmark = pytest.mark.anyio
