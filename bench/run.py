@@ -15,6 +15,9 @@ import docker
 import docker.errors
 from rich.console import Console
 
+from dockyard.runtime.disks import release_all
+from dockyard.runtime.netguard import remove_rules
+
 __all__ = ["Options", "Run", "say"]
 
 LABEL_KEY = "dockyard.bench.run"
@@ -89,7 +92,13 @@ class Run:
     def remove_instance(self, data_dir: Path) -> int:
         """Remove what the dockyard instance of this data dir made (warm runtimes outlive a server)."""
         path = data_dir / "instance-id"
-        return self.remove(f"dockyard.instance={path.read_text().strip()}") if path.is_file() else 0
+        if not path.is_file():
+            return 0
+        instance = path.read_text().strip()
+        removed = self.remove(f"dockyard.instance={instance}")
+        release_all(data_dir / "disks")  # the sandboxes' disks, mounted on this machine
+        remove_rules(instance)  # and the firewall rules of its networks
+        return removed
 
     def close(self, grace_s: float) -> int:
         """Remove everything, looking again for `grace_s`: a creation cut short can still land."""
