@@ -146,16 +146,23 @@ def _strip(head: RequestHead, secret: str) -> RequestHead:
     """The head without the preview cookies and without a bearer header holding the secret, so
     the sandbox does not see a preview's key in the request that opened the connection."""
 
+    # Only a connection's first request passes the gate, and a browser sends every preview's
+    # cookie to every 127.0.0.1 port: so the connection ends after this request's answer
+    # (each next request comes on a new connection, through the gate), unless it upgrades.
+    upgrading = bool(head.values("upgrade"))
+
     def keep(name: str, value: str) -> bool:
         scheme, _, token = value.strip().partition(" ")
         is_key = name.lower() == "authorization" and scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), secret.encode())
-        return not is_key and name.lower() != "cookie"
+        ends = not upgrading and name.lower() in ("connection", "keep-alive")
+        return not is_key and not ends and name.lower() != "cookie"
 
     others = "; ".join(pair.strip() for value in head.values("cookie") for pair in value.split(";")
                        if pair.strip() and not pair.strip().startswith(_COOKIE_PREFIX))
     kept = head.without(keep)
-    return replace(kept, headers=(*kept.headers, ("Cookie", others))) if others else kept
+    added = ((("Cookie", others),) if others else ()) + ((("Connection", "close"),) if not upgrading else ())
+    return replace(kept, headers=(*kept.headers, *added))
 
 
 class _IntoSandbox:

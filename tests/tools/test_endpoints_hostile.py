@@ -279,3 +279,55 @@ async def test_a_computer_opens_and_screenshots_a_preview_that_refuses_everyone_
         # A second preview, opened after the first one's cookie is in the browser, gets its own key.
         _, other = await serve_page(client)
         assert (await call(client, "computer_navigate", computer_id=cid, url=other))["title"] == "Ledger of A"
+
+
+# A keep-alive HTTP/1.1 server inside the sandbox that writes down the cookies of every request.
+COOKIE_LOGGER = r"""
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with open("/workspace/cookies.log", "a") as log:
+            log.write(repr(self.headers.get_all("Cookie")) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8002), Handler).serve_forever()
+"""
+
+
+def keep_alive_twice(port: int, cookies: str) -> list[bytes]:
+    """Two requests on one connection, as a browser holding every preview's cookie sends them."""
+    head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: keep-alive\r\nCookie: {cookies}\r\n\r\n".encode()
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        for _ in range(2):
+            try:
+                conn.sendall(head)
+                got = b""
+                while not got.endswith(b"ok") and (chunk := conn.recv(65536)):
+                    got += chunk
+            except (TimeoutError, ConnectionResetError, BrokenPipeError):
+                got = b""
+            answers.append(got)
+    return answers
+
+
+async def test_a_preview_never_sees_the_keys_a_browser_sends_on_a_kept_alive_connection(client: Client) -> None:
+    """A browser sends every 127.0.0.1 cookie to every port, this preview's key and another's
+    among them; only a connection's first request passes the gate, so none may be kept alive."""
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await call(client, "sandbox_write_file", sandbox_id=sid, path="logger.py", content=COOKIE_LOGGER)
+    await sh(client, sid, "(nohup python3 logger.py >/dev/null 2>&1 &); sleep 0.5")
+    port, key = split_url((await call(client, "sandbox_expose_port", sandbox_id=sid, port=8002))["url"])
+    other_key = "another-previews-key-of-another-tenant"
+    cookies = f"theme=dark; dockyard_preview_{port}={key}; dockyard_preview_{port + 7}={other_key}"
+    for _ in range(3):
+        answers = await anyio.to_thread.run_sync(keep_alive_twice, port, cookies)
+        assert answers[0].startswith(b"HTTP/1.1 200") and answers[1] == b"", answers  # the server closed after one
+    seen = (await call(client, "sandbox_read_file", sandbox_id=sid, path="cookies.log"))["content"]
+    assert "theme=dark" in seen  # the sandbox's own cookies still reach it
+    assert "dockyard_preview_" not in seen and key not in seen and other_key not in seen, seen
