@@ -15,7 +15,7 @@ import anyio
 import docker
 import pytest
 
-from tests.conftest import call, make_settings, remove_instance
+from tests.conftest import call, make_settings, remove_instance, sandbox_row
 from tests.served import DOCKYARD, Served, connect, mint, serve, stop
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +91,12 @@ async def test_a_server_killed_mid_command_leaves_the_command_started_then_inter
     async def run(client: Any) -> None:
         await client.call_tool("sandbox_exec", {"sandbox_id": box, "command": command, "timeout_s": 300})
 
-    await kill_during(served, tenant["token"], run, lambda: bool(started_rows(served, "sandbox.exec")))
+    container = docker_client.containers.get(sandbox_row(make_settings(served.data_dir), box).container_id)
+
+    def ran() -> bool:  # its row says started, and the command has written its file
+        return bool(started_rows(served, "sandbox.exec")) and container.exec_run(["test", "-f", "/workspace/proof"]).exit_code == 0
+
+    await kill_during(served, tenant["token"], run, ran)
 
     async def check(again: Served) -> None:
         async with connect(again, tenant["token"]) as client:
