@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-from pathlib import Path
 
 import anyio
 import docker
@@ -15,27 +14,11 @@ from sqlmodel import col, select
 
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import PoolExhaustedError, QuotaExceededError
-from dockyard.runtime.settings import Identity, Settings
+from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
-from tests.conftest import make_settings, remove_instance
 from tests.runtime.pooltools import event_reasons, live_runtimes, pool_info, wait_for_pool
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def pool_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient):
-    """Build settings for one test's pool; every instance made is cleaned up afterwards."""
-    made: list[Settings] = []
-
-    def make(**overrides: object) -> Settings:
-        settings = make_settings(tmp_path / f"data{len(made)}", **overrides)
-        made.append(settings)
-        return settings
-
-    yield make
-    for settings in made:
-        remove_instance(docker_client, settings)
 
 
 def who(workspace: str) -> Identity:

@@ -7,16 +7,12 @@ processes that left its session. The next owner's view must equal a fresh runtim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Identity, Settings
+from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import Sandbox
-from tests.conftest import make_settings, remove_instance
 from tests.runtime.pooltools import event_reasons
 
 pytestmark = pytest.mark.anyio
@@ -57,20 +53,6 @@ ipcmk -Q >/dev/null; ipcmk -S 2 >/dev/null; ipcmk -M 4096 >/dev/null
 setsid nohup sleep 1000 >/dev/null 2>&1 &
 echo littered
 """
-
-
-@pytest.fixture
-def pool_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Callable[..., Settings]]:
-    made: list[Settings] = []
-
-    def make(**overrides: object) -> Settings:
-        settings = make_settings(tmp_path / f"data{len(made)}", **overrides)
-        made.append(settings)
-        return settings
-
-    yield make
-    for settings in made:
-        remove_instance(docker_client, settings)
 
 
 def who(workspace: str) -> Identity:

@@ -1,10 +1,9 @@
 #!/usr/bin/python3
 """dockyard's helper inside a sandbox: the wipe and check that let a pool hand a released
-sandbox to its next owner, the kill of a command's processes, and a stdin/stdout relay to a
-local TCP port. (The file tools' operations live in confined.py.)
+sandbox to its next owner, and a stdin/stdout relay to a local TCP port. (The file tools'
+operations live in confined.py, the kill of a command's processes in reaper.py.)
 
-The supervisor imports what kills a command's processes and runs `reset` and `verify` as this
-command, as the sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON
+The supervisor runs `reset` and `verify` as this command, as the sandbox user. Run as `dockyard-helper <verb> <args...>`, a verb answers one JSON
 object on stdout: {"ok": true, ...} or {"ok": false, "error": "io", "message": <text>}.
 `reset` kills every process of the sandbox user and empties the writable places; `verify`
 answers {"ok": true, "leftovers": [...]}, empty when clean. `release`, run as a member's own
@@ -32,96 +31,6 @@ SCRATCH = ("/workspace", "/tmp", "/dev/shm", "/dev/mqueue")
 
 def answer(**fields):
     sys.stdout.write(json.dumps({"ok": True, **fields}))
-
-
-def marked(token):
-    """Pids whose environment carries DOCKYARD_EXEC_ID=<token>, and their session ids."""
-    needle = f"DOCKYARD_EXEC_ID={token}".encode()
-    pids, sessions = set(), set()
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.add(int(entry))
-                    sessions.add(os.getsid(int(entry)))
-        except OSError:
-            continue
-    return pids, sessions
-
-
-def descendants(roots):
-    """Every process below `roots` in the process tree (children keep no token if they drop it)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found and child != os.getpid():
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def in_sessions(sessions):
-    me = os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                if os.getsid(int(entry)) in sessions:
-                    found.add(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def kill_command(token, session=None):
-    """Freeze every process of one command (so none can fork), then kill them all.
-
-    A command's processes: those whose environment carries its token, everything in their
-    sessions (and in `session`, the one it was started in), and all their descendants.
-    Returns how many were killed.
-    """
-    frozen = set()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pids, sessions = marked(token)
-        if session is not None:
-            sessions.add(session)
-        pids |= in_sessions(sessions - {os.getsid(0)})
-        pids |= descendants(pids | frozen)
-        fresh = {pid for pid in pids - frozen if owned_by_me(pid)}
-        if not fresh:
-            break
-        for pid in fresh:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except OSError:
-                pass
-        frozen |= fresh
-    for pid in frozen:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return len(frozen)
-
-
-def owned_by_me(pid):
-    try:
-        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
-    except OSError:
-        return False
 
 
 def processes():
