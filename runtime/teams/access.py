@@ -43,28 +43,40 @@ class TeamAccess:
             member = await self._store.get(Member, who.run_id)
             if member is None or member.team_id != team.id:
                 raise await self._tokens.deny(who, action, "this token belongs to a member of another team", team.id)
-            if member.token_id is None or not hmac.compare_digest(member.token_id.encode(), (who.token_id or "-").encode()):
-                raise await self._tokens.deny(who, action, f"this token is not the one dockyard issued to '{member.role}'", team.id)
+            if member.token_id is None or not hmac.compare_digest(
+                member.token_id.encode(), (who.token_id or "-").encode()
+            ):
+                raise await self._tokens.deny(
+                    who, action, f"this token is not the one dockyard issued to '{member.role}'", team.id
+                )
             if member.status == MemberStatus.STOPPED:
                 raise await self._tokens.deny(who, action, f"'{member.role}' was shut down", team.id)
             return member.id
         if who.allows("team:lead"):
             if team.status != TeamStatus.ACTIVE and action not in _AFTER_SHUTDOWN:
-                raise InvalidRequestError(f"team '{team.id}' is shut down; team_cleanup forgets it, team_create starts a new one")
+                raise InvalidRequestError(
+                    f"team '{team.id}' is shut down; team_cleanup forgets it, team_create starts a new one"
+                )
             return LEAD
-        raise await self._tokens.deny(who, action, "team tools need the team:lead scope (the lead) or a member's token", team.id)
+        raise await self._tokens.deny(
+            who, action, "team tools need the team:lead scope (the lead) or a member's token", team.id
+        )
 
     async def lead_of(self, who: Identity, team_id: str, action: str) -> Team:
         """The team, if the caller is its lead."""
         team = await self.team(who, team_id, action)
         if await self.party(who, team, action) != LEAD:
-            raise await self._tokens.deny(who, action, f"{action.replace('.', '_')} is for the team's lead only", team.id)
+            raise await self._tokens.deny(
+                who, action, f"{action.replace('.', '_')} is for the team's lead only", team.id
+            )
         return team
 
     async def members(self, team_id: str) -> list[Member]:
         """Every member of a team, in the order they joined."""
         return await self._store.run(
-            lambda s: list(s.exec(select(Member).where(Member.team_id == team_id).order_by(col(Member.created_at))).all())
+            lambda s: list(
+                s.exec(select(Member).where(Member.team_id == team_id).order_by(col(Member.created_at))).all()
+            )
         )
 
     async def member(self, team: Team, ref: str) -> Member:
@@ -82,7 +94,9 @@ class TeamAccess:
         if member.status == MemberStatus.STOPPED:
             raise InvalidRequestError(f"'{member.role}' was shut down and takes no more messages")
         if member.status == MemberStatus.FAILED:
-            raise InvalidRequestError(f"'{member.role}' could not start ({member.last_error}); spawn it again under another role")
+            raise InvalidRequestError(
+                f"'{member.role}' could not start ({member.last_error}); spawn it again under another role"
+            )
         return member.id
 
     async def role(self, party: str) -> str:
@@ -116,8 +130,14 @@ def is_member(who: Identity) -> bool:
 
 def run_of(team: Team, run_id: str, scopes: list[str], **extra: str | None) -> Identity:
     """The lead's attribution, as a run of its own: the team's (its shared sandbox) or a member's."""
-    return Identity(workspace_id=team.workspace_id, project_id=team.project_id, user_id=team.user_id, run_id=run_id,
-                    scopes=scopes, **extra)
+    return Identity(
+        workspace_id=team.workspace_id,
+        project_id=team.project_id,
+        user_id=team.user_id,
+        run_id=run_id,
+        scopes=scopes,
+        **extra,
+    )
 
 
 def owner(member: Member, team: Team) -> Identity:

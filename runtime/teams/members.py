@@ -61,8 +61,15 @@ class MemberLoop:
     """Runs every member's loop of turns in one task group, and stops them."""
 
     def __init__(
-        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService,
-        access: TeamAccess, messaging: Messaging, tools: TeamTools,
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        sandboxes: SandboxService,
+        tokens: TokenService,
+        access: TeamAccess,
+        messaging: Messaging,
+        tools: TeamTools,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -150,8 +157,11 @@ class MemberLoop:
                 scopes = await self._member_scopes(member, team)
                 await self._tokens.revoke_run(member.id, "replaced by a new token")
                 minted = await self._tokens.mint_for_run(
-                    run_of(team, member.id, scopes), member.id, scopes,
-                    utcnow() + timedelta(seconds=self._settings.teams.member_token_ttl_s), member.sandbox_id,
+                    run_of(team, member.id, scopes),
+                    member.id,
+                    scopes,
+                    utcnow() + timedelta(seconds=self._settings.teams.member_token_ttl_s),
+                    member.sandbox_id,
                     parent_id=team.lead_token_id,  # revoking the lead's token revokes its members'
                 )
                 live.token, live.token_id, live.scopes = minted.token, minted.token_id, minted.identity.scopes
@@ -197,7 +207,8 @@ class MemberLoop:
             free = [user for user in MEMBER_USERS if user not in taken]
             if row is None or not free:
                 raise InvalidRequestError(
-                    f"the team's shared sandbox has no Unix user left for another member (at most {len(MEMBER_USERS)})")
+                    f"the team's shared sandbox has no Unix user left for another member (at most {len(MEMBER_USERS)})"
+                )
             row.sandbox_id, row.unix_user = sandbox_id, free[0]
             session.add(row)
             return free[0]
@@ -221,16 +232,23 @@ class MemberLoop:
         owner = _acting(member, team, live)
         env = _member_env(member, team, live, turn)
         # On the record before it runs: if dockyard dies mid-turn, the next start marks it interrupted.
-        begun = await self._audit.append(owner, "team.turn", target=member.team_id, outcome="started",
-                                         detail={"member": member.role, "turn": turn})
+        begun = await self._audit.append(
+            owner, "team.turn", target=member.team_id, outcome="started", detail={"member": member.role, "turn": turn}
+        )
         try:
             output, error = await self._run_runner(member, owner, env, text, messages, turn)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._audit.append(owner, "team.turn", target=member.team_id, outcome="cancelled",
-                                         detail={"member": member.role, "turn": turn, "started_id": begun.id})
+                await self._audit.append(
+                    owner,
+                    "team.turn",
+                    target=member.team_id,
+                    outcome="cancelled",
+                    detail={"member": member.role, "turn": turn, "started_id": begun.id},
+                )
             raise
         with anyio.CancelScope(shield=True):
+
             def deliver(session: Session) -> None:
                 now = utcnow()
                 for message in messages:
@@ -244,8 +262,13 @@ class MemberLoop:
                     session.add(done)
 
             await self._store.run(deliver)
-            await self._audit.append(owner, "team.turn", target=member.team_id, outcome="error" if error else "ok",
-                                     detail={"member": member.role, "turn": turn, "error": error, "started_id": begun.id})
+            await self._audit.append(
+                owner,
+                "team.turn",
+                target=member.team_id,
+                outcome="error" if error else "ok",
+                detail={"member": member.role, "turn": turn, "error": error, "started_id": begun.id},
+            )
 
     async def _run_runner(
         self, member: Member, owner: Identity, env: dict[str, str], text: str, messages: list[Message], turn: int
@@ -259,9 +282,19 @@ class MemberLoop:
                     output = await self._llm_turn(member, owner, env, text)
                 else:
                     stdin = "".join(json.dumps(wire(m)) + "\n" for m in messages) if profile.kind == "script" else None
-                    work: str | list[str] = member.prompt if profile.kind == "script" else [a.replace("{prompt}", text) for a in profile.argv]
-                    ran = await self._sandboxes.exec(owner, member.sandbox_id or "", work, stdin=stdin, runner_env=env,
-                                                     timeout_s=min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s))
+                    work: str | list[str] = (
+                        member.prompt
+                        if profile.kind == "script"
+                        else [a.replace("{prompt}", text) for a in profile.argv]
+                    )
+                    ran = await self._sandboxes.exec(
+                        owner,
+                        member.sandbox_id or "",
+                        work,
+                        stdin=stdin,
+                        runner_env=env,
+                        timeout_s=min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s),
+                    )
                     output = ran.stdout[-_OUTPUT_CAP:]
                     if ran.timed_out or ran.exit_code != 0:
                         error = f"turn {turn} exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
@@ -323,8 +356,14 @@ def _planning(member: Member) -> bool:
 
 
 def _system(member: Member) -> str:
-    plan = (" You are in plan mode: read what you need, then propose a plan with team_propose_plan; do not run "
-            "commands or write files until the lead approves it.") if member.plan_mode else ""
+    plan = (
+        (
+            " You are in plan mode: read what you need, then propose a plan with team_propose_plan; do not run "
+            "commands or write files until the lead approves it."
+        )
+        if member.plan_mode
+        else ""
+    )
     return (
         f"You are '{member.role}', a member of a team of agents. You work in a Linux sandbox (/workspace). Use the "
         "sandbox tools to work and the team tools to talk to teammates, claim tasks from the shared list and report "

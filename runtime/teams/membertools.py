@@ -11,28 +11,74 @@ from dockyard.runtime.settings import Identity
 __all__ = ["PLAN_BLOCKED", "TEAM_TOOLS", "TeamTools", "call_team_tool"]
 
 TEAM_TOOLS: list[dict[str, Any]] = [
-    {"type": "function", "function": {
-        "name": "team_message", "description": "Send a message to one teammate (by role) or to 'lead'.",
-        "parameters": {"type": "object", "properties": {"to": {"type": "string"}, "body": {"type": "string"}}, "required": ["to", "body"]}}},
-    {"type": "function", "function": {
-        "name": "team_broadcast", "description": "Send a message to every other member of the team.",
-        "parameters": {"type": "object", "properties": {"body": {"type": "string"}}, "required": ["body"]}}},
-    {"type": "function", "function": {
-        "name": "team_tasks", "description": "The team's members (status, last output) and its shared task list.",
-        "parameters": {"type": "object", "properties": {}}}},
-    {"type": "function", "function": {
-        "name": "team_read", "description": "Messages to you, and the messages you sent with whether each was delivered.",
-        "parameters": {"type": "object", "properties": {}}}},
-    {"type": "function", "function": {
-        "name": "team_claim", "description": "Claim an open task (by task_id, or the next open one); only one member gets it.",
-        "parameters": {"type": "object", "properties": {"task_id": {"type": "string"}}}}},
-    {"type": "function", "function": {
-        "name": "team_complete", "description": "Finish a task you claimed with its result (failed=true if it could not be done).",
-        "parameters": {"type": "object", "properties": {"task_id": {"type": "string"}, "result": {"type": "string"},
-                                                        "failed": {"type": "boolean"}}, "required": ["task_id", "result"]}}},
-    {"type": "function", "function": {
-        "name": "team_propose_plan", "description": "Plan mode: propose your plan to the lead and wait for approval.",
-        "parameters": {"type": "object", "properties": {"plan": {"type": "string"}}, "required": ["plan"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "team_message",
+            "description": "Send a message to one teammate (by role) or to 'lead'.",
+            "parameters": {
+                "type": "object",
+                "properties": {"to": {"type": "string"}, "body": {"type": "string"}},
+                "required": ["to", "body"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_broadcast",
+            "description": "Send a message to every other member of the team.",
+            "parameters": {"type": "object", "properties": {"body": {"type": "string"}}, "required": ["body"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_tasks",
+            "description": "The team's members (status, last output) and its shared task list.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_read",
+            "description": "Messages to you, and the messages you sent with whether each was delivered.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_claim",
+            "description": "Claim an open task (by task_id, or the next open one); only one member gets it.",
+            "parameters": {"type": "object", "properties": {"task_id": {"type": "string"}}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_complete",
+            "description": "Finish a task you claimed with its result (failed=true if it could not be done).",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "task_id": {"type": "string"},
+                    "result": {"type": "string"},
+                    "failed": {"type": "boolean"},
+                },
+                "required": ["task_id", "result"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "team_propose_plan",
+            "description": "Plan mode: propose your plan to the lead and wait for approval.",
+            "parameters": {"type": "object", "properties": {"plan": {"type": "string"}}, "required": ["plan"]},
+        },
+    },
 ]
 
 PLAN_BLOCKED = {"exec", "write_file"}

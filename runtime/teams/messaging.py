@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, SizeLimitError
-from dockyard.runtime.models import Inbox, MessagesSent, MessageInfo
+from dockyard.runtime.models import Inbox, MessageInfo, MessagesSent
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, TeamSettings
 from dockyard.runtime.store import Member, MemberStatus, Message, Store, Team, utcnow
@@ -70,7 +70,9 @@ class Messaging:
 
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> MessagesSent:
         """Append a message to one inbox (a member's by role, or the lead's) and wake its owner."""
-        async with self._audit.record(who, "team.message", team_id, to=to, size=len(body.encode()), token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who, "team.message", team_id, to=to, size=len(body.encode()), token_id=who.token_id
+        ) as rec:
             team = await self._access.team(who, team_id, "team.message")
             sender = await self._access.party(who, team, "team.message")
             self.check_body(body)
@@ -84,12 +86,22 @@ class Messaging:
 
     async def broadcast(self, who: Identity, team_id: str, body: str) -> MessagesSent:
         """Append a message to every member's inbox (but the sender's) and wake them all."""
-        async with self._audit.record(who, "team.broadcast", team_id, size=len(body.encode()), token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who, "team.broadcast", team_id, size=len(body.encode()), token_id=who.token_id
+        ) as rec:
             team = await self._access.team(who, team_id, "team.broadcast")
             sender = await self._access.party(who, team, "team.broadcast")
             self.check_body(body)
-            members = await self._store.run(lambda s: list(s.exec(select(Member).where(
-                Member.team_id == team.id, col(Member.status).not_in([MemberStatus.STOPPED, MemberStatus.FAILED]))).all()))
+            members = await self._store.run(
+                lambda s: list(
+                    s.exec(
+                        select(Member).where(
+                            Member.team_id == team.id,
+                            col(Member.status).not_in([MemberStatus.STOPPED, MemberStatus.FAILED]),
+                        )
+                    ).all()
+                )
+            )
             recipients = [m.id for m in members if m.id != sender]
             if not recipients:
                 raise InvalidRequestError("the team has no other member to broadcast to; team_spawn adds members")
@@ -105,8 +117,16 @@ class Messaging:
         me = await self._access.party(who, team, "team.read")
 
         def read(session: Session) -> tuple[list[Message], list[Message], list[Member]]:
-            received = list(session.exec(select(Message).where(Message.team_id == team.id, Message.recipient == me).order_by(col(Message.id))).all())
-            sent = list(session.exec(select(Message).where(Message.team_id == team.id, Message.sender == me).order_by(col(Message.id))).all())
+            received = list(
+                session.exec(
+                    select(Message).where(Message.team_id == team.id, Message.recipient == me).order_by(col(Message.id))
+                ).all()
+            )
+            sent = list(
+                session.exec(
+                    select(Message).where(Message.team_id == team.id, Message.sender == me).order_by(col(Message.id))
+                ).all()
+            )
             if me == LEAD:
                 for message in received:
                     if message.delivered_at is None:
@@ -117,8 +137,11 @@ class Messaging:
 
         received, sent, members = await self._store.run(read)
         roles = {m.id: m.role for m in members}
-        return Inbox(received=[message_info(m, roles) for m in received], sent=[message_info(m, roles) for m in sent],
-                     notice=interrupted_notice(members) if me == LEAD else None)
+        return Inbox(
+            received=[message_info(m, roles) for m in received],
+            sent=[message_info(m, roles) for m in sent],
+            notice=interrupted_notice(members) if me == LEAD else None,
+        )
 
     def check_body(self, body: str) -> None:
         """Refuse an empty text, or one over the team's cap."""
@@ -128,10 +151,22 @@ class Messaging:
         if size > self._limits.message_max_bytes:
             raise SizeLimitError(f"the message is {size} bytes; the cap is {self._limits.message_max_bytes} bytes")
 
-    async def send(self, who: Identity, team: Team, sender: str, recipients: list[str], body: str, kind: str) -> list[MessageInfo]:
+    async def send(
+        self, who: Identity, team: Team, sender: str, recipients: list[str], body: str, kind: str
+    ) -> list[MessageInfo]:
         """Append one message per recipient, mirror the members' inboxes and wake them."""
-        rows = [Message(team_id=team.id, sender=sender, recipient=r, kind=kind, body=body, author_user_id=who.user_id,
-                        author_token_id=who.token_id) for r in recipients]
+        rows = [
+            Message(
+                team_id=team.id,
+                sender=sender,
+                recipient=r,
+                kind=kind,
+                body=body,
+                author_user_id=who.user_id,
+                author_token_id=who.token_id,
+            )
+            for r in recipients
+        ]
 
         def insert(session: Session) -> None:
             session.add_all(rows)
@@ -155,12 +190,19 @@ class Messaging:
             return
         roles = await self._access.roles(member.team_id)
         rows = await self._store.run(
-            lambda s: list(s.exec(select(Message).where(Message.recipient == member.id).order_by(col(Message.id))).all())
+            lambda s: list(
+                s.exec(select(Message).where(Message.recipient == member.id).order_by(col(Message.id))).all()
+            )
         )
         content = "".join(json.dumps(wire(m, roles)) + "\n" for m in rows)
         try:
-            await self._sandboxes.write_file(owner(member, await self._access.team_row(member.team_id)), member.sandbox_id,
-                                             f"{INBOX_DIR}/{member.role}.jsonl", content, "utf-8")
+            await self._sandboxes.write_file(
+                owner(member, await self._access.team_row(member.team_id)),
+                member.sandbox_id,
+                f"{INBOX_DIR}/{member.role}.jsonl",
+                content,
+                "utf-8",
+            )
         except DockyardError as exc:
             log.info("inbox mirror of %s not written: %s", member.id, exc)
 
@@ -168,9 +210,13 @@ class Messaging:
         """Every message not yet taken by the member's turns, marked taken in the same transaction."""
 
         def take(session: Session) -> list[Message]:
-            rows = list(session.exec(
-                select(Message).where(Message.recipient == member.id, col(Message.taken_at).is_(None)).order_by(col(Message.id))
-            ).all())
+            rows = list(
+                session.exec(
+                    select(Message)
+                    .where(Message.recipient == member.id, col(Message.taken_at).is_(None))
+                    .order_by(col(Message.id))
+                ).all()
+            )
             now = utcnow()
             for row in rows:
                 row.taken_at = now
@@ -178,4 +224,3 @@ class Messaging:
             return rows
 
         return await self._store.run(take)
-

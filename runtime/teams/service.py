@@ -13,11 +13,30 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError
-from dockyard.runtime.models import Inbox, MemberInfo, MessagesSent, TaskInfo, TasksAdded, TeamForgotten, TeamInfo, TeamView
+from dockyard.runtime.models import (
+    Inbox,
+    MemberInfo,
+    MessagesSent,
+    TaskInfo,
+    TasksAdded,
+    TeamForgotten,
+    TeamInfo,
+    TeamView,
+)
 from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import Member, MemberStatus, Message, Sandbox, SandboxStatus, Store, Team, TeamStatus, TeamTask
+from dockyard.runtime.store import (
+    Member,
+    MemberStatus,
+    Message,
+    Sandbox,
+    SandboxStatus,
+    Store,
+    Team,
+    TeamStatus,
+    TeamTask,
+)
 from dockyard.runtime.teams.access import TeamAccess, owner, team_owner
 from dockyard.runtime.teams.members import MemberLoop
 from dockyard.runtime.teams.messaging import Messaging
@@ -64,8 +83,11 @@ class TeamService:
                     session.add(member)
                     # What its interrupted turn had taken goes back to its inbox, unprocessed.
                     for message in session.exec(
-                        select(Message).where(Message.recipient == member.id, col(Message.taken_at).is_not(None),
-                                              col(Message.delivered_at).is_(None))
+                        select(Message).where(
+                            Message.recipient == member.id,
+                            col(Message.taken_at).is_not(None),
+                            col(Message.delivered_at).is_(None),
+                        )
                     ).all():
                         message.taken_at = None
                         session.add(message)
@@ -82,8 +104,14 @@ class TeamService:
         name = name.strip()
         if not name or len(name) > 100:
             raise InvalidRequestError("a team needs a name of 1 to 100 characters")
-        team = Team(id=f"team_{secrets.token_hex(6)}", name=name, workspace_id=who.workspace_id, project_id=who.project_id,
-                    user_id=who.user_id, lead_token_id=who.token_id)
+        team = Team(
+            id=f"team_{secrets.token_hex(6)}",
+            name=name,
+            workspace_id=who.workspace_id,
+            project_id=who.project_id,
+            user_id=who.user_id,
+            lead_token_id=who.token_id,
+        )
         async with self._audit.record(who, "team.create", team.id, name=name, token_id=who.token_id):
 
             def insert(session: Session) -> None:
@@ -106,8 +134,16 @@ class TeamService:
     ) -> MemberInfo:
         """Add a member and start its first turn in the background; returns at once."""
         runner = runner or "script"
-        async with self._audit.record(who, "team.spawn", team_id, role=role, runner=runner, isolation=isolation,
-                                      plan_mode=plan_mode, token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who,
+            "team.spawn",
+            team_id,
+            role=role,
+            runner=runner,
+            isolation=isolation,
+            plan_mode=plan_mode,
+            token_id=who.token_id,
+        ) as rec:
             team = await self._access.lead_of(who, team_id, "team.spawn")
             role = role.strip()
             if not role or len(role) > 64 or role == LEAD or not all(c.isalnum() or c in "-_." for c in role):
@@ -115,11 +151,20 @@ class TeamService:
             if isolation not in ISOLATIONS:
                 raise InvalidRequestError(f"unknown isolation '{isolation}'; allowed: shared (the team's sandbox), own")
             if runner not in self._settings.runners:
-                raise InvalidRequestError(f"unknown runner '{runner}'; allowed: {', '.join(sorted(self._settings.runners))}")
+                raise InvalidRequestError(
+                    f"unknown runner '{runner}'; allowed: {', '.join(sorted(self._settings.runners))}"
+                )
             if not prompt.strip():
                 raise InvalidRequestError("a member needs a prompt: its task (for the script runner, its script)")
-            member = Member(id=f"mem_{secrets.token_hex(6)}", team_id=team.id, role=role, runner=runner,
-                            isolation=isolation, prompt=prompt, plan_mode=plan_mode)
+            member = Member(
+                id=f"mem_{secrets.token_hex(6)}",
+                team_id=team.id,
+                role=role,
+                runner=runner,
+                isolation=isolation,
+                prompt=prompt,
+                plan_mode=plan_mode,
+            )
             rec.target = member.id
 
             def insert(session: Session) -> None:
@@ -135,7 +180,9 @@ class TeamService:
         self._loop.start(member, wait_first=False)
         return member_info(member)
 
-    async def approve_plan(self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None) -> MemberInfo:
+    async def approve_plan(
+        self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None
+    ) -> MemberInfo:
         """Approve a member's pending plan (it may act from its next turn) or reject it with
         feedback (it may propose again); either way the answer wakes it."""
         return await self._plans.answer(who, team_id, member_ref, approve, feedback)
@@ -163,14 +210,21 @@ class TeamService:
                     "tasks": len(session.exec(select(TeamTask.id).where(TeamTask.team_id == team.id)).all()),
                     "members": len(session.exec(select(Member.id).where(Member.team_id == team.id)).all()),
                 }
-                for model, column in ((Message, Message.team_id), (TeamTask, TeamTask.team_id), (Member, Member.team_id), (Team, Team.id)):
+                for model, column in (
+                    (Message, Message.team_id),
+                    (TeamTask, TeamTask.team_id),
+                    (Member, Member.team_id),
+                    (Team, Team.id),
+                ):
                     session.execute(delete(model).where(col(column) == team.id))
                 return counts
 
             counts = await self._store.run(forget)
             rec.detail.update(counts)
         self._loop.forget_team(team.id)
-        return TeamForgotten(team_id=team.id, members=counts["members"], messages=counts["messages"], tasks=counts["tasks"])
+        return TeamForgotten(
+            team_id=team.id, members=counts["members"], messages=counts["messages"], tasks=counts["tasks"]
+        )
 
     # -- everyone's tools -----------------------------------------------------------------
 
@@ -180,15 +234,27 @@ class TeamService:
         party = await self._access.party(who, team, "team.tasks")
 
         def read(session: Session) -> tuple[list[Member], list[TeamTask]]:
-            members = list(session.exec(select(Member).where(Member.team_id == team.id).order_by(col(Member.created_at))).all())
-            tasks = list(session.exec(select(TeamTask).where(TeamTask.team_id == team.id).order_by(col(TeamTask.created_at), col(TeamTask.id))).all())
+            members = list(
+                session.exec(select(Member).where(Member.team_id == team.id).order_by(col(Member.created_at))).all()
+            )
+            tasks = list(
+                session.exec(
+                    select(TeamTask)
+                    .where(TeamTask.team_id == team.id)
+                    .order_by(col(TeamTask.created_at), col(TeamTask.id))
+                ).all()
+            )
             return members, tasks
 
         members, tasks = await self._store.run(read)
         roles = {m.id: m.role for m in members}
         notice = interrupted_notice(members) if party == LEAD else None
-        return TeamView(team=team_info(team, notice), members=[member_info(m) for m in members],
-                        tasks=[task_info(t, roles) for t in tasks], notice=notice)
+        return TeamView(
+            team=team_info(team, notice),
+            members=[member_info(m) for m in members],
+            tasks=[task_info(t, roles) for t in tasks],
+            notice=notice,
+        )
 
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> MessagesSent:
         """Append a message to one inbox (a member's by role, or the lead's) and wake its owner."""
@@ -229,8 +295,17 @@ class TeamService:
         # Every sandbox held for the team or one of its members goes back, including one whose
         # claim a stop cut short before the member row learnt of it.
         runs = {team.id: team_owner(team), **{m.id: owner(m, team) for m in members}}
-        held = await self._store.run(lambda s: list(s.exec(select(Sandbox).where(
-            col(Sandbox.run_id).in_(list(runs)), Sandbox.workspace_id == team.workspace_id, Sandbox.status == SandboxStatus.RUNNING)).all()))
+        held = await self._store.run(
+            lambda s: list(
+                s.exec(
+                    select(Sandbox).where(
+                        col(Sandbox.run_id).in_(list(runs)),
+                        Sandbox.workspace_id == team.workspace_id,
+                        Sandbox.status == SandboxStatus.RUNNING,
+                    )
+                ).all()
+            )
+        )
         for sandbox in held:
             assert sandbox.run_id is not None
             await self._give_back(runs[sandbox.run_id], sandbox.id)

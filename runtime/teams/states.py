@@ -89,12 +89,14 @@ SHUT_DOWN_TEAM = Transition("shut the team down", TeamStatus.SHUT_DOWN, _from(Te
 LIVE_MEMBER = frozenset({MemberStatus.STARTING, MemberStatus.BUSY, MemberStatus.IDLE, MemberStatus.READY})
 """A member whose loop may still take turns."""
 
-PREPARE_MEMBER = Transition("prepare the member", MemberStatus.STARTING,
-                            _from(MemberStatus.STARTING, MemberStatus.READY, MemberStatus.IDLE))
+PREPARE_MEMBER = Transition(
+    "prepare the member", MemberStatus.STARTING, _from(MemberStatus.STARTING, MemberStatus.READY, MemberStatus.IDLE)
+)
 BEGIN_TURN = Transition("begin a turn", MemberStatus.BUSY, frozenset(LIVE_MEMBER))
 REST_MEMBER = Transition("let the member wait for messages", MemberStatus.IDLE, frozenset(LIVE_MEMBER))
-INTERRUPT_MEMBER = Transition("mark the member interrupted", MemberStatus.READY,
-                              _from(MemberStatus.STARTING, MemberStatus.BUSY))
+INTERRUPT_MEMBER = Transition(
+    "mark the member interrupted", MemberStatus.READY, _from(MemberStatus.STARTING, MemberStatus.BUSY)
+)
 FAIL_MEMBER = Transition("mark the member failed", MemberStatus.FAILED, frozenset(LIVE_MEMBER))
 STOP_MEMBER = Transition("stop the member", MemberStatus.STOPPED, _but([MemberStatus.STOPPED], MemberStatus))
 
@@ -102,7 +104,8 @@ CLAIM_TASK = Transition("claim the task", TaskStatus.CLAIMED, _from(TaskStatus.O
 FINISH_TASK = Transition("finish the task", TaskStatus.DONE, _from(TaskStatus.CLAIMED))
 FAIL_TASK = Transition("fail the task", TaskStatus.FAILED, _from(TaskStatus.CLAIMED))
 
-PROPOSE_PLAN = Transition("propose a plan", PlanStatus.PENDING,
-                          _from(None, PlanStatus.PENDING, PlanStatus.REJECTED), field="plan_status")
+PROPOSE_PLAN = Transition(
+    "propose a plan", PlanStatus.PENDING, _from(None, PlanStatus.PENDING, PlanStatus.REJECTED), field="plan_status"
+)
 APPROVE_PLAN = Transition("approve the plan", PlanStatus.APPROVED, _from(PlanStatus.PENDING), field="plan_status")
 REJECT_PLAN = Transition("reject the plan", PlanStatus.REJECTED, _from(PlanStatus.PENDING), field="plan_status")

@@ -26,7 +26,9 @@ __all__ = ["Plans", "TaskList"]
 class TaskList:
     """The shared task list: the lead and members add tasks, members claim and finish them."""
 
-    def __init__(self, limits: TeamSettings, store: Store, audit: AuditLog, access: TeamAccess, messaging: Messaging) -> None:
+    def __init__(
+        self, limits: TeamSettings, store: Store, audit: AuditLog, access: TeamAccess, messaging: Messaging
+    ) -> None:
         self._limits = limits
         self._store = store
         self._audit = audit
@@ -40,8 +42,16 @@ class TaskList:
             author = await self._access.party(who, team, "team.add_tasks")
             if not tasks or any(not title.strip() for title, _ in tasks):
                 raise InvalidRequestError("give at least one task, each with a title")
-            rows = [TeamTask(id=f"task_{secrets.token_hex(6)}", team_id=team.id, title=title.strip()[:500], detail=detail,
-                             created_by=author) for title, detail in tasks]
+            rows = [
+                TeamTask(
+                    id=f"task_{secrets.token_hex(6)}",
+                    team_id=team.id,
+                    title=title.strip()[:500],
+                    detail=detail,
+                    created_by=author,
+                )
+                for title, detail in tasks
+            ]
 
             def insert(session: Session) -> None:
                 present = len(session.exec(select(TeamTask.id).where(TeamTask.team_id == team.id)).all())
@@ -59,7 +69,9 @@ class TaskList:
             team = await self._access.team(who, team_id, "team.claim")
             me = await self._access.party(who, team, "team.claim")
             if me == LEAD:
-                raise InvalidRequestError("members claim tasks; the lead adds them (team_add_tasks) and reads them (team_tasks)")
+                raise InvalidRequestError(
+                    "members claim tasks; the lead adds them (team_add_tasks) and reads them (team_tasks)"
+                )
 
             def take(session: Session) -> TeamTask:
                 query = select(TeamTask).where(TeamTask.team_id == team.id)
@@ -68,14 +80,21 @@ class TaskList:
                     if row is None:
                         raise InvalidRequestError(f"unknown task '{task_id}' in this team; team_tasks lists them")
                 else:
-                    row = session.exec(query.where(TeamTask.status == TaskStatus.OPEN)
-                                       .order_by(col(TeamTask.created_at), col(TeamTask.id))).first()
+                    row = session.exec(
+                        query.where(TeamTask.status == TaskStatus.OPEN).order_by(
+                            col(TeamTask.created_at), col(TeamTask.id)
+                        )
+                    ).first()
                     if row is None:
                         raise InvalidRequestError("no open task is left to claim")
 
                 def taken(state: str | None) -> str:
                     holder = session.get(Member, row.owner) if row.owner else None
-                    return f"task '{task_id}' is {state}" + (f" by '{holder.role}'" if holder else "") + "; claim an open one"
+                    return (
+                        f"task '{task_id}' is {state}"
+                        + (f" by '{holder.role}'" if holder else "")
+                        + "; claim an open one"
+                    )
 
                 CLAIM_TASK.apply(row, taken)
                 row.owner, row.claimed_at = me, utcnow()
@@ -121,7 +140,9 @@ class Plans:
 
     async def propose(self, who: Identity, team_id: str, plan: str) -> MemberInfo:
         """A member in plan mode hands its plan to the lead, who approves or rejects it."""
-        async with self._audit.record(who, "team.propose_plan", team_id, size=len(plan.encode()), token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who, "team.propose_plan", team_id, size=len(plan.encode()), token_id=who.token_id
+        ) as rec:
             team = await self._access.team(who, team_id, "team.propose_plan")
             me = await self._access.party(who, team, "team.propose_plan")
             if me == LEAD:
@@ -137,18 +158,30 @@ class Plans:
                 PROPOSE_PLAN.apply(row, "your plan is already approved: go ahead")
                 row.plan, row.plan_feedback = plan, None
                 session.add(row)
-                session.add(Message(team_id=team.id, sender=row.id, recipient=LEAD, kind="plan", body=plan,
-                                    author_user_id=who.user_id, author_token_id=who.token_id))
+                session.add(
+                    Message(
+                        team_id=team.id,
+                        sender=row.id,
+                        recipient=LEAD,
+                        kind="plan",
+                        body=plan,
+                        author_user_id=who.user_id,
+                        author_token_id=who.token_id,
+                    )
+                )
                 return row
 
             member = await self._store.run(propose)
         return member_info(member)
 
-    async def answer(self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None) -> MemberInfo:
+    async def answer(
+        self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None
+    ) -> MemberInfo:
         """Approve a member's pending plan (it may act from its next turn) or reject it with
         feedback (it may propose again); either way the answer wakes it."""
-        async with self._audit.record(who, "team.approve_plan", team_id, member=member_ref, approve=approve,
-                                      token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who, "team.approve_plan", team_id, member=member_ref, approve=approve, token_id=who.token_id
+        ) as rec:
             team = await self._access.lead_of(who, team_id, "team.approve_plan")
             member = await self._access.member(team, member_ref)
             rec.target = member.id
@@ -162,11 +195,24 @@ class Plans:
                 row = session.get(Member, member.id)
                 assert row is not None
                 (APPROVE_PLAN if approve else REJECT_PLAN).apply(
-                    row, lambda state: f"'{row.role}' has no plan waiting for approval (its plan status: {state or 'none yet'})")
+                    row,
+                    lambda state: (
+                        f"'{row.role}' has no plan waiting for approval (its plan status: {state or 'none yet'})"
+                    ),
+                )
                 row.plan_feedback = text or None
                 session.add(row)
-                session.add(Message(team_id=team.id, sender=LEAD, recipient=member.id, kind="plan", body=body,
-                                    author_user_id=who.user_id, author_token_id=who.token_id))
+                session.add(
+                    Message(
+                        team_id=team.id,
+                        sender=LEAD,
+                        recipient=member.id,
+                        kind="plan",
+                        body=body,
+                        author_user_id=who.user_id,
+                        author_token_id=who.token_id,
+                    )
+                )
                 return row
 
             member = await self._store.run(decide)

@@ -32,8 +32,14 @@ def as_text(messages: list[Message], roles: dict[str, str]) -> str:
 def wire(message: Message, roles: dict[str, str] | None = None) -> dict[str, Any]:
     """A message as one JSON line of an inbox (its mirror, a script member's stdin)."""
     roles = roles or {}
-    return {"id": message.id, "from": roles.get(message.sender, message.sender), "author": _author(message, roles),
-            "kind": message.kind, "body": message.body, "at": message.created_at.isoformat()}
+    return {
+        "id": message.id,
+        "from": roles.get(message.sender, message.sender),
+        "author": _author(message, roles),
+        "kind": message.kind,
+        "body": message.body,
+        "at": message.created_at.isoformat(),
+    }
 
 
 def _author(message: Message, roles: dict[str, str]) -> str:
@@ -56,25 +62,46 @@ def team_info(team: Team, notice: str | None = None) -> TeamInfo:
 def member_info(member: Member, notice: str | None = None) -> MemberInfo:
     """A member as a result."""
     return MemberInfo(
-        member_id=member.id, role=member.role, runner=member.runner, isolation=member.isolation, status=member.status,
-        sandbox_id=member.sandbox_id, plan_mode=member.plan_mode, plan_status=member.plan_status, plan=member.plan,
-        plan_feedback=member.plan_feedback, turns=member.turns, last_output=member.last_output, last_error=member.last_error,
+        member_id=member.id,
+        role=member.role,
+        runner=member.runner,
+        isolation=member.isolation,
+        status=member.status,
+        sandbox_id=member.sandbox_id,
+        plan_mode=member.plan_mode,
+        plan_status=member.plan_status,
+        plan=member.plan,
+        plan_feedback=member.plan_feedback,
+        turns=member.turns,
+        last_output=member.last_output,
+        last_error=member.last_error,
         notice=notice,
     )
 
 
 def task_info(task: TeamTask, roles: dict[str, str]) -> TaskInfo:
     """A task as a result, its owner by role."""
-    return TaskInfo(task_id=task.id, title=task.title, detail=task.detail, status=task.status,
-                    owner=roles.get(task.owner, task.owner) if task.owner else None, result=task.result)
+    return TaskInfo(
+        task_id=task.id,
+        title=task.title,
+        detail=task.detail,
+        status=task.status,
+        owner=roles.get(task.owner, task.owner) if task.owner else None,
+        result=task.result,
+    )
 
 
 def message_info(message: Message, roles: dict[str, str]) -> MessageInfo:
     """A message as a result, with its receipt."""
     assert message.id is not None
     return MessageInfo(
-        message_id=message.id, sender=roles.get(message.sender, message.sender), author=_author(message, roles),
+        message_id=message.id,
+        sender=roles.get(message.sender, message.sender),
+        author=_author(message, roles),
         recipient=roles.get(message.recipient, message.recipient),
-        kind=message.kind, body=message.body, created_at=message.created_at.isoformat(), delivered=message.delivered_at is not None,
+        kind=message.kind,
+        body=message.body,
+        created_at=message.created_at.isoformat(),
+        delivered=message.delivered_at is not None,
         delivered_at=_iso(message.delivered_at),
     )

@@ -50,10 +50,18 @@ LIFECYCLES: list[tuple[str, Transition[Any], list[Any], set[Any], str]] = [
     ("plan rejected", REJECT_PLAN, PLAN_STATES, {"pending"}, "rejected"),
 ]
 
-ALLOWED = [pytest.param(t, state, to, id=f"{name} from {state or 'no plan'}")
-           for name, t, states, allowed, to in LIFECYCLES for state in states if state in allowed]
-REFUSED = [pytest.param(t, state, id=f"{name} from {state or 'no plan'}")
-           for name, t, states, allowed, _ in LIFECYCLES for state in states if state not in allowed]
+ALLOWED = [
+    pytest.param(t, state, to, id=f"{name} from {state or 'no plan'}")
+    for name, t, states, allowed, to in LIFECYCLES
+    for state in states
+    if state in allowed
+]
+REFUSED = [
+    pytest.param(t, state, id=f"{name} from {state or 'no plan'}")
+    for name, t, states, allowed, _ in LIFECYCLES
+    for state in states
+    if state not in allowed
+]
 
 
 def row_in(transition: Transition[Any], state: str | None) -> Any:
@@ -62,7 +70,9 @@ def row_in(transition: Transition[Any], state: str | None) -> Any:
         return Team(id="team_1", name="t", workspace_id="w", project_id="p", user_id="u", status=state)
     if transition in (CLAIM_TASK, FINISH_TASK, FAIL_TASK):
         return TeamTask(id="task_1", team_id="team_1", title="t", created_by="lead", status=state)
-    member = Member(id="mem_1", team_id="team_1", role="r", runner="script", isolation="own", prompt="p", plan_mode=True)
+    member = Member(
+        id="mem_1", team_id="team_1", role="r", runner="script", isolation="own", prompt="p", plan_mode=True
+    )
     setattr(member, transition.field, state)
     return member
 
@@ -91,11 +101,13 @@ def test_a_refused_transition_raises_a_state_error_and_leaves_the_row_as_it_was(
 
 def test_a_refusal_says_what_the_caller_gave_it_with_the_state_the_row_is_in() -> None:
     task = row_in(CLAIM_TASK, "done")
-    with pytest.raises(StateError, match="^task 'task_1' is done; claim an open one$"):
+    with pytest.raises(StateError) as refused:
         CLAIM_TASK.apply(task, lambda state: f"task 'task_1' is {state}; claim an open one")
+    assert str(refused.value) == "task 'task_1' is done; claim an open one"
     plan = row_in(PROPOSE_PLAN, "approved")
-    with pytest.raises(StateError, match="^your plan is already approved: go ahead$"):
+    with pytest.raises(StateError) as refused:
         PROPOSE_PLAN.apply(plan, "your plan is already approved: go ahead")
+    assert str(refused.value) == "your plan is already approved: go ahead"
 
 
 def test_the_states_are_stored_as_the_strings_stores_already_hold() -> None:
@@ -107,11 +119,15 @@ def test_the_states_are_stored_as_the_strings_stores_already_hold() -> None:
 
 def test_the_restart_notice_names_the_ready_members_by_role_and_nobody_once_none_is_ready() -> None:
     def member(role: str, status: str) -> Member:
-        return Member(id=f"mem_{role}", team_id="team_1", role=role, runner="script", isolation="own", prompt="p",
-                      status=status)
+        return Member(
+            id=f"mem_{role}", team_id="team_1", role=role, runner="script", isolation="own", prompt="p", status=status
+        )
 
     team = [member("watcher", "idle"), member("tester", "ready"), member("builder", "ready"), member("gone", "stopped")]
-    assert interrupted_notice(team) == "Server was restarted. Teammates interrupted: builder, tester. Use team_message to resume."
+    assert (
+        interrupted_notice(team)
+        == "Server was restarted. Teammates interrupted: builder, tester. Use team_message to resume."
+    )
     for row in team:
         if row.status == "ready":
             BEGIN_TURN.apply(row)  # a message resumed it
