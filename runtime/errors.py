@@ -15,7 +15,8 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── SizeLimitError
     │   ├── TimeLimitError            an operation ran past its configured time limit
     │   ├── EncodingError
-    │   └── NetworkNotAllowedError
+    │   ├── NetworkNotAllowedError
+    │   └── StateError                a row's lifecycle state does not allow the step asked of it
     ├── SandboxPausedError            frozen from outside dockyard (`docker pause`); unpause it
     ├── AccessDeniedError             the caller's token does not allow this
     │   └── ScopeError                a scope the call needs is missing
@@ -55,6 +56,7 @@ __all__ = [
     "ScopeError",
     "SizeLimitError",
     "SnapshotNotFoundError",
+    "StateError",
     "TemplateNotFoundError",
     "TimeLimitError",
 ]
@@ -128,6 +130,11 @@ class EncodingError(InvalidRequestError):
 
 class NetworkNotAllowedError(InvalidRequestError):
     """Raised when a network mode is unknown or disabled by configuration."""
+
+
+class StateError(InvalidRequestError):
+    """Raised when a lifecycle step is asked of a row whose state does not allow it (a task that
+    is not open, a plan that is not pending); the message says what state it is in and what to do."""
 
 
 class CapacityError(DockyardError):
