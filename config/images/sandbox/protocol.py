@@ -96,6 +96,7 @@ def sizes(header: bytes) -> tuple[int, int]:
 
 
 def check_sizes(size: int, body_size: int) -> None:
+    """Refuse a frame whose object or body is over its limit."""
     if size > MAX_OBJECT or body_size > MAX_BODY:
         raise FrameError(f"frame too large ({size} + {body_size} bytes; at most {MAX_OBJECT} + {MAX_BODY})")
 
@@ -112,7 +113,8 @@ def parse(data: bytes) -> dict[str, Any]:
 
 
 def decode(data: bytes) -> tuple[dict[str, Any], bytes, bytes] | None:
-    """The first frame in `data`: (object, body, the bytes after it), or None while incomplete."""
+    """The first frame in `data`: (object, body, the bytes after it), or None while incomplete
+    (each end's stream reader does the same, a read at a time)."""
     if len(data) < HEADER.size:
         return None
     size, body_size = sizes(data[: HEADER.size])

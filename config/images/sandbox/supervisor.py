@@ -19,10 +19,9 @@ Transport: a unix stream socket, `control.sock` in /run/dockyard-sup/control, a 
 server bind-mounts from the host. /run/dockyard-sup is root's alone (mode 0700), so the
 sandbox user cannot reach the socket; no network is involved.
 
-Frame: 8 bytes (two big-endian u32: the length of a JSON object, the length of a binary body),
-then the JSON object (UTF-8), then the body. Every object has a type "t". The frame format,
-its limits, the kinds and the handshake's proofs are defined once, in protocol.py, which both
-ends import.
+Frames (a JSON object with a type "t", and a binary body), their limits, the kinds below and
+the handshake's proofs are defined once, in protocol.py beside this file, which the server
+imports too.
 
 Handshake, mutual, with the key the server wrote to `key` beside the socket:
   supervisor -> {"t": "hello", "protocol": 1, "nonce": N1}
