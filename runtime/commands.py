@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from dockyard.config.images.sandbox import protocol
 from dockyard.runtime.errors import InvalidRequestError
 from dockyard.runtime.models import ExecResult
 from dockyard.runtime.supervisor import Link, SupervisorError
@@ -112,7 +113,7 @@ async def run_command(
     streamer = _Streamer(on_output)
     started = time.perf_counter()
     request = {
-        "t": "exec",
+        "t": protocol.EXEC,
         "argv": argv,
         "env": env,
         "cwd": workdir,
@@ -129,20 +130,20 @@ async def run_command(
             with anyio.move_on_after(timeout_s + _LATE_S):
                 if stdin is not None:
                     for at in range(0, len(stdin), _STDIN_CHUNK):
-                        await link.send({"t": "stdin", "id": request_id}, stdin[at : at + _STDIN_CHUNK])
-                    await link.send({"t": "stdin", "id": request_id})
+                        await link.send({"t": protocol.STDIN, "id": request_id}, stdin[at : at + _STDIN_CHUNK])
+                    await link.send({"t": protocol.STDIN, "id": request_id})
                 async for frame in frames:
-                    if frame.kind == "out":
+                    if frame.kind == protocol.OUT:
                         capture = captures[2 if frame.obj.get("fd") == 2 else 1]
                         await streamer.add(capture.name, capture.add(frame.body))
-                    elif frame.kind == "exit":
+                    elif frame.kind == protocol.EXIT:
                         ended = frame.obj
                         break
         finally:
             if ended is None and not link.closed:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     try:
-                        await link.send({"t": "kill", "id": request_id})
+                        await link.send({"t": protocol.KILL, "id": request_id})
                     except SupervisorError:
                         pass
     await streamer.flush()

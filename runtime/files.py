@@ -15,6 +15,7 @@ import binascii
 import unicodedata
 from typing import Any
 
+from dockyard.config.images.sandbox import protocol
 from dockyard.runtime.errors import (
     EncodingError,
     InvalidRequestError,
@@ -89,11 +90,11 @@ class FileOps:
         rel = workspace_path(path)
         if rel == ".":
             raise InvalidRequestError("give a file path under /workspace, not /workspace itself")
-        reply = await self._ask(container_id, {"t": "write", "path": rel, "mode": "644"}, path, data, user)
+        reply = await self._ask(container_id, {"t": protocol.WRITE, "path": rel, "mode": "644"}, path, data, user)
         return FileWritten(path=reply.obj["path"], size=reply.obj["size"])
 
     async def read(self, container_id: str, path: str, max_bytes: int, encoding: str | None, user: str | None = None) -> FileContent:
-        reply = await self._ask(container_id, {"t": "read", "path": workspace_path(path), "max_bytes": max_bytes}, path, user=user)
+        reply = await self._ask(container_id, {"t": protocol.READ, "path": workspace_path(path), "max_bytes": max_bytes}, path, user=user)
         data = reply.body
         if encoding is None:
             try:
@@ -112,7 +113,7 @@ class FileOps:
         )
 
     async def list(self, container_id: str, path: str, recursive: bool, max_entries: int, user: str | None = None) -> FileListing:
-        request = {"t": "list", "path": workspace_path(path), "recursive": recursive, "max_entries": max_entries}
+        request = {"t": protocol.LIST, "path": workspace_path(path), "recursive": recursive, "max_entries": max_entries}
         reply = await self._ask(container_id, request, path, user=user)
         entries = [FileEntry(**entry) for entry in reply.obj["entries"]]
         return FileListing(path=reply.obj["path"], entries=entries, truncated=reply.obj["truncated"])

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
-from sqlmodel import Session, col, select, update
+from sqlmodel import Session, select
 
 from dockyard.runtime.errors import (
     CapacityError,
@@ -37,7 +37,18 @@ from dockyard.runtime.errors import (
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.settings import PoolShape, Settings
-from dockyard.runtime.poolstate import Bind, Grant, Lease, Pool, move, new_runtime_id, timed_bind, transition
+from dockyard.runtime.poolstate import (
+    Bind,
+    Grant,
+    Lease,
+    Pool,
+    claim_warm,
+    drain,
+    move,
+    new_runtime_id,
+    timed_bind,
+    transition,
+)
 from dockyard.runtime.store import Computer, PoolEvent, PoolState, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
 from dockyard.runtime.waitqueue import Waiter
 
@@ -184,24 +195,8 @@ class PoolManager:
             waiter.granted.set()
 
     async def _claim_warm(self, pool: Pool, runtime_id: str, bind: Bind) -> Runtime | None:
-        def take(session: Session) -> Runtime | None:
-            # The conditional update is the claim: it succeeds for exactly one claimer.
-            taken = session.exec(  # type: ignore[call-overload]
-                update(Runtime)
-                .where(col(Runtime.id) == runtime_id, col(Runtime.state) == RuntimeState.WARM)
-                .values(state=RuntimeState.CLAIMED, state_at=utcnow(), claims=Runtime.claims + 1)
-            )
-            if taken.rowcount != 1:
-                return None
-            row = session.get(Runtime, runtime_id)  # a fresh session: loaded after the update
-            assert row is not None
-            session.add(PoolEvent(template=row.template, runtime_id=row.id, from_state=RuntimeState.WARM,
-                                  to_state=RuntimeState.CLAIMED, reason="claimed warm"))
-            bind(session, row)
-            return row
-
         try:
-            row = await self._store.run(take)
+            row = await self._store.run(claim_warm(runtime_id, bind))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._back_to_warm(pool, runtime_id)
@@ -253,17 +248,7 @@ class PoolManager:
 
     async def release(self, runtime_id: str, bind: Bind, reason: str) -> None:
         """End a claim: `bind` closes the owner's record; the runtime is recycled or destroyed."""
-
-        def drain(session: Session) -> Runtime | None:
-            row = session.get(Runtime, runtime_id)
-            if row is None or row.state != RuntimeState.CLAIMED:
-                return None
-            move(session, row, RuntimeState.DRAINING, reason)
-            row.sandbox_id = row.workspace_id = None
-            bind(session, row)
-            return row
-
-        row = await self._store.run(drain)
+        row = await self._store.run(drain(runtime_id, bind, reason))
         if row is None:
             return
         pool = self._pool(row.template)

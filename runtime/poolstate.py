@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
-from sqlmodel import Session
+from sqlmodel import Session, col, update
 
 from dockyard.runtime.settings import PoolShape
 from dockyard.runtime.store import Computer, PoolEvent, Runtime, RuntimeState, Sandbox, utcnow
 from dockyard.runtime.waitqueue import FairQueue
 
-__all__ = ["Bind", "Grant", "Lease", "Pool", "move", "new_runtime_id", "timed_bind", "transition"]
+__all__ = ["Bind", "Grant", "Lease", "Pool", "claim_warm", "drain", "move", "new_runtime_id", "timed_bind", "transition"]
 
 _COUNTED = (RuntimeState.PROVISIONING, RuntimeState.WARM, RuntimeState.CLAIMED, RuntimeState.DRAINING)
 
@@ -94,6 +94,45 @@ def transition(runtime_id: str, to: str, reason: str, *, only_from: tuple[str, .
         row = session.get(Runtime, runtime_id)
         if row is not None and row.state in only_from:
             move(session, row, to, reason)
+
+    return write
+
+
+def claim_warm(runtime_id: str, bind: Bind) -> Callable[[Session], Runtime | None]:
+    """A store step that claims a warm runtime for the owner `bind` writes; None (and nothing
+    written) if it is no longer warm."""
+
+    def take(session: Session) -> Runtime | None:
+        # The conditional update is the claim: it succeeds for exactly one claimer.
+        taken = session.exec(  # type: ignore[call-overload]
+            update(Runtime)
+            .where(col(Runtime.id) == runtime_id, col(Runtime.state) == RuntimeState.WARM)
+            .values(state=RuntimeState.CLAIMED, state_at=utcnow(), claims=Runtime.claims + 1)
+        )
+        if taken.rowcount != 1:
+            return None
+        row = session.get(Runtime, runtime_id)  # a fresh session: loaded after the update
+        assert row is not None
+        session.add(PoolEvent(template=row.template, runtime_id=row.id, from_state=RuntimeState.WARM,
+                              to_state=RuntimeState.CLAIMED, reason="claimed warm"))
+        bind(session, row)
+        return row
+
+    return take
+
+
+def drain(runtime_id: str, bind: Bind, reason: str) -> Callable[[Session], Runtime | None]:
+    """A store step that ends a claim: the runtime drains, owned by nobody, and `bind` closes
+    the owner's record; None (and nothing written) if it is not claimed."""
+
+    def write(session: Session) -> Runtime | None:
+        row = session.get(Runtime, runtime_id)
+        if row is None or row.state != RuntimeState.CLAIMED:
+            return None
+        move(session, row, RuntimeState.DRAINING, reason)
+        row.sandbox_id = row.workspace_id = None
+        bind(session, row)
+        return row
 
     return write
 

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import httpx
 
+from dockyard.config.images.sandbox import protocol
 from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError, InvalidRequestError
 from dockyard.runtime.images import BuildState, ImageService
@@ -279,7 +280,7 @@ class Provisioner:
         return []
 
     async def _sandbox_leftovers(self, container_id: str) -> list[str]:
-        answer = await self._helper(container_id, "verify")
+        answer = await self._helper(container_id, protocol.VERIFY)
         found = list(answer.get("leftovers", ["the helper gave no answer"])) if answer["ok"] else [answer["message"]]
         if not await self._docker.has_read_only_root(container_id):
             # A read-only root cannot change, and `docker diff` walks the whole image on some
@@ -291,7 +292,7 @@ class Provisioner:
     async def wipe(self, runtime_id: str, container_id: str) -> list[str]:
         """A sandbox: kill the previous owner's processes, empty its places, rotate the control
         key; returns what is still left."""
-        answer = await self._helper(container_id, "reset")
+        answer = await self._helper(container_id, protocol.RESET)
         if not answer["ok"]:
             return [f"reset failed: {answer['message']}"]
         self.supervisors.rotate_key(runtime_id)

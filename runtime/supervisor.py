@@ -2,22 +2,20 @@
 
 Every sandbox container runs a supervisor (config/images/sandbox/supervisor.py, where the
 protocol is documented) listening on a unix socket in a directory the server bind-mounts from
-`<data dir>/control/<runtime id>`. A `Link` is one authenticated connection to it; requests
+`<data dir>/control/<runtime id>`. The frame format, limits, kinds and proofs are defined once,
+in `dockyard.config.images.sandbox.protocol`, which the supervisor imports too. A `Link` is one authenticated connection to it; requests
 are multiplexed on it by id, so commands, file operations and bridge sessions share it.
 `Supervisors` keeps one link per container, connecting (again) when one is needed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
-import json
 import logging
 import os
 import secrets
 import shutil
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from dockyard.config.images.sandbox import protocol
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
 
@@ -36,14 +35,8 @@ __all__ = ["BridgeHandler", "CONTROL_MOUNT", "Frame", "Link", "PROTOCOL", "Super
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
-CONTROL_MOUNT = "/run/dockyard-sup/control"
-_SOCKET = "control.sock"
-_KEY = "key"
-_HEADER = struct.Struct("!II")
-_MAX_OBJECT = 1 << 20
-_MAX_BODY = 64 << 20
-_HANDSHAKE_TIMEOUT_S = 10.0
+PROTOCOL = protocol.VERSION
+CONTROL_MOUNT = protocol.CONTROL_DIR
 _CALL_TIMEOUT_S = 120.0
 
 
@@ -75,7 +68,7 @@ class BridgeSession:
 
     async def send(self, data: bytes) -> None:
         """Bytes to the process in the sandbox."""
-        await self._link.send({"t": "bridge_data", "bid": self.bid}, data)
+        await self._link.send({"t": protocol.BRIDGE_DATA, "bid": self.bid}, data)
 
     async def arrived(self, data: bytes) -> bool:
         """Bytes from the process; False once nobody reads them any more."""
@@ -92,7 +85,7 @@ class BridgeSession:
     async def close(self) -> None:
         self._send.close()
         try:
-            await self._link.send({"t": "bridge_close", "bid": self.bid})
+            await self._link.send({"t": protocol.BRIDGE_CLOSE, "bid": self.bid})
         except SupervisorError:
             pass
 
@@ -119,19 +112,23 @@ class Link:
     # -- framing ---------------------------------------------------------------------
 
     async def send(self, obj: dict[str, Any], body: bytes = b"") -> None:
-        data = json.dumps(obj).encode()
+        try:
+            frame = protocol.encode(obj, body)
+        except protocol.FrameError as exc:  # refused before a byte is sent: the link stays up
+            raise SupervisorError(f"'{obj.get('t')}' cannot be sent to the sandbox's supervisor: {exc}") from exc
         try:
             async with self._write_lock:
-                await self._stream.send(_HEADER.pack(len(data), len(body)) + data + body)
+                await self._stream.send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.closed = True
             raise SupervisorError(f"the sandbox's supervisor connection broke: {exc}") from exc
 
     async def _receive(self) -> Frame:
-        size, body_size = _HEADER.unpack(await self._reader.receive_exactly(_HEADER.size))
-        if size > _MAX_OBJECT or body_size > _MAX_BODY:
-            raise SupervisorError(f"the supervisor sent an oversized frame ({size} + {body_size} bytes)")
-        obj = json.loads(await self._reader.receive_exactly(size))
+        try:
+            size, body_size = protocol.sizes(await self._reader.receive_exactly(protocol.HEADER.size))
+            obj = protocol.parse(await self._reader.receive_exactly(size))
+        except protocol.FrameError as exc:
+            raise SupervisorError(f"the supervisor broke the protocol: {exc}") from exc
         body = await self._reader.receive_exactly(body_size) if body_size else b""
         return Frame(obj, body)
 
@@ -139,17 +136,17 @@ class Link:
 
     async def handshake(self, key: bytes) -> None:
         """Prove we hold the key, and check that the supervisor does too."""
-        with anyio.fail_after(_HANDSHAKE_TIMEOUT_S):
+        with anyio.fail_after(protocol.HANDSHAKE_TIMEOUT_S):
             hello = await self._receive()
-            if hello.kind != "hello" or hello.obj.get("protocol") != PROTOCOL:
+            if hello.kind != protocol.HELLO or hello.obj.get("protocol") != PROTOCOL:
                 raise SupervisorError(f"the supervisor speaks {hello.obj!r}, not protocol {PROTOCOL}")
             nonce = secrets.token_hex(16)
-            proof = _proof(key, "server", str(hello.obj.get("nonce")))
-            await self.send({"t": "auth", "protocol": PROTOCOL, "nonce": nonce, "proof": proof})
+            proof = protocol.proof(key, "server", str(hello.obj.get("nonce")))
+            await self.send({"t": protocol.AUTH, "protocol": PROTOCOL, "nonce": nonce, "proof": proof})
             ready = await self._receive()
-        if ready.kind != "ready":
+        if ready.kind != protocol.READY:
             raise SupervisorError(f"the supervisor refused the connection: {ready.obj.get('message', ready.obj)}")
-        if not hmac.compare_digest(str(ready.obj.get("proof", "")), _proof(key, "supervisor", nonce)):
+        if not hmac.compare_digest(str(ready.obj.get("proof", "")), protocol.proof(key, "supervisor", nonce)):
             raise SupervisorError("the process on the control socket could not prove it holds the sandbox's key")
         self.supervisor_pid = ready.obj.get("pid")
 
@@ -160,7 +157,7 @@ class Link:
         try:
             while True:
                 frame = await self._receive()
-                if frame.kind.startswith("bridge_"):
+                if frame.kind in protocol.BRIDGE:
                     await self._bridge_frame(frame, on_bridge, tg)
                     continue
                 waiter = self._waiting.get(frame.obj.get("id", -1))
@@ -190,9 +187,9 @@ class Link:
 
     async def _bridge_frame(self, frame: Frame, on_bridge: BridgeHandler | None, tg: anyio.abc.TaskGroup) -> None:
         bid = int(frame.obj.get("bid", 0))
-        if frame.kind == "bridge_open":
+        if frame.kind == protocol.BRIDGE_OPEN:
             if on_bridge is None:
-                await self.send({"t": "bridge_close", "bid": bid})
+                await self.send({"t": protocol.BRIDGE_CLOSE, "bid": bid})
                 return
             user = frame.obj.get("user")
             session = self._bridges[bid] = BridgeSession(self, bid, user if isinstance(user, str) else None)
@@ -207,10 +204,10 @@ class Link:
 
             tg.start_soon(run)
         elif (session := self._bridges.get(bid)) is not None:
-            if frame.kind == "bridge_data":
+            if frame.kind == protocol.BRIDGE_DATA:
                 if not await session.arrived(frame.body):
                     self._bridges.pop(bid, None)
-            elif frame.kind == "bridge_close":
+            elif frame.kind == protocol.BRIDGE_CLOSE:
                 session.ended()
                 self._bridges.pop(bid, None)
 
@@ -237,15 +234,11 @@ class Link:
         async with self.request(obj, body) as (_, frames):
             with anyio.move_on_after(timeout_s) as scope:
                 async for frame in frames:
-                    if frame.kind == "result":
+                    if frame.kind == protocol.RESULT:
                         return frame
             if scope.cancelled_caught:
                 raise SupervisorError(f"the sandbox's supervisor did not answer '{obj.get('t')}' within {timeout_s:g} s")
         raise SupervisorError(f"the sandbox's supervisor went away during '{obj.get('t')}'")
-
-
-def _proof(key: bytes, role: str, nonce: str) -> str:
-    return hmac.new(key, f"{role}:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
 class Supervisors:
@@ -289,7 +282,7 @@ class Supervisors:
 
     def rotate_key(self, runtime_id: str) -> None:
         """A new key for the runtime's next connections (the current link stays)."""
-        path = self.directory(runtime_id) / _KEY
+        path = self.directory(runtime_id) / protocol.KEY
         staging = path.with_suffix(".new")
         staging.write_bytes(secrets.token_hex(32).encode())
         staging.chmod(0o600 if os.geteuid() == 0 else 0o644)
@@ -319,7 +312,7 @@ class Supervisors:
         self._runtime_of[container_id] = runtime_id
         with anyio.move_on_after(timeout_s):
             delay = 0.005
-            while not (self.directory(runtime_id) / _SOCKET).exists():
+            while not (self.directory(runtime_id) / protocol.SOCKET).exists():
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.1)
         return await self.link(container_id)
@@ -348,11 +341,11 @@ class Supervisors:
         runtime_id = self._runtime_of.get(container_id) or await self._runtime_id(container_id)
         directory = self.directory(runtime_id)
         try:
-            key = (directory / _KEY).read_bytes().strip()
+            key = (directory / protocol.KEY).read_bytes().strip()
         except OSError as exc:
             raise SupervisorError(f"runtime {runtime_id} has no control key: {exc.strerror}") from exc
         try:
-            stream = await connect_unix(directory / _SOCKET)
+            stream = await connect_unix(directory / protocol.SOCKET)
         except OSError as exc:
             raise SupervisorError(f"the sandbox's supervisor is not listening: {exc.strerror}") from exc
         link = Link(stream, runtime_id, container_id)

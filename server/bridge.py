@@ -20,7 +20,6 @@ owner.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -28,6 +27,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import serve_dual_era_loop
 from mcp.server.stdio import stdio_server
 
+from dockyard.config.images.sandbox.protocol import presented_token
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.provision import USER
@@ -98,17 +98,6 @@ class _Writer:
         return None
 
 
-def _presented_token(line: str | None) -> str | None:
-    """The token in a `{"dockyard_token": ...}` line; None for anything else (JSON-RPC)."""
-    try:
-        obj = json.loads(line) if line else None
-    except ValueError:
-        return None
-    if isinstance(obj, dict) and list(obj) == ["dockyard_token"] and isinstance(obj["dockyard_token"], str):
-        return obj["dockyard_token"]
-    return None
-
-
 async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Identity | None:
     """Who the session acts as: the sandbox's owner, or the token it presented if that token is
     bound to this sandbox and to the session's Unix user; None to close it unserved."""
@@ -116,7 +105,7 @@ async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Iden
     if owner is None or owner.sandbox_id is None:
         log.info("bridge session from unclaimed runtime %s refused", session.runtime_id)
         return None
-    token = _presented_token(await lines.peek())
+    token = presented_token(await lines.peek())
     if token is None:
         seat = await engine.sandboxes.seat_holder(owner.sandbox_id, session.user) if session.user not in (None, USER) else None
         if seat is None:

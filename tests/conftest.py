@@ -29,6 +29,17 @@ from dockyard.runtime.store import Runtime, Sandbox
 from dockyard.server.app import build_server
 
 
+_UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`-m unit` selects exactly the tests under tests/unit (their conftest marks them), so the
+    other tiers' modules are not even imported: the fast tier stays fast."""
+    if config.getoption("markexpr", "") == "unit" and collection_path.is_relative_to(Path(__file__).parent):
+        return not (collection_path.is_relative_to(_UNIT) or _UNIT.is_relative_to(collection_path))
+    return None
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

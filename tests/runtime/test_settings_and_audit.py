@@ -1,4 +1,5 @@
-"""Configuration layering and the audit chain."""
+"""The audit chain of a real engine, and the stdio operator's scopes from config (the settings'
+layering itself is tested in tests/unit/test_settings.py)."""
 
 from __future__ import annotations
 
@@ -12,45 +13,10 @@ from mcp import Client
 from dockyard.runtime.audit import GENESIS
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import SandboxNotFoundError
-from dockyard.runtime.settings import load_settings
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings
 
 pytestmark = pytest.mark.anyio
-
-
-def test_user_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path, monkeypatch) -> None:
-    user_file = tmp_path / "dockyard.toml"
-    user_file.write_text('[sandbox]\noutput_cap_bytes = 2048\nexec_default_timeout_s = 5\n[templates.big]\nmemory_mb = 4096\n')
-    monkeypatch.setenv("DOCKYARD_SANDBOX__EXEC_DEFAULT_TIMEOUT_S", "9")
-    monkeypatch.setenv("DOCKYARD_DATA_DIR", str(tmp_path / "data"))
-    settings = load_settings(user_file)
-    assert settings.sandbox.output_cap_bytes == 2048  # from the user's file
-    assert settings.sandbox.exec_default_timeout_s == 9  # the environment wins over the file
-    assert settings.sandbox.read_cap_bytes == 1 << 20  # untouched defaults survive the merge
-    assert settings.templates["big"].memory_mb == 4096 and "default" in settings.templates
-    assert settings.data_dir == tmp_path / "data"
-
-
-def test_pool_variables_size_the_default_template_and_turn_on_the_autoscaler(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("DOCKYARD_DATA_DIR", str(tmp_path / "data"))
-    defaults = load_settings()
-    assert (defaults.templates["default"].pool.min, defaults.templates["default"].pool.max) == (2, 8)
-    assert defaults.pool.autoscale_enabled is False
-    monkeypatch.setenv("POOL_MIN", "3")
-    monkeypatch.setenv("POOL_MAX", "12")
-    monkeypatch.setenv("POOL_AUTOSCALE_ENABLED", "true")
-    settings = load_settings()
-    assert (settings.templates["default"].pool.min, settings.templates["default"].pool.max) == (3, 12)
-    assert settings.pool.autoscale_enabled is True
-    monkeypatch.setenv("POOL_MIN", "20")
-    with pytest.raises(ValueError, match=r"pool min \(20\) is above its max \(12\)"):
-        load_settings()
-
-
-def test_a_missing_config_file_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_settings(tmp_path / "nope.toml")
 
 
 async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine: Engine) -> None:

@@ -12,14 +12,13 @@ MCP clients often start a server with only a few of their variables (the officia
 client passes PATH, HOME and the like): hand DOCKYARD_TOKEN on explicitly, as dockyard-call does.
 """
 
-import json
 import os
 import socket
 import sys
 import threading
 
-SOCKET = "/run/dockyard/bridge.sock"
-CHUNK = 65536
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))  # protocol.py lies beside this file
+from protocol import BRIDGE_SOCKET as SOCKET, CHUNK, token_line  # noqa: E402
 
 
 def upstream(conn):
@@ -48,7 +47,7 @@ def main():
         return 1
     token = os.environ.get("DOCKYARD_TOKEN")
     if token:
-        conn.sendall(json.dumps({"dockyard_token": token}).encode() + b"\n")
+        conn.sendall(token_line(token))
     threading.Thread(target=upstream, args=(conn,), daemon=True).start()
     answered = False
     while True:

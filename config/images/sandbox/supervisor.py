@@ -19,8 +19,9 @@ Transport: a unix stream socket, `control.sock` in /run/dockyard-sup/control, a 
 server bind-mounts from the host. /run/dockyard-sup is root's alone (mode 0700), so the
 sandbox user cannot reach the socket; no network is involved.
 
-Frame: 8 bytes (two big-endian u32: the length of a JSON object, the length of a binary body),
-then the JSON object (UTF-8), then the body. Every object has a type "t".
+Frames (a JSON object with a type "t", and a binary body), their limits, the kinds below and
+the handshake's proofs are defined once, in protocol.py beside this file, which the server
+imports too.
 
 Handshake, mutual, with the key the server wrote to `key` beside the socket:
   supervisor -> {"t": "hello", "protocol": 1, "nonce": N1}
@@ -65,8 +66,6 @@ Bridge traffic uses the most recently authenticated connection.
 import asyncio
 import contextlib
 import errno
-import hashlib
-import hmac
 import json
 import os
 import pwd
@@ -81,20 +80,14 @@ import time
 sys.path.insert(0, "/usr/local/lib/dockyard")
 import confined  # noqa: E402
 import helper  # noqa: E402
+import protocol  # noqa: E402
 import reaper  # noqa: E402
+from protocol import BRIDGE_SOCKET, CHUNK, CONTROL_DIR, Closed  # noqa: E402
 
-PROTOCOL = 1
-CONTROL_DIR = "/run/dockyard-sup/control"
-BRIDGE_SOCKET = "/run/dockyard/bridge.sock"
 HELPER = "/usr/local/lib/dockyard/helper.py"
 REAPER = "/usr/local/lib/dockyard/reaper"  # reaper.c, compiled when the image is built
 USER = "agent"
-HEADER = struct.Struct("!II")
-MAX_OBJECT = 1 << 20
-MAX_BODY = 64 << 20
-CHUNK = 64 << 10
 EXIT_GRACE_S = 0.2  # how long output is still read after a command's own process ended
-HANDSHAKE_TIMEOUT_S = 10
 KILL_WAIT_S = 30  # a killed command's own process has surely ended by then
 
 UMASK = 0o002  # files are the group's to share (a member's private ones it makes 0600 itself)
@@ -134,50 +127,12 @@ def user_env(user):
     return {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
 
 
-def proof(key, role, nonce):
-    return hmac.new(key, f"{role}:{nonce}".encode(), hashlib.sha256).hexdigest()
-
-
-class Closed(Exception):
-    pass
-
-
-class Connection:
-    """One framed connection; writes are serialised, reads are the caller's loop."""
+class Connection(protocol.Connection):
+    """One framed connection to the server, and the commands it started."""
 
     def __init__(self, reader, writer):
-        self.reader = reader
-        self.writer = writer
-        self.lock = asyncio.Lock()
+        super().__init__(reader, writer)
         self.commands = {}
-
-    async def send(self, obj, body=b""):
-        data = json.dumps(obj).encode()
-        async with self.lock:
-            self.writer.write(HEADER.pack(len(data), len(body)))
-            self.writer.write(data)
-            if body:
-                self.writer.write(body)
-            try:
-                await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise Closed(str(exc)) from exc
-
-    async def receive(self):
-        try:
-            size, body_size = HEADER.unpack(await self.reader.readexactly(HEADER.size))
-            if size > MAX_OBJECT or body_size > MAX_BODY:
-                raise Closed(f"frame too large ({size}, {body_size})")
-            obj = json.loads(await self.reader.readexactly(size))
-            body = await self.reader.readexactly(body_size) if body_size else b""
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise Closed(str(exc)) from exc
-        if not isinstance(obj, dict):
-            raise Closed("a frame's object must be a JSON object")
-        return obj, body
-
-    async def reply(self, request, body=b"", **fields):
-        await self.send({"t": "result", "id": request.get("id"), "ok": True, **fields}, body)
 
 
 class Pipes(asyncio.SubprocessProtocol):
@@ -452,7 +407,7 @@ class Supervisor:
         self.next_bridge = 0
 
     def key(self):
-        with open(os.path.join(CONTROL_DIR, "key"), "rb") as fh:
+        with open(os.path.join(CONTROL_DIR, protocol.KEY), "rb") as fh:
             return fh.read().strip()
 
     async def serve_control(self, reader, writer):
@@ -473,89 +428,68 @@ class Supervisor:
             writer.close()
 
     async def handshake(self, conn):
-        nonce = secrets.token_hex(16)
-        await conn.send({"t": "hello", "protocol": PROTOCOL, "nonce": nonce})
-        try:
-            obj, _ = await asyncio.wait_for(conn.receive(), HANDSHAKE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return False
-        try:
-            key = self.key()
-        except OSError as exc:
-            await conn.send({"t": "refused", "message": f"no key: {exc.strerror}"})
-            return False
-        if obj.get("t") != "auth" or obj.get("protocol") != PROTOCOL:
-            await conn.send({"t": "refused", "message": f"expected auth for protocol {PROTOCOL}"})
-            return False
-        if not hmac.compare_digest(str(obj.get("proof", "")), proof(key, "server", nonce)):
-            await conn.send({"t": "refused", "message": "bad proof"})
-            return False
-        await conn.send({"t": "ready", "protocol": PROTOCOL, "pid": os.getpid(),
-                         "proof": proof(key, "supervisor", str(obj.get("nonce", "")))})
-        return True
+        return await protocol.accept(conn, self.key)
 
     async def requests(self, conn):
         while True:
             obj, body = await conn.receive()
             kind = obj.get("t")
-            if kind == "exec":
+            if kind == protocol.EXEC:
                 command = Command(conn, obj)
                 conn.commands[command.id] = command
                 spawn(command.run())
-            elif kind == "stdin":
+            elif kind == protocol.STDIN:
                 command = conn.commands.get(obj.get("id"))
                 if command is not None:
                     await command.feed(body)
-            elif kind == "kill":
+            elif kind == protocol.KILL:
                 command = conn.commands.get(obj.get("id"))
                 if command is not None:
                     await command.kill()
-            elif kind in FILE_OPS:
+            elif kind in protocol.FILE_OPS:
                 await self.file_op(conn, kind, obj, body)
-            elif kind in ("reset", "verify"):
+            elif kind in (protocol.RESET, protocol.VERIFY):
                 spawn(self.run_helper(conn, kind, obj))
-            elif kind == "ping":
+            elif kind == protocol.PING:
                 await conn.reply(obj, pid=os.getpid())
-            elif kind == "bridge_data":
+            elif kind == protocol.BRIDGE_DATA:
                 await self.to_bridge(obj.get("bid"), body)
-            elif kind == "bridge_close":
+            elif kind == protocol.BRIDGE_CLOSE:
                 self.close_bridge(obj.get("bid"))
             else:
-                await conn.send({"t": "result", "id": obj.get("id"), "ok": False, "error": "unknown",
-                                 "message": f"unknown request type {kind!r}"})
+                await conn.refuse(obj, protocol.UNKNOWN, f"unknown request type {kind!r}")
 
     async def file_op(self, conn, kind, obj, body):
         data = b""
         user = user_of(obj)
         if user is None:
-            await conn.send({"t": "result", "id": obj.get("id"), "ok": False, "error": "invalid",
-                             "message": f"no sandbox user {obj.get('user')!r}"})
+            await conn.refuse(obj, protocol.INVALID, f"no sandbox user {obj.get('user')!r}")
             return
         try:
             with as_user(user):
-                if kind == "read":
+                if kind == protocol.READ:
                     answer, data = confined.read_file(str(obj["path"]), int(obj["max_bytes"]))
-                elif kind == "write":
+                elif kind == protocol.WRITE:
                     answer = confined.write_file(str(obj["path"]), str(obj.get("mode", "644")), body)
                 else:
                     answer = confined.list_files(str(obj["path"]), bool(obj.get("recursive")), int(obj["max_entries"]))
         except (confined.Refused, OSError) as exc:
             answer = confined.refusal(exc)
         except (KeyError, ValueError, TypeError) as exc:
-            answer = {"ok": False, "error": "invalid", "message": f"bad {kind} request: {exc}"}
+            answer = {"ok": False, "error": protocol.INVALID, "message": f"bad {kind} request: {exc}"}
         except Exception as exc:  # a bug in one operation must not take the control channel down
             answer = {"ok": False, "error": "io", "message": f"the {kind} failed inside the sandbox ({type(exc).__name__})"}
-        await conn.send({"t": "result", "id": obj.get("id"), **answer}, data)
+        await conn.send({"t": protocol.RESULT, "id": obj.get("id"), **answer}, data)
 
     async def run_helper(self, conn, verb, obj):
-        if verb == "reset":
+        if verb == protocol.RESET:
             answer = await self.reset()
         else:
             answer = await helper_as(AGENT, verb)
             if answer.get("ok"):
                 answer["leftovers"] = answer.get("leftovers", []) + member_leftovers() + place_leftovers()
         with contextlib.suppress(Closed):
-            await conn.send({"t": "result", "id": obj.get("id"), **answer})
+            await conn.send({"t": protocol.RESULT, "id": obj.get("id"), **answer})
 
     async def reset(self):
         """Stop every process of the sandbox's users, have each member user that ran anything
@@ -585,19 +519,19 @@ class Supervisor:
         uid = peer_uid(writer)
         user = next((name for name, p in USERS.items() if p.pw_uid == uid), None)
         try:
-            await conn.send({"t": "bridge_open", "bid": bid, "uid": uid, "user": user})
+            await conn.send({"t": protocol.BRIDGE_OPEN, "bid": bid, "uid": uid, "user": user})
             while True:
                 data = await reader.read(CHUNK)
                 if not data or bid not in self.bridges:
                     break
-                await conn.send({"t": "bridge_data", "bid": bid}, data)
+                await conn.send({"t": protocol.BRIDGE_DATA, "bid": bid}, data)
         except (Closed, ConnectionError, OSError):
             pass
         finally:
             if self.bridges.pop(bid, None) is not None:
                 writer.close()
                 with contextlib.suppress(Closed):
-                    await conn.send({"t": "bridge_close", "bid": bid})
+                    await conn.send({"t": protocol.BRIDGE_CLOSE, "bid": bid})
 
     async def to_bridge(self, bid, body):
         writer = self.bridges.get(bid)
@@ -685,7 +619,6 @@ def peer_uid(writer):
     return uid
 
 
-FILE_OPS = ("read", "write", "list")
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_SUPERVISOR")}
 BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
@@ -704,7 +637,7 @@ async def main():
     reaper.protect_supervisor()
     FRESH.update(place_prints())  # before any owner: this is what a fresh runtime looks like
     supervisor = Supervisor()
-    control = os.path.join(CONTROL_DIR, "control.sock")
+    control = os.path.join(CONTROL_DIR, protocol.SOCKET)
     for path in (control, BRIDGE_SOCKET):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

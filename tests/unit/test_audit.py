@@ -162,3 +162,37 @@ async def test_an_action_whose_row_cannot_be_written_fails(audit: AuditLog, stor
         pass
     assert [r.outcome for r in await audit.query()] == ["ok", "ok", "ok"]
     assert (await audit.verify()).intact
+
+
+def swap(store: Store, first: int, second: int) -> None:
+    """Exchange two rows' whole content, ids kept: the log's order changed, each row intact."""
+    with closing(sqlite3.connect(store.path)) as db:
+        names = [c[1] for c in db.execute("PRAGMA table_info(auditevent)") if c[1] != "id"]
+        rows = {i: db.execute(f"SELECT {', '.join(names)} FROM auditevent WHERE id = ?", (i,)).fetchone() for i in (first, second)}
+        for target, source in ((first, second), (second, first)):
+            db.execute(f"UPDATE auditevent SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?", (*rows[source], target))
+        db.commit()
+
+
+@pytest.mark.parametrize(("first", "second"), [(0, 1), (2, 5), (6, 7)])
+async def test_two_rows_swapped_are_found_where_the_order_breaks(audit: AuditLog, store: Store, first: int, second: int) -> None:
+    rows = await fill(audit, 8)
+    swap(store, rows[first].id, rows[second].id)
+    result = await audit.verify(batch=3)
+    assert (result.intact, result.first_broken_id, result.rows_checked) == (False, rows[first].id, first + 1)
+    assert [f.kind for f in result.findings] == ["reordered"]
+    assert "rows were swapped, moved or replaced" in (result.reason or "")
+
+
+async def test_a_chain_of_every_kind_of_row_verifies_and_links_each_row_to_the_one_before(audit: AuditLog, store: Store) -> None:
+    rows = await fill(audit, 6)
+    async with audit.record(ALICE, "sandbox.exec", "sbx_1", started=True, command="true"):
+        pass
+    with pytest.raises(InvalidRequestError):
+        async with audit.record(RIVAL, "sandbox.exec", "sbx_2"):
+            raise InvalidRequestError("bad path")
+    chain = sql(store, "SELECT id, prev_hash, hash, mac FROM auditevent ORDER BY id")
+    assert [r[0] for r in chain] == list(range(1, len(rows) + 4))
+    assert [r[1] for r in chain] == ["0" * 64] + [r[2] for r in chain[:-1]]
+    assert all(r[3] for r in chain)  # every row keyed
+    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 9, "intact": True, "first_broken_id": None, "reason": None}
