@@ -159,8 +159,9 @@ async def run_command(
     for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0]):
         capture.dropped += int(dropped_there)  # cut in the sandbox, never sent
     timed_out = bool(ended.get("timed_out"))
+    code = ended.get("code")
     return ExecResult(
-        exit_code=TIMEOUT_EXIT_CODE if timed_out else int(ended.get("code") if ended.get("code") is not None else -1),
+        exit_code=TIMEOUT_EXIT_CODE if timed_out else (-1 if code is None else int(code)),
         stdout=captures[1].text(),
         stderr=captures[2].text() + _memory_note(ended),
         timed_out=timed_out,

@@ -295,7 +295,7 @@ class ComputerService:
         """A PNG of the viewport, or of the whole page."""
         row = await self._owned(who, computer_id, "computer.screenshot")
         async with self._audit.record(who, "computer.screenshot", computer_id, full_page=full_page) as rec, self._page(row) as page:
-            png = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
+            png: bytes = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
             rec.detail["bytes"] = len(png)
             return png
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVarTuple
 
 import anyio
 import anyio.abc
@@ -44,6 +45,7 @@ from dockyard.runtime.waitqueue import Waiter
 __all__ = ["Bind", "Lease", "PoolManager"]
 
 log = logging.getLogger(__name__)
+Ts = TypeVarTuple("Ts")
 
 _FILL_BACKOFF_S = 5.0
 _NEVER_REUSED = "a computer is never reused: a fresh browser keeps no cookies, storage or history"
@@ -186,7 +188,7 @@ class PoolManager:
     async def _claim_warm(self, pool: Pool, runtime_id: str, bind: Bind) -> Runtime | None:
         def take(session: Session) -> Runtime | None:
             # The conditional update is the claim: it succeeds for exactly one claimer.
-            taken = session.exec(  # type: ignore[call-overload]
+            taken = session.exec(
                 update(Runtime)
                 .where(col(Runtime.id) == runtime_id, col(Runtime.state) == RuntimeState.WARM)
                 .values(state=RuntimeState.CLAIMED, state_at=utcnow(), claims=Runtime.claims + 1)
@@ -302,7 +304,7 @@ class PoolManager:
             reason = "it no longer matches its template"
         elif reason is None and row.network != "none":
             reason = "it is on its last owner's workspace network"
-        elif reason is None and self._provisioner.paused_outside(row.container_id):
+        elif reason is None and row.container_id is not None and self._provisioner.paused_outside(row.container_id):
             reason = "it was paused outside dockyard, so it cannot be wiped"
         elif reason is None:
             assert row.container_id is not None and tpl is not None
@@ -562,7 +564,7 @@ class PoolManager:
             raise TemplateNotFoundError(template, list(self._pools))
         return pool
 
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    def _spawn(self, fn: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
         if self._tg is None:
             raise RuntimeError("the pool manager is not running")
         self._tg.start_soon(fn, *args)

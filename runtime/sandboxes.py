@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import secrets
@@ -250,7 +251,7 @@ class SandboxService:
         self,
         who: Identity,
         sandbox_id: str,
-        command: str | list[str],
+        command: str | builtins.list[str],  # `list` is a method of this class
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,

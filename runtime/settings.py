@@ -327,7 +327,7 @@ class _PoolEnvironment(PydanticBaseSettingsSource):
         return {"pool": pool} if pool else {}
 
 
-def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings: defaults file, then `config_file`, then environment, then overrides."""
     files = [Path(str(DEFAULT_CONFIG))]
     if config_file is not None:
@@ -335,5 +335,5 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             raise FileNotFoundError(f"config file {config_file} does not exist")
         files.append(config_file)
     # pydantic-settings reads its file list from the class, so the user's file rides on a subclass.
-    loaded = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
+    loaded: type[Settings] = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
     return loaded(**overrides)

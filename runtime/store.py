@@ -431,7 +431,8 @@ class Store:
                 return fn(session)
 
         with anyio.CancelScope(shield=True):  # a started write always finishes
-            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+            result = await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        return result
 
     async def get(self, model: type[T], key: object) -> T | None:
         return await self.run(lambda s: s.get(model, key))

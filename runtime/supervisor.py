@@ -206,12 +206,12 @@ class Link:
                         await session.close()
 
             tg.start_soon(run)
-        elif (session := self._bridges.get(bid)) is not None:
+        elif (known := self._bridges.get(bid)) is not None:
             if frame.kind == "bridge_data":
-                if not await session.arrived(frame.body):
+                if not await known.arrived(frame.body):
                     self._bridges.pop(bid, None)
             elif frame.kind == "bridge_close":
-                session.ended()
+                known.ended()
                 self._bridges.pop(bid, None)
 
     # -- requests --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import TextIO
 
 import anyio
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dockyard.runtime.audit import AuditLog
@@ -45,7 +45,7 @@ async def build_images(settings: Settings, recipes: list[str]) -> bool:
             task = progress.add_task(images.tag(recipe), total=None, note="checking")
             async with anyio.create_task_group() as tg:
 
-                async def watch(recipe: str = recipe, task: int = task) -> None:
+                async def watch(recipe: str = recipe, task: TaskID = task) -> None:
                     while True:
                         state = images.state(recipe)
                         if state is not None:
