@@ -40,7 +40,7 @@ from dockyard.runtime.models import AuditEntry, AuditVerification
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import AuditEvent, Store, utcnow
 
-__all__ = ["AuditLog", "AuditRecord", "GENESIS", "audit_entry", "row_hash"]
+__all__ = ["GENESIS", "AuditLog", "AuditRecord", "audit_entry", "row_hash"]
 
 log = logging.getLogger(__name__)
 

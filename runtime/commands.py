@@ -22,7 +22,7 @@ from dockyard.runtime.errors import InvalidRequestError
 from dockyard.runtime.models import ExecResult
 from dockyard.runtime.supervisor import Link, SupervisorError
 
-__all__ = ["OutputCallback", "run_command", "TIMEOUT_EXIT_CODE"]
+__all__ = ["TIMEOUT_EXIT_CODE", "OutputCallback", "run_command"]
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 TIMEOUT_EXIT_CODE = 124
@@ -156,7 +156,7 @@ async def run_command(
         raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):
         raise SupervisorError(str(ended["error"]))
-    for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0]):
+    for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0], strict=False):
         capture.dropped += int(dropped_there)  # cut in the sandbox, never sent
     timed_out = bool(ended.get("timed_out"))
     code = ended.get("code")

@@ -18,19 +18,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
 import docker
-import httpx
 import docker.errors
+import httpx
 import requests.exceptions
 
 from dockyard.runtime.errors import BackendError, DockerUnavailableError, SizeLimitError, TimeLimitError
 
-__all__ = ["ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel", "STDERR", "STDOUT"]
+__all__ = ["STDERR", "STDOUT", "ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel"]
 
 T = TypeVar("T")
 STDOUT = 1
@@ -423,12 +423,12 @@ class DockerBackend:
 
     # -- archives -----------------------------------------------------------------------
 
-    async def put_archive(self, container_id: str, path: str, data: bytes | BinaryIO) -> None:
+    async def put_archive(self, container_id: str, path: str, data: bytes | IO[bytes]) -> None:
         """Extract a tar archive at `path` inside the container."""
         await self._run(self.client.api.put_archive, container_id, path, data)
 
     async def get_archive_to(
-        self, container_id: str, path: str, sink: BinaryIO, *, limit: int | None = None, deadline: float | None = None
+        self, container_id: str, path: str, sink: IO[bytes], *, limit: int | None = None, deadline: float | None = None
     ) -> int:
         """Stream a tar of `path` inside the container into `sink`; returns bytes written.
 

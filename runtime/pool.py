@@ -36,10 +36,20 @@ from dockyard.runtime.errors import (
     TemplateNotFoundError,
 )
 from dockyard.runtime.images import BuildState
+from dockyard.runtime.poolstate import Bind, Grant, Lease, Pool, move, new_runtime_id, timed_bind, transition
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.settings import PoolShape, Settings
-from dockyard.runtime.poolstate import Bind, Grant, Lease, Pool, move, new_runtime_id, timed_bind, transition
-from dockyard.runtime.store import Computer, PoolEvent, PoolState, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
+from dockyard.runtime.store import (
+    Computer,
+    PoolEvent,
+    PoolState,
+    Runtime,
+    RuntimeState,
+    Sandbox,
+    SandboxStatus,
+    Store,
+    utcnow,
+)
 from dockyard.runtime.waitqueue import Waiter
 
 __all__ = ["Bind", "Lease", "PoolManager"]
@@ -579,7 +589,7 @@ class PoolManager:
             self._dirty = anyio.Event()
             states = [PoolState(template=p.template, target=p.target, queue_depth=len(p.queue)) for p in self._pools.values()]
 
-            def write(session: Session) -> None:
+            def write(session: Session, states: list[PoolState] = states) -> None:
                 for state in states:
                     session.merge(state)
 

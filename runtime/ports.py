@@ -24,7 +24,7 @@ from dockyard.runtime import relays
 from dockyard.runtime.docker import STDOUT, DockerBackend
 from dockyard.runtime.relays import RequestHead
 
-__all__ = ["Exposed", "PortForwarder", "LINK_PARAM", "cookie_name", "without_key"]
+__all__ = ["LINK_PARAM", "Exposed", "PortForwarder", "cookie_name", "without_key"]
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -317,7 +317,7 @@ class Settings(BaseSettings):
 class _PoolEnvironment(PydanticBaseSettingsSource):
     """The short pool variables operators know: POOL_MIN, POOL_MAX, POOL_AUTOSCALE_ENABLED."""
 
-    _NAMES = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
+    _NAMES: ClassVar[dict[str, str]] = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False

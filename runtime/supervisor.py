@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.errors import BackendError, DockyardError
 
-__all__ = ["BridgeHandler", "CONTROL_MOUNT", "Frame", "Link", "PROTOCOL", "SupervisorError", "Supervisors", "connect_unix"]
+__all__ = ["CONTROL_MOUNT", "PROTOCOL", "BridgeHandler", "Frame", "Link", "SupervisorError", "Supervisors", "connect_unix"]
 
 log = logging.getLogger(__name__)
 

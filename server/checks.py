@@ -15,12 +15,12 @@ from rich.table import Table
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.auditverify import load_export
+from dockyard.runtime.disks import host_check
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
-from dockyard.runtime.disks import host_check
-from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.images import ImageService
+from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
@@ -98,7 +98,7 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
 async def verify_audit(settings: Settings, as_json: bool, against: Path | None = None) -> bool:
     """Walk the audit log's chain, check its key and signed head (and an earlier export, if
     given), and print the verdict; True when intact."""
-    export = load_export(against.read_text()) if against is not None else None
+    export = load_export(await anyio.Path(against).read_text()) if against is not None else None
     store = Store(settings.store_path)
     await store.open()
     try:
