@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from dockyard.runtime.errors import InvalidRequestError
+from dockyard.runtime.errors import InvalidRequestError, SupervisorError
 from dockyard.runtime.models import ExecResult
-from dockyard.runtime.supervisor import Link, SupervisorError
+from dockyard.runtime.supervisor import Link
 
 __all__ = ["TIMEOUT_EXIT_CODE", "OutputCallback", "run_command"]
 

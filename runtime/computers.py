@@ -37,7 +37,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime import relays
 from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
+from dockyard.runtime.errors import ComputerActionError, ComputerNotFoundError, InvalidRequestError
 from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
 from dockyard.runtime.ports import Exposed, cookie_name, without_key
@@ -48,22 +48,13 @@ from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Computer, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
 from dockyard.runtime.tokens import TokenService
 
-__all__ = ["ComputerActionError", "ComputerNotFoundError", "ComputerService"]
+__all__ = ["ComputerService"]
 
 log = logging.getLogger(__name__)
 
 _REF = re.compile(r"^[a-z]{0,3}\d{1,6}(?:[a-z]{1,3}\d{1,6})*$")
 _PREVIEW_HOSTS = ("127.0.0.1", "localhost")
 _CONNECT_TIMEOUT_MS = 15_000
-
-
-class ComputerNotFoundError(NotFoundError):
-    def __init__(self, computer_id: str, why: str | None = None) -> None:
-        super().__init__(why or f"unknown computer '{computer_id}'; computer_create starts one, and ids are per workspace")
-
-
-class ComputerActionError(DockyardError):
-    """The browser could not do what was asked (a stale ref, an unreachable page, a bad key)."""
 
 
 @dataclass

@@ -28,18 +28,20 @@ import docker.errors
 import httpx
 import requests.exceptions
 
-from dockyard.runtime.errors import BackendError, DockerUnavailableError, SizeLimitError, TimeLimitError
+from dockyard.runtime.errors import (
+    BackendError,
+    ContainerGoneError,
+    DockerUnavailableError,
+    SizeLimitError,
+    TimeLimitError,
+)
 
-__all__ = ["STDERR", "STDOUT", "ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel"]
+__all__ = ["STDERR", "STDOUT", "ContainerSpec", "DockerBackend", "ExecChannel"]
 
 T = TypeVar("T")
 STDOUT = 1
 STDERR = 2
 _FRAME_HEADER = struct.Struct(">BxxxL")
-
-
-class ContainerGoneError(BackendError):
-    """Raised when the container behind a runtime no longer exists."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from sqlmodel import Session, col, select, update
 from dockyard.runtime.errors import (
     CapacityError,
     DockyardError,
+    NotRunningError,
     PoolExhaustedError,
     QuotaExceededError,
     TemplateNotFoundError,
@@ -576,7 +577,7 @@ class PoolManager:
 
     def _spawn(self, fn: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
         if self._tg is None:
-            raise RuntimeError("the pool manager is not running")
+            raise NotRunningError("the pool manager")
         self._tg.start_soon(fn, *args)
 
     def _publish(self) -> None:

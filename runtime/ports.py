@@ -92,8 +92,7 @@ class PortForwarder:
         existing = self._open.get(container_id, {}).get(port)
         if existing is not None:
             return existing
-        if self._task_group is None:
-            raise RuntimeError("PortForwarder.open needs attach() first")
+        assert self._task_group is not None, "PortForwarder.open needs attach() first"  # the engine attaches it at start
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         host_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         secret = secrets.token_urlsafe(24)

@@ -16,6 +16,8 @@ from sqlalchemy import JSON, Column, event
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlmodel import Field, Session, SQLModel, create_engine
 
+from dockyard.runtime.errors import NotRunningError
+
 __all__ = [
     "AuditEvent",
     "PoolEvent",
@@ -424,7 +426,7 @@ class Store:
         """Run `fn` in one transaction; it commits if `fn` returns, rolls back if it raises."""
         engine = self._engine
         if engine is None:
-            raise RuntimeError("store is not open")
+            raise NotRunningError("the store")
 
         def call() -> T:
             with Session(engine, expire_on_commit=False) as session, session.begin():

@@ -30,9 +30,9 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dockyard.runtime.docker import DockerBackend
-from dockyard.runtime.errors import BackendError, DockyardError
+from dockyard.runtime.errors import DockyardError, SupervisorError
 
-__all__ = ["CONTROL_MOUNT", "PROTOCOL", "BridgeHandler", "Frame", "Link", "SupervisorError", "Supervisors", "connect_unix"]
+__all__ = ["CONTROL_MOUNT", "PROTOCOL", "BridgeHandler", "Frame", "Link", "Supervisors", "connect_unix"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ _MAX_OBJECT = 1 << 20
 _MAX_BODY = 64 << 20
 _HANDSHAKE_TIMEOUT_S = 10.0
 _CALL_TIMEOUT_S = 120.0
-
-
-class SupervisorError(BackendError):
-    """The sandbox's supervisor could not be reached, refused us, or broke the protocol."""
 
 
 @dataclass(frozen=True)
