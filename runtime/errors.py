@@ -17,7 +17,8 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── TimeLimitError            an operation ran past its configured time limit
     │   ├── EncodingError
     │   ├── NetworkNotAllowedError
-    │   └── UnsafeSnapshotError       a snapshot's archive was altered to write outside its places
+    │   ├── UnsafeSnapshotError       a snapshot's archive was altered to write outside its places
+    │   └── StateError                a row's lifecycle state does not allow the step asked of it
     ├── SandboxPausedError            frozen from outside dockyard (`docker pause`); unpause it
     ├── ComputerActionError           the browser could not do it (a stale ref, an unreachable page)
     ├── AccessDeniedError             the caller's token does not allow this
@@ -65,6 +66,7 @@ __all__ = [
     "ScopeError",
     "SizeLimitError",
     "SnapshotNotFoundError",
+    "StateError",
     "SupervisorError",
     "TemplateNotFoundError",
     "TimeLimitError",
@@ -158,6 +160,11 @@ class UnsafeSnapshotError(InvalidRequestError):
             f"snapshot '{snapshot_id}' cannot be restored: {what}; it was altered outside dockyard "
             "(dockyard never writes such an entry); delete it with snapshot tools or restore another one"
         )
+
+
+class StateError(InvalidRequestError):
+    """Raised when a lifecycle step is asked of a row whose state does not allow it (a task that
+    is not open, a plan that is not pending); the message says what state it is in and what to do."""
 
 
 class ComputerActionError(DockyardError):

@@ -85,6 +85,7 @@ class SandboxService:
         self._supervisors = supervisors
         self._tokens = tokens
         self._files = FileOps(supervisors)
+        self._snapshot_locks: dict[str, anyio.Lock] = {}
         self.ports = PortForwarder(docker, USER)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -326,34 +327,78 @@ class SandboxService:
         return PortInfo(sandbox_id=sandbox_id, port=port, url=exposed.url)
 
     async def snapshot(self, who: Identity, sandbox_id: str, label: str | None) -> SnapshotInfo:
-        """Save /workspace and the home directory, consistent: the sandbox is paused meanwhile."""
+        """Save /workspace and the home directory, consistent: the sandbox is paused meanwhile.
+
+        A workspace's snapshots share one quota (quotas.workspace_snapshot_mb): the copy stops
+        when it would pass what is left. One snapshot at a time per workspace, so concurrent ones
+        cannot each count the same room."""
         row = await self._owned(who, sandbox_id, "sandbox.snapshot")
         snapshot_id = f"snp_{secrets.token_hex(8)}"
         folder = self._settings.snapshots_dir / snapshot_id
         async with self._audit.record(who, "sandbox.snapshot", sandbox_id, started=True, snapshot_id=snapshot_id, label=label) as rec:
-            try:
-                size = await self._archive(row.container_id, folder)
-                snap = await self._store.add(
-                    Snapshot(
-                        id=snapshot_id,
-                        sandbox_id=sandbox_id,
-                        template=row.template,
-                        label=label,
-                        workspace_id=who.workspace_id,
-                        project_id=who.project_id,
-                        user_id=who.user_id,
-                        path=str(folder),
-                        size_bytes=size,
+            async with self._snapshot_lock(who.workspace_id):
+                room = await self._snapshot_room(who.workspace_id)
+                try:
+                    size = await self._archive(row.container_id, folder, room)
+                    snap = await self._store.add(
+                        Snapshot(
+                            id=snapshot_id,
+                            sandbox_id=sandbox_id,
+                            template=row.template,
+                            label=label,
+                            workspace_id=who.workspace_id,
+                            project_id=who.project_id,
+                            user_id=who.user_id,
+                            path=str(folder),
+                            size_bytes=size,
+                        )
                     )
-                )
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
-                raise
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
+                    raise
             rec.detail["size_bytes"] = size
         return SnapshotInfo(
             snapshot_id=snap.id, sandbox_id=sandbox_id, label=label, size_bytes=size, created_at=snap.created_at
         )
+
+    async def delete_snapshot(self, who: Identity, snapshot_id: str) -> None:
+        """Delete a snapshot of the caller's workspace (another user's needs workspace:admin),
+        giving its space back to the workspace's snapshot quota."""
+        snap = await self._owned_snapshot(who, snapshot_id)
+        await self._tokens.may_end(who, snap.user_id, "snapshot.delete", snapshot_id, "snapshot")
+        async with self._audit.record(who, "snapshot.delete", snapshot_id, size_bytes=snap.size_bytes):
+
+            def forget(session: Session) -> None:
+                found = session.get(Snapshot, snapshot_id)
+                if found is not None:
+                    session.delete(found)
+
+            await self._store.run(forget)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, snap.path, True)
+
+    def _snapshot_lock(self, workspace_id: str) -> anyio.Lock:
+        return self._snapshot_locks.setdefault(workspace_id, anyio.Lock())
+
+    async def _snapshot_room(self, workspace_id: str) -> _Room:
+        """What the workspace's snapshots may still take; refuses when nothing is left."""
+        quota_mb = self._settings.quotas.workspace_snapshot_mb
+
+        def used(session: Session) -> int:
+            sizes = session.exec(select(Snapshot.size_bytes).where(Snapshot.workspace_id == workspace_id)).all()
+            return sum(sizes)
+
+        taken = await self._store.run(used)
+        if not quota_mb:
+            return _Room(self._limits.snapshot_max_bytes, None, taken)
+        left = (quota_mb << 20) - taken
+        if left <= 0:
+            raise QuotaExceededError(
+                f"workspace '{workspace_id}' has used its snapshot quota: its snapshots take {taken >> 20} MiB of "
+                f"{quota_mb} MiB (quotas.workspace_snapshot_mb); delete snapshots it no longer needs with snapshot_delete"
+            )
+        return _Room(self._limits.snapshot_max_bytes, quota_mb, taken)
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -415,7 +460,7 @@ class SandboxService:
         await self._tokens.revoke_sandbox(row.id, reason)
         await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
 
-    async def _archive(self, container_id: str, folder: Path) -> int:
+    async def _archive(self, container_id: str, folder: Path, room: _Room) -> int:
         """Stream /workspace and the home into `folder`, paused, bounded in size and time.
 
         The folder counts as a snapshot only once its row is written: one left without a row
@@ -430,13 +475,10 @@ class SandboxService:
                 async with await anyio.open_file(folder / name, "wb") as sink:
                     try:
                         size += await self._docker.get_archive_to(
-                            container_id, f"{path}/.", sink.wrapped, limit=limits.snapshot_max_bytes - size, deadline=deadline
+                            container_id, f"{path}/.", sink.wrapped, limit=room.bytes - size, deadline=deadline
                         )
                     except SizeLimitError:
-                        raise SizeLimitError(
-                            f"the snapshot is over its limit of {limits.snapshot_max_bytes} bytes (sandbox.snapshot_max_bytes); "
-                            "remove what need not be kept (build output, caches) and snapshot again"
-                        ) from None
+                        raise SizeLimitError(room.over()) from None
                     except TimeLimitError:
                         raise TimeLimitError(
                             f"the snapshot took longer than {limits.snapshot_timeout_s:g} s (sandbox.snapshot_timeout_s); "
@@ -478,8 +520,10 @@ class SandboxService:
 
         try:
             await anyio.to_thread.run_sync(copy)
-        except BaseException:
+        except BaseException as exc:
             await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
+            if isinstance(exc, FileNotFoundError):  # deleted a moment ago
+                raise SnapshotNotFoundError(snapshot.id) from None
             raise
         return folder
 
@@ -573,3 +617,26 @@ def _checked_env(env: dict[str, str] | None) -> dict[str, str]:
                 "with a digit), and not the reserved DOCKYARD_ prefix"
             )
     return dict(env or {})
+
+
+class _Room:
+    """The bytes one snapshot may take: the per-snapshot limit, or what is left of the
+    workspace's snapshot quota when that is less."""
+
+    def __init__(self, max_bytes: int, quota_mb: int | None, taken: int) -> None:
+        self.quota_mb, self.taken = quota_mb, taken
+        self.by_quota = quota_mb is not None and (quota_mb << 20) - taken < max_bytes
+        self.bytes = (quota_mb << 20) - taken if self.by_quota and quota_mb is not None else max_bytes
+
+    def over(self) -> str:
+        """Why a snapshot that grew past this room stopped, and what to do."""
+        if self.by_quota:
+            return (
+                f"the snapshot would pass the workspace's snapshot quota of {self.quota_mb} MiB "
+                f"(quotas.workspace_snapshot_mb; its snapshots take {self.taken >> 20} MiB): nothing was saved and the "
+                "sandbox runs on unchanged; delete snapshots it no longer needs with snapshot_delete, or keep less"
+            )
+        return (
+            f"the snapshot is over its limit of {self.bytes} bytes (sandbox.snapshot_max_bytes); "
+            "remove what need not be kept (build output, caches) and snapshot again"
+        )

@@ -186,6 +186,10 @@ class QuotaSettings(BaseModel):
         description="The part of each pool's max one workspace may hold (rounded down, at least one runtime).",
     )
     dispatches_per_minute: int = Field(120, ge=0, description="Dispatches one workspace may start in any 60 s.")
+    workspace_snapshot_mb: int = Field(
+        16384, ge=0,
+        description="Disk space (MiB) one workspace's snapshots may take together; a snapshot that would pass it stops.",
+    )
 
     def pool_share(self, maximum: int) -> int:
         """The most runtimes of a pool with this `max` that one workspace may hold."""

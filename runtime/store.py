@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from dockyard.runtime.errors import NotRunningError
 
 __all__ = [
     "AuditEvent",
+    "MemberStatus",
+    "PlanStatus",
     "PoolEvent",
     "PoolState",
     "Runtime",
@@ -28,6 +31,8 @@ __all__ = [
     "SandboxStatus",
     "Snapshot",
     "Store",
+    "TaskStatus",
+    "TeamStatus",
     "utcnow",
 ]
 
@@ -263,13 +268,39 @@ class Computer(SQLModel, table=True):
     end_reason: str | None = None
 
 
-class MemberStatus:
+class TeamStatus(StrEnum):
+    """A team is active until its lead shuts it down (stored as these strings)."""
+
+    ACTIVE = "active"
+    SHUT_DOWN = "shut down"
+
+
+class MemberStatus(StrEnum):
+    """Where a member is in its loop of turns (stored as these strings)."""
+
     STARTING = "starting"  # its sandbox and token are being prepared
     BUSY = "busy"  # a turn is running
     IDLE = "idle"  # waiting for a message (woken at once when one arrives)
     READY = "ready"  # was busy when dockyard stopped; a message resumes it
     STOPPED = "stopped"  # shut down
     FAILED = "failed"  # could not start
+
+
+class TaskStatus(StrEnum):
+    """A task on a team's list: open, claimed by one member, then done or failed."""
+
+    OPEN = "open"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class PlanStatus(StrEnum):
+    """A plan-mode member's plan; a member that has proposed none has no plan status (None)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 class Team(SQLModel, table=True):
@@ -282,8 +313,9 @@ class Team(SQLModel, table=True):
     user_id: str
     lead_token_id: str | None = None
     sandbox_id: str | None = None  # the sandbox members with isolation 'shared' work in
-    status: str = "active"  # active, shut down
-    interrupted: list[str] | None = Field(default=None, sa_column=Column(JSON))  # roles a restart interrupted
+    # The column `interrupted` of stores from before is left unused: who a restart interrupted
+    # is read from the members' states.
+    status: str = TeamStatus.ACTIVE.value
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -296,13 +328,13 @@ class Member(SQLModel, table=True):
     runner: str
     isolation: str  # shared: the team's sandbox; own: a sandbox of its own
     prompt: str
-    status: str = MemberStatus.STARTING
+    status: str = MemberStatus.STARTING.value
     sandbox_id: str | None = None
     unix_user: str | None = None  # in a shared sandbox: its own Unix user there, assigned by the server
     token_id: str | None = None
     plan_mode: bool = False
     plan: str | None = None
-    plan_status: str | None = None  # pending, approved, rejected (plan mode only)
+    plan_status: str | None = None  # a PlanStatus (plan mode only)
     plan_feedback: str | None = None
     turns: int = 0
     last_output: str | None = None
@@ -334,7 +366,7 @@ class TeamTask(SQLModel, table=True):
     team_id: str = Field(index=True)
     title: str
     detail: str | None = None
-    status: str = "open"
+    status: str = TaskStatus.OPEN.value
     owner: str | None = None  # the member who claimed it
     result: str | None = None
     created_by: str

@@ -41,6 +41,13 @@ class Destroyed(BaseModel):
     destroyed: bool = True
 
 
+class SnapshotDeleted(BaseModel):
+    """A snapshot that no longer exists; its space is the workspace's again."""
+
+    snapshot_id: str
+    deleted: bool = True
+
+
 @tool_errors
 async def sandbox_create(
     ctx: EngineContext,
@@ -207,6 +214,17 @@ async def sandbox_destroy(ctx: EngineContext, sandbox_id: SandboxId) -> Destroye
     return Destroyed(sandbox_id=sandbox_id)
 
 
+@tool_errors
+async def snapshot_delete(
+    ctx: EngineContext,
+    snapshot_id: Annotated[str, Field(description="A snapshot id (snp_...) from sandbox_snapshot.", max_length=64)],
+) -> SnapshotDeleted:
+    """Delete a snapshot for good, giving its space back to the workspace's snapshot quota."""
+    who = await authorized(ctx, "sandbox:create", "snapshot.delete", snapshot_id)
+    await engine(ctx).sandboxes.delete_snapshot(who, snapshot_id)
+    return SnapshotDeleted(snapshot_id=snapshot_id)
+
+
 def register(server: MCPServer) -> None:
     """Add the sandbox tools to a server."""
     server.add_tool(sandbox_create, annotations=ADDITIVE)
@@ -216,5 +234,6 @@ def register(server: MCPServer) -> None:
     server.add_tool(sandbox_list_files, annotations=READ_ONLY)
     server.add_tool(sandbox_expose_port, annotations=IDEMPOTENT)
     server.add_tool(sandbox_snapshot, annotations=ADDITIVE)
+    server.add_tool(snapshot_delete, annotations=DESTRUCTIVE)
     server.add_tool(sandbox_list, annotations=READ_ONLY)
     server.add_tool(sandbox_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)

@@ -363,3 +363,27 @@ async def test_a_user_cannot_destroy_another_users_computer(computer_image: str,
         assert "needs the workspace:admin scope" in await call_error(client_bob, "computer_destroy", computer_id=computer)
         assert computer in {c["computer_id"] for c in (await call(client_ann, "computer_list"))["computers"]}
         await call(client_ann, "computer_destroy", computer_id=computer)
+
+
+async def test_a_snapshot_is_deleted_only_by_its_maker_or_an_admin_of_its_workspace(served: Served) -> None:
+    ann = await mint(served, scopes=SANDBOX, workspace_id="w", user_id="ann")
+    bob = await mint(served, scopes=SANDBOX, workspace_id="w", user_id="bob")
+    eve = await mint(served, scopes=SANDBOX, workspace_id="other", user_id="eve")
+    boss = await mint(served, scopes=[*SANDBOX, "workspace:admin"], workspace_id="w", user_id="cat")
+    async with connect(served, ann["token"]) as client_ann:
+        sandbox = (await call(client_ann, "sandbox_create"))["sandbox_id"]
+        await call(client_ann, "sandbox_exec", sandbox_id=sandbox, command="echo mine > /workspace/note")
+        snapshot = (await call(client_ann, "sandbox_snapshot", sandbox_id=sandbox))["snapshot_id"]
+    async with connect(served, eve["token"]) as client_eve:
+        assert "unknown snapshot" in await call_error(client_eve, "snapshot_delete", snapshot_id=snapshot)
+    async with connect(served, bob["token"]) as client_bob:
+        assert "needs the workspace:admin scope" in await call_error(client_bob, "snapshot_delete", snapshot_id=snapshot)
+        # Still whole: bob may restore it (the workspace's work is shared), only not delete it.
+        restored = (await call(client_bob, "sandbox_create", from_snapshot=snapshot))["sandbox_id"]
+        assert (await call(client_bob, "sandbox_exec", sandbox_id=restored, command="cat /workspace/note"))["stdout"] == "mine\n"
+    async with connect(served, boss["token"]) as client_boss:
+        assert (await call(client_boss, "snapshot_delete", snapshot_id=snapshot))["deleted"] is True
+        assert "unknown snapshot" in await call_error(client_boss, "sandbox_create", from_snapshot=snapshot)
+    async with connect(served, served.admin_key) as admin:
+        rows = (await call(admin, "audit_query", workspace_id="w", kind="snapshot.delete"))["rows"]
+    assert sorted((row["user_id"], row["outcome"]) for row in rows) == [("bob", "denied"), ("cat", "ok")], rows

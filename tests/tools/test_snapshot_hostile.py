@@ -127,3 +127,70 @@ async def test_a_kill_from_outside_marks_the_sandbox_lost_with_a_clear_message(
             await anyio.sleep(0.1)
     message = await call_error(client, "sandbox_exec", sandbox_id=sandbox_id, command="true")
     assert "was lost" in message and "outside dockyard" in message and "sandbox_create" in message
+
+
+# -- a workspace's snapshots share one quota ------------------------------------------------------
+
+
+@pytest.fixture
+def quota_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Settings]:
+    settings = make_settings(tmp_path / "data", quotas={"workspace_snapshot_mb": 24}, sandbox={"snapshot_max_bytes": 64 * MIB})
+    yield settings
+    remove_instance(docker_client, settings)
+
+
+def snapshot_bytes(settings: Settings) -> int:
+    return sum(f.stat().st_size for f in settings.snapshots_dir.rglob("*") if f.is_file()) if settings.snapshots_dir.is_dir() else 0
+
+
+async def test_snapshots_past_the_workspace_quota_stop_leave_nothing_and_deleting_one_gives_its_room_back(
+    quota_settings: Settings,
+) -> None:
+    """A tenant that snapshots again and again fills at most its workspace's share of the host's disk."""
+    async with Client(build_server(quota_settings)) as client:
+        sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
+        await fill(client, sandbox_id, 10)
+        first = await call(client, "sandbox_snapshot", sandbox_id=sandbox_id)
+        second = await call(client, "sandbox_snapshot", sandbox_id=sandbox_id)
+        held = snapshot_bytes(quota_settings)
+        assert 20 * MIB < held <= 24 * MIB
+        # The third would pass 24 MiB: it stops mid-way, and nothing of it stays on disk.
+        message = await call_error(client, "sandbox_snapshot", sandbox_id=sandbox_id)
+        assert "workspace_snapshot_mb" in message and "snapshot_delete" in message and "nothing was saved" in message
+        assert snapshot_bytes(quota_settings) == held
+        assert snapshot_folders(quota_settings) == sorted([first["snapshot_id"], second["snapshot_id"]])
+        assert (await sh(client, sandbox_id, "cat /workspace/marker"))["stdout"] == "kept\n"
+        assert sandbox_row(quota_settings, sandbox_id).status == "running"
+        # A small snapshot still fits in what is left.
+        await sh(client, sandbox_id, "rm /workspace/big.bin")
+        small = await call(client, "sandbox_snapshot", sandbox_id=sandbox_id)
+        # Deleting a snapshot gives its room back, and it can no longer be restored.
+        deleted = await call(client, "snapshot_delete", snapshot_id=first["snapshot_id"])
+        assert deleted == {"snapshot_id": first["snapshot_id"], "deleted": True}
+        assert first["snapshot_id"] not in snapshot_folders(quota_settings)
+        assert "unknown snapshot" in await call_error(client, "sandbox_create", from_snapshot=first["snapshot_id"])
+        assert "unknown snapshot" in await call_error(client, "snapshot_delete", snapshot_id=first["snapshot_id"])
+        await fill(client, sandbox_id, 10)
+        await call(client, "sandbox_snapshot", sandbox_id=sandbox_id)
+        restored = (await call(client, "sandbox_create", from_snapshot=small["snapshot_id"]))["sandbox_id"]
+        assert (await sh(client, restored, "cat /workspace/marker; ls /workspace"))["stdout"] == "kept\nmarker\n"
+
+
+async def test_concurrent_snapshots_of_one_workspace_cannot_together_pass_its_quota(quota_settings: Settings) -> None:
+    """Each snapshot alone fits in the room left; all of them at once would not."""
+    async with Client(build_server(quota_settings)) as client:
+        sandboxes = [(await call(client, "sandbox_create"))["sandbox_id"] for _ in range(3)]
+        for sandbox_id in sandboxes:
+            await fill(client, sandbox_id, 10)
+        outcomes: list[bool] = []
+
+        async def snapshot(sandbox_id: str) -> None:
+            result = await client.call_tool("sandbox_snapshot", {"sandbox_id": sandbox_id})
+            outcomes.append(not result.is_error)
+
+        async with anyio.create_task_group() as tg:
+            for sandbox_id in sandboxes:
+                tg.start_soon(snapshot, sandbox_id)
+        assert sorted(outcomes) == [False, True, True]
+        assert snapshot_bytes(quota_settings) <= 24 * MIB
+        assert len(snapshot_folders(quota_settings)) == 2

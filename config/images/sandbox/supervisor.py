@@ -36,7 +36,7 @@ Requests carry an "id" chosen by the server, unique on its connection:
       (error: the command could not start; refused: "cwd" when the user cannot enter it,
       "user" when `user` is not one of the sandbox's users)
       The command runs as `user` (default `agent`; HOME, USER and LOGNAME are its own) in a new
-      session with `token` as DOCKYARD_EXEC_ID, below a reaper of its own (reaper.py).
+      session with `token` as DOCKYARD_EXEC_ID, below a reaper of its own (reaper.c).
       stdin {id} + bytes feeds it; an empty body closes its stdin. kill {id} ends it.
       On timeout, kill or a closed connection, the command and everything it started
       (everything below its reaper, however it detached) is frozen, then killed.
@@ -75,7 +75,6 @@ import secrets
 import socket
 import signal
 import struct
-import subprocess
 import sys
 import time
 
@@ -88,6 +87,7 @@ PROTOCOL = 1
 CONTROL_DIR = "/run/dockyard-sup/control"
 BRIDGE_SOCKET = "/run/dockyard/bridge.sock"
 HELPER = "/usr/local/lib/dockyard/helper.py"
+REAPER = "/usr/local/lib/dockyard/reaper"  # reaper.c, compiled when the image is built
 USER = "agent"
 HEADER = struct.Struct("!II")
 MAX_OBJECT = 1 << 20
@@ -265,11 +265,11 @@ class Command:
             return
         loop = asyncio.get_running_loop()
         oom_before = reaper.oom_kills()
-        status_r, status_w = os.pipe()
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: Pipes(self),
-                *req["argv"],
+                REAPER, str(status_w), str(self.user.pw_uid), str(self.user.pw_gid), *req["argv"],
                 stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -277,21 +277,19 @@ class Command:
                 cwd=f"/proc/self/fd/{cwd_fd}",
                 umask=UMASK,
                 pass_fds=(status_w,),
-                preexec_fn=reaper.Spawn(self.user.pw_uid, self.user.pw_gid, status_w),
             )
-        except subprocess.SubprocessError as exc:  # the reaper could not fork or become the user
-            os.close(status_w)
-            status_w = None
-            await self.not_started(start_error(status_r, exc))
-            return
-        except OSError as exc:  # e.g. no pid to spare, no such program
+        except OSError as exc:  # e.g. no pid to spare
+            os.close(status_r)
             await self.not_started(exc)
             return
         finally:
             os.close(cwd_fd)
-            os.close(status_r)
-            if status_w is not None:
-                os.close(status_w)
+            os.close(status_w)
+        if failed := await start_error(status_r):  # the reaper could not fork, become the user or exec
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), KILL_WAIT_S)
+            await self.not_started(failed)
+            return
         RUNNING.add(self.transport.get_pid())  # its reaper
         if self.killed:  # cancelled while it started
             await self.kill()
@@ -408,14 +406,35 @@ def stop_processes(spare=frozenset()):
     return len(frozen)
 
 
-def start_error(status_r, exc):
-    """Why the reaper could not start a command: the errno it left in its status pipe."""
+async def start_error(status_r):
+    """Why the reaper could not start a command (an OSError), from the errno it wrote in its
+    status pipe; None once the pipe ends empty: the command's program is running."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    written = bytearray()
+
+    def readable():
+        try:
+            chunk = os.read(status_r, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        written.extend(chunk)
+        if not chunk and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(status_r, False)
+    loop.add_reader(status_r, readable)
     try:
-        written = os.read(status_r, 64)
-    except OSError:
-        written = b""
+        await done
+    finally:
+        loop.remove_reader(status_r)
+        os.close(status_r)
+    if not written:
+        return None
     number = int(written) if written.isdigit() else 0
-    return OSError(number or errno.EIO, os.strerror(number) if number else f"{exc}")
+    return OSError(number or errno.EIO, os.strerror(number or errno.EIO))
 
 
 def spawn(coro):
