@@ -64,7 +64,7 @@ async def _measure(run: Run, options: Options, names: list[str], figures: list[F
         started = time.monotonic()
         try:
             figures += await SECTIONS[name](run, options)
-        except Exception as exc:  # reported in the table and on stderr, then the run goes on
+        except Exception as exc:  # noqa: BLE001 - reported in the table and on stderr, then the run goes on
             traceback.print_exc()
             failed.append(name)
             leaf: BaseException = exc

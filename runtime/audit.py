@@ -40,7 +40,7 @@ from dockyard.runtime.models import AuditEntry, AuditVerification
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import AuditEvent, Store, utcnow
 
-__all__ = ["AuditLog", "AuditRecord", "GENESIS", "audit_entry", "row_hash"]
+__all__ = ["GENESIS", "AuditLog", "AuditRecord", "audit_entry", "row_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,16 @@ class AuditRecord:
     kind: str
     target: str | None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _newest(session: Session) -> tuple[int, str] | None:
+    """The id and hash of the newest row, or None while the table is empty."""
+    row = session.exec(select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
+    if row is None:
+        return None
+    newest, digest = row
+    assert newest is not None  # a stored row has its id
+    return newest, digest
 
 
 class AuditLog:
@@ -89,7 +99,7 @@ class AuditLog:
         def append(session: Session) -> AuditEvent:
             locked.append(self.anchor.lock())
             key, head = self._anchored(session)
-            last = session.exec(select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
+            last = _newest(session)
             row = AuditEvent(
                 id=(last[0] if last else 0) + 1,
                 ts=utcnow(),
@@ -136,7 +146,7 @@ class AuditLog:
         if key is None:
             key = self.anchor.create_key()
             keyed = session.exec(select(func.min(AuditEvent.id)).where(col(AuditEvent.mac).is_not(None))).first()
-            last = session.exec(select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
+            last = _newest(session)
             count = session.exec(select(func.count()).select_from(AuditEvent)).one()
             if keyed is not None:
                 log.error("the audit key was missing although rows from %s on carry MACs; a new key was made, and "
@@ -205,7 +215,7 @@ class AuditLog:
 
         def dangling(session: Session) -> list[AuditEvent]:
             started_id = func.json_extract(AuditEvent.detail, "$.started_id")
-            ended = sa_select(started_id).where(AuditEvent.outcome != "started", started_id.is_not(None))
+            ended = sa_select(started_id).where(col(AuditEvent.outcome) != "started", started_id.is_not(None))
             stmt = select(AuditEvent).where(AuditEvent.outcome == "started", col(AuditEvent.id).not_in(ended))
             return list(session.exec(stmt.order_by(col(AuditEvent.id))).all())
 
@@ -286,10 +296,11 @@ class AuditLog:
                 key = self.anchor.key()
                 assert key is not None  # the append above made it if it was missing
                 previous = self.anchor.read_head(key)
-                last = session.exec(select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)).one()
+                last = _newest(session)
                 count = session.exec(select(func.count()).select_from(AuditEvent)).one()
                 keyed = session.exec(select(func.min(AuditEvent.id)).where(col(AuditEvent.mac).is_not(None))).one()
                 first = previous.keyed_from if isinstance(previous, Head) else keyed
+                assert last is not None and first is not None  # the append above wrote a keyed row
                 self.anchor.write_head(key, Head(count, last[0], last[1], first, utcnow().isoformat()))
             finally:
                 self.anchor.unlock(fd)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import anyio
 
 from dockyard.config.images.sandbox import protocol
-from dockyard.runtime.errors import InvalidRequestError
+from dockyard.runtime.errors import InvalidRequestError, SupervisorError
 from dockyard.runtime.models import ExecResult
-from dockyard.runtime.supervisor import Link, SupervisorError
+from dockyard.runtime.supervisor import Link
 
-__all__ = ["OutputCallback", "run_command", "TIMEOUT_EXIT_CODE"]
+__all__ = ["TIMEOUT_EXIT_CODE", "OutputCallback", "run_command"]
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 TIMEOUT_EXIT_CODE = 124
@@ -157,11 +157,12 @@ async def run_command(
         raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):
         raise SupervisorError(str(ended["error"]))
-    for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0]):
+    for capture, dropped_there in zip(captures.values(), ended.get("dropped") or [0, 0], strict=False):
         capture.dropped += int(dropped_there)  # cut in the sandbox, never sent
     timed_out = bool(ended.get("timed_out"))
+    code = ended.get("code")
     return ExecResult(
-        exit_code=TIMEOUT_EXIT_CODE if timed_out else int(ended.get("code") if ended.get("code") is not None else -1),
+        exit_code=TIMEOUT_EXIT_CODE if timed_out else (-1 if code is None else int(code)),
         stdout=captures[1].text(),
         stderr=captures[2].text() + _memory_note(ended),
         timed_out=timed_out,

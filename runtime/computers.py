@@ -35,35 +35,26 @@ from playwright.async_api import Browser, BrowserContext, Page, Playwright, Rout
 from playwright.async_api import Error as PlaywrightError
 from sqlmodel import Session, col, select
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError
 from dockyard.runtime import relays
+from dockyard.runtime.audit import AuditLog
+from dockyard.runtime.errors import ComputerActionError, ComputerNotFoundError, InvalidRequestError
 from dockyard.runtime.models import ComputerInfo, PageState
 from dockyard.runtime.pool import PoolManager
 from dockyard.runtime.ports import Exposed, cookie_name, without_key
 from dockyard.runtime.provision import Provisioner
 from dockyard.runtime.runs import tree_limit
 from dockyard.runtime.sandboxes import SandboxService, running_limits
-from dockyard.runtime.tokens import TokenService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Computer, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
+from dockyard.runtime.tokens import TokenService
 
-__all__ = ["ComputerService", "ComputerNotFoundError", "ComputerActionError"]
+__all__ = ["ComputerService"]
 
 log = logging.getLogger(__name__)
 
 _REF = re.compile(r"^[a-z]{0,3}\d{1,6}(?:[a-z]{1,3}\d{1,6})*$")
 _PREVIEW_HOSTS = ("127.0.0.1", "localhost")
 _CONNECT_TIMEOUT_MS = 15_000
-
-
-class ComputerNotFoundError(NotFoundError):
-    def __init__(self, computer_id: str, why: str | None = None) -> None:
-        super().__init__(why or f"unknown computer '{computer_id}'; computer_create starts one, and ids are per workspace")
-
-
-class ComputerActionError(DockyardError):
-    """The browser could not do what was asked (a stale ref, an unreachable page, a bad key)."""
 
 
 @dataclass
@@ -295,7 +286,7 @@ class ComputerService:
         """A PNG of the viewport, or of the whole page."""
         row = await self._owned(who, computer_id, "computer.screenshot")
         async with self._audit.record(who, "computer.screenshot", computer_id, full_page=full_page) as rec, self._page(row) as page:
-            png = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
+            png: bytes = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
             rec.detail["bytes"] = len(png)
             return png
 
@@ -442,14 +433,14 @@ class ComputerService:
     async def _end(self, row: Computer, reason: str) -> None:
         await self._disconnect(row.id)
 
-        def close(session: Session, _runtime: Runtime) -> None:
+        def close(session: Session, _runtime: Runtime | None) -> None:
             fresh = session.get(Computer, row.id)
             if fresh is not None and fresh.status == SandboxStatus.RUNNING:
                 fresh.status, fresh.ended_at, fresh.end_reason = SandboxStatus.DESTROYED, utcnow(), reason
                 session.add(fresh)
 
         await self._pools.release(row.runtime_id, close, reason)
-        await self._store.run(lambda s: close(s, None))  # type: ignore[arg-type]  # if the runtime was already gone
+        await self._store.run(lambda s: close(s, None))  # if the runtime was already gone
         self._connecting.pop(row.id, None)
 
     def _quota_check(self, who: Identity) -> Callable[[Session], None]:
@@ -479,7 +470,7 @@ class _PageLease:
         self._live: _Live | None = None
 
     async def __aenter__(self) -> Page:
-        self._live = await self._service._connected(self._row)  # noqa: SLF001
+        self._live = await self._service._connected(self._row)  # noqa: SLF001 - the service's helper for its own pages
         await self._live.lock.acquire()
         return self._live.page
 

@@ -18,28 +18,30 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
 import docker
-import httpx
 import docker.errors
+import httpx
 import requests.exceptions
 
-from dockyard.runtime.errors import BackendError, DockerUnavailableError, SizeLimitError, TimeLimitError
+from dockyard.runtime.errors import (
+    BackendError,
+    ContainerGoneError,
+    DockerUnavailableError,
+    SizeLimitError,
+    TimeLimitError,
+)
 
-__all__ = ["ContainerGoneError", "ContainerSpec", "DockerBackend", "ExecChannel", "STDERR", "STDOUT"]
+__all__ = ["STDERR", "STDOUT", "ContainerSpec", "DockerBackend", "ExecChannel"]
 
 T = TypeVar("T")
 STDOUT = 1
 STDERR = 2
 _FRAME_HEADER = struct.Struct(">BxxxL")
-
-
-class ContainerGoneError(BackendError):
-    """Raised when the container behind a runtime no longer exists."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class ExecChannel:
     async def close_stdin(self) -> None:
         """Half-close: the process reads end-of-file on stdin (a no-op once the exec has ended)."""
         try:
-            await self._stream.send_eof()  # type: ignore[attr-defined]
+            await self._stream.send_eof()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
 
@@ -208,7 +210,7 @@ class DockerBackend:
                 host_config=host_config,
                 network_disabled=spec.network == "none",
             )
-            container_id = created["Id"]
+            container_id: str = created["Id"]
             try:
                 api.start(container_id)
             except BaseException:
@@ -275,8 +277,9 @@ class DockerBackend:
 
         def update() -> None:
             api = self.client.api
-            response = api._post_json(api._url("/containers/{0}/update", container_id), data=body)  # noqa: SLF001
-            api._raise_for_status(response)  # noqa: SLF001
+            url = api._url("/containers/{0}/update", container_id)  # type: ignore[attr-defined]  # noqa: SLF001 - no public call sets NanoCpus
+            response = api._post_json(url, data=body)  # type: ignore[attr-defined]  # noqa: SLF001 - as above
+            api._raise_for_status(response)  # type: ignore[attr-defined]  # noqa: SLF001 - as above
 
         await self._run(update)
 
@@ -310,7 +313,7 @@ class DockerBackend:
             data = await self._run(self.client.api.logs, container_id, stdout=True, stderr=True, tail=lines)
         except ContainerGoneError:
             return ""
-        return data.decode(errors="replace").strip()
+        return cast(bytes, data).decode(errors="replace").strip()  # not streamed: the whole log in bytes
 
     async def has_read_only_root(self, container_id: str) -> bool:
         info = await self._run(self.client.api.inspect_container, container_id)
@@ -325,7 +328,7 @@ class DockerBackend:
     async def events(self, labels: dict[str, str], actions: list[str]) -> AsyncIterator[dict[str, Any]]:
         """Yield the daemon's container events for containers carrying these labels, as they happen."""
         filters = {"type": ["container"], "label": [f"{k}={v}" for k, v in labels.items()], "event": actions}
-        version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
+        version = await self._run(lambda: self.client.api.api_version)
         try:
             async with (
                 self._http() as http,
@@ -396,7 +399,7 @@ class DockerBackend:
         except OSError as exc:
             raise DockerUnavailableError(_UNREACHABLE) from exc
         payload = json.dumps(body).encode()
-        version = self.client.api._version  # noqa: SLF001 - the negotiated API version
+        version = self.client.api.api_version
         request = (
             f"POST /v{version}{path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
             f"Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: {len(payload)}\r\n\r\n"
@@ -422,19 +425,19 @@ class DockerBackend:
 
     # -- archives -----------------------------------------------------------------------
 
-    async def put_archive(self, container_id: str, path: str, data: bytes | BinaryIO) -> None:
+    async def put_archive(self, container_id: str, path: str, data: bytes | IO[bytes]) -> None:
         """Extract a tar archive at `path` inside the container."""
         await self._run(self.client.api.put_archive, container_id, path, data)
 
     async def get_archive_to(
-        self, container_id: str, path: str, sink: BinaryIO, *, limit: int | None = None, deadline: float | None = None
+        self, container_id: str, path: str, sink: IO[bytes], *, limit: int | None = None, deadline: float | None = None
     ) -> int:
         """Stream a tar of `path` inside the container into `sink`; returns bytes written.
 
         Stops with a SizeLimitError past `limit` bytes, or a TimeLimitError past `deadline`
         (a `time.monotonic()` value), holding one chunk in memory at a time. Stopping closes the
         connection, so the daemon ends the copy at once and the container is free again."""
-        version = await self._run(lambda: self.client.api._version)  # noqa: SLF001 - negotiated version
+        version = await self._run(lambda: self.client.api.api_version)
         written = 0
         try:
             with anyio.fail_after(None if deadline is None else max(0.0, deadline - time.monotonic())):

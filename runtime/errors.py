@@ -9,15 +9,18 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── SandboxNotFoundError
     │   │   └── SandboxLostError      its container died or vanished outside dockyard
     │   ├── SnapshotNotFoundError
-    │   └── TemplateNotFoundError
+    │   ├── TemplateNotFoundError
+    │   └── ComputerNotFoundError
     ├── InvalidRequestError           input the schema cannot catch
     │   ├── PathOutsideWorkspaceError
     │   ├── SizeLimitError
     │   ├── TimeLimitError            an operation ran past its configured time limit
     │   ├── EncodingError
     │   ├── NetworkNotAllowedError
+    │   ├── UnsafeSnapshotError       a snapshot's archive was altered to write outside its places
     │   └── StateError                a row's lifecycle state does not allow the step asked of it
     ├── SandboxPausedError            frozen from outside dockyard (`docker pause`); unpause it
+    ├── ComputerActionError           the browser could not do it (a stale ref, an unreachable page)
     ├── AccessDeniedError             the caller's token does not allow this
     │   └── ScopeError                a scope the call needs is missing
     ├── CapacityError                 no room now; retry later or free something
@@ -26,8 +29,11 @@ The tool layer passes that message on unchanged and hides everything else.
     ├── ImageError
     │   ├── ImageBuildingError        the image is still being built; try again soon
     │   └── ImageBuildFailedError
+    ├── NotRunningError               the part of the engine called is not running (start-up, shutdown)
     └── BackendError                  the container engine failed or is unreachable
         ├── DockerUnavailableError
+        ├── ContainerGoneError        the container behind a runtime no longer exists
+        ├── SupervisorError           a sandbox's supervisor is unreachable, refused us, or broke the protocol
         └── AuditWriteError           an action's audit row could not be written; the action fails
 """
 
@@ -38,6 +44,9 @@ __all__ = [
     "AuditWriteError",
     "BackendError",
     "CapacityError",
+    "ComputerActionError",
+    "ComputerNotFoundError",
+    "ContainerGoneError",
     "DockerUnavailableError",
     "DockyardError",
     "EncodingError",
@@ -47,6 +56,7 @@ __all__ = [
     "InvalidRequestError",
     "NetworkNotAllowedError",
     "NotFoundError",
+    "NotRunningError",
     "PathOutsideWorkspaceError",
     "PoolExhaustedError",
     "QuotaExceededError",
@@ -57,8 +67,10 @@ __all__ = [
     "SizeLimitError",
     "SnapshotNotFoundError",
     "StateError",
+    "SupervisorError",
     "TemplateNotFoundError",
     "TimeLimitError",
+    "UnsafeSnapshotError",
 ]
 
 
@@ -108,6 +120,14 @@ class TemplateNotFoundError(NotFoundError):
         super().__init__(f"unknown template '{name}'; allowed: {', '.join(sorted(known))}")
 
 
+class ComputerNotFoundError(NotFoundError):
+    """Raised when a computer id is unknown, ended, or owned by another workspace (or `why` says
+    what else made it unusable)."""
+
+    def __init__(self, computer_id: str, why: str | None = None) -> None:
+        super().__init__(why or f"unknown computer '{computer_id}'; computer_create starts one, and ids are per workspace")
+
+
 class InvalidRequestError(DockyardError):
     """Raised for input the schema cannot catch: it names the problem and what is allowed."""
 
@@ -132,9 +152,23 @@ class NetworkNotAllowedError(InvalidRequestError):
     """Raised when a network mode is unknown or disabled by configuration."""
 
 
+class UnsafeSnapshotError(InvalidRequestError):
+    """Raised when a snapshot's tar holds an entry that could write outside the sandbox's places."""
+
+    def __init__(self, snapshot_id: str, what: str) -> None:
+        super().__init__(
+            f"snapshot '{snapshot_id}' cannot be restored: {what}; it was altered outside dockyard "
+            "(dockyard never writes such an entry); delete it with snapshot tools or restore another one"
+        )
+
+
 class StateError(InvalidRequestError):
     """Raised when a lifecycle step is asked of a row whose state does not allow it (a task that
     is not open, a plan that is not pending); the message says what state it is in and what to do."""
+
+
+class ComputerActionError(DockyardError):
+    """Raised when the browser could not do what was asked (a stale ref, an unreachable page, a bad key)."""
 
 
 class CapacityError(DockyardError):
@@ -163,12 +197,28 @@ class ImageBuildFailedError(ImageError):
     """Raised when the last attempt to build an image failed; the message says why."""
 
 
+class NotRunningError(DockyardError):
+    """Raised when a call reaches a part of the engine (the store, the pool manager) that is not
+    running: the server is still starting up or already shutting down."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(f"{part} is not running (the server is starting up or shutting down); try again in a moment")
+
+
 class BackendError(DockyardError):
     """Raised when the container engine rejects or fails an operation."""
 
 
 class DockerUnavailableError(BackendError):
     """Raised when the Docker daemon cannot be reached."""
+
+
+class ContainerGoneError(BackendError):
+    """Raised when the container behind a runtime no longer exists."""
+
+
+class SupervisorError(BackendError):
+    """Raised when a sandbox's supervisor could not be reached, refused us, or broke the protocol."""
 
 
 class AuditWriteError(BackendError):

@@ -154,8 +154,7 @@ class ImageService:
         state = self._states.get(recipe)
         if recipe in self._ready or (state is not None and not state.done.is_set()):
             return
-        if self._task_group is None:
-            raise RuntimeError("ImageService.start needs attach() first")
+        assert self._task_group is not None, "ImageService.start needs attach() first"  # the engine attaches it at start
         self._states[recipe] = BuildState(recipe)  # visible at once, before the task runs
         self._task_group.start_soon(self._ensure_quietly, recipe)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVarTuple
 
 import anyio
 import anyio.abc
@@ -30,13 +31,12 @@ from sqlmodel import Session, select
 from dockyard.runtime.errors import (
     CapacityError,
     DockyardError,
+    NotRunningError,
     PoolExhaustedError,
     QuotaExceededError,
     TemplateNotFoundError,
 )
 from dockyard.runtime.images import BuildState
-from dockyard.runtime.provision import Provisioner
-from dockyard.runtime.settings import PoolShape, Settings
 from dockyard.runtime.poolstate import (
     Bind,
     Grant,
@@ -49,12 +49,25 @@ from dockyard.runtime.poolstate import (
     timed_bind,
     transition,
 )
-from dockyard.runtime.store import Computer, PoolEvent, PoolState, Runtime, RuntimeState, Sandbox, SandboxStatus, Store, utcnow
+from dockyard.runtime.provision import Provisioner
+from dockyard.runtime.settings import PoolShape, Settings
+from dockyard.runtime.store import (
+    Computer,
+    PoolEvent,
+    PoolState,
+    Runtime,
+    RuntimeState,
+    Sandbox,
+    SandboxStatus,
+    Store,
+    utcnow,
+)
 from dockyard.runtime.waitqueue import Waiter
 
 __all__ = ["Bind", "Lease", "PoolManager"]
 
 log = logging.getLogger(__name__)
+Ts = TypeVarTuple("Ts")
 
 _FILL_BACKOFF_S = 5.0
 _NEVER_REUSED = "a computer is never reused: a fresh browser keeps no cookies, storage or history"
@@ -287,7 +300,7 @@ class PoolManager:
             reason = "it no longer matches its template"
         elif reason is None and row.network != "none":
             reason = "it is on its last owner's workspace network"
-        elif reason is None and self._provisioner.paused_outside(row.container_id):
+        elif reason is None and row.container_id is not None and self._provisioner.paused_outside(row.container_id):
             reason = "it was paused outside dockyard, so it cannot be wiped"
         elif reason is None:
             assert row.container_id is not None and tpl is not None
@@ -547,9 +560,9 @@ class PoolManager:
             raise TemplateNotFoundError(template, list(self._pools))
         return pool
 
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    def _spawn(self, fn: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
         if self._tg is None:
-            raise RuntimeError("the pool manager is not running")
+            raise NotRunningError("the pool manager")
         self._tg.start_soon(fn, *args)
 
     def _publish(self) -> None:
@@ -562,7 +575,7 @@ class PoolManager:
             self._dirty = anyio.Event()
             states = [PoolState(template=p.template, target=p.target, queue_depth=len(p.queue)) for p in self._pools.values()]
 
-            def write(session: Session) -> None:
+            def write(session: Session, states: list[PoolState] = states) -> None:
                 for state in states:
                     session.merge(state)
 

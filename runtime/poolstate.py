@@ -104,7 +104,7 @@ def claim_warm(runtime_id: str, bind: Bind) -> Callable[[Session], Runtime | Non
 
     def take(session: Session) -> Runtime | None:
         # The conditional update is the claim: it succeeds for exactly one claimer.
-        taken = session.exec(  # type: ignore[call-overload]
+        taken = session.exec(
             update(Runtime)
             .where(col(Runtime.id) == runtime_id, col(Runtime.state) == RuntimeState.WARM)
             .values(state=RuntimeState.CLAIMED, state_at=utcnow(), claims=Runtime.claims + 1)

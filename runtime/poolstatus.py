@@ -44,7 +44,7 @@ async def pool_status(store: Store, settings: Settings) -> list[PoolInfo]:
                 .order_by(col(model.created_at).desc())
                 .limit(_HISTORY)
             ).all()
-            latencies = sorted(ms for _, ms in claims)
+            latencies = sorted(ms for _, ms in claims if ms is not None)
             pools.append(
                 PoolInfo(
                     template=name,

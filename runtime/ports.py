@@ -24,7 +24,7 @@ from dockyard.runtime import relays
 from dockyard.runtime.docker import STDOUT, DockerBackend
 from dockyard.runtime.relays import RequestHead
 
-__all__ = ["Exposed", "PortForwarder", "LINK_PARAM", "cookie_name", "without_key"]
+__all__ = ["LINK_PARAM", "Exposed", "PortForwarder", "cookie_name", "without_key"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class PortForwarder:
         existing = self._open.get(container_id, {}).get(port)
         if existing is not None:
             return existing
-        if self._task_group is None:
-            raise RuntimeError("PortForwarder.open needs attach() first")
+        assert self._task_group is not None, "PortForwarder.open needs attach() first"  # the engine attaches it at start
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         host_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         secret = secrets.token_urlsafe(24)

@@ -30,15 +30,15 @@ import anyio
 import httpx
 
 from dockyard.config.images.sandbox import protocol
+from dockyard.runtime.disks import Disks
 from dockyard.runtime.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.errors import BackendError, InvalidRequestError
 from dockyard.runtime.images import BuildState, ImageService
-from dockyard.runtime.settings import Settings, TemplateSettings
-from dockyard.runtime.disks import Disks
 from dockyard.runtime.netguard import NetworkGuard
+from dockyard.runtime.settings import Settings, TemplateSettings
 from dockyard.runtime.supervisor import CONTROL_MOUNT, Supervisors
 
-__all__ = ["CDP_MOUNT", "COMPUTER_USER", "MEMBER_USERS", "Provisioner", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "HOME", "Started"]
+__all__ = ["CDP_MOUNT", "COMPUTER_USER", "HOME", "MEMBER_USERS", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "Provisioner", "Started"]
 
 log = logging.getLogger(__name__)
 

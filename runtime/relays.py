@@ -23,7 +23,7 @@ import anyio.abc
 from dockyard.runtime.errors import BackendError
 from dockyard.runtime.supervisor import connect_unix
 
-__all__ = ["Gate", "RequestHead", "Relay", "answer", "bearer_gate", "bearer_of", "serve", "to_unix"]
+__all__ = ["Gate", "Relay", "RequestHead", "answer", "bearer_gate", "bearer_of", "serve", "to_unix"]
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import secrets
@@ -24,8 +25,8 @@ from dockyard.runtime.errors import (
     NetworkNotAllowedError,
     QuotaExceededError,
     SandboxLostError,
-    SandboxPausedError,
     SandboxNotFoundError,
+    SandboxPausedError,
     SizeLimitError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
@@ -46,8 +47,8 @@ from dockyard.runtime.pool import Bind, PoolManager
 from dockyard.runtime.ports import PortForwarder
 from dockyard.runtime.provision import HOME, SANDBOX_GID, SANDBOX_UIDS, USER
 from dockyard.runtime.runs import tree_limit
-from dockyard.runtime.snapshotcheck import copy_checked
 from dockyard.runtime.settings import Identity, NetworkMode, Settings, TemplateSettings
+from dockyard.runtime.snapshotcheck import copy_checked
 from dockyard.runtime.store import Member, Runtime, Sandbox, SandboxStatus, Snapshot, Store, utcnow
 from dockyard.runtime.supervisor import Supervisors
 from dockyard.runtime.tokens import TokenService
@@ -251,7 +252,7 @@ class SandboxService:
         self,
         who: Identity,
         sandbox_id: str,
-        command: str | list[str],
+        command: str | builtins.list[str],  # `list` is a method of this class
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
@@ -449,7 +450,7 @@ class SandboxService:
 
     async def _owned_snapshot(self, who: Identity, snapshot_id: str) -> Snapshot:
         snap = await self._store.get(Snapshot, snapshot_id)
-        if snap is None or snap.workspace_id != who.workspace_id or not Path(snap.path).is_dir():
+        if snap is None or snap.workspace_id != who.workspace_id or not await anyio.Path(snap.path).is_dir():
             raise SnapshotNotFoundError(snapshot_id)
         return snap
 
@@ -465,16 +466,16 @@ class SandboxService:
         The folder counts as a snapshot only once its row is written: one left without a row
         (a failure, or a crash mid-way) is removed, here or by `sweep_partial_snapshots`."""
         limits = self._limits
-        folder.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + limits.snapshot_timeout_s
         await self._docker.pause(container_id)
         try:
             size = 0
             for name, path in _TARS.items():
-                with open(folder / name, "wb") as sink:
+                async with await anyio.open_file(folder / name, "wb") as sink:
                     try:
                         size += await self._docker.get_archive_to(
-                            container_id, f"{path}/.", sink, limit=room.bytes - size, deadline=deadline
+                            container_id, f"{path}/.", sink.wrapped, limit=room.bytes - size, deadline=deadline
                         )
                     except SizeLimitError:
                         raise SizeLimitError(room.over()) from None
@@ -528,8 +529,8 @@ class SandboxService:
 
     async def _restore(self, container_id: str, folder: Path) -> None:
         for name, path in _TARS.items():
-            with open(folder / name, "rb") as source:
-                await self._docker.put_archive(container_id, path, source)
+            async with await anyio.open_file(folder / name, "rb") as source:
+                await self._docker.put_archive(container_id, path, source.wrapped)
 
     def _template(self, name: str) -> TemplateSettings:
         """A sandbox template; a computer's template is refused, its runtimes have no supervisor."""

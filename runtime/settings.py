@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -321,7 +321,7 @@ class Settings(BaseSettings):
 class _PoolEnvironment(PydanticBaseSettingsSource):
     """The short pool variables operators know: POOL_MIN, POOL_MAX, POOL_AUTOSCALE_ENABLED."""
 
-    _NAMES = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
+    _NAMES: ClassVar[dict[str, str]] = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -331,7 +331,7 @@ class _PoolEnvironment(PydanticBaseSettingsSource):
         return {"pool": pool} if pool else {}
 
 
-def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings: defaults file, then `config_file`, then environment, then overrides."""
     files = [Path(str(DEFAULT_CONFIG))]
     if config_file is not None:
@@ -339,5 +339,5 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             raise FileNotFoundError(f"config file {config_file} does not exist")
         files.append(config_file)
     # pydantic-settings reads its file list from the class, so the user's file rides on a subclass.
-    loaded = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
+    loaded: type[Settings] = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
     return loaded(**overrides)

@@ -22,21 +22,11 @@ import tarfile
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from dockyard.runtime.errors import InvalidRequestError
+from dockyard.runtime.errors import UnsafeSnapshotError
 
-__all__ = ["UnsafeSnapshotError", "copy_checked"]
+__all__ = ["copy_checked"]
 
 _KINDS = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE}
-
-
-class UnsafeSnapshotError(InvalidRequestError):
-    """Raised when a snapshot's tar holds an entry that could write outside the sandbox's places."""
-
-    def __init__(self, snapshot_id: str, what: str) -> None:
-        super().__init__(
-            f"snapshot '{snapshot_id}' cannot be restored: {what}; it was altered outside dockyard "
-            "(dockyard never writes such an entry); delete it with snapshot tools or restore another one"
-        )
 
 
 def copy_checked(snapshot_id: str, source: BinaryIO, sink: BinaryIO, uids: range, gid: int) -> int:

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import JSON, Column, event
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlmodel import Field, Session, SQLModel, create_engine
+
+from dockyard.runtime.errors import NotRunningError
 
 __all__ = [
     "AuditEvent",
@@ -398,7 +400,7 @@ class AuditEvent(SQLModel, table=True):
 
 
 @event.listens_for(SqlEngine, "connect")
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     if type(dbapi_connection).__module__.startswith("sqlite3"):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -456,14 +458,15 @@ class Store:
         """Run `fn` in one transaction; it commits if `fn` returns, rolls back if it raises."""
         engine = self._engine
         if engine is None:
-            raise RuntimeError("store is not open")
+            raise NotRunningError("the store")
 
         def call() -> T:
             with Session(engine, expire_on_commit=False) as session, session.begin():
                 return fn(session)
 
         with anyio.CancelScope(shield=True):  # a started write always finishes
-            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+            result = await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        return result
 
     async def get(self, model: type[T], key: object) -> T | None:
         return await self.run(lambda s: s.get(model, key))

@@ -29,19 +29,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from dockyard.config.images.sandbox import protocol
 from dockyard.runtime.docker import DockerBackend
-from dockyard.runtime.errors import BackendError, DockyardError
+from dockyard.runtime.errors import DockyardError, SupervisorError
 
-__all__ = ["BridgeHandler", "CONTROL_MOUNT", "Frame", "Link", "PROTOCOL", "SupervisorError", "Supervisors", "connect_unix"]
+__all__ = ["CONTROL_MOUNT", "PROTOCOL", "BridgeHandler", "Frame", "Link", "Supervisors", "connect_unix"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = protocol.VERSION
 CONTROL_MOUNT = protocol.CONTROL_DIR
 _CALL_TIMEOUT_S = 120.0
-
-
-class SupervisorError(BackendError):
-    """The sandbox's supervisor could not be reached, refused us, or broke the protocol."""
 
 
 @dataclass(frozen=True)
@@ -203,12 +199,12 @@ class Link:
                         await session.close()
 
             tg.start_soon(run)
-        elif (session := self._bridges.get(bid)) is not None:
+        elif (known := self._bridges.get(bid)) is not None:
             if frame.kind == protocol.BRIDGE_DATA:
-                if not await session.arrived(frame.body):
+                if not await known.arrived(frame.body):
                     self._bridges.pop(bid, None)
             elif frame.kind == protocol.BRIDGE_CLOSE:
-                session.ended()
+                known.ended()
                 self._bridges.pop(bid, None)
 
     # -- requests --------------------------------------------------------------------

@@ -23,6 +23,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -292,11 +293,11 @@ class TokenService:
         row = await self._store.run(find)
         return _identity(row) if row is not None else None
 
-    async def _insert(self, **fields: object) -> Minted:
+    async def _insert(self, **fields: Any) -> Minted:
         """Store a new token, unless the token it comes from is no longer live (checked in the
         same transaction, so a revocation racing the mint cannot leave a live child)."""
         token = _PREFIX + secrets.token_urlsafe(32)
-        row = Token(id=f"tok_{secrets.token_hex(8)}", secret_hash=_hash(token), **fields)  # type: ignore[arg-type]
+        row = Token(id=f"tok_{secrets.token_hex(8)}", secret_hash=_hash(token), **fields)
 
         def insert(session: Session) -> str | None:
             if row.parent_id is not None:

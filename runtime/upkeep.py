@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 from sqlmodel import Session, col, select
@@ -111,7 +112,7 @@ class PoolUpkeep:
             if self._settings.autoscale_enabled:
                 tg.start_soon(self._every, self._settings.autoscale_interval_s, self.autoscale)
 
-    async def _every(self, interval_s: float, step) -> None:  # type: ignore[no-untyped-def]
+    async def _every(self, interval_s: float, step: Callable[[], Awaitable[object]]) -> None:
         while True:
             await anyio.sleep(interval_s)
             try:

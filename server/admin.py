@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.settings import Settings
@@ -30,11 +31,11 @@ def admin_key(settings: Settings) -> tuple[str, Path | None, bool]:
     return path.read_text().strip(), path, True
 
 
-async def mint_as_admin(settings: Settings, **request: object) -> Minted:
+async def mint_as_admin(settings: Settings, **request: Any) -> Minted:
     """Mint a token with the admin's authority, straight on the store (no server needed)."""
     store = Store(settings.store_path)
     await store.open()
     try:
-        return await TokenService(store, AuditLog(store, settings.data_dir), None).mint(ADMIN, **request)  # type: ignore[arg-type]
+        return await TokenService(store, AuditLog(store, settings.data_dir), None).mint(ADMIN, **request)
     finally:
         await store.close()

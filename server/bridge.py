@@ -144,7 +144,7 @@ async def serve_bridge(server: MCPServer[Engine], engine: Engine, session: Bridg
         return
     acting_as.set(who)  # this task's context, inherited by every handler of the session
     lowlevel = server._lowlevel_server  # noqa: SLF001 - the SDK serves one connection through it
-    async with stdio_server(stdin=lines, stdout=_Writer(session)) as (read, write):  # type: ignore[arg-type]
+    async with stdio_server(stdin=lines, stdout=_Writer(session)) as (read, write):  # type: ignore[arg-type]  # the session stands in for the stdio files
         await serve_dual_era_loop(
             lowlevel,
             read,

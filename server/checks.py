@@ -10,17 +10,17 @@ from typing import TextIO
 
 import anyio
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.auditverify import load_export
+from dockyard.runtime.disks import host_check
 from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
-from dockyard.runtime.disks import host_check
-from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.images import ImageService
+from dockyard.runtime.netguard import NetworkGuard
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.settings import Settings
 from dockyard.runtime.store import Store
@@ -45,7 +45,7 @@ async def build_images(settings: Settings, recipes: list[str]) -> bool:
             task = progress.add_task(images.tag(recipe), total=None, note="checking")
             async with anyio.create_task_group() as tg:
 
-                async def watch(recipe: str = recipe, task: int = task) -> None:
+                async def watch(recipe: str = recipe, task: TaskID = task) -> None:
                     while True:
                         state = images.state(recipe)
                         if state is not None:
@@ -98,7 +98,7 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
 async def verify_audit(settings: Settings, as_json: bool, against: Path | None = None) -> bool:
     """Walk the audit log's chain, check its key and signed head (and an earlier export, if
     given), and print the verdict; True when intact."""
-    export = load_export(against.read_text()) if against is not None else None
+    export = load_export(await anyio.Path(against).read_text()) if against is not None else None
     store = Store(settings.store_path)
     await store.open()
     try:

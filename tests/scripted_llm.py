@@ -34,7 +34,7 @@ class ScriptedModel:
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
 
-    async def _chat(self, request: Request) -> JSONResponse:
+    async def chat(self, request: Request) -> JSONResponse:
         if request.headers.get("authorization") != f"Bearer {self.key}":
             return JSONResponse({"error": "bad key"}, status_code=401)
         body = await request.json()
@@ -51,7 +51,7 @@ async def scripted_model(turns: list[Turn]) -> AsyncIterator[ScriptedModel]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = Starlette(routes=[Route("/v1/chat/completions", model._chat, methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/chat/completions", model.chat, methods=["POST"])])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     model.url = f"http://127.0.0.1:{port}/v1"
     async with anyio.create_task_group() as tg:

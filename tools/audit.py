@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.audit import audit_entry
 from dockyard.runtime.models import AuditEntry, AuditVerification
+from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
 
@@ -79,6 +79,5 @@ async def audit_verify(ctx: EngineContext) -> AuditVerification:
 
 def register(server: MCPServer) -> None:
     """Add the audit tools to a server."""
-    read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-    server.add_tool(audit_query, annotations=read_only)
-    server.add_tool(audit_verify, annotations=read_only)
+    server.add_tool(audit_query, annotations=READ_ONLY)
+    server.add_tool(audit_verify, annotations=READ_ONLY)

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.utilities.types import Image
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.models import ComputerInfo, ComputerList, PageState
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
 
@@ -159,10 +159,15 @@ async def computer_destroy(ctx: EngineContext, computer_id: ComputerId) -> Destr
 
 def register(server: MCPServer) -> None:
     """Add the computer tools to a server."""
-    acts = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-    reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-    for tool in (computer_create, computer_navigate, computer_click, computer_type, computer_press, computer_scroll, computer_upload):
-        server.add_tool(tool, annotations=acts)
-    for tool in (computer_list, computer_snapshot, computer_wait_for, computer_screenshot):
-        server.add_tool(tool, annotations=reads)
-    server.add_tool(computer_destroy, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    server.add_tool(computer_create, annotations=ADDITIVE)
+    server.add_tool(computer_navigate, annotations=ADDITIVE)
+    server.add_tool(computer_click, annotations=ADDITIVE)
+    server.add_tool(computer_type, annotations=ADDITIVE)
+    server.add_tool(computer_press, annotations=ADDITIVE)
+    server.add_tool(computer_scroll, annotations=ADDITIVE)
+    server.add_tool(computer_upload, annotations=ADDITIVE)
+    server.add_tool(computer_list, annotations=READ_ONLY)
+    server.add_tool(computer_snapshot, annotations=READ_ONLY)
+    server.add_tool(computer_wait_for, annotations=READ_ONLY)
+    server.add_tool(computer_screenshot, annotations=READ_ONLY)
+    server.add_tool(computer_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel
 
 from dockyard.runtime.models import PoolInfo
+from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
 
@@ -30,7 +30,4 @@ async def pool_status(ctx: EngineContext) -> PoolStatusResult:
 
 def register(server: MCPServer) -> None:
     """Add the pool tools to a server."""
-    server.add_tool(
-        pool_status,
-        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
-    )
+    server.add_tool(pool_status, annotations=READ_ONLY)

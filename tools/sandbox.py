@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.models import (
@@ -17,6 +16,7 @@ from dockyard.runtime.models import (
     SandboxInfo,
     SnapshotInfo,
 )
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
 from dockyard.tools._errors import tool_errors
 
@@ -225,21 +225,15 @@ async def snapshot_delete(
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 
-def _hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
-    return ToolAnnotations(
-        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
-    )
-
-
 def register(server: MCPServer) -> None:
     """Add the sandbox tools to a server."""
-    server.add_tool(sandbox_create, annotations=_hints())
-    server.add_tool(sandbox_exec, annotations=_hints(destructive=True))
-    server.add_tool(sandbox_write_file, annotations=_hints(destructive=True, idempotent=True))
-    server.add_tool(sandbox_read_file, annotations=_hints(read_only=True, idempotent=True))
-    server.add_tool(sandbox_list_files, annotations=_hints(read_only=True, idempotent=True))
-    server.add_tool(sandbox_expose_port, annotations=_hints(idempotent=True))
-    server.add_tool(sandbox_snapshot, annotations=_hints())
-    server.add_tool(snapshot_delete, annotations=_hints(destructive=True))
-    server.add_tool(sandbox_list, annotations=_hints(read_only=True, idempotent=True))
-    server.add_tool(sandbox_destroy, annotations=_hints(destructive=True, idempotent=True))
+    server.add_tool(sandbox_create, annotations=ADDITIVE)
+    server.add_tool(sandbox_exec, annotations=DESTRUCTIVE)
+    server.add_tool(sandbox_write_file, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(sandbox_read_file, annotations=READ_ONLY)
+    server.add_tool(sandbox_list_files, annotations=READ_ONLY)
+    server.add_tool(sandbox_expose_port, annotations=IDEMPOTENT)
+    server.add_tool(sandbox_snapshot, annotations=ADDITIVE)
+    server.add_tool(snapshot_delete, annotations=DESTRUCTIVE)
+    server.add_tool(sandbox_list, annotations=READ_ONLY)
+    server.add_tool(sandbox_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)

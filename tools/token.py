@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.tokens import SCOPES
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, caller, current, engine
 from dockyard.tools._errors import tool_errors
 
@@ -82,15 +82,6 @@ async def token_revoke(
 
 def register(server: MCPServer) -> None:
     """Add the token tools to a server."""
-    server.add_tool(
-        whoami,
-        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
-    )
-    server.add_tool(
-        token_mint,
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False),
-    )
-    server.add_tool(
-        token_revoke,
-        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
-    )
+    server.add_tool(whoami, annotations=READ_ONLY)
+    server.add_tool(token_mint, annotations=ADDITIVE)
+    server.add_tool(token_revoke, annotations=DESTRUCTIVE_IDEMPOTENT)

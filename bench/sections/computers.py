@@ -33,7 +33,10 @@ READY_TIMEOUT_S = 60.0
 async def _warm(run: Run, options: Options) -> tuple[list[float], list[float], Hardening]:
     creates: list[float] = []
     shots: list[float] = []
-    enough = lambda warm: warm >= 1  # noqa: E731
+
+    def enough(warm: int) -> bool:
+        return warm >= 1
+
     async with serve(run, "computers", pool_min=0, pool_max=1, computers=(2, 4)) as served:
         await served.settle(enough, template="computer")
         computer = await _computer_container(run, served)
@@ -67,7 +70,7 @@ async def _cold(run: Run, spec: Hardening, options: Options) -> list[float]:
         sockets = run.root / "cdp" / str(index)
         sockets.mkdir(parents=True)
         sockets.chmod(0o777)
-        argv = cli_run_argv(run, spec)[:-3] + ["-v", f"{sockets}:{SOCKET_DIR}", spec.image]  # the image's own command
+        argv = [*cli_run_argv(run, spec)[:-3], "-v", f"{sockets}:{SOCKET_DIR}", spec.image]  # the image's own command
         started = time.perf_counter()
         await anyio.run_process(argv)
         await _answers(sockets / "cdp.sock")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import anyio
-from dockyard.runtime.provision import USER
 
 from bench.figures import Figure, Target
 from bench.run import Options, Run
 from bench.served import Served, ToolCallError, serve, timed
+from dockyard.runtime.provision import USER
 
 __all__ = ["measure"]
 

@@ -41,7 +41,7 @@ async def kill_during(served: Served, token: str, action: Callable[[Any], Awaita
         try:
             async with connect(served, token) as client:
                 await action(client)
-        except Exception as exc:  # the server dies under the call: its session ends with an error
+        except Exception as exc:  # noqa: BLE001 - the server dies under the call: its session ends with an error
             failures.append(exc)
 
     async with anyio.create_task_group() as tg:

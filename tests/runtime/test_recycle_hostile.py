@@ -7,7 +7,6 @@ processes that left its session. The next owner's view must equal a fresh runtim
 
 from __future__ import annotations
 
-
 import pytest
 
 from dockyard.runtime.engine import Engine

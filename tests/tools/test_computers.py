@@ -171,7 +171,7 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
 async def test_parallel_computers_keep_separate_cookies_and_a_new_one_starts_clean(
     tmp_path: Path, computer_image: str, docker_client: docker.DockerClient
 ) -> None:
-    async with computer_server(tmp_path, docker_client) as (client, settings):
+    async with computer_server(tmp_path, docker_client) as (client, _settings):
         _, url = await serve_app(client)
         first, second = [(await call(client, "computer_create"))["computer_id"] for _ in range(2)]
 
@@ -260,7 +260,7 @@ async def test_a_computer_reaches_only_its_workspaces_previews(
 
 
 async def test_bad_computer_requests_get_clear_errors(tmp_path: Path, computer_image: str, docker_client: docker.DockerClient) -> None:
-    async with computer_server(tmp_path, docker_client, quotas={"workspace_computers": 1}) as (client, settings):
+    async with computer_server(tmp_path, docker_client, quotas={"workspace_computers": 1}) as (client, _settings):
         sid, url = await serve_app(client)
         assert "unknown computer" in await call_error(client, "computer_snapshot", computer_id="cmp_nope")
         assert "unknown computer template" in await call_error(client, "computer_create", template="default")

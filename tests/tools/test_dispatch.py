@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
@@ -165,7 +166,7 @@ async def test_a_runner_gets_its_attribution_and_a_run_token_revoked_when_it_end
         remove_instance(docker_client, settings)
 
 
-async def _refusal(pending) -> Exception:  # type: ignore[no-untyped-def]
+async def _refusal(pending: Awaitable[object]) -> Exception:
     try:
         await pending
     except Exception as exc:  # noqa: BLE001 - the refusal is what the test reads

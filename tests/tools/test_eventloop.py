@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 from mcp import Client
 
@@ -36,7 +37,7 @@ async def cancel_reads_as_bytes_arrive(socket_path: Path, rounds: int) -> int:
                     group.start_soon(receive)
                     await anyio.wait_all_tasks_blocked()
                     raw.send(b"x")
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     group.cancel_scope.cancel()
             with anyio.move_on_after(5):
                 while len(received) < rounds:

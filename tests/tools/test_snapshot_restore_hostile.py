@@ -45,7 +45,7 @@ async def snapshot_with(client: Client, settings: Settings, *extra: Entry) -> st
     tar_path = folder / "workspace.tar"
     original = tar_path.read_bytes()
     with tarfile.open(fileobj=io.BytesIO(original)) as tar:
-        kept = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]  # type: ignore[union-attr]
+        kept = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         for info, data in [*kept, *extra]:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)

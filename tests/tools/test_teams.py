@@ -37,7 +37,7 @@ def by_role(scripts: dict[str, list[Turn]]) -> list[Turn]:
     seen: dict[str, int] = defaultdict(int)
 
     def turn(messages: list[dict]) -> dict:
-        role = re.search(r"You are '([^']+)'", messages[0]["content"])[1]  # type: ignore[index]
+        role = re.search(r"You are '([^']+)'", messages[0]["content"])[1]
         step = seen[role]
         seen[role] += 1
         script = scripts[role]
@@ -135,7 +135,7 @@ async def test_a_broadcast_wakes_every_member_with_the_message_on_stdin_and_in_i
     tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
 ) -> None:
     script = 'echo "turn $DOCKYARD_TURN as $DOCKYARD_ROLE"; cat; echo "inbox lines: $(wc -l < "$DOCKYARD_INBOX")"'
-    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, settings):
+    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, _settings):
         team = (await call(client, "team_create", name="crew"))["team_id"]
         for role in ("one", "two", "three"):
             await call(client, "team_spawn", team_id=team, role=role, prompt=script)
@@ -164,7 +164,7 @@ async def test_plan_mode_reject_then_approve(tmp_path: Path, sandbox_image: str,
     }
     async with scripted_model(by_role(scripts)) as model:
         profile = {"kind": "llm", "url": model.url, "model": "scripted", "api_key": model.key}
-        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (client, settings):
+        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (client, _settings):
             team = (await call(client, "team_create", name="careful"))["team_id"]
             await call(client, "team_spawn", team_id=team, role="planner", prompt="Build it.", runner="agent", plan_mode=True)
             assert "no plan waiting" in await call_error(client, "team_approve_plan", team_id=team, member="planner", approve=True)
@@ -195,7 +195,7 @@ async def test_single_vm_members_share_files_and_multi_vm_members_do_not(
     tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
 ) -> None:
     script = '[ "$DOCKYARD_TURN" = 1 ] && echo x > "from-$DOCKYARD_ROLE"; ls /workspace | grep from- | tr "\\n" " "'
-    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, settings):
+    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 8}) as (client, _settings):
         team = (await call(client, "team_create", name="mixed"))["team_id"]
         for role, isolation in (("s1", "shared"), ("s2", "shared"), ("o1", "own"), ("o2", "own")):
             await call(client, "team_spawn", team_id=team, role=role, prompt=script, isolation=isolation)

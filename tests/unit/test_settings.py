@@ -117,5 +117,5 @@ def test_an_unknown_table_in_the_users_file_is_refused_not_ignored(tmp_path: Pat
 
 def test_a_default_template_the_templates_do_not_hold_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKYARD_SANDBOX__DEFAULT_TEMPLATE", "gpu")
-    with pytest.raises(ValidationError, match="sandbox.default_template 'gpu' is not among the templates"):
+    with pytest.raises(ValidationError, match=r"sandbox\.default_template 'gpu' is not among the templates"):
         load_settings(data_dir=tmp_path)

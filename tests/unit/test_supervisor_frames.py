@@ -252,7 +252,7 @@ def _kind_literals(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "t" and isinstance(value, ast.Constant):
                     found.add(value.value)
         elif isinstance(node, ast.Compare) and _is_frame_kind(node.left):

@@ -140,9 +140,8 @@ def presented_token(line: str | None) -> str | None:
         obj = json.loads(line) if line else None
     except ValueError:
         return None
-    if isinstance(obj, dict) and list(obj) == [TOKEN_FIELD] and isinstance(obj[TOKEN_FIELD], str):
-        return obj[TOKEN_FIELD]
-    return None
+    token = obj.get(TOKEN_FIELD) if isinstance(obj, dict) and list(obj) == [TOKEN_FIELD] else None
+    return token if isinstance(token, str) else None
 
 
 # -- the supervisor's end (asyncio streams) ---------------------------------------------------
