@@ -15,13 +15,15 @@ The tool layer passes that message on unchanged and hides everything else.
     │   ├── SizeLimitError
     │   ├── TimeLimitError            an operation ran past its configured time limit
     │   ├── EncodingError
-    │   └── NetworkNotAllowedError
+    │   ├── NetworkNotAllowedError
+    │   └── StateError                a row's lifecycle state does not allow the step asked of it
     ├── SandboxPausedError            frozen from outside dockyard (`docker pause`); unpause it
     ├── AccessDeniedError             the caller's token does not allow this
     │   └── ScopeError                a scope the call needs is missing
     ├── CapacityError                 no room now; retry later or free something
     │   ├── PoolExhaustedError        a full pool freed nothing within the claim timeout
     │   └── QuotaExceededError        a configured quota is reached
+    ├── LlmRunnerError                the llm runner's model endpoint failed, or the model never finished
     ├── ImageError
     │   ├── ImageBuildingError        the image is still being built; try again soon
     │   └── ImageBuildFailedError
@@ -44,6 +46,7 @@ __all__ = [
     "ImageBuildingError",
     "ImageError",
     "InvalidRequestError",
+    "LlmRunnerError",
     "NetworkNotAllowedError",
     "NotFoundError",
     "PathOutsideWorkspaceError",
@@ -55,6 +58,7 @@ __all__ = [
     "ScopeError",
     "SizeLimitError",
     "SnapshotNotFoundError",
+    "StateError",
     "TemplateNotFoundError",
     "TimeLimitError",
 ]
@@ -130,6 +134,11 @@ class NetworkNotAllowedError(InvalidRequestError):
     """Raised when a network mode is unknown or disabled by configuration."""
 
 
+class StateError(InvalidRequestError):
+    """Raised when a lifecycle step is asked of a row whose state does not allow it (a task that
+    is not open, a plan that is not pending); the message says what state it is in and what to do."""
+
+
 class CapacityError(DockyardError):
     """Raised when a request cannot be served now for lack of capacity."""
 
@@ -142,6 +151,11 @@ class PoolExhaustedError(CapacityError):
             f"pool '{template}' is at its max of {maximum} runtimes and none was released within {waited_s:g} s; "
             "destroy a sandbox you no longer need (sandbox_list shows yours) or try again later"
         )
+
+
+class LlmRunnerError(DockyardError):
+    """Raised when the `llm` runner's endpoint fails or answers something unusable, or the model
+    does not finish within its allowed turns."""
 
 
 class ImageError(DockyardError):

@@ -39,7 +39,7 @@ from sqlmodel import Session, col, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, NotFoundError, SizeLimitError
-from dockyard.runtime.llmrunner import TOOLS, opening, run_llm, sandbox_tools
+from dockyard.runtime.runners.llm import TOOLS, opening, run_llm, sandbox_tools
 from dockyard.runtime.models import (
     Inbox,
     MemberInfo,
