@@ -63,7 +63,14 @@ class DispatchRun:
     """Executes dispatches, each in the task the dispatch service started for it."""
 
     def __init__(
-        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService, board: Board
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        sandboxes: SandboxService,
+        tokens: TokenService,
+        runners: Runners,
+        board: Board,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -71,7 +78,7 @@ class DispatchRun:
         self._sandboxes = sandboxes
         self._tokens = tokens
         self._board = board
-        self._runners = Runners(sandboxes, settings.sandbox.output_cap_bytes)
+        self._runners = runners
 
     async def execute(self, row: Dispatch, running: Running) -> None:
         """Run `row` to its end, its owner's cancel (`running.scope`) or dockyard's stop."""

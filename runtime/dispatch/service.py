@@ -26,6 +26,7 @@ from dockyard.runtime.dispatch.states import CANCEL, INTERRUPT, accept_result, m
 from dockyard.runtime.errors import DockyardError, NotFoundError, QuotaExceededError, StateError
 from dockyard.runtime.models import DispatchInfo
 from dockyard.runtime.poolstatus import pool_status
+from dockyard.runtime.runners import Runners
 from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
@@ -41,7 +42,7 @@ class DispatchService:
     """Creates, waits on, cancels and lists dispatches; their runs are `DispatchRun`'s."""
 
     def __init__(
-        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService
+        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService, runners: Runners
     ) -> None:
         self._settings = settings
         self._store = store
@@ -49,7 +50,7 @@ class DispatchService:
         self._sandboxes = sandboxes
         self._tokens = tokens
         self._board = Board(store)
-        self._runs = DispatchRun(settings, store, audit, sandboxes, tokens, self._board)
+        self._runs = DispatchRun(settings, store, audit, sandboxes, tokens, runners, self._board)
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
