@@ -5,7 +5,9 @@ A job says what to run (a profile and its prompt), where (a sandbox, or the host
 to the job's callback, killing it on cancel, and returns how it ended.
 """
 
-from dockyard.runtime.runners.base import InSandbox, Job, LlmTools, OnHost, Runner, RunResult, SandboxTools, command_argv
+from dockyard.runtime.runners.base import (
+    InSandbox, Job, LlmTools, OnHost, OutputCallback, Runner, RunResult, SandboxTools, command_argv,
+)
 from dockyard.runtime.runners.core import Runners
 from dockyard.runtime.runners.llm import SYSTEM, TOOLS, opening, run_llm, sandbox_tools
 
@@ -16,6 +18,7 @@ __all__ = [
     "Job",
     "LlmTools",
     "OnHost",
+    "OutputCallback",
     "RunResult",
     "Runner",
     "Runners",
