@@ -20,6 +20,7 @@ from dockyard.runtime.models import PoolInfo
 from dockyard.runtime.pool import PoolManager
 from dockyard.runtime.poolstatus import pool_status
 from dockyard.runtime.provision import Provisioner
+from dockyard.runtime.runners import Runners
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Store
@@ -57,6 +58,7 @@ class Engine:
     sandboxes: SandboxService
     supervisors: Supervisors
     tokens: TokenService
+    runners: Runners
     dispatches: DispatchService
     teams: TeamService
     computers: ComputerService
@@ -86,6 +88,7 @@ class Engine:
         provisioner = Provisioner(settings, instance, docker, images, supervisors)
         pools = PoolManager(settings, store, provisioner)
         sandboxes = SandboxService(settings, store, audit, docker, pools, supervisors, tokens)
+        runners = Runners(sandboxes, settings.sandbox.output_cap_bytes)
         engine = cls(
             settings=settings,
             instance=instance,
@@ -98,7 +101,8 @@ class Engine:
             sandboxes=sandboxes,
             supervisors=supervisors,
             tokens=tokens,
-            dispatches=DispatchService(settings, store, audit, sandboxes, tokens),
+            runners=runners,
+            dispatches=DispatchService(settings, store, audit, sandboxes, tokens, runners),
             teams=TeamService(settings, store, audit, sandboxes, tokens),
             computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
         )

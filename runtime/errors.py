@@ -26,6 +26,7 @@ The tool layer passes that message on unchanged and hides everything else.
     ├── CapacityError                 no room now; retry later or free something
     │   ├── PoolExhaustedError        a full pool freed nothing within the claim timeout
     │   └── QuotaExceededError        a configured quota is reached
+    ├── LlmRunnerError                the llm runner's model endpoint failed, or the model never finished
     ├── ImageError
     │   ├── ImageBuildingError        the image is still being built; try again soon
     │   └── ImageBuildFailedError
@@ -54,6 +55,7 @@ __all__ = [
     "ImageBuildingError",
     "ImageError",
     "InvalidRequestError",
+    "LlmRunnerError",
     "NetworkNotAllowedError",
     "NotFoundError",
     "NotRunningError",
@@ -183,6 +185,11 @@ class PoolExhaustedError(CapacityError):
             f"pool '{template}' is at its max of {maximum} runtimes and none was released within {waited_s:g} s; "
             "destroy a sandbox you no longer need (sandbox_list shows yours) or try again later"
         )
+
+
+class LlmRunnerError(DockyardError):
+    """Raised when the `llm` runner's endpoint fails or answers something unusable, or the model
+    does not finish within its allowed turns."""
 
 
 class ImageError(DockyardError):

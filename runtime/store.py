@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import StrEnum, nonmember
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,14 +173,23 @@ class Token(SQLModel, table=True):
     revoked_reason: str | None = None
 
 
-class DispatchStatus:
+class DispatchStatus(StrEnum):
+    r"""Where a dispatch is in its lifecycle (stored as these strings).
+
+    queued -> running -> completed | failed | cancelled | interrupted
+         \-> failed | cancelled          (its runtime never came, or its owner cancelled first)
+
+    The moves, and the states each may start from, are in `dockyard.runtime.dispatch.states`.
+    """
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
-    FINAL = ("completed", "failed", "cancelled", "interrupted")
+
+    FINAL = nonmember(frozenset({"completed", "failed", "cancelled", "interrupted"}))
 
 
 class Dispatch(SQLModel, table=True):
@@ -190,7 +199,7 @@ class Dispatch(SQLModel, table=True):
     mode: str
     requested_mode: str
     runner: str
-    status: str = Field(default=DispatchStatus.QUEUED, index=True)
+    status: str = Field(default=DispatchStatus.QUEUED.value, index=True)
     rationale: str
     task_summary: str
     prompt: str | None = None

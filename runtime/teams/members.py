@@ -22,8 +22,8 @@ from sqlmodel import Session, select
 
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, StateError
-from dockyard.runtime.llmrunner import TOOLS, opening, run_llm, sandbox_tools
 from dockyard.runtime.provision import MEMBER_USERS
+from dockyard.runtime.runners.llm import TOOLS, opening, run_llm, sandbox_tools
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Member, Message, PlanStatus, Store, Team, Token, utcnow

@@ -1,24 +1,26 @@
 """The `llm` runner: a tool-using loop against an OpenAI-compatible chat-completions endpoint.
 
-The loop runs on the server. The model gets the task and three tools that act in the
-dispatch's sandbox (run a command, read a file, write a file); each tool call is carried out
-and its result handed back, until the model answers without calling a tool, which is the
-dispatch's result. The endpoint's key stays on the server; the sandbox never sees it.
+The loop runs on the server. The model gets the task and three tools that act in the run's
+sandbox (run a command, read a file, write a file), plus any tools the job adds; each tool
+call is carried out and its result handed back, until the model answers without calling a
+tool, which is the run's result. The endpoint's key stays on the server; the sandbox never
+sees it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import httpx
 
-from dockyard.runtime.errors import DockyardError, InvalidRequestError
+from dockyard.runtime.errors import DockyardError, InvalidRequestError, LlmRunnerError
+from dockyard.runtime.runners.base import InSandbox, Job, RunResult, SandboxTools
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, RunnerProfile
 
-__all__ = ["TOOLS", "LlmRunnerError", "SandboxTools", "opening", "run_llm", "sandbox_tools"]
+__all__ = ["SYSTEM", "TOOLS", "LlmRunner", "opening", "run_llm", "sandbox_tools"]
 
 SYSTEM = (
     "You do a task in an isolated Linux sandbox (Debian, /workspace is your working directory). "
@@ -57,8 +59,28 @@ TOOLS = [
 ]
 _TOOL_RESULT_CAP = 16 * 1024
 
-# What a tool call does in the sandbox: (name, arguments) -> text for the model.
-SandboxTools = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+class LlmRunner:
+    """Runs a job as a conversation with a model whose tools act in the job's sandbox."""
+
+    def __init__(self, sandboxes: SandboxService) -> None:
+        self._sandboxes = sandboxes
+
+    async def run(self, job: Job) -> RunResult:
+        """Drive the model until it answers without a tool call, or until the job's time limit."""
+        if not isinstance(job.where, InSandbox):
+            raise InvalidRequestError("an llm runner's tools act in a sandbox; it cannot run on the host")
+        sandbox = sandbox_tools(self._sandboxes, job.owner, job.where.sandbox_id, job.env, job.where.run_as)
+        conversation = job.conversation if job.conversation is not None else opening(job.prompt, job.system or SYSTEM)
+        specs, carry_out = (TOOLS, sandbox) if job.tools is None else ([*TOOLS, *job.tools.specs], job.tools.carry_out(sandbox))
+        answer = ""
+        with anyio.move_on_after(job.timeout_s) as limit:
+            answer = await run_llm(job.profile, conversation, carry_out, specs)
+        if limit.cancelled_caught:
+            return RunResult.timeout("", f"the model did not finish within {job.timeout_s} s")
+        if job.on_output is not None:
+            await job.on_output("stdout", answer)
+        return RunResult(output=answer)
 
 
 def sandbox_tools(
@@ -77,10 +99,6 @@ def sandbox_tools(
         return f"wrote {written.size} bytes to {written.path}"
 
     return carry_out
-
-
-class LlmRunnerError(DockyardError):
-    """The endpoint failed, answered something unusable, or the model never finished."""
 
 
 def opening(prompt: str, system: str = SYSTEM) -> list[dict[str, Any]]:
