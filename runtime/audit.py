@@ -33,6 +33,7 @@ from sqlalchemy import func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.auditanchor import GENESIS, AuditAnchor, Head, HeadProblem, row_hash
 from dockyard.runtime.auditverify import Export, verify_chain
 from dockyard.runtime.errors import AuditWriteError, DockyardError
@@ -52,7 +53,7 @@ _VERIFY_BATCH = 1000
 class AuditRecord:
     """An action in progress; fill `detail` and `target` as they become known."""
 
-    kind: str
+    kind: Action | str  # str: until teams and dispatch name their actions too
     target: str | None
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -82,7 +83,7 @@ class AuditLog:
     async def append(
         self,
         who: Identity,
-        kind: str,
+        kind: Action | str,  # str: until teams and dispatch name their actions too
         *,
         target: str | None,
         outcome: str,
@@ -91,6 +92,12 @@ class AuditLog:
     ) -> AuditEvent:
         """Write one row, chained to the last one and keyed; attributed to `who` and the token it
         presented. The head is moved on to it once it is committed."""
+        return await self._append(who, str(kind), target=target, outcome=outcome, detail=detail, duration_ms=duration_ms)
+
+    async def _append(
+        self, who: Identity, kind: str, *, target: str | None, outcome: str, detail: dict[str, Any], duration_ms: float = 0.0
+    ) -> AuditEvent:
+        """`append`, for any `kind`: `recover` writes the kind a stored row already has."""
         # Filled in the store's thread: the lock must be released even if the commit fails after
         # `append` returned, and the head is written only once the commit succeeded.
         locked: list[int] = []
@@ -181,7 +188,13 @@ class AuditLog:
 
     @asynccontextmanager
     async def record(
-        self, who: Identity, kind: str, target: str | None = None, *, started: bool = False, **detail: Any
+        self,
+        who: Identity,
+        kind: Action | str,  # str: until teams and dispatch name their actions too
+        target: str | None = None,
+        *,
+        started: bool = False,
+        **detail: Any,
     ) -> AsyncIterator[AuditRecord]:
         """Time the block and write its row: outcome `ok`, or `error` with the error's message.
 
@@ -223,7 +236,7 @@ class AuditLog:
         for row in rows:
             who = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id,
                            token_id=row.token_id)
-            await self.append(who, row.kind, target=row.target, outcome="interrupted",
+            await self._append(who, row.kind, target=row.target, outcome="interrupted",
                               detail={"started_id": row.id, "error": _INTERRUPTED})
         if rows:
             log.warning("%d audited actions were interrupted by a stop: %s", len(rows), ", ".join(f"{r.kind} #{r.id}" for r in rows))
@@ -287,7 +300,7 @@ class AuditLog:
             old = self.anchor.head_path.read_text()
         except FileNotFoundError:
             old = None
-        await self.append(who, "audit.reanchor", target=None, outcome="ok",
+        await self.append(who, Action.AUDIT_REANCHOR, target=None, outcome="ok",
                           detail={"findings": [f.model_dump() for f in found.findings], "old_head": old})
 
         def sign(session: Session) -> None:

@@ -36,6 +36,7 @@ from playwright.async_api import Error as PlaywrightError
 from sqlmodel import Session, col, select
 
 from dockyard.runtime import relays
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import ComputerActionError, ComputerNotFoundError, InvalidRequestError
 from dockyard.runtime.models import ComputerInfo, PageState
@@ -118,7 +119,7 @@ class ComputerService:
     ) -> ComputerInfo:
         """Claim a running browser from the pool and open a blank page in it."""
         name = template or self._limits.default_template
-        async with self._audit.record(who, "computer.create", template=name) as rec:
+        async with self._audit.record(who, Action.COMPUTER_CREATE, template=name) as rec:
             tpl = self._settings.templates.get(name)
             if tpl is None or tpl.kind != "computer":
                 known = [n for n, t in self._settings.templates.items() if t.kind == "computer"]
@@ -155,9 +156,9 @@ class ComputerService:
 
     async def destroy(self, who: Identity, computer_id: str) -> None:
         """End the computer: its container is removed, never handed to anyone else."""
-        row = await self._owned(who, computer_id, "computer.destroy")
-        await self._tokens.may_end(who, row.user_id, "computer.destroy", computer_id, "computer")
-        async with self._audit.record(who, "computer.destroy", computer_id):
+        row = await self._owned(who, computer_id, Action.COMPUTER_DESTROY)
+        await self._tokens.may_end(who, row.user_id, Action.COMPUTER_DESTROY, computer_id, "computer")
+        async with self._audit.record(who, Action.COMPUTER_DESTROY, computer_id):
             await self._end(row, "destroyed by its owner")
 
     async def list(self, who: Identity) -> list[ComputerInfo]:
@@ -172,7 +173,7 @@ class ComputerService:
             select(Computer).where(Computer.status == SandboxStatus.RUNNING, col(Computer.expires_at) <= utcnow())).all()))
         for row in rows:
             owner = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id)
-            async with self._audit.record(owner, "computer.expire", row.id):
+            async with self._audit.record(owner, Action.COMPUTER_EXPIRE, row.id):
                 await self._end(row, "its ttl expired")
         return len(rows)
 
@@ -180,9 +181,9 @@ class ComputerService:
 
     async def navigate(self, who: Identity, computer_id: str, url: str) -> PageState:
         """Open `url` (a preview of one of the workspace's sandboxes, or about:blank)."""
-        row = await self._owned(who, computer_id, "computer.navigate")
+        row = await self._owned(who, computer_id, Action.COMPUTER_NAVIGATE)
         url = without_key(url)  # the server shows a preview its key itself: the page's address and the audit stay clean
-        async with self._audit.record(who, "computer.navigate", computer_id, url=url[:2000]) as rec:
+        async with self._audit.record(who, Action.COMPUTER_NAVIGATE, computer_id, url=url[:2000]) as rec:
             if url != "about:blank":
                 scheme = urlsplit(url).scheme.lower()
                 if scheme not in ("http", "https"):
@@ -206,8 +207,8 @@ class ComputerService:
 
     async def snapshot(self, who: Identity, computer_id: str) -> PageState:
         """The page's accessibility tree with element refs (e.g. [ref=e5]) for click and type."""
-        row = await self._owned(who, computer_id, "computer.snapshot")
-        async with self._audit.record(who, "computer.snapshot", computer_id) as rec, self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_SNAPSHOT)
+        async with self._audit.record(who, Action.COMPUTER_SNAPSHOT, computer_id) as rec, self._page(row) as page:
             try:
                 text = await page.aria_snapshot(mode="ai", timeout=self._timeout_ms)
             except PlaywrightError as exc:
@@ -219,8 +220,8 @@ class ComputerService:
             return await _state(page, text)
 
     async def click(self, who: Identity, computer_id: str, ref: str) -> PageState:
-        row = await self._owned(who, computer_id, "computer.click")
-        async with self._audit.record(who, "computer.click", computer_id, ref=ref), self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_CLICK)
+        async with self._audit.record(who, Action.COMPUTER_CLICK, computer_id, ref=ref), self._page(row) as page:
             target = await self._element(page, ref)
             await self._act(lambda: target.click(timeout=self._timeout_ms), f"click {ref}")
             await _settle(page)
@@ -228,8 +229,8 @@ class ComputerService:
 
     async def type(self, who: Identity, computer_id: str, ref: str, text: str, submit: bool) -> PageState:
         """Fill a field; the audit keeps the text unless the field is a password."""
-        row = await self._owned(who, computer_id, "computer.type")
-        async with self._audit.record(who, "computer.type", computer_id, ref=ref, submit=submit) as rec, self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_TYPE)
+        async with self._audit.record(who, Action.COMPUTER_TYPE, computer_id, ref=ref, submit=submit) as rec, self._page(row) as page:
             target = await self._element(page, ref)
             secret = await self._act(lambda: target.evaluate("e => e.type === 'password'"), f"inspect {ref}")
             rec.detail["text"] = "••••••" if secret else text[:1000]
@@ -240,15 +241,15 @@ class ComputerService:
             return await _state(page)
 
     async def press(self, who: Identity, computer_id: str, key: str) -> PageState:
-        row = await self._owned(who, computer_id, "computer.press")
-        async with self._audit.record(who, "computer.press", computer_id, key=key), self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_PRESS)
+        async with self._audit.record(who, Action.COMPUTER_PRESS, computer_id, key=key), self._page(row) as page:
             await self._act(lambda: page.keyboard.press(key), f"press '{key}'")
             await _settle(page)
             return await _state(page)
 
     async def scroll(self, who: Identity, computer_id: str, dx: int, dy: int, ref: str | None) -> PageState:
-        row = await self._owned(who, computer_id, "computer.scroll")
-        async with self._audit.record(who, "computer.scroll", computer_id, dx=dx, dy=dy, ref=ref), self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_SCROLL)
+        async with self._audit.record(who, Action.COMPUTER_SCROLL, computer_id, dx=dx, dy=dy, ref=ref), self._page(row) as page:
             if ref is not None:
                 target = await self._element(page, ref)
                 await self._act(lambda: target.scroll_into_view_if_needed(timeout=self._timeout_ms), f"scroll to {ref}")
@@ -258,8 +259,8 @@ class ComputerService:
 
     async def wait_for(self, who: Identity, computer_id: str, text: str, timeout_s: float) -> PageState:
         """Wait until `text` shows on the page."""
-        row = await self._owned(who, computer_id, "computer.wait_for")
-        async with self._audit.record(who, "computer.wait_for", computer_id, text=text[:200]), self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_WAIT_FOR)
+        async with self._audit.record(who, Action.COMPUTER_WAIT_FOR, computer_id, text=text[:200]), self._page(row) as page:
             try:
                 await page.get_by_text(text).first.wait_for(state="visible", timeout=timeout_s * 1000)
             except PlaywrightError as exc:
@@ -268,8 +269,8 @@ class ComputerService:
 
     async def upload(self, who: Identity, computer_id: str, ref: str, sandbox_id: str, path: str) -> PageState:
         """Put a file from one of the caller's sandboxes into a file input of the page."""
-        row = await self._owned(who, computer_id, "computer.upload")
-        async with self._audit.record(who, "computer.upload", computer_id, ref=ref, sandbox_id=sandbox_id, path=path) as rec:
+        row = await self._owned(who, computer_id, Action.COMPUTER_UPLOAD)
+        async with self._audit.record(who, Action.COMPUTER_UPLOAD, computer_id, ref=ref, sandbox_id=sandbox_id, path=path) as rec:
             file = await self._sandboxes.read_file(who, sandbox_id, path, "base64", None)
             if file.truncated:
                 raise InvalidRequestError(f"{path} is {file.size} bytes, over the {self._settings.sandbox.read_cap_bytes}-byte read cap")
@@ -284,8 +285,8 @@ class ComputerService:
 
     async def screenshot(self, who: Identity, computer_id: str, full_page: bool) -> bytes:
         """A PNG of the viewport, or of the whole page."""
-        row = await self._owned(who, computer_id, "computer.screenshot")
-        async with self._audit.record(who, "computer.screenshot", computer_id, full_page=full_page) as rec, self._page(row) as page:
+        row = await self._owned(who, computer_id, Action.COMPUTER_SCREENSHOT)
+        async with self._audit.record(who, Action.COMPUTER_SCREENSHOT, computer_id, full_page=full_page) as rec, self._page(row) as page:
             png: bytes = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
             rec.detail["bytes"] = len(png)
             return png
@@ -404,7 +405,7 @@ class ComputerService:
 
     # -- ownership --------------------------------------------------------------------------
 
-    async def _owned(self, who: Identity, computer_id: str, action: str) -> Computer:
+    async def _owned(self, who: Identity, computer_id: str, action: Action) -> Computer:
         """The caller's live computer; another workspace's is unknown to them (and audited)."""
         row = await self._store.get(Computer, computer_id)
         if row is None or row.workspace_id != who.workspace_id or who.sandbox_id is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from sqlmodel import Session, col, func, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.commands import OutputCallback, run_command
 from dockyard.runtime.docker import DockerBackend
@@ -104,7 +105,7 @@ class SandboxService:
         notify: BuildNotify | None = None,
     ) -> SandboxInfo:
         """Start a sandbox from a template (and optionally a snapshot) and return it."""
-        async with self._audit.record(who, "sandbox.create", template=template, from_snapshot=from_snapshot) as rec:
+        async with self._audit.record(who, Action.SANDBOX_CREATE, template=template, from_snapshot=from_snapshot) as rec:
             snapshot = await self._owned_snapshot(who, from_snapshot) if from_snapshot else None
             name = template or (snapshot.template if snapshot else self._limits.default_template)
             rec.detail["template"] = name
@@ -177,9 +178,9 @@ class SandboxService:
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
         """Remove the sandbox's container and volumes; its id is unknown from then on. Another
         user's sandbox needs workspace:admin."""
-        row = await self._owned(who, sandbox_id, "sandbox.destroy")
-        await self._tokens.may_end(who, row.user_id, "sandbox.destroy", sandbox_id, "sandbox")
-        async with self._audit.record(who, "sandbox.destroy", sandbox_id):
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_DESTROY)
+        await self._tokens.may_end(who, row.user_id, Action.SANDBOX_DESTROY, sandbox_id, "sandbox")
+        async with self._audit.record(who, Action.SANDBOX_DESTROY, sandbox_id):
             await self._end(row, "destroyed by its owner")
 
     async def list(self, who: Identity) -> list[SandboxInfo]:
@@ -266,7 +267,7 @@ class SandboxService:
         sandbox user (a member's own user, see `unix_user`); output is capped, the timeout
         enforced. `runner_env` and `run_as` (one of the image's member users, for a dispatch's
         member in a shared sandbox) are dockyard's own, never a caller's."""
-        row = await self._owned(who, sandbox_id, "sandbox.exec")
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_EXEC)
         user = run_as or await self.unix_user(who, sandbox_id)
         timeout = timeout_s or self._limits.exec_default_timeout_s
         if timeout > self._limits.exec_max_timeout_s:
@@ -275,7 +276,7 @@ class SandboxService:
         argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
         shown = command[:1000] if isinstance(command, str) else [arg[:1000] for arg in command[:50]]
         as_member = {"user": user} if user != USER else {}
-        async with self._audit.record(who, "sandbox.exec", sandbox_id, started=True, command=shown, cwd=workdir, **as_member) as rec:
+        async with self._audit.record(who, Action.SANDBOX_EXEC, sandbox_id, started=True, command=shown, cwd=workdir, **as_member) as rec:
             result = await run_command(
                 await self._supervisors.link(row.container_id),
                 argv,
@@ -292,8 +293,8 @@ class SandboxService:
         return result
 
     async def write_file(self, who: Identity, sandbox_id: str, path: str, content: str, encoding: str) -> FileWritten:
-        row = await self._owned(who, sandbox_id, "sandbox.write_file")
-        async with self._audit.record(who, "sandbox.write_file", sandbox_id, path=path, encoding=encoding) as rec:
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_WRITE_FILE)
+        async with self._audit.record(who, Action.SANDBOX_WRITE_FILE, sandbox_id, path=path, encoding=encoding) as rec:
             data = decode_content(content, encoding, self._limits.write_cap_bytes)
             written = await self._files.write(row.container_id, path, data, await self._member_user(who, sandbox_id))
             rec.detail["size"] = written.size
@@ -302,11 +303,11 @@ class SandboxService:
     async def read_file(
         self, who: Identity, sandbox_id: str, path: str, encoding: str | None, max_bytes: int | None
     ) -> FileContent:
-        row = await self._owned(who, sandbox_id, "sandbox.read_file")
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_READ_FILE)
         cap = self._limits.read_cap_bytes
         if max_bytes is not None and max_bytes > cap:
             raise InvalidRequestError(f"max_bytes {max_bytes} is over the read cap; allowed: 1..{cap}")
-        async with self._audit.record(who, "sandbox.read_file", sandbox_id, path=path) as rec:
+        async with self._audit.record(who, Action.SANDBOX_READ_FILE, sandbox_id, path=path) as rec:
             content = await self._files.read(row.container_id, path, max_bytes or cap, encoding, await self._member_user(who, sandbox_id))
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
@@ -314,14 +315,14 @@ class SandboxService:
     async def list_files(
         self, who: Identity, sandbox_id: str, path: str, recursive: bool, max_entries: int | None
     ) -> FileListing:
-        row = await self._owned(who, sandbox_id, "sandbox.list_files")
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_LIST_FILES)
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
-        async with self._audit.record(who, "sandbox.list_files", sandbox_id, path=path, recursive=recursive):
+        async with self._audit.record(who, Action.SANDBOX_LIST_FILES, sandbox_id, path=path, recursive=recursive):
             return await self._files.list(row.container_id, path, recursive, limit, await self._member_user(who, sandbox_id))
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
-        row = await self._owned(who, sandbox_id, "sandbox.expose_port")
-        async with self._audit.record(who, "sandbox.expose_port", sandbox_id, port=port) as rec:
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_EXPOSE_PORT)
+        async with self._audit.record(who, Action.SANDBOX_EXPOSE_PORT, sandbox_id, port=port) as rec:
             exposed = await self.ports.open(row.container_id, port)
             rec.detail["host_port"] = exposed.host_port  # not the URL: it carries the preview's key
         return PortInfo(sandbox_id=sandbox_id, port=port, url=exposed.url)
@@ -332,10 +333,10 @@ class SandboxService:
         A workspace's snapshots share one quota (quotas.workspace_snapshot_mb): the copy stops
         when it would pass what is left. One snapshot at a time per workspace, so concurrent ones
         cannot each count the same room."""
-        row = await self._owned(who, sandbox_id, "sandbox.snapshot")
+        row = await self._owned(who, sandbox_id, Action.SANDBOX_SNAPSHOT)
         snapshot_id = f"snp_{secrets.token_hex(8)}"
         folder = self._settings.snapshots_dir / snapshot_id
-        async with self._audit.record(who, "sandbox.snapshot", sandbox_id, started=True, snapshot_id=snapshot_id, label=label) as rec:
+        async with self._audit.record(who, Action.SANDBOX_SNAPSHOT, sandbox_id, started=True, snapshot_id=snapshot_id, label=label) as rec:
             async with self._snapshot_lock(who.workspace_id):
                 room = await self._snapshot_room(who.workspace_id)
                 try:
@@ -366,8 +367,8 @@ class SandboxService:
         """Delete a snapshot of the caller's workspace (another user's needs workspace:admin),
         giving its space back to the workspace's snapshot quota."""
         snap = await self._owned_snapshot(who, snapshot_id)
-        await self._tokens.may_end(who, snap.user_id, "snapshot.delete", snapshot_id, "snapshot")
-        async with self._audit.record(who, "snapshot.delete", snapshot_id, size_bytes=snap.size_bytes):
+        await self._tokens.may_end(who, snap.user_id, Action.SNAPSHOT_DELETE, snapshot_id, "snapshot")
+        async with self._audit.record(who, Action.SNAPSHOT_DELETE, snapshot_id, size_bytes=snap.size_bytes):
 
             def forget(session: Session) -> None:
                 found = session.get(Snapshot, snapshot_id)
@@ -414,7 +415,7 @@ class SandboxService:
         rows = await self._store.run(expired)
         for row in rows:
             who = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id="dockyard", run_id=row.run_id)
-            async with self._audit.record(who, "sandbox.expire", row.id):
+            async with self._audit.record(who, Action.SANDBOX_EXPIRE, row.id):
                 await self._end(row, "its time to live ran out")
         return len(rows)
 
@@ -425,11 +426,16 @@ class SandboxService:
         user = await self.unix_user(who, sandbox_id)
         return None if user == USER else user
 
-    async def check_owned(self, who: Identity, sandbox_id: str, action: str) -> None:
+    async def check_owned(
+        self,
+        who: Identity,
+        sandbox_id: str,
+        action: Action | str,  # str: until teams and dispatch name their actions too
+    ) -> None:
         """Raise (and audit) unless the sandbox is the caller's and live."""
         await self._owned(who, sandbox_id, action)
 
-    async def _owned(self, who: Identity, sandbox_id: str, action: str) -> Sandbox:
+    async def _owned(self, who: Identity, sandbox_id: str, action: Action | str) -> Sandbox:
         """The caller's live sandbox; a sandbox that is not theirs is unknown to them (and the
         attempt is audited as denied)."""
         row = await self._store.get(Sandbox, sandbox_id)
@@ -444,7 +450,7 @@ class SandboxService:
             raise SandboxLostError(sandbox_id, row.end_reason or "its container is gone")
         if row.status != SandboxStatus.RUNNING:
             raise SandboxNotFoundError(sandbox_id)
-        if self._docker.paused_outside(row.container_id) and action != "sandbox.destroy":
+        if self._docker.paused_outside(row.container_id) and action != Action.SANDBOX_DESTROY:
             raise SandboxPausedError(sandbox_id)
         return row
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import AccessDeniedError, InvalidRequestError, NotFoundError, ScopeError
 from dockyard.runtime.settings import Identity
@@ -34,26 +35,12 @@ from dockyard.runtime.store import Store, Token, utcnow
 
 __all__ = ["ADMIN", "SANDBOX_SCOPES", "SCOPES", "Minted", "TokenService"]
 
-SCOPES = (
-    "sandbox:create",
-    "sandbox:exec",
-    "sandbox:files",
-    "pool:read",
-    "computer:use",
-    "dispatch:create",
-    "dispatch:read",
-    "dispatch:user_pc",
-    "team:lead",
-    "team:member",
-    "token:mint",
-    "audit:read",
-    "workspace:admin",
-)
+SCOPES = tuple(Scope)
 # What a sandbox's own token (its bridge) may do: work inside that sandbox, nothing more.
-SANDBOX_SCOPES = ["sandbox:exec", "sandbox:files"]
+SANDBOX_SCOPES = [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
 ANY = "*"
 ADMIN = Identity(workspace_id=ANY, project_id=ANY, user_id="admin", scopes=[ANY])
-_ADMIN_ACTS = ("token:mint", "audit:read")
+_ADMIN_ACTS = (Scope.TOKEN_MINT, Scope.AUDIT_READ)
 _DEFAULTS = {"workspace_id": "", "project_id": "default", "user_id": "user"}
 _PREFIX = "dyt_"
 _DEFAULT_TTL = timedelta(hours=24)
@@ -98,7 +85,13 @@ class TokenService:
 
     # -- checks ---------------------------------------------------------------------
 
-    async def require(self, who: Identity, scope: str, action: str, target: str | None = None) -> Identity:
+    async def require(
+        self,
+        who: Identity,
+        scope: Scope | str,  # str: until teams and dispatch name their actions too
+        action: Action | str,  # str: until teams and dispatch name their actions too
+        target: str | None = None,
+    ) -> Identity:
         """`who`, if it holds `scope`; otherwise a denied row in the audit log and a ScopeError."""
         if who.workspace_id == ANY and scope not in _ADMIN_ACTS:
             raise await self.deny(
@@ -112,7 +105,12 @@ class TokenService:
         )
         raise ScopeError(scope, who.scopes)
 
-    async def live(self, who: Identity, action: str, target: str | None = None) -> Identity:
+    async def live(
+        self,
+        who: Identity,
+        action: Action | str,  # str: until teams and dispatch name their actions too
+        target: str | None = None,
+    ) -> Identity:
         """`who`, if the token it acts with is still live (not revoked, not expired); else an
         audited refusal. Identities without a token (the operator, dockyard's own) are live."""
         if who.token_id is None:
@@ -123,10 +121,17 @@ class TokenService:
             raise await self.deny(who, action, problem, target)
         return who
 
-    async def may_end(self, who: Identity, owner_user_id: str, action: str, target: str, what: str) -> None:
+    async def may_end(
+        self,
+        who: Identity,
+        owner_user_id: str,
+        action: Action | str,  # str: until teams and dispatch name their actions too
+        target: str,
+        what: str,
+    ) -> None:
         """Refuse (audited) ending what another user of the workspace made, unless the caller
         holds workspace:admin. Reading and working in it stay shared within the workspace."""
-        if owner_user_id == who.user_id or who.allows("workspace:admin"):
+        if owner_user_id == who.user_id or who.allows(Scope.WORKSPACE_ADMIN):
             return
         raise await self.deny(
             who, action,
@@ -134,7 +139,13 @@ class TokenService:
             target,
         )
 
-    async def deny(self, who: Identity, action: str, message: str, target: str | None = None) -> AccessDeniedError:
+    async def deny(
+        self,
+        who: Identity,
+        action: Action | str,  # str: until teams and dispatch name their actions too
+        message: str,
+        target: str | None = None,
+    ) -> AccessDeniedError:
         """Audit a refusal and return the error to raise."""
         await self._audit.append(who, action, target=target, outcome="denied", detail={"error": message, "token_id": who.token_id})
         return AccessDeniedError(message)
@@ -177,7 +188,7 @@ class TokenService:
         label: str | None = None,
     ) -> Minted:
         """A token no wider than `issuer`: its scopes, attribution and expiry at most the issuer's."""
-        await self.require(issuer, "token:mint", "token.mint")
+        await self.require(issuer, Scope.TOKEN_MINT, Action.TOKEN_MINT)
         if not scopes:
             raise InvalidRequestError(f"give at least one scope; known scopes: {', '.join(SCOPES)}")
         unknown = [scope for scope in scopes if scope not in SCOPES and scope != ANY]
@@ -186,7 +197,7 @@ class TokenService:
         wider = [scope for scope in scopes if not issuer.allows(scope) or (scope == ANY and ANY not in issuer.scopes)]
         if wider:
             raise await self.deny(
-                issuer, "token.mint", f"a token can only mint narrower tokens; yours lacks {', '.join(wider)}"
+                issuer, Action.TOKEN_MINT, f"a token can only mint narrower tokens; yours lacks {', '.join(wider)}"
             )
         chain: dict[str, str] = {}
         asks = {"workspace_id": workspace_id, "project_id": project_id, "user_id": user_id}
@@ -200,14 +211,14 @@ class TokenService:
                 chain[field] = str(asked)
             elif asked not in (None, own):
                 raise await self.deny(
-                    issuer, "token.mint", f"a token can only mint narrower tokens; {field} must stay '{own}', not '{asked}'"
+                    issuer, Action.TOKEN_MINT, f"a token can only mint narrower tokens; {field} must stay '{own}', not '{asked}'"
                 )
             else:
                 chain[field] = own
         if run_id not in (None, issuer.run_id):
             held = f"must stay '{issuer.run_id}'" if issuer.run_id else "cannot be named: your token is bound to no run"
             raise await self.deny(
-                issuer, "token.mint",
+                issuer, Action.TOKEN_MINT,
                 f"run_id {held}; runs are bound by dockyard when it starts them (a dispatch's or member's own token)",
             )
         now = utcnow()
@@ -219,7 +230,7 @@ class TokenService:
         if ceiling is not None and expires > ceiling:
             if ttl_s is not None:
                 raise await self.deny(
-                    issuer, "token.mint", f"a token cannot outlive its issuer, which expires at {ceiling.isoformat()}"
+                    issuer, Action.TOKEN_MINT, f"a token cannot outlive its issuer, which expires at {ceiling.isoformat()}"
                 )
             expires = ceiling
         minted = await self._insert(
@@ -232,7 +243,7 @@ class TokenService:
             **chain,
         )
         await self._audit.append(
-            issuer, "token.mint", target=minted.token_id, outcome="ok",
+            issuer, Action.TOKEN_MINT, target=minted.token_id, outcome="ok",
             detail={"scopes": minted.identity.scopes, "for": chain, "expires_at": expires.isoformat(), "token_id": issuer.token_id},
         )
         return minted
@@ -252,7 +263,12 @@ class TokenService:
         )
 
     async def mint_for_run(
-        self, owner: Identity, run_id: str, scopes: list[str], expires_at: datetime, sandbox_id: str | None,
+        self,
+        owner: Identity,
+        run_id: str,
+        scopes: Sequence[Scope | str],  # str: until teams and dispatch name their actions too
+        expires_at: datetime,
+        sandbox_id: str | None,
         parent_id: str | None = None,
     ) -> Minted:
         """A runner's token: its caller's attribution, narrowed to one run, to `scopes` (never
@@ -319,13 +335,13 @@ class TokenService:
         """Revoke a token within the caller's reach, and every token minted from it: the
         caller's own user's tokens and those minted from the caller's token; another user's
         needs workspace:admin (the admin key reaches every workspace)."""
-        await self.require(who, "token:mint", "token.revoke", token_id)
+        await self.require(who, Scope.TOKEN_MINT, Action.TOKEN_REVOKE, token_id)
 
         def revoke(session: Session) -> tuple[Token, set[str]] | str | None:
             row = session.get(Token, token_id)
             if row is None or (who.workspace_id != ANY and row.workspace_id != who.workspace_id):
                 return None
-            if who.workspace_id != ANY and row.user_id != who.user_id and not who.allows("workspace:admin"):
+            if who.workspace_id != ANY and row.user_id != who.user_id and not who.allows(Scope.WORKSPACE_ADMIN):
                 if who.token_id is None or who.token_id not in _lineage(session, row):
                     return f"token {row.id} belongs to user '{row.user_id}'; revoking another user's token needs the workspace:admin scope"
             return row, _revoke_tree(session, {row.id}, reason)
@@ -334,10 +350,10 @@ class TokenService:
         if done is None:
             raise NotFoundError(f"unknown token '{token_id}'; token ids look like tok_... and are shown when minted")
         if isinstance(done, str):
-            raise await self.deny(who, "token.revoke", done, token_id)
+            raise await self.deny(who, Action.TOKEN_REVOKE, done, token_id)
         row, revoked = done
         self._revoked(revoked)
-        await self._audit.append(who, "token.revoke", target=token_id, outcome="ok",
+        await self._audit.append(who, Action.TOKEN_REVOKE, target=token_id, outcome="ok",
                                  detail={"reason": reason, "token_id": who.token_id, "also_revoked": sorted(revoked - {token_id})})
         return row
 

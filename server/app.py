@@ -11,6 +11,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 
+from dockyard.runtime.actions import Scope
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.settings import Settings
 from dockyard.server.bridge import serve_bridge
@@ -44,7 +45,7 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     bus = WorkspaceBus(settings.operator)
 
     async def dispatch_changed(dispatch_id: str, workspace_id: str) -> None:
-        await bus.publish_to(workspace_id, "dispatch:read", ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
+        await bus.publish_to(workspace_id, Scope.DISPATCH_READ, ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:

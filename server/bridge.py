@@ -28,6 +28,7 @@ from mcp.server.runner import serve_dual_era_loop
 from mcp.server.stdio import stdio_server
 
 from dockyard.config.images.sandbox.protocol import presented_token
+from dockyard.runtime.actions import Action
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.errors import DockyardError
 from dockyard.runtime.provision import USER
@@ -118,7 +119,7 @@ async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Iden
             return checked
         refusal = checked
     log.warning("bridge session in sandbox %s closed: %s", owner.sandbox_id, refusal)
-    await engine.tokens.deny(owner, "bridge.token", refusal, owner.sandbox_id)  # an audited refusal
+    await engine.tokens.deny(owner, Action.BRIDGE_TOKEN, refusal, owner.sandbox_id)  # an audited refusal
     return None
 
 

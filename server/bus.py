@@ -17,6 +17,7 @@ import anyio.lowlevel
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.subscriptions import ServerEvent
 
+from dockyard.runtime.actions import Scope
 from dockyard.runtime.settings import Identity
 from dockyard.tools._context import CallerToken, acting_as
 
@@ -56,7 +57,7 @@ class WorkspaceBus:
         self._deliver(event, lambda _: True)
         await anyio.lowlevel.checkpoint()
 
-    async def publish_to(self, workspace_id: str, scope: str, event: ServerEvent) -> None:
+    async def publish_to(self, workspace_id: str, scope: Scope, event: ServerEvent) -> None:
         """A workspace's event, to that workspace's streams whose token holds `scope`."""
         self._deliver(event, lambda who: who.workspace_id == workspace_id and who.allows(scope))
         await anyio.lowlevel.checkpoint()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -10,6 +10,7 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.engine import Engine
 from dockyard.runtime.images import BuildState
 from dockyard.runtime.settings import Identity
@@ -44,13 +45,21 @@ def caller(ctx: EngineContext) -> Identity:
     return engine(ctx).operator
 
 
-async def current(ctx: EngineContext, action: str) -> Identity:
+async def current(
+    ctx: EngineContext,
+    action: Action | str,  # str: until teams and dispatch name their actions too
+) -> Identity:
     """The caller, if the token it acts with is still live (a session opened with a token that
     was revoked since is refused); else the refusal is audited and raised."""
     return await engine(ctx).tokens.live(caller(ctx), action)
 
 
-async def authorized(ctx: EngineContext, scope: str, action: str, target: str | None = None) -> Identity:
+async def authorized(
+    ctx: EngineContext,
+    scope: Scope | str,  # str: until teams and dispatch name their actions too
+    action: Action | str,  # str: until teams and dispatch name their actions too
+    target: str | None = None,
+) -> Identity:
     """The caller, if their token is live and holds `scope`; else the refusal is audited and raised."""
     return await engine(ctx).tokens.require(caller(ctx), scope, action, target)
 
@@ -67,7 +76,11 @@ def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]
     return notify
 
 
-async def any_of(ctx: EngineContext, scopes: list[str], action: str) -> Identity:
+async def any_of(
+    ctx: EngineContext,
+    scopes: Sequence[Scope | str],  # str: until teams and dispatch name their actions too
+    action: Action | str,  # str: until teams and dispatch name their actions too
+) -> Identity:
     """The caller, if their token holds at least one of `scopes` (for read-only listings)."""
     who = await current(ctx, action)
     if any(who.allows(scope) for scope in scopes):

@@ -8,6 +8,7 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.audit import audit_entry
 from dockyard.runtime.models import AuditEntry, AuditVerification
 from dockyard.tools._annotations import READ_ONLY
@@ -47,12 +48,12 @@ async def audit_query(
     token), what it acted on, when, how it ended (ok, error, denied, cancelled), its details and
     how long it took. Filter by actor (user id), kind, and a time window; you see only your own
     workspace's rows. Read-only."""
-    who = await authorized(ctx, "audit:read", "audit.query")
+    who = await authorized(ctx, Scope.AUDIT_READ, Action.AUDIT_QUERY)
     if who.workspace_id != ANY_WORKSPACE:
         if workspace_id not in (None, who.workspace_id):
             raise await engine(ctx).tokens.deny(
                 who,
-                "audit.query",
+                Action.AUDIT_QUERY,
                 f"you may read only your own workspace's audit rows ('{who.workspace_id}'), not those of "
                 f"'{workspace_id}'; leave workspace_id out",
                 target=workspace_id,
@@ -73,7 +74,7 @@ async def audit_verify(ctx: EngineContext) -> AuditVerification:
     deleted (rows missing in the middle), reordered, recomputed (the chain rewritten without the
     key), truncated (rows cut from the tail), emptied, head_missing, head_forged or key_missing,
     with the first broken row's id. Read-only; it can take a moment on a long log."""
-    await authorized(ctx, "audit:read", "audit.verify")
+    await authorized(ctx, Scope.AUDIT_READ, Action.AUDIT_VERIFY)
     return await engine(ctx).audit.verify()
 
 

@@ -9,6 +9,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.models import ComputerInfo, ComputerList, PageState
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
@@ -18,7 +19,6 @@ __all__ = ["register"]
 
 ComputerId = Annotated[str, Field(max_length=64, description="A computer id (cmp_...) from computer_create.")]
 Ref = Annotated[str, Field(min_length=1, max_length=40, description="An element ref from computer_snapshot, such as e12.")]
-_SCOPE = "computer:use"
 
 
 class Destroyed(BaseModel):
@@ -38,14 +38,14 @@ async def computer_create(
     no network of its own: it opens the previews of your workspace's sandboxes (the URLs
     sandbox_expose_port gives) and nothing else. Drive it with computer_navigate,
     computer_snapshot, computer_click, computer_type and computer_screenshot."""
-    who = await authorized(ctx, _SCOPE, "computer.create")
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_CREATE)
     return await engine(ctx).computers.create(who, template=template, width=width, height=height, ttl_s=ttl_s)
 
 
 @tool_errors
 async def computer_list(ctx: EngineContext) -> ComputerList:
     """Your workspace's live computers."""
-    who = await authorized(ctx, _SCOPE, "computer.list")
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_LIST)
     return ComputerList(computers=await engine(ctx).computers.list(who))
 
 
@@ -55,7 +55,7 @@ async def computer_navigate(
 ) -> PageState:
     """Open a URL and wait for it to load; returns the page's URL and title. Other hosts,
     file:// and other schemes are refused."""
-    who = await authorized(ctx, _SCOPE, "computer.navigate", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_NAVIGATE, computer_id)
     return await engine(ctx).computers.navigate(who, computer_id, url)
 
 
@@ -64,14 +64,14 @@ async def computer_snapshot(ctx: EngineContext, computer_id: ComputerId) -> Page
     """Read the page as an accessibility tree (roles, names, text, values), far cheaper than a
     screenshot. Each element you can act on has a ref such as [ref=e12]: pass it to
     computer_click or computer_type. Refs go stale when the page changes: snapshot again."""
-    who = await authorized(ctx, _SCOPE, "computer.snapshot", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SNAPSHOT, computer_id)
     return await engine(ctx).computers.snapshot(who, computer_id)
 
 
 @tool_errors
 async def computer_click(ctx: EngineContext, computer_id: ComputerId, ref: Ref) -> PageState:
     """Click an element by its ref from computer_snapshot; waits briefly for a page it opens."""
-    who = await authorized(ctx, _SCOPE, "computer.click", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_CLICK, computer_id)
     return await engine(ctx).computers.click(who, computer_id, ref)
 
 
@@ -85,7 +85,7 @@ async def computer_type(
 ) -> PageState:
     """Type into a field by its ref (its content is replaced). Text typed into a password field
     is masked in the audit log."""
-    who = await authorized(ctx, _SCOPE, "computer.type", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_TYPE, computer_id)
     return await engine(ctx).computers.type(who, computer_id, ref, text, submit)
 
 
@@ -95,7 +95,7 @@ async def computer_press(
     key: Annotated[str, Field(min_length=1, max_length=40, description="A key such as Enter, Tab, Escape, ArrowDown or Control+A.")],
 ) -> PageState:
     """Press a key (or a combination) in the page."""
-    who = await authorized(ctx, _SCOPE, "computer.press", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_PRESS, computer_id)
     return await engine(ctx).computers.press(who, computer_id, key)
 
 
@@ -108,7 +108,7 @@ async def computer_scroll(
     ref: Annotated[str | None, Field(max_length=40, description="Instead, scroll this element into view.")] = None,
 ) -> PageState:
     """Scroll the page by pixels, or bring an element into view."""
-    who = await authorized(ctx, _SCOPE, "computer.scroll", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SCROLL, computer_id)
     return await engine(ctx).computers.scroll(who, computer_id, dx, dy, ref)
 
 
@@ -120,7 +120,7 @@ async def computer_wait_for(
     timeout_s: Annotated[float, Field(gt=0, le=120)] = 10,
 ) -> PageState:
     """Wait until some text shows on the page (after an action that loads something)."""
-    who = await authorized(ctx, _SCOPE, "computer.wait_for", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_WAIT_FOR, computer_id)
     return await engine(ctx).computers.wait_for(who, computer_id, text, timeout_s)
 
 
@@ -134,8 +134,8 @@ async def computer_upload(
 ) -> PageState:
     """Put a file from one of your sandboxes into a file input (by its ref), as if picked in
     the browser's file dialog."""
-    who = await authorized(ctx, _SCOPE, "computer.upload", computer_id)
-    await authorized(ctx, "sandbox:files", "computer.upload", sandbox_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_UPLOAD, computer_id)
+    await authorized(ctx, Scope.SANDBOX_FILES, Action.COMPUTER_UPLOAD, sandbox_id)
     return await engine(ctx).computers.upload(who, computer_id, ref, sandbox_id, path)
 
 
@@ -145,14 +145,14 @@ async def computer_screenshot(
     full_page: Annotated[bool, Field(description="The whole page rather than the viewport.")] = False,
 ) -> Image:
     """A PNG screenshot of the page, as an image."""
-    who = await authorized(ctx, _SCOPE, "computer.screenshot", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SCREENSHOT, computer_id)
     return Image(data=await engine(ctx).computers.screenshot(who, computer_id, full_page), format="png")
 
 
 @tool_errors
 async def computer_destroy(ctx: EngineContext, computer_id: ComputerId) -> Destroyed:
     """End the computer. Its browser is removed with everything it held; none is ever reused."""
-    who = await authorized(ctx, _SCOPE, "computer.destroy", computer_id)
+    who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_DESTROY, computer_id)
     await engine(ctx).computers.destroy(who, computer_id)
     return Destroyed(computer_id=computer_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.models import PoolInfo
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
@@ -24,7 +25,7 @@ async def pool_status(ctx: EngineContext) -> PoolStatusResult:
     """Show each template's warm pool: ready (warm), in use (claimed), starting and being wiped
     runtimes, its min/max and current target, claims waiting in its queue, how many recent
     claims were served warm vs cold, and claim latency percentiles in milliseconds."""
-    await authorized(ctx, "pool:read", "pool.status")
+    await authorized(ctx, Scope.POOL_READ, Action.POOL_STATUS)
     return PoolStatusResult(pools=await engine(ctx).pool_status())
 
 

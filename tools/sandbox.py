@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.models import (
     ExecResult,
     FileContent,
@@ -70,7 +71,7 @@ async def sandbox_create(
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
     """
     return await engine(ctx).sandboxes.create(
-        await authorized(ctx, "sandbox:create", "sandbox.create"),
+        await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE),
         template=template,
         network=network,
         cpus=cpus,
@@ -108,7 +109,7 @@ async def sandbox_exec(
         sent += len(text)  # progress must grow with every notification: count characters streamed
         await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
 
-    who = await authorized(ctx, "sandbox:exec", "sandbox.exec", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
     return await engine(ctx).sandboxes.exec(
         who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
     )
@@ -127,7 +128,7 @@ async def sandbox_write_file(
     Use encoding='base64' for binary content. Paths that leave /workspace (through '..', an
     absolute path elsewhere or a symlink) are refused, and so is content over the size cap.
     """
-    who = await authorized(ctx, "sandbox:files", "sandbox.write_file", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_WRITE_FILE, sandbox_id)
     return await engine(ctx).sandboxes.write_file(who, sandbox_id, path, content, encoding)
 
 
@@ -146,7 +147,7 @@ async def sandbox_read_file(
     Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
     Files larger than max_bytes are cut, and the result says truncated with the full size.
     """
-    who = await authorized(ctx, "sandbox:files", "sandbox.read_file", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_READ_FILE, sandbox_id)
     return await engine(ctx).sandboxes.read_file(who, sandbox_id, path, encoding, max_bytes)
 
 
@@ -163,7 +164,7 @@ async def sandbox_list_files(
     Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
     escapes and is_addressable false: the file tools cannot name it (rename it with sandbox_exec).
     """
-    who = await authorized(ctx, "sandbox:files", "sandbox.list_files", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_LIST_FILES, sandbox_id)
     return await engine(ctx).sandboxes.list_files(who, sandbox_id, path, recursive, max_entries)
 
 
@@ -180,7 +181,7 @@ async def sandbox_expose_port(
     without it the port refuses every request, so share it only with whoever may see the preview.
     Calling it again for the same port returns the same URL.
     """
-    who = await authorized(ctx, "sandbox:create", "sandbox.expose_port", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_EXPOSE_PORT, sandbox_id)
     return await engine(ctx).sandboxes.expose_port(who, sandbox_id, port)
 
 
@@ -195,21 +196,21 @@ async def sandbox_snapshot(
     The sandbox is paused for the moment of the copy, so the snapshot is consistent, and keeps
     running afterwards.
     """
-    who = await authorized(ctx, "sandbox:create", "sandbox.snapshot", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_SNAPSHOT, sandbox_id)
     return await engine(ctx).sandboxes.snapshot(who, sandbox_id, label)
 
 
 @tool_errors
 async def sandbox_list(ctx: EngineContext) -> SandboxList:
     """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
-    who = await any_of(ctx, ["sandbox:create", "sandbox:exec", "sandbox:files"], "sandbox.list")
+    who = await any_of(ctx, [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_LIST)
     return SandboxList(sandboxes=await engine(ctx).sandboxes.list(who))
 
 
 @tool_errors
 async def sandbox_destroy(ctx: EngineContext, sandbox_id: SandboxId) -> Destroyed:
     """Destroy a sandbox: stop its processes and delete its container and /workspace (snapshots are kept)."""
-    who = await authorized(ctx, "sandbox:create", "sandbox.destroy", sandbox_id)
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_DESTROY, sandbox_id)
     await engine(ctx).sandboxes.destroy(who, sandbox_id)
     return Destroyed(sandbox_id=sandbox_id)
 
@@ -220,7 +221,7 @@ async def snapshot_delete(
     snapshot_id: Annotated[str, Field(description="A snapshot id (snp_...) from sandbox_snapshot.", max_length=64)],
 ) -> SnapshotDeleted:
     """Delete a snapshot for good, giving its space back to the workspace's snapshot quota."""
-    who = await authorized(ctx, "sandbox:create", "snapshot.delete", snapshot_id)
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SNAPSHOT_DELETE, snapshot_id)
     await engine(ctx).sandboxes.delete_snapshot(who, snapshot_id)
     return SnapshotDeleted(snapshot_id=snapshot_id)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.tokens import SCOPES
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
@@ -38,7 +39,7 @@ async def whoami(ctx: EngineContext) -> Identity:
     create and every action you take is attributed to, your token's scopes ('*' is every
     scope), your token's id, and, for a sandbox's own token, the one sandbox it may act on.
     Costs nothing; safe to call any time."""
-    return await current(ctx, "whoami")
+    return await current(ctx, Action.WHOAMI)
 
 
 @tool_errors
