@@ -45,7 +45,9 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     bus = WorkspaceBus(settings.operator)
 
     async def dispatch_changed(dispatch_id: str, workspace_id: str) -> None:
-        await bus.publish_to(workspace_id, Scope.DISPATCH_READ, ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}"))
+        await bus.publish_to(
+            workspace_id, Scope.DISPATCH_READ, ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}")
+        )
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
