@@ -6,11 +6,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.models import Inbox, MemberInfo, MessagesSent, TaskInfo, TasksAdded, TeamForgotten, TeamInfo, TeamView
+from dockyard.runtime.models import (
+    Inbox,
+    MemberInfo,
+    MessagesSent,
+    TaskInfo,
+    TasksAdded,
+    TeamForgotten,
+    TeamInfo,
+    TeamView,
+)
 from dockyard.runtime.settings import Identity
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
 
@@ -171,14 +180,17 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
 
 def register(server: MCPServer) -> None:
     """Add the team tools to a server."""
-    writes = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-    reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-    ends = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
-    for tool in (team_create, team_spawn, team_message, team_broadcast, team_add_tasks, team_claim, team_complete,
-                 team_propose_plan, team_approve_plan):
-        server.add_tool(tool, annotations=writes)
-    server.add_tool(team_tasks, annotations=reads)
+    server.add_tool(team_create, annotations=ADDITIVE)
+    server.add_tool(team_spawn, annotations=ADDITIVE)
+    server.add_tool(team_message, annotations=ADDITIVE)
+    server.add_tool(team_broadcast, annotations=ADDITIVE)
+    server.add_tool(team_tasks, annotations=READ_ONLY)
     # Reading is the lead's receipt for what it received: not read-only, but repeatable.
-    server.add_tool(team_read, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False))
-    for tool in (team_shutdown, team_cleanup):
-        server.add_tool(tool, annotations=ends)
+    server.add_tool(team_read, annotations=IDEMPOTENT)
+    server.add_tool(team_add_tasks, annotations=ADDITIVE)
+    server.add_tool(team_claim, annotations=ADDITIVE)
+    server.add_tool(team_complete, annotations=ADDITIVE)
+    server.add_tool(team_propose_plan, annotations=ADDITIVE)
+    server.add_tool(team_approve_plan, annotations=ADDITIVE)
+    server.add_tool(team_shutdown, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(team_cleanup, annotations=DESTRUCTIVE_IDEMPOTENT)
