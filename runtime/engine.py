@@ -103,7 +103,7 @@ class Engine:
             tokens=tokens,
             runners=runners,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens, runners),
-            teams=TeamService(settings, store, audit, sandboxes, tokens),
+            teams=TeamService(settings, store, audit, sandboxes, tokens, runners),
             computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
         )
         await sandboxes.sweep_partial_snapshots()

@@ -15,13 +15,12 @@ child.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.errors import QuotaExceededError
 from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import RunLink, SandboxStatus
+from dockyard.runtime.store import Computer, RunLink, Sandbox, SandboxStatus
 
 __all__ = ["ancestors", "link_run", "tree_limit"]
 
@@ -40,7 +39,9 @@ def link_run(session: Session, run_id: str, parent_run_id: str | None) -> None:
             session.add(RunLink(run_id=run_id, ancestor_id=ancestor))
 
 
-def tree_limit(model: Any, name: str, limit: int, who: Identity, noun: str) -> Callable[[Session], None]:
+def tree_limit(
+    model: type[Sandbox] | type[Computer], name: str, limit: int, who: Identity, noun: str
+) -> Callable[[Session], None]:
     """A check that refuses one more running `model` row (a sandbox, a computer) for `who` when
     its run, or any run above it, already holds `limit` of them across its tree."""
 
@@ -53,7 +54,7 @@ def tree_limit(model: Any, name: str, limit: int, who: Identity, noun: str) -> C
                 select(func.count()).select_from(model).where(
                     model.status == SandboxStatus.RUNNING,
                     model.workspace_id == who.workspace_id,
-                    (model.run_id == run) | col(model.run_id).in_(below),
+                    (col(model.run_id) == run) | col(model.run_id).in_(below),
                 )
             ).one()
             if held >= limit:

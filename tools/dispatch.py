@@ -8,11 +8,11 @@ from mcp.server.elicitation import AcceptedElicitation, CancelledElicitation, El
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, Resolve
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.errors import DockyardError, NotFoundError
 from dockyard.runtime.models import DispatchInfo
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, caller, engine
 from dockyard.tools._errors import tool_errors
 
@@ -145,7 +145,7 @@ DISPATCH_URI = "dockyard://dispatches/{dispatch_id}"
 def register(server: MCPServer) -> None:
     """Add the dispatch tools, and the dispatch resource, to a server."""
     server.resource(DISPATCH_URI, name="dispatch", mime_type="application/json")(dispatch_resource)
-    server.add_tool(dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
-    server.add_tool(await_dispatch, annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
-    server.add_tool(dispatch_submit, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
-    server.add_tool(cancel_dispatch, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    server.add_tool(dispatch, annotations=ADDITIVE)
+    server.add_tool(await_dispatch, annotations=READ_ONLY)
+    server.add_tool(dispatch_submit, annotations=ADDITIVE)
+    server.add_tool(cancel_dispatch, annotations=DESTRUCTIVE_IDEMPOTENT)

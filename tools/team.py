@@ -1,25 +1,35 @@
 """Team tools: a lead creates a team and spawns members; members and lead message each other,
-share a task list and agree on plans."""
+share a task list and agree on plans.
+
+The tools a member also calls in process (an `llm` member's team tools) take their parameters
+from `dockyard.runtime.teams.membertools`, where each is declared once for both."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.models import Inbox, MemberInfo, MessagesSent, TaskInfo, TasksAdded, TeamForgotten, TeamInfo, TeamView
+from dockyard.runtime.models import (
+    Inbox,
+    MemberInfo,
+    MessagesSent,
+    TaskInfo,
+    TasksAdded,
+    TeamForgotten,
+    TeamInfo,
+    TeamView,
+)
 from dockyard.runtime.settings import Identity
+from dockyard.runtime.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
 
 TeamId = Annotated[str, Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64)]
-# Bodies are checked against the server's cap (teams.message_max_bytes) with a clear error;
-# this bound only keeps absurd requests out.
-Body = Annotated[str, Field(min_length=1, max_length=4_000_000, description="The text to send.")]
 _TEAM = ["team:lead", "team:member"]
 
 
@@ -61,7 +71,7 @@ async def team_spawn(
 async def team_message(
     ctx: EngineContext,
     team_id: TeamId,
-    to: Annotated[str, Field(min_length=1, max_length=64, description="A member's role (or id), or 'lead'.")],
+    to: Recipient,
     body: Body,
 ) -> MessagesSent:
     """Send a message to one member (any member may message any other) or to the lead. It lands
@@ -108,7 +118,7 @@ async def team_add_tasks(
 async def team_claim(
     ctx: EngineContext,
     team_id: TeamId,
-    task_id: Annotated[str | None, Field(max_length=64, description="The task to claim; default the oldest open one.")] = None,
+    task_id: ClaimTaskId = None,
 ) -> TaskInfo:
     """For members: claim an open task. Claims are atomic: a task has one owner, and a claim on
     a task that is taken or done is refused."""
@@ -120,9 +130,9 @@ async def team_claim(
 async def team_complete(
     ctx: EngineContext,
     team_id: TeamId,
-    task_id: Annotated[str, Field(max_length=64, description="A task you claimed.")],
-    result: Annotated[str, Field(min_length=1, max_length=4_000_000, description="What came of it.")],
-    failed: Annotated[bool, Field(description="True if the task could not be done; result says why.")] = False,
+    task_id: TaskId,
+    result: Result,
+    failed: Failed = False,
 ) -> TaskInfo:
     """For members: finish a task you claimed, as done (or failed) with its result."""
     who = await _anyone(ctx, "team.complete")
@@ -131,7 +141,7 @@ async def team_complete(
 
 @tool_errors
 async def team_propose_plan(
-    ctx: EngineContext, team_id: TeamId, plan: Annotated[str, Field(min_length=1, max_length=4_000_000, description="Your plan.")]
+    ctx: EngineContext, team_id: TeamId, plan: Plan
 ) -> MemberInfo:
     """For members in plan mode: hand your plan to the lead. Until the lead approves it you may
     only read and use the team tools; a rejection comes back as a message with feedback."""
@@ -171,14 +181,17 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
 
 def register(server: MCPServer) -> None:
     """Add the team tools to a server."""
-    writes = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-    reads = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-    ends = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
-    for tool in (team_create, team_spawn, team_message, team_broadcast, team_add_tasks, team_claim, team_complete,
-                 team_propose_plan, team_approve_plan):
-        server.add_tool(tool, annotations=writes)
-    server.add_tool(team_tasks, annotations=reads)
+    server.add_tool(team_create, annotations=ADDITIVE)
+    server.add_tool(team_spawn, annotations=ADDITIVE)
+    server.add_tool(team_message, annotations=ADDITIVE)
+    server.add_tool(team_broadcast, annotations=ADDITIVE)
+    server.add_tool(team_tasks, annotations=READ_ONLY)
     # Reading is the lead's receipt for what it received: not read-only, but repeatable.
-    server.add_tool(team_read, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False))
-    for tool in (team_shutdown, team_cleanup):
-        server.add_tool(tool, annotations=ends)
+    server.add_tool(team_read, annotations=IDEMPOTENT)
+    server.add_tool(team_add_tasks, annotations=ADDITIVE)
+    server.add_tool(team_claim, annotations=ADDITIVE)
+    server.add_tool(team_complete, annotations=ADDITIVE)
+    server.add_tool(team_propose_plan, annotations=ADDITIVE)
+    server.add_tool(team_approve_plan, annotations=ADDITIVE)
+    server.add_tool(team_shutdown, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(team_cleanup, annotations=DESTRUCTIVE_IDEMPOTENT)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import anyio
 from sqlmodel import Session
@@ -44,6 +44,16 @@ from dockyard.runtime.tokens import Minted, TokenService
 __all__ = ["DispatchRun", "Ended"]
 
 log = logging.getLogger(__name__)
+
+
+class _MemberOutcome(TypedDict):
+    """One member's end in a team dispatch, as stored in its `member_results` and shown to its caller."""
+
+    member: int
+    sandbox_id: NotRequired[str]  # absent when the member raised instead of ending with an exit code
+    status: str
+    result: str | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ class DispatchRun:
         if shared:
             made.append(shared)
         await self._board.write(row.id, sandbox_id=shared)
-        outcomes: list[dict[str, Any]] = [{} for _ in row.members]
+        by_member: dict[int, _MemberOutcome] = {}  # every member's task sets its own, or the group raises
         profile = self._profile(row)
         timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
 
@@ -174,17 +184,18 @@ class DispatchRun:
                     sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
                     made.append(sandbox_id)
                 ran = await self._runners.run(Job(profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout))
-                outcomes[index] = {
+                by_member[index] = {
                     "member": index, "sandbox_id": sandbox_id, "status": "completed" if ran.is_ok else "failed",
                     "result": ran.output[-RESULT_CAP:],
                     "error": None if ran.is_ok else f"exit code {ran.exit_code}: {ran.stderr.strip()[-500:]}",
                 }
             except (DockyardError, TimeoutError) as exc:
-                outcomes[index] = {"member": index, "status": "failed", "result": None, "error": str(exc) or "timed out"}
+                by_member[index] = {"member": index, "status": "failed", "result": None, "error": str(exc) or "timed out"}
 
         async with anyio.create_task_group() as tg:
             for index, prompt in enumerate(row.members):
                 tg.start_soon(member, index, prompt)
+        outcomes = [by_member[index] for index in range(len(row.members))]
         await self._board.write(row.id, member_results=outcomes)
         together = "\n".join(f"[member {o['member']}] {(o.get('result') or '').strip()}" for o in outcomes) + "\n"
         failed = [o for o in outcomes if o["status"] != "completed"]

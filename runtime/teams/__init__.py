@@ -24,8 +24,9 @@ receipt the sender sees.
 
 The rooms: `service` (team and member rows, spawning, shutting down), `access` (who is who),
 `messaging` (inboxes, delivery, receipts, wake-ups), `tasks` (the task list and plans),
-`members` (the member loop and its turns), `states` (the lifecycles), `views` (results and
-the restart notice).
+`members` (the member loop and its turns, run by the runner core), `membertools` (the team
+tools a member calls, each declared once for the MCP tool and the `llm` runner), `states` (the
+lifecycles), `views` (results and the restart notice).
 """
 
 from dockyard.runtime.teams.service import ISOLATIONS, TeamService

@@ -5,7 +5,7 @@ A member's first turn works on the prompt it was spawned with; each later turn w
 message that arrived meanwhile, and when it ends those messages count as delivered. Before a
 turn the member gets its sandbox (its own, or a seat in the team's shared one) and a token for
 its state: a member in plan mode works with the team tools alone until its plan is approved.
-`_run_runner` is the one place a member's runner runs.
+`_run` hands each turn to the runner core (`dockyard.runtime.runners`), as dispatch does.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from sqlmodel import Session, select
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, StateError
 from dockyard.runtime.provision import MEMBER_USERS
-from dockyard.runtime.runners.llm import TOOLS, opening, run_llm, sandbox_tools
+from dockyard.runtime.runners import InSandbox, Job, LlmTools, Runners, SandboxTools, opening
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
 from dockyard.runtime.store import Member, Message, PlanStatus, Store, Team, Token, utcnow
 from dockyard.runtime.teams.access import TeamAccess, owner, run_of, team_owner
-from dockyard.runtime.teams.membertools import PLAN_BLOCKED, TEAM_TOOLS, TeamTools, call_team_tool
+from dockyard.runtime.teams.membertools import MEMBER_TOOLS, PLAN_BLOCKED, TEAM_TOOLS, TeamTools, call_team_tool
 from dockyard.runtime.teams.messaging import INBOX_DIR, Messaging
 from dockyard.runtime.teams.states import BEGIN_TURN, FAIL_MEMBER, LIVE_MEMBER, PREPARE_MEMBER, REST_MEMBER, Transition
 from dockyard.runtime.teams.views import as_text, wire
@@ -66,6 +66,7 @@ class MemberLoop:
         store: Store,
         audit: AuditLog,
         sandboxes: SandboxService,
+        runners: Runners,
         tokens: TokenService,
         access: TeamAccess,
         messaging: Messaging,
@@ -75,6 +76,7 @@ class MemberLoop:
         self._store = store
         self._audit = audit
         self._sandboxes = sandboxes
+        self._runners = runners
         self._tokens = tokens
         self._access = access
         self._messaging = messaging
@@ -236,7 +238,7 @@ class MemberLoop:
             owner, "team.turn", target=member.team_id, outcome="started", detail={"member": member.role, "turn": turn}
         )
         try:
-            output, error = await self._run_runner(member, owner, env, text, messages, turn)
+            output, error = await self._run(member, owner, env, text, messages, turn)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._audit.append(
@@ -270,63 +272,64 @@ class MemberLoop:
                 detail={"member": member.role, "turn": turn, "error": error, "started_id": begun.id},
             )
 
-    async def _run_runner(
+    async def _run(
         self, member: Member, owner: Identity, env: dict[str, str], text: str, messages: list[Message], turn: int
     ) -> tuple[str | None, str | None]:
-        """Run the member's runner for one turn: its output, and why it failed if it did."""
+        """Run the member's runner for one turn, through the runner core: its output, and why it
+        failed if it did. An `llm` member goes on with its stored conversation, `text` a new user turn."""
         profile = self._settings.runners[member.runner]
-        output, error = None, None
+        is_script = profile.kind == "script"
+        conversation = await self._conversation(member, text) if profile.kind == "llm" else None
+        job = Job(
+            profile,
+            prompt=member.prompt if is_script else text,
+            owner=owner,
+            where=InSandbox(member.sandbox_id or ""),
+            timeout_s=min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s),
+            env=env,
+            stdin="".join(json.dumps(wire(m)) + "\n" for m in messages) if is_script else None,
+            conversation=conversation,
+            system=_system(member),
+            tools=LlmTools(TEAM_TOOLS, lambda sandbox: self._carry_out(member, owner, sandbox)),
+        )
         try:
-            with anyio.fail_after(profile.timeout_s):
-                if profile.kind == "llm":
-                    output = await self._llm_turn(member, owner, env, text)
-                else:
-                    stdin = "".join(json.dumps(wire(m)) + "\n" for m in messages) if profile.kind == "script" else None
-                    work: str | list[str] = (
-                        member.prompt
-                        if profile.kind == "script"
-                        else [a.replace("{prompt}", text) for a in profile.argv]
-                    )
-                    ran = await self._sandboxes.exec(
-                        owner,
-                        member.sandbox_id or "",
-                        work,
-                        stdin=stdin,
-                        runner_env=env,
-                        timeout_s=min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s),
-                    )
-                    output = ran.stdout[-_OUTPUT_CAP:]
-                    if ran.timed_out or ran.exit_code != 0:
-                        error = f"turn {turn} exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
-        except TimeoutError:
-            error = f"turn {turn} did not finish within {profile.timeout_s} s"
+            ran = await self._runners.run(job)
         except DockyardError as exc:
-            error = f"turn {turn} failed: {exc}"
-        return output, error
+            return None, f"turn {turn} failed: {exc}"
+        finally:
+            if conversation is not None:  # what the model said and did so far, even if cut short
+                with anyio.CancelScope(shield=True):
+                    await self._store.update(Member, member.id, conversation=conversation)
+        output = ran.output[-_OUTPUT_CAP:]
+        if ran.timed_out:
+            return output or None, f"turn {turn} did not finish within {job.timeout_s} s"
+        if not ran.is_ok:
+            return output, f"turn {turn} exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}"
+        return output, None
 
-    async def _llm_turn(self, member: Member, owner: Identity, env: dict[str, str], text: str) -> str:
-        """Go on with the member's conversation: `text` is a new user turn (part of `_run_runner`)."""
+    async def _conversation(self, member: Member, text: str) -> list[dict[str, Any]]:
+        """An `llm` member's conversation with `text` as its new user turn, stored before the turn runs."""
         row = await self._store.get(Member, member.id)
         assert row is not None
         conversation = list(row.conversation or opening(text, _system(member)))
         if row.conversation:
             conversation.append({"role": "user", "content": text})
         await self._store.update(Member, member.id, conversation=conversation)
-        sandbox = sandbox_tools(self._sandboxes, owner, member.sandbox_id or "", env)
+        return conversation
+
+    def _carry_out(self, member: Member, owner: Identity, sandbox: SandboxTools) -> SandboxTools:
+        """What carries out an `llm` member's tool calls: the team tools in process, as the
+        member, and the sandbox tools, refused while a plan waits for approval."""
 
         async def carry_out(name: str, arguments: dict[str, Any]) -> str:
             current = await self._store.get(Member, member.id)
             if name in PLAN_BLOCKED and current is not None and _planning(current):
                 return f"error: {name} is not allowed yet: you are in plan mode; propose a plan with team_propose_plan and wait for approval"
-            if name.startswith("team_"):
+            if name in MEMBER_TOOLS:
                 return await call_team_tool(self._tools, owner, member.team_id, name, arguments)
             return await sandbox(name, arguments)
 
-        try:
-            return await run_llm(self._settings.runners[member.runner], conversation, carry_out, [*TOOLS, *TEAM_TOOLS])
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._store.update(Member, member.id, conversation=conversation)
+        return carry_out
 
     async def _move(self, member_id: str, transition: Transition[Any], **values: object) -> None:
         """Move a member along its lifecycle (and set `values`) in one transaction."""

@@ -23,6 +23,7 @@ from dockyard.runtime.models import (
     TeamInfo,
     TeamView,
 )
+from dockyard.runtime.runners import Runners
 from dockyard.runtime.runs import link_run
 from dockyard.runtime.sandboxes import SandboxService
 from dockyard.runtime.settings import Identity, Settings
@@ -56,7 +57,13 @@ class TeamService:
     """Creates teams and members, and hands messages, tasks, plans and turns to their rooms."""
 
     def __init__(
-        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        sandboxes: SandboxService,
+        tokens: TokenService,
+        runners: Runners,
     ) -> None:
         self._settings = settings
         self._limits = settings.teams
@@ -68,7 +75,7 @@ class TeamService:
         self._messaging = Messaging(settings.teams, store, audit, sandboxes, self._access)
         self._tasks = TaskList(settings.teams, store, audit, self._access, self._messaging)
         self._plans = Plans(store, audit, self._access, self._messaging)
-        self._loop = MemberLoop(settings, store, audit, sandboxes, tokens, self._access, self._messaging, self)
+        self._loop = MemberLoop(settings, store, audit, sandboxes, runners, tokens, self._access, self._messaging, self)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Mark members a stop interrupted, restart every member's loop, then hold the loops."""
