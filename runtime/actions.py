@@ -25,7 +25,7 @@ class Action(StrEnum):
     SANDBOX_LIST_FILES = "sandbox.list_files"
     SANDBOX_EXPOSE_PORT = "sandbox.expose_port"
     SANDBOX_SNAPSHOT = "sandbox.snapshot"
-    SANDBOX_LIST = "sandbox.list"  # sandbox_list and snapshot_list
+    SANDBOX_LIST = "sandbox.list"
     SANDBOX_DESTROY = "sandbox.destroy"
     SANDBOX_EXPIRE = "sandbox.expire"  # dockyard destroys a sandbox whose ttl ran out
     SNAPSHOT_DELETE = "snapshot.delete"

@@ -53,7 +53,7 @@ _VERIFY_BATCH = 1000
 class AuditRecord:
     """An action in progress; fill `detail` and `target` as they become known."""
 
-    kind: Action | str  # str: until teams and dispatch name their actions too
+    kind: Action
     target: str | None
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -83,7 +83,7 @@ class AuditLog:
     async def append(
         self,
         who: Identity,
-        kind: Action | str,  # str: until teams and dispatch name their actions too
+        kind: Action,
         *,
         target: str | None,
         outcome: str,
@@ -190,7 +190,7 @@ class AuditLog:
     async def record(
         self,
         who: Identity,
-        kind: Action | str,  # str: until teams and dispatch name their actions too
+        kind: Action,
         target: str | None = None,
         *,
         started: bool = False,

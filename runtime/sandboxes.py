@@ -430,12 +430,12 @@ class SandboxService:
         self,
         who: Identity,
         sandbox_id: str,
-        action: Action | str,  # str: until teams and dispatch name their actions too
+        action: Action,
     ) -> None:
         """Raise (and audit) unless the sandbox is the caller's and live."""
         await self._owned(who, sandbox_id, action)
 
-    async def _owned(self, who: Identity, sandbox_id: str, action: Action | str) -> Sandbox:
+    async def _owned(self, who: Identity, sandbox_id: str, action: Action) -> Sandbox:
         """The caller's live sandbox; a sandbox that is not theirs is unknown to them (and the
         attempt is audited as denied)."""
         row = await self._store.get(Sandbox, sandbox_id)

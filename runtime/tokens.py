@@ -88,8 +88,8 @@ class TokenService:
     async def require(
         self,
         who: Identity,
-        scope: Scope | str,  # str: until teams and dispatch name their actions too
-        action: Action | str,  # str: until teams and dispatch name their actions too
+        scope: Scope,
+        action: Action,
         target: str | None = None,
     ) -> Identity:
         """`who`, if it holds `scope`; otherwise a denied row in the audit log and a ScopeError."""
@@ -108,7 +108,7 @@ class TokenService:
     async def live(
         self,
         who: Identity,
-        action: Action | str,  # str: until teams and dispatch name their actions too
+        action: Action,
         target: str | None = None,
     ) -> Identity:
         """`who`, if the token it acts with is still live (not revoked, not expired); else an
@@ -125,7 +125,7 @@ class TokenService:
         self,
         who: Identity,
         owner_user_id: str,
-        action: Action | str,  # str: until teams and dispatch name their actions too
+        action: Action,
         target: str,
         what: str,
     ) -> None:
@@ -142,7 +142,7 @@ class TokenService:
     async def deny(
         self,
         who: Identity,
-        action: Action | str,  # str: until teams and dispatch name their actions too
+        action: Action,
         message: str,
         target: str | None = None,
     ) -> AccessDeniedError:
@@ -266,7 +266,7 @@ class TokenService:
         self,
         owner: Identity,
         run_id: str,
-        scopes: Sequence[Scope | str],  # str: until teams and dispatch name their actions too
+        scopes: Sequence[Scope],
         expires_at: datetime,
         sandbox_id: str | None,
         parent_id: str | None = None,

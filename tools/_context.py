@@ -47,7 +47,7 @@ def caller(ctx: EngineContext) -> Identity:
 
 async def current(
     ctx: EngineContext,
-    action: Action | str,  # str: until teams and dispatch name their actions too
+    action: Action,
 ) -> Identity:
     """The caller, if the token it acts with is still live (a session opened with a token that
     was revoked since is refused); else the refusal is audited and raised."""
@@ -56,8 +56,8 @@ async def current(
 
 async def authorized(
     ctx: EngineContext,
-    scope: Scope | str,  # str: until teams and dispatch name their actions too
-    action: Action | str,  # str: until teams and dispatch name their actions too
+    scope: Scope,
+    action: Action,
     target: str | None = None,
 ) -> Identity:
     """The caller, if their token is live and holds `scope`; else the refusal is audited and raised."""
@@ -78,8 +78,8 @@ def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]
 
 async def any_of(
     ctx: EngineContext,
-    scopes: Sequence[Scope | str],  # str: until teams and dispatch name their actions too
-    action: Action | str,  # str: until teams and dispatch name their actions too
+    scopes: Sequence[Scope],
+    action: Action,
 ) -> Identity:
     """The caller, if their token holds at least one of `scopes` (for read-only listings)."""
     who = await current(ctx, action)

@@ -10,6 +10,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.errors import DockyardError, NotFoundError
 from dockyard.runtime.models import DispatchInfo
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
@@ -79,7 +80,7 @@ async def dispatch(
     Team modes run one runner per member and combine their results. 'user_pc' runs on the
     user's own machine where the server allows it, after the user confirms. Collect the
     result with await_dispatch; stop it with cancel_dispatch."""
-    who = await authorized(ctx, "dispatch:create", "dispatch.create")
+    who = await authorized(ctx, Scope.DISPATCH_CREATE, Action.DISPATCH_CREATE)
     return await engine(ctx).dispatches.dispatch(
         who, mode=mode, rationale=rationale, task_summary=task_summary, prompt=prompt, runner=runner,
         sandbox_id=sandbox_id, members=members, consent=_consent(consent),
@@ -96,7 +97,7 @@ async def await_dispatch(
     completed, failed, cancelled, interrupted) with its result or error. If it is still
     running at the timeout, call again: the same dispatch goes on. A dispatch that was running
     when dockyard restarted is 'interrupted' and is not re-run."""
-    who = await authorized(ctx, "dispatch:read", "dispatch.await", dispatch_id)
+    who = await authorized(ctx, Scope.DISPATCH_READ, Action.DISPATCH_AWAIT, dispatch_id)
     steps = 0
 
     async def progress(status: str) -> None:
@@ -110,7 +111,7 @@ async def await_dispatch(
 async def dispatch_resource(dispatch_id: str, ctx: EngineContext) -> str:
     """A dispatch's status and result, as JSON. Subscribe to be told when it changes."""
     try:
-        who = await authorized(ctx, "dispatch:read", "dispatch.read", dispatch_id)
+        who = await authorized(ctx, Scope.DISPATCH_READ, Action.DISPATCH_READ, dispatch_id)
         return (await engine(ctx).dispatches.get(who, dispatch_id)).model_dump_json()
     except NotFoundError as exc:
         raise ResourceNotFoundError(str(exc)) from exc
@@ -122,7 +123,7 @@ async def dispatch_resource(dispatch_id: str, ctx: EngineContext) -> str:
 async def cancel_dispatch(ctx: EngineContext, dispatch_id: DispatchId) -> DispatchInfo:
     """Stop a dispatch: its runner is killed and its sandbox goes back to the pool. A dispatch
     that already finished keeps its result."""
-    who = await authorized(ctx, "dispatch:create", "dispatch.cancel", dispatch_id)
+    who = await authorized(ctx, Scope.DISPATCH_CREATE, Action.DISPATCH_CANCEL, dispatch_id)
     return await engine(ctx).dispatches.cancel(who, dispatch_id)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.models import (
     Inbox,
     MemberInfo,
@@ -30,7 +31,7 @@ from dockyard.tools._errors import tool_errors
 __all__ = ["register"]
 
 TeamId = Annotated[str, Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64)]
-_TEAM = ["team:lead", "team:member"]
+_TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
 
 
 class NewTask(BaseModel):
@@ -38,7 +39,7 @@ class NewTask(BaseModel):
     detail: str | None = Field(None, max_length=10_000)
 
 
-async def _anyone(ctx: EngineContext, action: str) -> Identity:
+async def _anyone(ctx: EngineContext, action: Action) -> Identity:
     return await any_of(ctx, _TEAM, action)
 
 
@@ -46,7 +47,7 @@ async def _anyone(ctx: EngineContext, action: str) -> Identity:
 async def team_create(ctx: EngineContext, name: Annotated[str, Field(min_length=1, max_length=100, description="A name for the team.")]) -> TeamInfo:
     """Create an empty team that you lead. Add members with team_spawn, tasks with
     team_add_tasks; follow it with team_tasks."""
-    who = await authorized(ctx, "team:lead", "team.create")
+    who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CREATE)
     return await engine(ctx).teams.create(who, name)
 
 
@@ -63,7 +64,7 @@ async def team_spawn(
     """Start a teammate and return at once (fire and forget): it gets a sandbox and its own
     token and takes its first turn on the prompt; afterwards every message to it wakes it for
     another turn. Watch it with team_tasks, talk to it with team_message."""
-    who = await authorized(ctx, "team:lead", "team.spawn", team_id)
+    who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SPAWN, team_id)
     return await engine(ctx).teams.spawn(who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode)
 
 
@@ -77,14 +78,14 @@ async def team_message(
     """Send a message to one member (any member may message any other) or to the lead. It lands
     in the recipient's inbox and wakes it at once if it is idle; `delivered` turns true when the
     recipient has processed it (see team_read). Messaging an interrupted member resumes it."""
-    who = await _anyone(ctx, "team.message")
+    who = await _anyone(ctx, Action.TEAM_MESSAGE)
     return await engine(ctx).teams.message(who, team_id, to, body)
 
 
 @tool_errors
 async def team_broadcast(ctx: EngineContext, team_id: TeamId, body: Body) -> MessagesSent:
     """Send the same message to every other member of the team at once, waking each."""
-    who = await _anyone(ctx, "team.broadcast")
+    who = await _anyone(ctx, Action.TEAM_BROADCAST)
     return await engine(ctx).teams.broadcast(who, team_id, body)
 
 
@@ -93,7 +94,7 @@ async def team_tasks(ctx: EngineContext, team_id: TeamId) -> TeamView:
     """The team at a glance: every member's status (busy, idle, ready, ...), plan and last
     output, and the shared task list with owners and results. After a server restart it tells
     the lead which members were interrupted."""
-    who = await _anyone(ctx, "team.tasks")
+    who = await _anyone(ctx, Action.TEAM_TASKS)
     return await engine(ctx).teams.view(who, team_id)
 
 
@@ -101,7 +102,7 @@ async def team_tasks(ctx: EngineContext, team_id: TeamId) -> TeamView:
 async def team_read(ctx: EngineContext, team_id: TeamId) -> Inbox:
     """Your side of the team's messages: those sent to you, and those you sent with their
     delivery receipts."""
-    who = await _anyone(ctx, "team.read")
+    who = await _anyone(ctx, Action.TEAM_READ)
     return await engine(ctx).teams.inbox(who, team_id)
 
 
@@ -110,7 +111,7 @@ async def team_add_tasks(
     ctx: EngineContext, team_id: TeamId, tasks: Annotated[list[NewTask], Field(min_length=1, max_length=500)]
 ) -> TasksAdded:
     """Add open tasks to the team's shared list, for members to claim with team_claim."""
-    who = await _anyone(ctx, "team.add_tasks")
+    who = await _anyone(ctx, Action.TEAM_ADD_TASKS)
     return await engine(ctx).teams.add_tasks(who, team_id, [(t.title, t.detail) for t in tasks])
 
 
@@ -122,7 +123,7 @@ async def team_claim(
 ) -> TaskInfo:
     """For members: claim an open task. Claims are atomic: a task has one owner, and a claim on
     a task that is taken or done is refused."""
-    who = await _anyone(ctx, "team.claim")
+    who = await _anyone(ctx, Action.TEAM_CLAIM)
     return await engine(ctx).teams.claim(who, team_id, task_id)
 
 
@@ -135,7 +136,7 @@ async def team_complete(
     failed: Failed = False,
 ) -> TaskInfo:
     """For members: finish a task you claimed, as done (or failed) with its result."""
-    who = await _anyone(ctx, "team.complete")
+    who = await _anyone(ctx, Action.TEAM_COMPLETE)
     return await engine(ctx).teams.complete(who, team_id, task_id, result, failed)
 
 
@@ -145,7 +146,7 @@ async def team_propose_plan(
 ) -> MemberInfo:
     """For members in plan mode: hand your plan to the lead. Until the lead approves it you may
     only read and use the team tools; a rejection comes back as a message with feedback."""
-    who = await _anyone(ctx, "team.propose_plan")
+    who = await _anyone(ctx, Action.TEAM_PROPOSE_PLAN)
     return await engine(ctx).teams.propose_plan(who, team_id, plan)
 
 
@@ -159,7 +160,7 @@ async def team_approve_plan(
 ) -> MemberInfo:
     """For the lead: approve a member's pending plan (it may act from its next turn) or reject it
     with feedback (it revises and proposes again). The answer wakes the member."""
-    who = await authorized(ctx, "team:lead", "team.approve_plan", team_id)
+    who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_APPROVE_PLAN, team_id)
     return await engine(ctx).teams.approve_plan(who, team_id, member, approve, feedback)
 
 
@@ -167,7 +168,7 @@ async def team_approve_plan(
 async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
     """For the lead: stop every member (a running turn is killed), revoke their tokens and give
     their sandboxes back to the pool. The team's messages and tasks stay readable."""
-    who = await authorized(ctx, "team:lead", "team.shutdown", team_id)
+    who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SHUTDOWN, team_id)
     return await engine(ctx).teams.shutdown(who, team_id)
 
 
@@ -175,7 +176,7 @@ async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
 async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
     """For the lead: shut the team down if needed, then forget it: members, inboxes, tasks.
     The audit log keeps the record of everything it did."""
-    who = await authorized(ctx, "team:lead", "team.cleanup", team_id)
+    who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CLEANUP, team_id)
     return await engine(ctx).teams.cleanup(who, team_id)
 
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 import anyio
 from sqlmodel import Session, col, func, select
 
+from dockyard.runtime.actions import Scope
 from dockyard.runtime.dispatch.states import Move, step
 from dockyard.runtime.errors import QuotaExceededError
 from dockyard.runtime.models import DispatchInfo
@@ -22,7 +23,7 @@ __all__ = ["INTERRUPTED", "RESULT_CAP", "RUN_SCOPES", "Board", "Running", "info"
 log = logging.getLogger(__name__)
 
 # What a runner's own token may do: work in sandboxes of its run, read dispatches.
-RUN_SCOPES = ["sandbox:exec", "sandbox:files", "dispatch:read"]
+RUN_SCOPES = [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES, Scope.DISPATCH_READ]
 RESULT_CAP = 64 * 1024
 INTERRUPTED = "dockyard stopped while it ran; it was not re-run (dispatch it again if you want it)"
 
@@ -121,7 +122,7 @@ def runner_identity(row: Dispatch) -> Identity:
         project_id=row.project_id,
         user_id=row.user_id,
         run_id=row.id,
-        scopes=["sandbox:create", *RUN_SCOPES],
+        scopes=[Scope.SANDBOX_CREATE, *RUN_SCOPES],
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from dockyard.runtime.actions import Scope
 from dockyard.runtime.errors import InvalidRequestError
 from dockyard.runtime.settings import Identity, Settings
 
@@ -100,7 +101,7 @@ def check_host(settings: Settings, who: Identity, runner: str, consent: str | No
     """A `user_pc` dispatch runs only where config enables it, for a caller holding the scope,
     with a runner allowed on the host, and once the user confirmed it."""
     host = settings.dispatch.user_pc
-    if not who.allows("dispatch:user_pc"):
+    if not who.allows(Scope.DISPATCH_USER_PC):
         raise InvalidRequestError(
             "mode 'user_pc' needs the dispatch:user_pc scope, which this token does not hold; use 'remote'"
         )

@@ -13,7 +13,7 @@ are given back at the next start; one that was still queued starts again then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NotRequired, TypedDict
@@ -21,6 +21,7 @@ from typing import NotRequired, TypedDict
 import anyio
 from sqlmodel import Session
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.dispatch.records import (
     INTERRUPTED,
@@ -110,7 +111,7 @@ class DispatchRun:
         with running.scope:
             try:
                 # On the record before it runs: if dockyard dies mid-run, the next start marks it interrupted.
-                begun = (await self._audit.append(owner, "dispatch.run", target=row.id, outcome="started",
+                begun = (await self._audit.append(owner, Action.DISPATCH_RUN, target=row.id, outcome="started",
                                                   detail={"mode": row.mode, "runner": row.runner})).id
                 ended = await self._work(row, owner, made)
             except TimeoutError:
@@ -158,7 +159,7 @@ class DispatchRun:
         await self._board.move(row.id, START, started_at=utcnow())
         assert row.prompt is not None
         profile = self._profile(row)
-        token = await self._run_token(row, owner, ["dispatch:read"], profile.timeout_s, None)
+        token = await self._run_token(row, owner, [Scope.DISPATCH_READ], profile.timeout_s, None)
         job = Job(profile, row.prompt, owner, OnHost(host_dir(self._settings)), profile.timeout_s, env=runner_env(row, token.token))
         return Ended.of(await self._runners.run(job), profile.timeout_s)
 
@@ -215,11 +216,11 @@ class DispatchRun:
         for sandbox_id in made:
             await self._give_back(owner, row.id, sandbox_id)
         await self._board.move(row.id, ended.status, finished_at=utcnow())
-        await self._audit.append(owner, "dispatch.finish", target=row.id,
+        await self._audit.append(owner, Action.DISPATCH_FINISH, target=row.id,
                                  outcome="ok" if ended.status == DispatchStatus.COMPLETED else "error",
                                  detail={"status": ended.status, "error": ended.error, "started_id": begun})
 
-    async def _run_token(self, row: Dispatch, owner: Identity, scopes: list[str], timeout_s: int, sandbox_id: str | None) -> Minted:
+    async def _run_token(self, row: Dispatch, owner: Identity, scopes: Sequence[Scope], timeout_s: int, sandbox_id: str | None) -> Minted:
         """The run's own token, minted from the token that created the dispatch (revoking that
         one revokes this), and recorded as the only proof `submit` accepts for this dispatch."""
         token = await self._tokens.mint_for_run(

@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 from sqlmodel import Session, col, or_, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.dispatch.records import (
     INTERRUPTED,
@@ -147,7 +148,7 @@ class DispatchService:
         async def refuse(exc: DockyardError) -> None:
             decision.reason = str(exc)
             await self._store.add(decision)
-            await self._audit.append(who, "dispatch.create", target=None, outcome="error",
+            await self._audit.append(who, Action.DISPATCH_CREATE, target=None, outcome="error",
                                      detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id,
                                          "consent": consent})
 
@@ -157,7 +158,7 @@ class DispatchService:
                 check_host(self._settings, who, runner, consent)
             if used == Mode.LOCAL:
                 assert sandbox_id is not None
-                await self._sandboxes.check_owned(who, sandbox_id, "dispatch.create")
+                await self._sandboxes.check_owned(who, sandbox_id, Action.DISPATCH_CREATE)
         except DockyardError as exc:
             await refuse(exc)
             raise
@@ -192,7 +193,7 @@ class DispatchService:
             decision.dispatch_id, decision.outcome = None, "refused"
             await refuse(exc)
             raise
-        await self._audit.append(who, "dispatch.create", target=row.id, outcome="ok",
+        await self._audit.append(who, Action.DISPATCH_CREATE, target=row.id, outcome="ok",
                                  detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id,
                                          "consent": consent})
         self._start(row)
@@ -218,17 +219,17 @@ class DispatchService:
         for it, a revoked one), a caller of another workspace, or a second submission is refused
         and audited.
         """
-        await self._tokens.live(who, "dispatch.submit", dispatch_id)
+        await self._tokens.live(who, Action.DISPATCH_SUBMIT, dispatch_id)
         try:
             runner = await self._tokens.verify(proof)
         except DockyardError as exc:
-            raise await self._tokens.deny(who, "dispatch.submit", f"the proof is not this run's token: {exc}", dispatch_id) from exc
+            raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, f"the proof is not this run's token: {exc}", dispatch_id) from exc
         row = await self._store.get(Dispatch, dispatch_id)
         if row is None or row.workspace_id != who.workspace_id:
-            await self._tokens.deny(who, "dispatch.submit", "no such dispatch in the caller's reach", dispatch_id)
+            await self._tokens.deny(who, Action.DISPATCH_SUBMIT, "no such dispatch in the caller's reach", dispatch_id)
             raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
         if not hmac.compare_digest((row.run_token_id or "").encode(), (runner.token_id or "-").encode()):
-            raise await self._tokens.deny(who, "dispatch.submit", "the proof is not the token dockyard minted for this dispatch's run",
+            raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, "the proof is not the token dockyard minted for this dispatch's run",
                                           dispatch_id)
 
         def accept(session: Session) -> None:
@@ -241,8 +242,8 @@ class DispatchService:
         try:
             await self._store.run(accept)
         except StateError as exc:
-            raise await self._tokens.deny(who, "dispatch.submit", str(exc), dispatch_id) from exc
-        await self._audit.append(runner, "dispatch.submit", target=dispatch_id, outcome="ok",
+            raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, str(exc), dispatch_id) from exc
+        await self._audit.append(runner, Action.DISPATCH_SUBMIT, target=dispatch_id, outcome="ok",
                                  detail={"size": len(result), "token_id": runner.token_id})
         row = await self._store.get(Dispatch, dispatch_id)
         assert row is not None
@@ -280,7 +281,7 @@ class DispatchService:
         """Stop a dispatch's runner and free its runtime; a finished one stays as it ended.
         Another user's dispatch needs workspace:admin."""
         row = await self._owned(who, dispatch_id)
-        await self._tokens.may_end(who, row.user_id, "dispatch.cancel", dispatch_id, "dispatch")
+        await self._tokens.may_end(who, row.user_id, Action.DISPATCH_CANCEL, dispatch_id, "dispatch")
         if row.status not in DispatchStatus.FINAL:
             running = self._board.running.get(dispatch_id)
             if running is not None:
@@ -290,7 +291,7 @@ class DispatchService:
                         await anyio.sleep(0.05)
             else:
                 row = await self._board.move(dispatch_id, CANCEL, error="cancelled by its owner", finished_at=utcnow())
-        await self._audit.append(who, "dispatch.cancel", target=dispatch_id, outcome="ok",
+        await self._audit.append(who, Action.DISPATCH_CANCEL, target=dispatch_id, outcome="ok",
                                  detail={"status": row.status, "token_id": who.token_id})
         return info(row, None)
 

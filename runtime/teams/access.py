@@ -4,9 +4,11 @@ identities dockyard acts as for a team's sandbox work."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from sqlmodel import col, select
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.errors import InvalidRequestError, NotFoundError
 from dockyard.runtime.settings import Identity
 from dockyard.runtime.store import Member, MemberStatus, Store, Team, TeamStatus
@@ -16,8 +18,8 @@ from dockyard.runtime.tokens import TokenService
 __all__ = ["TeamAccess", "is_member", "owner", "run_of", "team_owner"]
 
 # What a lead may still do with a team it shut down.
-_AFTER_SHUTDOWN = ("team.tasks", "team.read", "team.shutdown", "team.cleanup")
-_SANDBOX_WORK = ["sandbox:create", "sandbox:exec", "sandbox:files"]
+_AFTER_SHUTDOWN = (Action.TEAM_TASKS, Action.TEAM_READ, Action.TEAM_SHUTDOWN, Action.TEAM_CLEANUP)
+_SANDBOX_WORK = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
 
 
 class TeamAccess:
@@ -27,7 +29,7 @@ class TeamAccess:
         self._store = store
         self._tokens = tokens
 
-    async def team(self, who: Identity, team_id: str, action: str) -> Team:
+    async def team(self, who: Identity, team_id: str, action: Action) -> Team:
         """A team of the caller's workspace, else a refusal on the record."""
         team = await self._store.get(Team, team_id)
         if team is None or team.workspace_id != who.workspace_id:
@@ -35,7 +37,7 @@ class TeamAccess:
             raise NotFoundError(f"unknown team '{team_id}'; team_create returns the ids of your teams")
         return team
 
-    async def party(self, who: Identity, team: Team, action: str) -> str:
+    async def party(self, who: Identity, team: Team, action: Action) -> str:
         """The caller's place in the team: 'lead', or its member id. A member is who dockyard
         spawned: the caller must present the very token dockyard minted for that member."""
         if is_member(who):
@@ -52,7 +54,7 @@ class TeamAccess:
             if member.status == MemberStatus.STOPPED:
                 raise await self._tokens.deny(who, action, f"'{member.role}' was shut down", team.id)
             return member.id
-        if who.allows("team:lead"):
+        if who.allows(Scope.TEAM_LEAD):
             if team.status != TeamStatus.ACTIVE and action not in _AFTER_SHUTDOWN:
                 raise InvalidRequestError(
                     f"team '{team.id}' is shut down; team_cleanup forgets it, team_create starts a new one"
@@ -62,7 +64,7 @@ class TeamAccess:
             who, action, "team tools need the team:lead scope (the lead) or a member's token", team.id
         )
 
-    async def lead_of(self, who: Identity, team_id: str, action: str) -> Team:
+    async def lead_of(self, who: Identity, team_id: str, action: Action) -> Team:
         """The team, if the caller is its lead."""
         team = await self.team(who, team_id, action)
         if await self.party(who, team, action) != LEAD:
@@ -125,17 +127,17 @@ class TeamAccess:
 
 def is_member(who: Identity) -> bool:
     """Whether the caller acts as a team member (with a member's token)."""
-    return bool(who.run_id and who.run_id.startswith("mem_") and who.allows("team:member"))
+    return bool(who.run_id and who.run_id.startswith("mem_") and who.allows(Scope.TEAM_MEMBER))
 
 
-def run_of(team: Team, run_id: str, scopes: list[str], **extra: str | None) -> Identity:
+def run_of(team: Team, run_id: str, scopes: Sequence[str], **extra: str | None) -> Identity:
     """The lead's attribution, as a run of its own: the team's (its shared sandbox) or a member's."""
     return Identity(
         workspace_id=team.workspace_id,
         project_id=team.project_id,
         user_id=team.user_id,
         run_id=run_id,
-        scopes=scopes,
+        scopes=list(scopes),
         **extra,
     )
 

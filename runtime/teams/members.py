@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 from sqlmodel import Session, select
 
+from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, StateError
 from dockyard.runtime.provision import MEMBER_USERS
@@ -39,9 +40,9 @@ __all__ = ["MemberLoop"]
 log = logging.getLogger(__name__)
 
 # A member's token: the team tools, work in its own sandbox, and helpers it may dispatch.
-_MEMBER_SCOPES = ["team:member", "sandbox:exec", "sandbox:files", "dispatch:create", "dispatch:read"]
+_MEMBER_SCOPES = [Scope.TEAM_MEMBER, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES, Scope.DISPATCH_CREATE, Scope.DISPATCH_READ]
 # Until the lead approves its plan, a member in plan mode may only use the team tools.
-_PLANNING_SCOPES = ["team:member"]
+_PLANNING_SCOPES = [Scope.TEAM_MEMBER]
 _OUTPUT_CAP = 64 * 1024
 
 
@@ -174,7 +175,7 @@ class MemberLoop:
             return False
         return True
 
-    async def _member_scopes(self, member: Member, team: Team) -> list[str]:
+    async def _member_scopes(self, member: Member, team: Team) -> list[Scope]:
         """team:member, plus (once any plan is approved) the member's work scopes that its lead
         holds too: a member never gets more than the lead who spawned it."""
         if _planning(member):
@@ -183,7 +184,7 @@ class MemberLoop:
         if team.lead_token_id is not None:
             token = await self._store.get(Token, team.lead_token_id)
             lead = token.scopes if token is not None else []
-        return ["team:member", *(s for s in _MEMBER_SCOPES if s != "team:member" and ("*" in lead or s in lead))]
+        return [Scope.TEAM_MEMBER, *(s for s in _MEMBER_SCOPES if s != Scope.TEAM_MEMBER and ("*" in lead or s in lead))]
 
     async def _sandbox_for(self, member: Member) -> str:
         team = await self._access.team_row(member.team_id)
@@ -235,7 +236,7 @@ class MemberLoop:
         env = _member_env(member, team, live, turn)
         # On the record before it runs: if dockyard dies mid-turn, the next start marks it interrupted.
         begun = await self._audit.append(
-            owner, "team.turn", target=member.team_id, outcome="started", detail={"member": member.role, "turn": turn}
+            owner, Action.TEAM_TURN, target=member.team_id, outcome="started", detail={"member": member.role, "turn": turn}
         )
         try:
             output, error = await self._run(member, owner, env, text, messages, turn)
@@ -243,7 +244,7 @@ class MemberLoop:
             with anyio.CancelScope(shield=True):
                 await self._audit.append(
                     owner,
-                    "team.turn",
+                    Action.TEAM_TURN,
                     target=member.team_id,
                     outcome="cancelled",
                     detail={"member": member.role, "turn": turn, "started_id": begun.id},
@@ -266,7 +267,7 @@ class MemberLoop:
             await self._store.run(deliver)
             await self._audit.append(
                 owner,
-                "team.turn",
+                Action.TEAM_TURN,
                 target=member.team_id,
                 outcome="error" if error else "ok",
                 detail={"member": member.role, "turn": turn, "error": error, "started_id": begun.id},

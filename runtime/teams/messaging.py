@@ -13,6 +13,7 @@ import logging
 import anyio
 from sqlmodel import Session, col, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError, SizeLimitError
 from dockyard.runtime.models import Inbox, MessageInfo, MessagesSent
@@ -71,10 +72,10 @@ class Messaging:
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> MessagesSent:
         """Append a message to one inbox (a member's by role, or the lead's) and wake its owner."""
         async with self._audit.record(
-            who, "team.message", team_id, to=to, size=len(body.encode()), token_id=who.token_id
+            who, Action.TEAM_MESSAGE, team_id, to=to, size=len(body.encode()), token_id=who.token_id
         ) as rec:
-            team = await self._access.team(who, team_id, "team.message")
-            sender = await self._access.party(who, team, "team.message")
+            team = await self._access.team(who, team_id, Action.TEAM_MESSAGE)
+            sender = await self._access.party(who, team, Action.TEAM_MESSAGE)
             self.check_body(body)
             recipient = LEAD if to == LEAD else await self._access.reachable(team, to)
             if recipient == sender:
@@ -87,10 +88,10 @@ class Messaging:
     async def broadcast(self, who: Identity, team_id: str, body: str) -> MessagesSent:
         """Append a message to every member's inbox (but the sender's) and wake them all."""
         async with self._audit.record(
-            who, "team.broadcast", team_id, size=len(body.encode()), token_id=who.token_id
+            who, Action.TEAM_BROADCAST, team_id, size=len(body.encode()), token_id=who.token_id
         ) as rec:
-            team = await self._access.team(who, team_id, "team.broadcast")
-            sender = await self._access.party(who, team, "team.broadcast")
+            team = await self._access.team(who, team_id, Action.TEAM_BROADCAST)
+            sender = await self._access.party(who, team, Action.TEAM_BROADCAST)
             self.check_body(body)
             members = await self._store.run(
                 lambda s: list(
@@ -113,8 +114,8 @@ class Messaging:
     async def inbox(self, who: Identity, team_id: str) -> Inbox:
         """Messages to the caller and the receipts of those it sent. The lead reading its
         inbox is the receipt of what it received."""
-        team = await self._access.team(who, team_id, "team.read")
-        me = await self._access.party(who, team, "team.read")
+        team = await self._access.team(who, team_id, Action.TEAM_READ)
+        me = await self._access.party(who, team, Action.TEAM_READ)
 
         def read(session: Session) -> tuple[list[Message], list[Message], list[Member]]:
             received = list(

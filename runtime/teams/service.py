@@ -11,6 +11,7 @@ import anyio.abc
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import DockyardError, InvalidRequestError
 from dockyard.runtime.models import (
@@ -119,7 +120,7 @@ class TeamService:
             user_id=who.user_id,
             lead_token_id=who.token_id,
         )
-        async with self._audit.record(who, "team.create", team.id, name=name, token_id=who.token_id):
+        async with self._audit.record(who, Action.TEAM_CREATE, team.id, name=name, token_id=who.token_id):
 
             def insert(session: Session) -> None:
                 session.add(team)
@@ -143,7 +144,7 @@ class TeamService:
         runner = runner or "script"
         async with self._audit.record(
             who,
-            "team.spawn",
+            Action.TEAM_SPAWN,
             team_id,
             role=role,
             runner=runner,
@@ -151,7 +152,7 @@ class TeamService:
             plan_mode=plan_mode,
             token_id=who.token_id,
         ) as rec:
-            team = await self._access.lead_of(who, team_id, "team.spawn")
+            team = await self._access.lead_of(who, team_id, Action.TEAM_SPAWN)
             role = role.strip()
             if not role or len(role) > 64 or role == LEAD or not all(c.isalnum() or c in "-_." for c in role):
                 raise InvalidRequestError("a role is 1 to 64 letters, digits, '-', '_' or '.', and not 'lead'")
@@ -197,18 +198,18 @@ class TeamService:
     async def shutdown(self, who: Identity, team_id: str) -> TeamView:
         """Stop every member (a running turn is killed), revoke their tokens and give their
         sandboxes back to the pool."""
-        async with self._audit.record(who, "team.shutdown", team_id, token_id=who.token_id):
-            team = await self._access.lead_of(who, team_id, "team.shutdown")
-            await self._tokens.may_end(who, team.user_id, "team.shutdown", team.id, "team")
+        async with self._audit.record(who, Action.TEAM_SHUTDOWN, team_id, token_id=who.token_id):
+            team = await self._access.lead_of(who, team_id, Action.TEAM_SHUTDOWN)
+            await self._tokens.may_end(who, team.user_id, Action.TEAM_SHUTDOWN, team.id, "team")
             await self._stop_all(team)
         return await self.view(who, team_id)
 
     async def cleanup(self, who: Identity, team_id: str) -> TeamForgotten:
         """Shut the team down if it is not, then forget it: members, inboxes (rows and mirror
         files), tasks and the team itself. The audit keeps the record of what happened."""
-        async with self._audit.record(who, "team.cleanup", team_id, token_id=who.token_id) as rec:
-            team = await self._access.lead_of(who, team_id, "team.cleanup")
-            await self._tokens.may_end(who, team.user_id, "team.cleanup", team.id, "team")
+        async with self._audit.record(who, Action.TEAM_CLEANUP, team_id, token_id=who.token_id) as rec:
+            team = await self._access.lead_of(who, team_id, Action.TEAM_CLEANUP)
+            await self._tokens.may_end(who, team.user_id, Action.TEAM_CLEANUP, team.id, "team")
             await self._stop_all(team)
 
             def forget(session: Session) -> dict[str, int]:
@@ -237,8 +238,8 @@ class TeamService:
 
     async def view(self, who: Identity, team_id: str) -> TeamView:
         """Every member's status and the shared task list."""
-        team = await self._access.team(who, team_id, "team.tasks")
-        party = await self._access.party(who, team, "team.tasks")
+        team = await self._access.team(who, team_id, Action.TEAM_TASKS)
+        party = await self._access.party(who, team, Action.TEAM_TASKS)
 
         def read(session: Session) -> tuple[list[Member], list[TeamTask]]:
             members = list(

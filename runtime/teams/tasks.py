@@ -10,6 +10,7 @@ import secrets
 
 from sqlmodel import Session, col, select
 
+from dockyard.runtime.actions import Action
 from dockyard.runtime.audit import AuditLog
 from dockyard.runtime.errors import InvalidRequestError
 from dockyard.runtime.models import MemberInfo, TaskInfo, TasksAdded
@@ -37,9 +38,9 @@ class TaskList:
 
     async def add(self, who: Identity, team_id: str, tasks: list[tuple[str, str | None]]) -> TasksAdded:
         """Add open tasks to the shared list."""
-        async with self._audit.record(who, "team.add_tasks", team_id, count=len(tasks), token_id=who.token_id) as rec:
-            team = await self._access.team(who, team_id, "team.add_tasks")
-            author = await self._access.party(who, team, "team.add_tasks")
+        async with self._audit.record(who, Action.TEAM_ADD_TASKS, team_id, count=len(tasks), token_id=who.token_id) as rec:
+            team = await self._access.team(who, team_id, Action.TEAM_ADD_TASKS)
+            author = await self._access.party(who, team, Action.TEAM_ADD_TASKS)
             if not tasks or any(not title.strip() for title, _ in tasks):
                 raise InvalidRequestError("give at least one task, each with a title")
             rows = [
@@ -65,9 +66,9 @@ class TaskList:
 
     async def claim(self, who: Identity, team_id: str, task_id: str | None) -> TaskInfo:
         """Claim an open task for the calling member, atomically: never two owners."""
-        async with self._audit.record(who, "team.claim", task_id or team_id, token_id=who.token_id) as rec:
-            team = await self._access.team(who, team_id, "team.claim")
-            me = await self._access.party(who, team, "team.claim")
+        async with self._audit.record(who, Action.TEAM_CLAIM, task_id or team_id, token_id=who.token_id) as rec:
+            team = await self._access.team(who, team_id, Action.TEAM_CLAIM)
+            me = await self._access.party(who, team, Action.TEAM_CLAIM)
             if me == LEAD:
                 raise InvalidRequestError(
                     "members claim tasks; the lead adds them (team_add_tasks) and reads them (team_tasks)"
@@ -107,9 +108,9 @@ class TaskList:
 
     async def complete(self, who: Identity, team_id: str, task_id: str, result: str, failed: bool) -> TaskInfo:
         """Finish a task the calling member holds, with its result."""
-        async with self._audit.record(who, "team.complete", task_id, failed=failed, token_id=who.token_id):
-            team = await self._access.team(who, team_id, "team.complete")
-            me = await self._access.party(who, team, "team.complete")
+        async with self._audit.record(who, Action.TEAM_COMPLETE, task_id, failed=failed, token_id=who.token_id):
+            team = await self._access.team(who, team_id, Action.TEAM_COMPLETE)
+            me = await self._access.party(who, team, Action.TEAM_COMPLETE)
             self._messaging.check_body(result)
 
             def finish(session: Session) -> TeamTask:
@@ -141,10 +142,10 @@ class Plans:
     async def propose(self, who: Identity, team_id: str, plan: str) -> MemberInfo:
         """A member in plan mode hands its plan to the lead, who approves or rejects it."""
         async with self._audit.record(
-            who, "team.propose_plan", team_id, size=len(plan.encode()), token_id=who.token_id
+            who, Action.TEAM_PROPOSE_PLAN, team_id, size=len(plan.encode()), token_id=who.token_id
         ) as rec:
-            team = await self._access.team(who, team_id, "team.propose_plan")
-            me = await self._access.party(who, team, "team.propose_plan")
+            team = await self._access.team(who, team_id, Action.TEAM_PROPOSE_PLAN)
+            me = await self._access.party(who, team, Action.TEAM_PROPOSE_PLAN)
             if me == LEAD:
                 raise InvalidRequestError("the lead approves plans (team_approve_plan); members propose them")
             self._messaging.check_body(plan)
@@ -180,9 +181,9 @@ class Plans:
         """Approve a member's pending plan (it may act from its next turn) or reject it with
         feedback (it may propose again); either way the answer wakes it."""
         async with self._audit.record(
-            who, "team.approve_plan", team_id, member=member_ref, approve=approve, token_id=who.token_id
+            who, Action.TEAM_APPROVE_PLAN, team_id, member=member_ref, approve=approve, token_id=who.token_id
         ) as rec:
-            team = await self._access.lead_of(who, team_id, "team.approve_plan")
+            team = await self._access.lead_of(who, team_id, Action.TEAM_APPROVE_PLAN)
             member = await self._access.member(team, member_ref)
             rec.target = member.id
             text = feedback.strip() if feedback else ""
