@@ -15,8 +15,8 @@ import docker
 import docker.errors
 from rich.console import Console
 
-from dockyard.runtime.disks import release_all
-from dockyard.runtime.netguard import remove_rules
+from dockyard.runtime.runtimes.disks import release_all
+from dockyard.runtime.runtimes.netguard import remove_rules
 
 __all__ = ["Options", "Run", "say"]
 

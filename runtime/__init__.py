@@ -4,6 +4,6 @@ This package never imports `mcp`, `dockyard.tools` or `dockyard.server`.
 """
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Identity, Settings, load_settings
+from dockyard.runtime.substrate.settings import Identity, Settings, load_settings
 
 __all__ = ["Engine", "Identity", "Settings", "load_settings"]

@@ -10,24 +10,24 @@ from dataclasses import dataclass
 
 import anyio
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.computers import ComputerService
-from dockyard.runtime.dispatch import DispatchService
-from dockyard.runtime.docker import DockerBackend
-from dockyard.runtime.errors import BackendError, DockyardError
-from dockyard.runtime.images import ImageService
-from dockyard.runtime.models import PoolInfo
-from dockyard.runtime.pool import PoolManager
-from dockyard.runtime.poolstatus import pool_status
-from dockyard.runtime.provision import Provisioner
-from dockyard.runtime.runners import Runners
-from dockyard.runtime.sandboxes import SandboxService
-from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import Store
-from dockyard.runtime.supervisor import Supervisors
-from dockyard.runtime.teams import TeamService
-from dockyard.runtime.tokens import TokenService
-from dockyard.runtime.upkeep import PoolUpkeep
+from dockyard.runtime.runtimes.computers import ComputerService
+from dockyard.runtime.runtimes.images import ImageService
+from dockyard.runtime.runtimes.pool import PoolManager
+from dockyard.runtime.runtimes.poolstatus import pool_status
+from dockyard.runtime.runtimes.provision import Provisioner
+from dockyard.runtime.runtimes.sandboxes import SandboxService
+from dockyard.runtime.runtimes.supervisor import Supervisors
+from dockyard.runtime.runtimes.upkeep import PoolUpkeep
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.docker import DockerBackend
+from dockyard.runtime.substrate.errors import BackendError, DockyardError
+from dockyard.runtime.substrate.models import PoolInfo
+from dockyard.runtime.substrate.settings import Identity, Settings
+from dockyard.runtime.substrate.store import Store
+from dockyard.runtime.substrate.tokens import TokenService
+from dockyard.runtime.work.dispatch import DispatchService
+from dockyard.runtime.work.runners import Runners
+from dockyard.runtime.work.teams import TeamService
 
 __all__ = ["Engine", "instance_id"]
 

@@ -7,10 +7,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Store
-from dockyard.runtime.tokens import ADMIN, Minted, TokenService
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Store
+from dockyard.runtime.substrate.tokens import ADMIN, Minted, TokenService
 
 __all__ = ["admin_key", "mint_as_admin"]
 

@@ -11,9 +11,9 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 
-from dockyard.runtime.actions import Scope
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.actions import Scope
+from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.bus import WorkspaceBus
 from dockyard.server.eventloop import without_cancelled_reader_reports

@@ -1,7 +1,7 @@
 """MCP for programs inside a sandbox: each dockyard-bridge session is served like a stdio client.
 
 A process in a sandbox runs `dockyard-bridge`; its bytes arrive over the sandbox's control link
-(see dockyard.runtime.supervisor) and are served by this server's tools, acting as the owner of
+(see dockyard.runtime.runtimes.supervisor) and are served by this server's tools, acting as the owner of
 the sandbox the bridge runs in. The identity comes from the link, never from the bridge, so a
 program in a sandbox cannot claim to be anyone else. A runtime nobody has claimed gets nothing.
 
@@ -28,12 +28,12 @@ from mcp.server.runner import serve_dual_era_loop
 from mcp.server.stdio import stdio_server
 
 from dockyard.config.images.sandbox.protocol import presented_token
-from dockyard.runtime.actions import Action
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import DockyardError
-from dockyard.runtime.provision import USER
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.supervisor import BridgeSession
+from dockyard.runtime.runtimes.provision import USER
+from dockyard.runtime.runtimes.supervisor import BridgeSession
+from dockyard.runtime.substrate.actions import Action
+from dockyard.runtime.substrate.errors import DockyardError
+from dockyard.runtime.substrate.settings import Identity
 from dockyard.tools._context import acting_as
 
 __all__ = ["serve_bridge"]

@@ -17,8 +17,8 @@ import anyio.lowlevel
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.subscriptions import ServerEvent
 
-from dockyard.runtime.actions import Scope
-from dockyard.runtime.settings import Identity
+from dockyard.runtime.substrate.actions import Scope
+from dockyard.runtime.substrate.settings import Identity
 from dockyard.tools._context import CallerToken, acting_as
 
 __all__ = ["WorkspaceBus"]

@@ -13,17 +13,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.auditverify import load_export
-from dockyard.runtime.disks import host_check
-from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import instance_id
-from dockyard.runtime.errors import DockyardError
-from dockyard.runtime.images import ImageService
-from dockyard.runtime.netguard import NetworkGuard
-from dockyard.runtime.poolstatus import pool_status
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Store
+from dockyard.runtime.runtimes.disks import host_check
+from dockyard.runtime.runtimes.images import ImageService
+from dockyard.runtime.runtimes.netguard import NetworkGuard
+from dockyard.runtime.runtimes.poolstatus import pool_status
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.auditverify import load_export
+from dockyard.runtime.substrate.docker import DockerBackend
+from dockyard.runtime.substrate.errors import DockyardError
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Store
 
 __all__ = ["build_images", "doctor", "export_audit", "reanchor_audit", "show_images", "show_pools", "verify_audit"]
 

@@ -13,8 +13,8 @@ import anyio
 import typer
 from rich.console import Console
 
-from dockyard.runtime.errors import DockyardError
-from dockyard.runtime.settings import Settings, load_settings
+from dockyard.runtime.substrate.errors import DockyardError
+from dockyard.runtime.substrate.settings import Settings, load_settings
 from dockyard.server import checks, transports
 from dockyard.server.admin import admin_key, mint_as_admin
 from dockyard.server.app import build_server

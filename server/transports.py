@@ -13,8 +13,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dockyard.runtime.errors import AccessDeniedError
-from dockyard.runtime.tokens import TokenService
+from dockyard.runtime.substrate.errors import AccessDeniedError
+from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.tools._context import CallerToken
 
 __all__ = ["BearerTokens", "run_http", "run_stdio"]

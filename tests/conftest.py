@@ -19,13 +19,13 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine
 
-from dockyard.runtime.disks import release_all
-from dockyard.runtime.docker import DockerBackend
 from dockyard.runtime.engine import Engine, instance_id
-from dockyard.runtime.images import ImageService
-from dockyard.runtime.netguard import remove_rules
-from dockyard.runtime.settings import Settings, load_settings
-from dockyard.runtime.store import Runtime, Sandbox
+from dockyard.runtime.runtimes.disks import release_all
+from dockyard.runtime.runtimes.images import ImageService
+from dockyard.runtime.runtimes.netguard import remove_rules
+from dockyard.runtime.substrate.docker import DockerBackend
+from dockyard.runtime.substrate.settings import Settings, load_settings
+from dockyard.runtime.substrate.store import Runtime, Sandbox
 from dockyard.server.app import build_server
 
 _UNIT = Path(__file__).parent / "unit"

@@ -10,10 +10,10 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
 
-from dockyard.runtime.actions import Action, Scope
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.images import BuildState
-from dockyard.runtime.settings import Identity
+from dockyard.runtime.runtimes.images import BuildState
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.settings import Identity
 
 __all__ = ["CallerToken", "EngineContext", "acting_as", "any_of", "authorized", "build_progress", "caller", "current", "engine"]
 

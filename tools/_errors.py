@@ -10,7 +10,7 @@ from typing import ParamSpec, TypeVar
 
 from mcp.server.mcpserver.exceptions import ToolError
 
-from dockyard.runtime.errors import DockyardError
+from dockyard.runtime.substrate.errors import DockyardError
 
 __all__ = ["tool_errors"]
 

@@ -8,9 +8,9 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.audit import audit_entry
-from dockyard.runtime.models import AuditEntry, AuditVerification
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.audit import audit_entry
+from dockyard.runtime.substrate.models import AuditEntry, AuditVerification
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors

@@ -9,8 +9,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.models import ComputerInfo, ComputerList, PageState
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.models import ComputerInfo, ComputerList, PageState
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors

@@ -10,9 +10,9 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.errors import DockyardError, NotFoundError
-from dockyard.runtime.models import DispatchInfo
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
+from dockyard.runtime.substrate.models import DispatchInfo
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, caller, engine
 from dockyard.tools._errors import tool_errors

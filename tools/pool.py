@@ -5,8 +5,8 @@ from __future__ import annotations
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.models import PoolInfo
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.models import PoolInfo
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.models import (
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
     FileListing,

@@ -2,7 +2,7 @@
 share a task list and agree on plans.
 
 The tools a member also calls in process (an `llm` member's team tools) take their parameters
-from `dockyard.runtime.teams.membertools`, where each is declared once for both."""
+from `dockyard.runtime.work.teams.membertools`, where each is declared once for both."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.models import (
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
     MessagesSent,
@@ -22,8 +22,8 @@ from dockyard.runtime.models import (
     TeamInfo,
     TeamView,
 )
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors

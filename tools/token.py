@@ -8,9 +8,9 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.actions import Action
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.tokens import SCOPES
+from dockyard.runtime.substrate.actions import Action
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.tokens import SCOPES
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, caller, current, engine
 from dockyard.tools._errors import tool_errors

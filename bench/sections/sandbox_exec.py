@@ -9,7 +9,7 @@ import anyio
 from bench.figures import Figure, Target
 from bench.run import Options, Run
 from bench.served import Served, ToolCallError, serve, timed
-from dockyard.runtime.provision import USER
+from dockyard.runtime.runtimes.provision import USER
 
 __all__ = ["measure"]
 

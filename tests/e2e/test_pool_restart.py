@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from sqlmodel import Session, col, create_engine, select
 
-from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
+from dockyard.runtime.substrate.store import Runtime, RuntimeState, Sandbox
 from tests.conftest import call, make_settings, remove_instance, sh
 
 pytestmark = pytest.mark.anyio

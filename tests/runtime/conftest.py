@@ -8,7 +8,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.settings import Settings
 from tests.conftest import make_settings, remove_instance
 
 

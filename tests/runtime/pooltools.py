@@ -6,8 +6,8 @@ import anyio
 from sqlmodel import col, select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.models import PoolInfo
-from dockyard.runtime.store import PoolEvent, Runtime, RuntimeState
+from dockyard.runtime.substrate.models import PoolInfo
+from dockyard.runtime.substrate.store import PoolEvent, Runtime, RuntimeState
 
 
 async def pool_info(engine: Engine, template: str = "default") -> PoolInfo:

@@ -24,10 +24,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.models import AuditVerification
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import AuditEvent, Store
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.models import AuditVerification
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import AuditEvent, Store
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ import pytest
 from sqlmodel import Session
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import BackendError, InvalidRequestError
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Runtime, RuntimeState
+from dockyard.runtime.substrate.errors import BackendError, InvalidRequestError
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Runtime, RuntimeState
 from tests.conftest import make_settings, remove_instance
 from tests.runtime.pooltools import event_reasons, live_runtimes, wait_for_pool
 

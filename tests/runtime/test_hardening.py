@@ -13,7 +13,7 @@ import pytest
 from mcp import Client
 
 from dockyard.runtime.engine import instance_id
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.settings import Settings
 from tests.conftest import call, container_of, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio

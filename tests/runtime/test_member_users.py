@@ -9,9 +9,9 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import DockyardError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Sandbox
+from dockyard.runtime.substrate.errors import DockyardError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Sandbox
 from tests.conftest import make_settings, remove_instance
 from tests.runtime.pooltools import event_reasons
 

@@ -17,8 +17,8 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine, instance_id
-from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import Sandbox
+from dockyard.runtime.substrate.settings import Identity, Settings
+from dockyard.runtime.substrate.store import Sandbox
 from tests.conftest import make_settings, remove_instance
 
 pytestmark = pytest.mark.anyio

@@ -9,8 +9,8 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import InvalidRequestError
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.errors import InvalidRequestError
+from dockyard.runtime.substrate.settings import Settings
 from tests.conftest import make_settings, remove_instance
 
 pytestmark = pytest.mark.anyio

@@ -13,9 +13,9 @@ import pytest
 from sqlmodel import col, select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import PoolExhaustedError, QuotaExceededError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
+from dockyard.runtime.substrate.errors import PoolExhaustedError, QuotaExceededError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Runtime, RuntimeState, Sandbox
 from tests.runtime.pooltools import event_reasons, live_runtimes, pool_info, wait_for_pool
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ import pytest
 from sqlmodel import select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import QuotaExceededError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Runtime, RuntimeState
+from dockyard.runtime.substrate.errors import QuotaExceededError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Runtime, RuntimeState
 from tests.conftest import make_settings, remove_instance
 
 pytestmark = pytest.mark.anyio

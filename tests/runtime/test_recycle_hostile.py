@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Sandbox
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Sandbox
 from tests.runtime.pooltools import event_reasons
 
 pytestmark = pytest.mark.anyio

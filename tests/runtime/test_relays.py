@@ -11,7 +11,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from dockyard.runtime import relays
+from dockyard.runtime.runtimes import relays
 
 pytestmark = pytest.mark.anyio
 

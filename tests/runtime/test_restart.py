@@ -9,9 +9,9 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine, instance_id
-from dockyard.runtime.errors import SandboxLostError
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
+from dockyard.runtime.substrate.errors import SandboxLostError
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Runtime, RuntimeState, Sandbox
 from tests.conftest import make_settings, remove_instance
 from tests.runtime.pooltools import live_runtimes, wait_for_pool
 

@@ -11,9 +11,9 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import QuotaExceededError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Dispatch, DispatchStatus
+from dockyard.runtime.substrate.errors import QuotaExceededError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Dispatch, DispatchStatus
 from tests.conftest import make_settings, remove_instance
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mcp import Client
 
-from dockyard.runtime.audit import GENESIS
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import SandboxNotFoundError
+from dockyard.runtime.substrate.audit import GENESIS
+from dockyard.runtime.substrate.errors import SandboxNotFoundError
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings
 

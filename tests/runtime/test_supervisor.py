@@ -13,9 +13,9 @@ import docker
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import InvalidRequestError, SandboxLostError, SupervisorError
-from dockyard.runtime.store import Runtime, RuntimeState, Sandbox
-from dockyard.runtime.supervisor import Link, connect_unix
+from dockyard.runtime.runtimes.supervisor import Link, connect_unix
+from dockyard.runtime.substrate.errors import InvalidRequestError, SandboxLostError, SupervisorError
+from dockyard.runtime.substrate.store import Runtime, RuntimeState, Sandbox
 from tests.runtime.pooltools import event_reasons, wait_for_pool
 
 pytestmark = pytest.mark.anyio

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.errors import SandboxNotFoundError
-from dockyard.runtime.settings import Identity
+from dockyard.runtime.substrate.errors import SandboxNotFoundError
+from dockyard.runtime.substrate.settings import Identity
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ import anyio
 import pytest
 from mcp import Client
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import Store
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.settings import Identity, Settings
+from dockyard.runtime.substrate.store import Store
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error
 

@@ -14,8 +14,8 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Runtime
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Runtime
 from tests.conftest import call, container_of, sh
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,7 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
-from dockyard.runtime.store import AuditEvent, Dispatch, DispatchDecision, Member, Sandbox
+from dockyard.runtime.substrate.store import AuditEvent, Dispatch, DispatchDecision, Member, Sandbox
 from tests.conftest import call
 from tests.served import Served, connect, mint
 

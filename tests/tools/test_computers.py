@@ -20,8 +20,8 @@ from mcp import Client
 from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Identity, Settings
-from dockyard.runtime.store import AuditEvent
+from dockyard.runtime.substrate.settings import Identity, Settings
+from dockyard.runtime.substrate.store import AuditEvent
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance, sh
 

@@ -15,7 +15,7 @@ import docker
 import pytest
 from mcp import Client
 
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
 from tests.conftest import call, make_settings, remove_instance, sh
 

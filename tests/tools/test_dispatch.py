@@ -13,8 +13,8 @@ from mcp import Client, types
 from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import AuditEvent, Dispatch, DispatchDecision
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import AuditEvent, Dispatch, DispatchDecision
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance
 from tests.scripted_llm import scripted_model, tool_call

@@ -12,7 +12,7 @@ import anyio.lowlevel
 import pytest
 from mcp import Client
 
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ import anyio
 import pytest
 from mcp import Client
 
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import SandboxStatus
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import SandboxStatus
 from tests.conftest import call, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio

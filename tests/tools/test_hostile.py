@@ -16,7 +16,7 @@ import docker
 import pytest
 from mcp import Client
 
-from dockyard.runtime.settings import Settings
+from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, container_of, make_settings, remove_instance, sandbox_row, sh
 

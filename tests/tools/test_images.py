@@ -10,9 +10,9 @@ import docker
 import pytest
 from mcp import Client
 
-from dockyard.runtime.docker import DockerBackend
-from dockyard.runtime.errors import ImageBuildFailedError
-from dockyard.runtime.images import ImageService
+from dockyard.runtime.runtimes.images import ImageService
+from dockyard.runtime.substrate.docker import DockerBackend
+from dockyard.runtime.substrate.errors import ImageBuildFailedError
 from dockyard.server.app import build_server
 from tests.conftest import call, make_settings, remove_instance
 

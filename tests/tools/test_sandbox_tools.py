@@ -12,8 +12,8 @@ from mcp import Client
 from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import instance_id
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import AuditEvent
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import AuditEvent
 from tests.conftest import call, call_error, runtime_row, sandbox_row, sh
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import PoolEvent
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import PoolEvent
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance, sandbox_row, sh
 

@@ -16,9 +16,9 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import Runtime, RuntimeState, Snapshot
-from dockyard.runtime.supervisor import CONTROL_MOUNT
+from dockyard.runtime.runtimes.supervisor import CONTROL_MOUNT
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import Runtime, RuntimeState, Snapshot
 from tests.conftest import call, call_error, sh
 
 pytestmark = pytest.mark.anyio

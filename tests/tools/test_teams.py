@@ -17,8 +17,8 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, create_engine, select
 
-from dockyard.runtime.settings import Settings
-from dockyard.runtime.store import AuditEvent, Member, Message, Team, TeamTask, Token
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.substrate.store import AuditEvent, Member, Message, Team, TeamTask, Token
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance
 from tests.scripted_llm import Turn, scripted_model, tool_call

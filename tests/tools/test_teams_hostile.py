@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from dockyard.runtime.store import AuditEvent, Member
+from dockyard.runtime.substrate.store import AuditEvent, Member
 from tests.conftest import call, container_of
 from tests.tools.test_teams import all_idle, members, rows, team_server, until
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.runtime.actions import Action, Scope
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import InvalidRequestError, ScopeError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Store
-from dockyard.runtime.tokens import ADMIN, SANDBOX_SCOPES, SCOPES, TokenService
+from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.errors import InvalidRequestError, ScopeError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Store
+from dockyard.runtime.substrate.tokens import ADMIN, SANDBOX_SCOPES, SCOPES, TokenService
 
 pytestmark = pytest.mark.anyio
 

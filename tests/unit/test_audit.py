@@ -12,11 +12,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import AuditWriteError, InvalidRequestError, ScopeError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import AuditEvent, Store
-from dockyard.runtime.tokens import ADMIN, TokenService
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.errors import AuditWriteError, InvalidRequestError, ScopeError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import AuditEvent, Store
+from dockyard.runtime.substrate.tokens import ADMIN, TokenService
 
 pytestmark = pytest.mark.anyio
 

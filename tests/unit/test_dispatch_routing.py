@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.runtime.dispatch.routing import (
+from dockyard.runtime.substrate.errors import InvalidRequestError
+from dockyard.runtime.substrate.settings import Identity, Settings, load_settings
+from dockyard.runtime.work.dispatch.routing import (
     MAX_MEMBERS,
     MODES,
     check,
@@ -16,8 +18,6 @@ from dockyard.runtime.dispatch.routing import (
     host_dir,
     route,
 )
-from dockyard.runtime.errors import InvalidRequestError
-from dockyard.runtime.settings import Identity, Settings, load_settings
 
 _RUNNERS = {
     "script": {"kind": "script"},

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.runtime.dispatch.records import Board
-from dockyard.runtime.dispatch.states import (
+from dockyard.runtime.substrate.errors import NotFoundError, StateError
+from dockyard.runtime.substrate.store import Dispatch, DispatchStatus, Store, utcnow
+from dockyard.runtime.work.dispatch.records import Board
+from dockyard.runtime.work.dispatch.states import (
     CANCEL,
     MOVES,
     START,
@@ -20,8 +22,6 @@ from dockyard.runtime.dispatch.states import (
     move,
     step,
 )
-from dockyard.runtime.errors import NotFoundError, StateError
-from dockyard.runtime.store import Dispatch, DispatchStatus, Store, utcnow
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = DispatchStatus
 # The lifecycle as the design card draws it: each move and the only states it may start from.

@@ -1,4 +1,4 @@
-"""The error tree: every class of runtime/errors.py is drawn, under its parent, in the module's
+"""The error tree: every class of runtime/substrate/errors.py is drawn, under its parent, in the module's
 docstring, so the drawing a newcomer reads cannot drift from the code."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import inspect
 import re
 
-from dockyard.runtime import errors
-from dockyard.runtime.errors import DockyardError
+from dockyard.runtime.substrate import errors
+from dockyard.runtime.substrate.errors import DockyardError
 
 # One drawn class: the tree's guides ("│   ", "    ") give its depth, then "├── " or "└── ".
 _BRANCH = re.compile(r"^(?P<guides>(?:│   |    )*)[├└]── (?P<name>\w+)")

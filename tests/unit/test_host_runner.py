@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dockyard.runtime.errors import InvalidRequestError
-from dockyard.runtime.runners import InSandbox, Job, OnHost, OutputCallback
-from dockyard.runtime.runners.host import HostRunner
-from dockyard.runtime.settings import Identity, RunnerProfile
+from dockyard.runtime.substrate.errors import InvalidRequestError
+from dockyard.runtime.substrate.settings import Identity, RunnerProfile
+from dockyard.runtime.work.runners import InSandbox, Job, OnHost, OutputCallback
+from dockyard.runtime.work.runners.host import HostRunner
 
 pytestmark = pytest.mark.anyio
 

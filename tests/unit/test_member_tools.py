@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from mcp.server.mcpserver import MCPServer
 
-from dockyard.runtime.teams.membertools import MEMBER_TOOLS, TEAM_TOOLS
+from dockyard.runtime.work.teams.membertools import MEMBER_TOOLS, TEAM_TOOLS
 from dockyard.tools import team
 
 pytestmark = pytest.mark.anyio

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from dockyard.runtime.poolstate import Pool, claim_warm, drain, transition
-from dockyard.runtime.settings import PoolShape
-from dockyard.runtime.store import PoolEvent, Runtime, RuntimeState
+from dockyard.runtime.runtimes.poolstate import Pool, claim_warm, drain, transition
+from dockyard.runtime.substrate.settings import PoolShape
+from dockyard.runtime.substrate.store import PoolEvent, Runtime, RuntimeState
 
 S = RuntimeState
 STATES = (S.PROVISIONING, S.WARM, S.CLAIMED, S.DRAINING, S.DESTROYING, S.DESTROYED, S.LOST)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dockyard.runtime.settings import Settings, load_settings
+from dockyard.runtime.substrate.settings import Settings, load_settings
 
 
 def test_user_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path, monkeypatch) -> None:

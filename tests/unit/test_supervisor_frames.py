@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dockyard.config.images.sandbox import protocol
-from dockyard.runtime.supervisor import Frame, Link, SupervisorError
+from dockyard.runtime.runtimes.supervisor import Frame, Link, SupervisorError
 
 pytestmark = pytest.mark.anyio
 
@@ -261,8 +261,8 @@ def _kind_literals(path: Path) -> set[str]:
 
 
 def test_every_kind_either_end_writes_out_is_one_the_protocol_defines() -> None:
-    ends = [*(ROOT / "config/images/sandbox").glob("*.py"), ROOT / "runtime/supervisor.py", ROOT / "runtime/commands.py",
-            ROOT / "runtime/files.py", ROOT / "runtime/provision.py"]
+    ends = [*(ROOT / "config/images/sandbox").glob("*.py"), ROOT / "runtime/runtimes/supervisor.py", ROOT / "runtime/runtimes/commands.py",
+            ROOT / "runtime/runtimes/files.py", ROOT / "runtime/runtimes/provision.py"]
     written = {path.name: _kind_literals(path) - protocol.KINDS for path in ends}
     assert {name: kinds for name, kinds in written.items() if kinds} == {}
 

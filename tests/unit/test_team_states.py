@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from dockyard.runtime.errors import InvalidRequestError, StateError
-from dockyard.runtime.store import Member, MemberStatus, PlanStatus, TaskStatus, Team, TeamStatus, TeamTask
-from dockyard.runtime.teams.states import (
+from dockyard.runtime.substrate.errors import InvalidRequestError, StateError
+from dockyard.runtime.substrate.store import Member, MemberStatus, PlanStatus, TaskStatus, Team, TeamStatus, TeamTask
+from dockyard.runtime.work.teams.states import (
     APPROVE_PLAN,
     BEGIN_TURN,
     CLAIM_TASK,
@@ -25,7 +25,7 @@ from dockyard.runtime.teams.states import (
     STOP_MEMBER,
     Transition,
 )
-from dockyard.runtime.teams.views import interrupted_notice
+from dockyard.runtime.work.teams.views import interrupted_notice
 
 TEAM_STATES = ["active", "shut down"]
 MEMBER_STATES = ["starting", "busy", "idle", "ready", "stopped", "failed"]

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dockyard.runtime.audit import AuditLog
-from dockyard.runtime.errors import AccessDeniedError, InvalidRequestError, ScopeError
-from dockyard.runtime.settings import Identity
-from dockyard.runtime.store import Store
-from dockyard.runtime.tokens import ADMIN, SCOPES, TokenService
+from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.errors import AccessDeniedError, InvalidRequestError, ScopeError
+from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import Store
+from dockyard.runtime.substrate.tokens import ADMIN, SCOPES, TokenService
 
 pytestmark = pytest.mark.anyio
 

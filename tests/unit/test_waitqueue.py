@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dockyard.runtime.waitqueue import FairQueue, Waiter
+from dockyard.runtime.runtimes.waitqueue import FairQueue, Waiter
 
 arrivals = st.lists(st.sampled_from("abcd"), max_size=30)
 

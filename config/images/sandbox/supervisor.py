@@ -13,7 +13,7 @@ any other (never as root). With distinct uids and no capabilities, one member ca
 another's /proc/<pid>/environ (its DOCKYARD_TOKEN), trace it, signal it or enter its home;
 /workspace belongs to the group and everything runs with umask 002, so they share files there.
 
-Control channel, protocol version 1 (the other end is dockyard.runtime.supervisor)
+Control channel, protocol version 1 (the other end is dockyard.runtime.runtimes.supervisor)
 --------------------------------------------------------------------------------
 Transport: a unix stream socket, `control.sock` in /run/dockyard-sup/control, a directory the
 server bind-mounts from the host. /run/dockyard-sup is root's alone (mode 0700), so the
