@@ -28,19 +28,29 @@ from bench.served import DOCKYARD
 
 
 def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/bench", description="Measure dockyard against baselines taken in the same run.")
+    parser = argparse.ArgumentParser(
+        prog="bin/bench", description="Measure dockyard against baselines taken in the same run."
+    )
     parser.add_argument(
         "--only",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
         default=list(SECTIONS),
         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})",
     )
-    parser.add_argument("--runs", type=int, default=30, help="samples per figure (default 30; snapshot takes max(3, runs/10))")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds of the 20-in-parallel claims and of the 100 dispatches (default 3)"
+        "--runs", type=int, default=30, help="samples per figure (default 30; snapshot takes max(3, runs/10))"
     )
     parser.add_argument(
-        "--json", type=Path, default=Path("bench-results.json"), help="where to write every sample (default ./bench-results.json)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the 20-in-parallel claims and of the 100 dispatches (default 3)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("bench-results.json"),
+        help="where to write every sample (default ./bench-results.json)",
     )
     args = parser.parse_args()
     if unknown := [name for name in args.only if name not in SECTIONS]:
@@ -78,7 +88,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up the way Ctrl-C does
 
 
-def _document(args: argparse.Namespace, run: Run, machine: dict[str, Any], figures: list[Figure], state: str) -> dict[str, Any]:
+def _document(
+    args: argparse.Namespace, run: Run, machine: dict[str, Any], figures: list[Figure], state: str
+) -> dict[str, Any]:
     met = [f.is_met for f in figures if f.is_met is not None]
     return {
         "run_id": run.id,
@@ -120,7 +132,9 @@ def main() -> int:
             say(f"samples and machine info: {args.json}")
         finally:
             say("removing the run's containers, networks and files ...")
-            removed = run.close(grace_s=5 if state in ("error", "interrupted") else 0)  # a start cut short can land late
+            removed = run.close(
+                grace_s=5 if state in ("error", "interrupted") else 0
+            )  # a start cut short can land late
             say(f"removed {removed} leftover containers")
     title = (
         f"dockyard bench, run {run.id}: p50/p95 of --runs {args.runs}, "

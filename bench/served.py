@@ -70,7 +70,9 @@ async def stdio(params: StdioServerParameters, log: Path, mode: Mode) -> AsyncIt
         except Exception:
             errlog.flush()
             tail = log.read_text(errors="replace").splitlines()[-20:]
-            print(f"{params.command} {' '.join(params.args)} said, before it failed:", *tail, sep="\n  ", file=sys.stderr)
+            print(
+                f"{params.command} {' '.join(params.args)} said, before it failed:", *tail, sep="\n  ", file=sys.stderr
+            )
             raise
 
 
@@ -95,7 +97,9 @@ class Served:
         """One template's pool, as `pool_status` reports it."""
         return next(p for p in (await self.call("pool_status"))["pools"] if p["template"] == template)
 
-    async def settle(self, is_enough: Callable[[int], bool], timeout_s: float = 180, template: str = "default") -> dict[str, Any]:
+    async def settle(
+        self, is_enough: Callable[[int], bool], timeout_s: float = 180, template: str = "default"
+    ) -> dict[str, Any]:
         """Poll until the warm count satisfies `is_enough` and nothing is starting or draining."""
         with anyio.fail_after(timeout_s):
             while True:

@@ -80,7 +80,9 @@ class _Lines:
                 yield pending[:end].decode("utf-8", errors="replace")
                 del pending[: end + 1]
             if len(pending) > _MAX_LINE:
-                log.warning("bridge session on %s sent a line over %d bytes; closing it", self._session.runtime_id, _MAX_LINE)
+                log.warning(
+                    "bridge session on %s sent a line over %d bytes; closing it", self._session.runtime_id, _MAX_LINE
+                )
                 return
         if pending.strip():
             yield pending.decode("utf-8", errors="replace")
@@ -108,7 +110,11 @@ async def _acting(engine: Engine, session: BridgeSession, lines: _Lines) -> Iden
         return None
     token = presented_token(await lines.peek())
     if token is None:
-        seat = await engine.sandboxes.seat_holder(owner.sandbox_id, session.user) if session.user not in (None, USER) else None
+        seat = (
+            await engine.sandboxes.seat_holder(owner.sandbox_id, session.user)
+            if session.user not in (None, USER)
+            else None
+        )
         if seat is None:
             return owner
         refusal = f"a session from {session.user}, the Unix user of team member {seat}, must present that member's DOCKYARD_TOKEN"
@@ -133,7 +139,9 @@ async def _token_identity(engine: Engine, session: BridgeSession, owner: Identit
         return f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) is bound to {identity.sandbox_id or 'no sandbox'}, not this one"
     bound = await engine.sandboxes.unix_user(identity, owner.sandbox_id)
     if session.user is not None and session.user != bound:
-        return f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) serves the Unix user {bound} here, not {session.user}"
+        return (
+            f"the bridge's DOCKYARD_TOKEN ({identity.token_id}) serves the Unix user {bound} here, not {session.user}"
+        )
     return identity
 
 

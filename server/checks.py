@@ -49,7 +49,9 @@ async def build_images(settings: Settings, recipes: list[str]) -> bool:
                     while True:
                         state = images.state(recipe)
                         if state is not None:
-                            progress.update(task, total=state.total or None, completed=state.step, note=state.describe()[:70])
+                            progress.update(
+                                task, total=state.total or None, completed=state.step, note=state.describe()[:70]
+                            )
                         await anyio.sleep(0.2)
 
                 tg.start_soon(watch)
@@ -86,12 +88,32 @@ async def show_pools(settings: Settings, as_json: bool) -> None:
     if as_json:
         print(json.dumps([p.model_dump() for p in pools], indent=2))
         return
-    table = Table("template", "warm", "claimed", "starting", "draining", "removing", "min/target/max", "queue",
-                  "warm/cold claims", "claim ms p50/p95/p99")
+    table = Table(
+        "template",
+        "warm",
+        "claimed",
+        "starting",
+        "draining",
+        "removing",
+        "min/target/max",
+        "queue",
+        "warm/cold claims",
+        "claim ms p50/p95/p99",
+    )
     for p in pools:
         latency = "/".join("-" if v is None else f"{v:g}" for v in (p.claim_ms_p50, p.claim_ms_p95, p.claim_ms_p99))
-        table.add_row(p.template, str(p.warm), str(p.claimed), str(p.provisioning), str(p.draining), str(p.destroying),
-                      f"{p.min}/{p.target}/{p.max}", str(p.queue_depth), f"{p.claims_warm}/{p.claims_cold}", latency)
+        table.add_row(
+            p.template,
+            str(p.warm),
+            str(p.claimed),
+            str(p.provisioning),
+            str(p.draining),
+            str(p.destroying),
+            f"{p.min}/{p.target}/{p.max}",
+            str(p.queue_depth),
+            f"{p.claims_warm}/{p.claims_cold}",
+            latency,
+        )
     Console().print(table)
 
 
@@ -108,7 +130,9 @@ async def verify_audit(settings: Settings, as_json: bool, against: Path | None =
     if as_json:
         print(result.model_dump_json(indent=2))
     elif result.intact:
-        anchored = f", signed head at {result.head_rows} rows" if result.head_rows is not None else ", no signed head yet"
+        anchored = (
+            f", signed head at {result.head_rows} rows" if result.head_rows is not None else ", no signed head yet"
+        )
         lag = f" (+{result.unanchored_rows} after it)" if result.unanchored_rows else ""
         legacy = f"; {result.legacy_rows} rows from before the audit key" if result.legacy_rows else ""
         print(f"audit log intact: {result.rows_checked} rows{anchored}{lag}{legacy}")
@@ -169,36 +193,62 @@ async def doctor(settings: Settings) -> bool:
     docker, images = _images(settings)
     try:
         info = await docker.version()
-        row("docker", True, f"Docker Engine {info.get('Version')} (API {info.get('ApiVersion')}) at {settings.docker_host}")
+        row(
+            "docker",
+            True,
+            f"Docker Engine {info.get('Version')} (API {info.get('ApiVersion')}) at {settings.docker_host}",
+        )
     except DockyardError as exc:
         row("docker", False, str(exc), "start Docker (e.g. `sudo systemctl start docker`) or set DOCKER_HOST")
         Console().print(table)
         return False
     for recipe in sorted({t.image for t in settings.templates.values()}):
         status = await images.status(recipe)
-        detail = f"{status.tag}: " + ("built and current" if status.is_current else "stale" if status.is_present else "missing")
+        detail = f"{status.tag}: " + (
+            "built and current" if status.is_current else "stale" if status.is_present else "missing"
+        )
         row(f"image {recipe}", status.is_current, detail, "run `dockyard images build` (also done on first use)")
     rules = await NetworkGuard(instance_id(settings)).check()
     if rules.startswith("missing"):
         # not a failure: sandboxes on network 'none' (the default) need no rules
-        table.add_row("network rules", _mark(None), f"{rules}\n[yellow]fix:[/yellow] run dockyard as root "
-                      "(or with CAP_NET_ADMIN) on a host with iptables, and Docker with its iptables rules on")
+        table.add_row(
+            "network rules",
+            _mark(None),
+            f"{rules}\n[yellow]fix:[/yellow] run dockyard as root "
+            "(or with CAP_NET_ADMIN) on a host with iptables, and Docker with its iptables rules on",
+        )
     else:
         table.add_row("network rules", _mark(True), rules)
     default_runtime, registered = await docker.oci_runtimes()
-    table.add_row("OCI runtime", _mark(True), f"Docker's default: {default_runtime}; registered: {', '.join(registered)}")
+    table.add_row(
+        "OCI runtime", _mark(True), f"Docker's default: {default_runtime}; registered: {', '.join(registered)}"
+    )
     for name, tpl in sorted(settings.templates.items()):
         if tpl.runtime is not None:
-            row(f"template {name}", tpl.runtime in registered, f"runs its sandboxes under {tpl.runtime}",
-                f"install {tpl.runtime} and register it with Docker (see the README), or remove `runtime`")
+            row(
+                f"template {name}",
+                tpl.runtime in registered,
+                f"runs its sandboxes under {tpl.runtime}",
+                f"install {tpl.runtime} and register it with Docker (see the README), or remove `runtime`",
+            )
     lacking = host_check()
     if lacking is not None:
-        table.add_row("sandbox disks", _mark(None), f"missing: {lacking}; /workspace and /home are Docker volumes "
-                      "without a size limit\n[yellow]fix:[/yellow] run dockyard as root on a host with loop devices")
+        table.add_row(
+            "sandbox disks",
+            _mark(None),
+            f"missing: {lacking}; /workspace and /home are Docker volumes "
+            "without a size limit\n[yellow]fix:[/yellow] run dockyard as root on a host with loop devices",
+        )
     else:
-        table.add_row("sandbox disks", _mark(True), "an ext4 image per sandbox on a loop device, of its template's disk_mb")
+        table.add_row(
+            "sandbox disks", _mark(True), "an ext4 image per sandbox on a loop device, of its template's disk_mb"
+        )
     if shutil.which("debootstrap") is None:
-        hint = "installed automatically when running as root" if os.geteuid() == 0 else "`sudo apt-get install debootstrap`"
+        hint = (
+            "installed automatically when running as root"
+            if os.geteuid() == 0
+            else "`sudo apt-get install debootstrap`"
+        )
         table.add_row("debootstrap", _mark(None), f"not installed; needed only where no registry answers ({hint})")
     await docker.close()
     Console().print(table)

@@ -57,7 +57,11 @@ def serve(
     config: ConfigOption = None,
     http: Annotated[
         str | None,
-        typer.Option("--http", metavar="HOST:PORT", help="Serve streamable HTTP with bearer tokens at http://HOST:PORT/mcp instead of stdio."),
+        typer.Option(
+            "--http",
+            metavar="HOST:PORT",
+            help="Serve streamable HTTP with bearer tokens at http://HOST:PORT/mcp instead of stdio.",
+        ),
     ] = None,
 ) -> None:
     """Run the MCP server: on stdio for the local operator (Claude Desktop, Claude Code, Cursor,
@@ -74,7 +78,9 @@ def serve(
     host = host.strip("[]")
     key, path, created = admin_key(settings)
     if created:
-        Console(stderr=True).print(f"dockyard: generated the admin key in {path} (readable by you only); it mints tokens")
+        Console(stderr=True).print(
+            f"dockyard: generated the admin key in {path} (readable by you only); it mints tokens"
+        )
     elif path is not None:
         Console(stderr=True).print(f"dockyard: the admin key is in {path}")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -84,7 +90,9 @@ def serve(
 @images_app.command("build")
 def images_build(
     config: ConfigOption = None,
-    recipe: Annotated[list[str] | None, typer.Argument(help="Recipes to build (default: all used by templates).")] = None,
+    recipe: Annotated[
+        list[str] | None, typer.Argument(help="Recipes to build (default: all used by templates).")
+    ] = None,
 ) -> None:
     """Build the runtime images (bootstrapping the Debian base if needed), with progress."""
     settings = _settings(config)
@@ -116,7 +124,9 @@ def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of sentences.")] = False,
     against: Annotated[
         Path | None,
-        typer.Option("--against", help="An earlier `dockyard audit export`: its rows must still be in the log, unchanged."),
+        typer.Option(
+            "--against", help="An earlier `dockyard audit export`: its rows must still be in the log, unchanged."
+        ),
     ] = None,
 ) -> None:
     """Walk the audit log's hash chain and check its key and signed head; exit 1 and say what
@@ -182,7 +192,9 @@ def main() -> None:
 
 @token_app.command("mint")
 def token_mint(
-    scope: Annotated[list[str], typer.Option("--scope", "-s", help="A scope to grant; repeat for more (e.g. sandbox:create).")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", "-s", help="A scope to grant; repeat for more (e.g. sandbox:create).")
+    ],
     workspace: Annotated[str, typer.Option("--workspace", "-w", help="The workspace the token acts in.")],
     project: Annotated[str, typer.Option("--project", help="Project id.")] = "default",
     user: Annotated[str, typer.Option("--user", help="User id.")] = "user",
@@ -204,8 +216,16 @@ def token_mint(
         Console(stderr=True).print(f"[red]{exc}")
         raise typer.Exit(2) from exc
     if as_json:
-        print(json.dumps({"token": minted.token, "token_id": minted.token_id, "identity": minted.identity.model_dump(),
-                          "expires_at": minted.expires_at.isoformat() if minted.expires_at else None}))
+        print(
+            json.dumps(
+                {
+                    "token": minted.token,
+                    "token_id": minted.token_id,
+                    "identity": minted.identity.model_dump(),
+                    "expires_at": minted.expires_at.isoformat() if minted.expires_at else None,
+                }
+            )
+        )
     else:
         print(minted.token)
         Console(stderr=True).print(

@@ -104,7 +104,9 @@ def remove_instance(client: docker.DockerClient, settings: Settings) -> list[str
     removed = []
     # sparse: a container removed between listing and inspecting must not fail the cleanup;
     # one the server is removing at this moment (409) is waited for below.
-    exports = client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.export-of={instance_id(settings)}"})
+    exports = client.containers.list(
+        all=True, sparse=True, filters={"label": f"dockyard.export-of={instance_id(settings)}"}
+    )
     for container in [*client.containers.list(all=True, sparse=True, filters={"label": label}), *exports]:
         removed.append(container.attrs["Names"][0].lstrip("/"))
         try:

@@ -22,9 +22,13 @@ Turn = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 def tool_call(name: str, **arguments: Any) -> dict[str, Any]:
     """A turn that calls one tool."""
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
-    ]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        ],
+    }
 
 
 @dataclass
@@ -41,8 +45,14 @@ class ScriptedModel:
         self.requests.append(body)
         step = len(self.requests) - 1
         message = self.turns[min(step, len(self.turns) - 1)](body["messages"])
-        return JSONResponse({"id": f"r{step}", "object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        return JSONResponse(
+            {
+                "id": f"r{step}",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            }
+        )
 
 
 @asynccontextmanager

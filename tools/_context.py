@@ -15,7 +15,17 @@ from dockyard.runtime.runtimes.images import BuildState
 from dockyard.runtime.substrate.actions import Action, Scope
 from dockyard.runtime.substrate.settings import Identity
 
-__all__ = ["CallerToken", "EngineContext", "acting_as", "any_of", "authorized", "build_progress", "caller", "current", "engine"]
+__all__ = [
+    "CallerToken",
+    "EngineContext",
+    "acting_as",
+    "any_of",
+    "authorized",
+    "build_progress",
+    "caller",
+    "current",
+    "engine",
+]
 
 EngineContext = Context[Engine, Any]
 

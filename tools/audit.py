@@ -33,14 +33,21 @@ async def audit_query(
     ctx: EngineContext,
     workspace_id: Annotated[
         str | None,
-        Field(description="Only this workspace's rows; you may name only your own unless you are admin.", max_length=256),
+        Field(
+            description="Only this workspace's rows; you may name only your own unless you are admin.", max_length=256
+        ),
     ] = None,
     actor: Annotated[str | None, Field(description="Only rows of this user id.", max_length=256)] = None,
     kind: Annotated[
-        str | None, Field(description="Only this action, such as sandbox.exec, sandbox.create or token.mint.", max_length=128)
+        str | None,
+        Field(description="Only this action, such as sandbox.exec, sandbox.create or token.mint.", max_length=128),
     ] = None,
-    since: Annotated[datetime | None, Field(description="Only rows at or after this time (ISO 8601; UTC if no zone).")] = None,
-    until: Annotated[datetime | None, Field(description="Only rows before this time (ISO 8601; UTC if no zone).")] = None,
+    since: Annotated[
+        datetime | None, Field(description="Only rows at or after this time (ISO 8601; UTC if no zone).")
+    ] = None,
+    until: Annotated[
+        datetime | None, Field(description="Only rows before this time (ISO 8601; UTC if no zone).")
+    ] = None,
     limit: Annotated[int, Field(ge=1, le=MAX_ROWS, description=f"At most this many rows (1-{MAX_ROWS}).")] = 100,
 ) -> AuditRows:
     """Read the audit log, newest first: every action taken in your workspace (sandbox created,

@@ -18,7 +18,9 @@ from dockyard.tools._errors import tool_errors
 __all__ = ["register"]
 
 ComputerId = Annotated[str, Field(max_length=64, description="A computer id (cmp_...) from computer_create.")]
-Ref = Annotated[str, Field(min_length=1, max_length=40, description="An element ref from computer_snapshot, such as e12.")]
+Ref = Annotated[
+    str, Field(min_length=1, max_length=40, description="An element ref from computer_snapshot, such as e12.")
+]
 
 
 class Destroyed(BaseModel):
@@ -29,9 +31,13 @@ class Destroyed(BaseModel):
 @tool_errors
 async def computer_create(
     ctx: EngineContext,
-    template: Annotated[str | None, Field(max_length=64, description="A computer template; default 'computer'.")] = None,
+    template: Annotated[
+        str | None, Field(max_length=64, description="A computer template; default 'computer'.")
+    ] = None,
     width: Annotated[int | None, Field(ge=200, le=3840, description="Viewport width in pixels (default 1280).")] = None,
-    height: Annotated[int | None, Field(ge=200, le=2160, description="Viewport height in pixels (default 800).")] = None,
+    height: Annotated[
+        int | None, Field(ge=200, le=2160, description="Viewport height in pixels (default 800).")
+    ] = None,
     ttl_s: Annotated[int | None, Field(ge=60, description="Destroy it after this many seconds (default 1 h).")] = None,
 ) -> ComputerInfo:
     """Get a headless Chromium of your own, already running (it comes from a warm pool). It has
@@ -51,7 +57,11 @@ async def computer_list(ctx: EngineContext) -> ComputerList:
 
 @tool_errors
 async def computer_navigate(
-    ctx: EngineContext, computer_id: ComputerId, url: Annotated[str, Field(min_length=1, max_length=4000, description="An http URL from sandbox_expose_port, or about:blank.")]
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    url: Annotated[
+        str, Field(min_length=1, max_length=4000, description="An http URL from sandbox_expose_port, or about:blank.")
+    ],
 ) -> PageState:
     """Open a URL and wait for it to load; returns the page's URL and title. Other hosts,
     file:// and other schemes are refused."""
@@ -91,8 +101,11 @@ async def computer_type(
 
 @tool_errors
 async def computer_press(
-    ctx: EngineContext, computer_id: ComputerId,
-    key: Annotated[str, Field(min_length=1, max_length=40, description="A key such as Enter, Tab, Escape, ArrowDown or Control+A.")],
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    key: Annotated[
+        str, Field(min_length=1, max_length=40, description="A key such as Enter, Tab, Escape, ArrowDown or Control+A.")
+    ],
 ) -> PageState:
     """Press a key (or a combination) in the page."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_PRESS, computer_id)
@@ -141,7 +154,8 @@ async def computer_upload(
 
 @tool_errors
 async def computer_screenshot(
-    ctx: EngineContext, computer_id: ComputerId,
+    ctx: EngineContext,
+    computer_id: ComputerId,
     full_page: Annotated[bool, Field(description="The whole page rather than the viewport.")] = False,
 ) -> Image:
     """A PNG screenshot of the page, as an image."""

@@ -58,15 +58,23 @@ async def dispatch(
     ctx: EngineContext,
     mode: Annotated[
         Literal["local", "remote", "team_single_vm", "team_multi_vm", "user_pc"],
-        Field(description="'remote': a fresh isolated sandbox from the pool; 'local': your current sandbox (give sandbox_id); "
-              "'team_single_vm': members share one sandbox; 'team_multi_vm': each member its own, results synthesized; "
-              "'user_pc': the user's own machine, outside any sandbox (only where enabled, after the user confirms)."),
+        Field(
+            description="'remote': a fresh isolated sandbox from the pool; 'local': your current sandbox (give sandbox_id); "
+            "'team_single_vm': members share one sandbox; 'team_multi_vm': each member its own, results synthesized; "
+            "'user_pc': the user's own machine, outside any sandbox (only where enabled, after the user confirms)."
+        ),
     ],
     rationale: Annotated[str, Field(min_length=1, max_length=1000, description="One sentence: why this mode.")],
-    task_summary: Annotated[str, Field(min_length=1, max_length=2000, description="What the task is, in a line or two.")],
-    prompt: Annotated[str | None, Field(max_length=100_000, description="For the script runner: the bash script to run.")] = None,
+    task_summary: Annotated[
+        str, Field(min_length=1, max_length=2000, description="What the task is, in a line or two.")
+    ],
+    prompt: Annotated[
+        str | None, Field(max_length=100_000, description="For the script runner: the bash script to run.")
+    ] = None,
     runner: Annotated[str | None, Field(description="Runner profile; default and only one for now: 'script'.")] = None,
-    sandbox_id: Annotated[str | None, Field(max_length=64, description="For mode 'local': the sandbox to run in.")] = None,
+    sandbox_id: Annotated[
+        str | None, Field(max_length=64, description="For mode 'local': the sandbox to run in.")
+    ] = None,
     members: Annotated[
         list[str] | None,
         Field(max_length=8, description="For team modes: one prompt per member (for the script runner, its script)."),
@@ -82,8 +90,15 @@ async def dispatch(
     result with await_dispatch; stop it with cancel_dispatch."""
     who = await authorized(ctx, Scope.DISPATCH_CREATE, Action.DISPATCH_CREATE)
     return await engine(ctx).dispatches.dispatch(
-        who, mode=mode, rationale=rationale, task_summary=task_summary, prompt=prompt, runner=runner,
-        sandbox_id=sandbox_id, members=members, consent=_consent(consent),
+        who,
+        mode=mode,
+        rationale=rationale,
+        task_summary=task_summary,
+        prompt=prompt,
+        runner=runner,
+        sandbox_id=sandbox_id,
+        members=members,
+        consent=_consent(consent),
     )
 
 
@@ -132,7 +147,9 @@ async def dispatch_submit(
     ctx: EngineContext,
     dispatch_id: DispatchId,
     result: Annotated[str, Field(max_length=1_000_000, description="The result of the work, as text.")],
-    proof: Annotated[str, Field(max_length=200, description="The run's token: the DOCKYARD_TOKEN in your environment.")],
+    proof: Annotated[
+        str, Field(max_length=200, description="The run's token: the DOCKYARD_TOKEN in your environment.")
+    ],
 ) -> DispatchInfo:
     """For a runner doing a dispatch's work: hand in its result (once), proven by the run's
     token from DOCKYARD_TOKEN. It becomes the dispatch's result when the runner ends. A second

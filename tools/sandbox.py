@@ -23,7 +23,9 @@ from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
 
-SandboxId = Annotated[str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)]
+SandboxId = Annotated[
+    str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)
+]
 WorkspacePath = Annotated[
     str, Field(description="A path relative to /workspace, or an absolute path under /workspace.", max_length=4096)
 ]
@@ -55,7 +57,9 @@ async def sandbox_create(
     template: Annotated[str | None, Field(description="Template name from config; default 'default'.")] = None,
     network: Annotated[
         Literal["none", "workspace", "internet"] | None,
-        Field(description="'none' (default): no network; 'workspace': only your other runtimes; 'internet' if allowed."),
+        Field(
+            description="'none' (default): no network; 'workspace': only your other runtimes; 'internet' if allowed."
+        ),
     ] = None,
     cpus: Annotated[float | None, Field(gt=0, le=64, description="CPU cores; default from the template.")] = None,
     memory_mb: Annotated[int | None, Field(ge=64, le=65536, description="Memory (and swap) limit in MiB.")] = None,
@@ -90,7 +94,9 @@ async def sandbox_exec(
     command: Annotated[str, Field(min_length=1, max_length=100_000, description="A bash command line.")],
     cwd: Annotated[str | None, Field(description="Working directory under /workspace.")] = None,
     env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None,
-    timeout_s: Annotated[int | None, Field(gt=0, description="Kill the command after this many seconds (default 60).")] = None,
+    timeout_s: Annotated[
+        int | None, Field(gt=0, description="Kill the command after this many seconds (default 60).")
+    ] = None,
     stdin: Annotated[str | None, Field(description="Text fed to the command's standard input.")] = None,
 ) -> ExecResult:
     """Run a bash command in a sandbox and return its exit code, stdout and stderr.
@@ -140,7 +146,9 @@ async def sandbox_read_file(
     encoding: Annotated[
         Literal["utf-8", "base64"] | None, Field(description="Default: utf-8 text, or base64 if the file is binary.")
     ] = None,
-    max_bytes: Annotated[int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")] = None,
+    max_bytes: Annotated[
+        int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")
+    ] = None,
 ) -> FileContent:
     """Read a file under /workspace in a sandbox.
 

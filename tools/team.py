@@ -30,7 +30,10 @@ from dockyard.tools._errors import tool_errors
 
 __all__ = ["register"]
 
-TeamId = Annotated[str, Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64)]
+TeamId = Annotated[
+    str,
+    Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64),
+]
 _TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
 
 
@@ -44,7 +47,9 @@ async def _anyone(ctx: EngineContext, action: Action) -> Identity:
 
 
 @tool_errors
-async def team_create(ctx: EngineContext, name: Annotated[str, Field(min_length=1, max_length=100, description="A name for the team.")]) -> TeamInfo:
+async def team_create(
+    ctx: EngineContext, name: Annotated[str, Field(min_length=1, max_length=100, description="A name for the team.")]
+) -> TeamInfo:
     """Create an empty team that you lead. Add members with team_spawn, tasks with
     team_add_tasks; follow it with team_tasks."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CREATE)
@@ -55,17 +60,39 @@ async def team_create(ctx: EngineContext, name: Annotated[str, Field(min_length=
 async def team_spawn(
     ctx: EngineContext,
     team_id: TeamId,
-    role: Annotated[str, Field(min_length=1, max_length=64, description="The member's role and name in the team, e.g. 'researcher'.")],
-    prompt: Annotated[str, Field(min_length=1, max_length=100_000, description="Its first task (for the script runner: the script it runs on every turn).")],
-    runner: Annotated[str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")] = None,
-    isolation: Annotated[str, Field(description="'shared': work in the team's one sandbox with the other shared members (team_single_vm); 'own': a sandbox of its own (team_multi_vm).")] = "own",
-    plan_mode: Annotated[bool, Field(description="The member must propose a plan and get your approval (team_approve_plan) before it acts.")] = False,
+    role: Annotated[
+        str,
+        Field(min_length=1, max_length=64, description="The member's role and name in the team, e.g. 'researcher'."),
+    ],
+    prompt: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=100_000,
+            description="Its first task (for the script runner: the script it runs on every turn).",
+        ),
+    ],
+    runner: Annotated[
+        str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")
+    ] = None,
+    isolation: Annotated[
+        str,
+        Field(
+            description="'shared': work in the team's one sandbox with the other shared members (team_single_vm); 'own': a sandbox of its own (team_multi_vm)."
+        ),
+    ] = "own",
+    plan_mode: Annotated[
+        bool,
+        Field(description="The member must propose a plan and get your approval (team_approve_plan) before it acts."),
+    ] = False,
 ) -> MemberInfo:
     """Start a teammate and return at once (fire and forget): it gets a sandbox and its own
     token and takes its first turn on the prompt; afterwards every message to it wakes it for
     another turn. Watch it with team_tasks, talk to it with team_message."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SPAWN, team_id)
-    return await engine(ctx).teams.spawn(who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode)
+    return await engine(ctx).teams.spawn(
+        who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode
+    )
 
 
 @tool_errors
@@ -141,9 +168,7 @@ async def team_complete(
 
 
 @tool_errors
-async def team_propose_plan(
-    ctx: EngineContext, team_id: TeamId, plan: Plan
-) -> MemberInfo:
+async def team_propose_plan(ctx: EngineContext, team_id: TeamId, plan: Plan) -> MemberInfo:
     """For members in plan mode: hand your plan to the lead. Until the lead approves it you may
     only read and use the team tools; a rejection comes back as a message with feedback."""
     who = await _anyone(ctx, Action.TEAM_PROPOSE_PLAN)
@@ -156,7 +181,9 @@ async def team_approve_plan(
     team_id: TeamId,
     member: Annotated[str, Field(min_length=1, max_length=64, description="The member's role (or id).")],
     approve: Annotated[bool, Field(description="True to approve, false to reject.")],
-    feedback: Annotated[str | None, Field(max_length=100_000, description="What to change (with a rejection) or to keep in mind.")] = None,
+    feedback: Annotated[
+        str | None, Field(max_length=100_000, description="What to change (with a rejection) or to keep in mind.")
+    ] = None,
 ) -> MemberInfo:
     """For the lead: approve a member's pending plan (it may act from its next turn) or reject it
     with feedback (it revises and proposes again). The answer wakes the member."""

@@ -45,12 +45,25 @@ async def whoami(ctx: EngineContext) -> Identity:
 @tool_errors
 async def token_mint(
     ctx: EngineContext,
-    scopes: Annotated[list[str], Field(min_length=1, max_length=len(SCOPES), description=f"Scopes, a subset of yours: {', '.join(SCOPES)}.")],
-    workspace_id: Annotated[str | None, Field(max_length=128, description="Workspace; default yours (you cannot name another).")] = None,
+    scopes: Annotated[
+        list[str],
+        Field(min_length=1, max_length=len(SCOPES), description=f"Scopes, a subset of yours: {', '.join(SCOPES)}."),
+    ],
+    workspace_id: Annotated[
+        str | None, Field(max_length=128, description="Workspace; default yours (you cannot name another).")
+    ] = None,
     project_id: Annotated[str | None, Field(max_length=128, description="Project; default yours.")] = None,
     user_id: Annotated[str | None, Field(max_length=128, description="User; default yours.")] = None,
-    run_id: Annotated[str | None, Field(max_length=128, description="Only your own token's run (tokens keep it anyway); runs are bound by dockyard, never named.")] = None,
-    ttl_s: Annotated[int | None, Field(gt=0, description="Lifetime in seconds; default 24 h, never past your own token's expiry.")] = None,
+    run_id: Annotated[
+        str | None,
+        Field(
+            max_length=128,
+            description="Only your own token's run (tokens keep it anyway); runs are bound by dockyard, never named.",
+        ),
+    ] = None,
+    ttl_s: Annotated[
+        int | None, Field(gt=0, description="Lifetime in seconds; default 24 h, never past your own token's expiry.")
+    ] = None,
     label: Annotated[str | None, Field(max_length=200, description="A note for the audit log.")] = None,
 ) -> MintedToken:
     """Mint a bearer token for another client or agent, never wider than your own: a subset of
@@ -67,7 +80,9 @@ async def token_mint(
         ttl_s=ttl_s,
         label=label,
     )
-    return MintedToken(token=minted.token, token_id=minted.token_id, identity=minted.identity, expires_at=minted.expires_at)
+    return MintedToken(
+        token=minted.token, token_id=minted.token_id, identity=minted.identity, expires_at=minted.expires_at
+    )
 
 
 @tool_errors

@@ -33,7 +33,9 @@ async def _destroy(served: Served, sandbox_id: str) -> None:
     await served.call("sandbox_destroy", sandbox_id=sandbox_id)
 
 
-async def _warm(run: Run, name: str, shape: tuple[int, int], batch: int, repeats: int) -> tuple[list[float], int, Hardening]:
+async def _warm(
+    run: Run, name: str, shape: tuple[int, int], batch: int, repeats: int
+) -> tuple[list[float], int, Hardening]:
     """Time `batch` concurrent claims on a settled pool `repeats` times.
 
     Also returns how many claims the pool served cold (should be none) and the hardening of
@@ -97,7 +99,9 @@ async def measure(run: Run, options: Options) -> list[Figure]:
             target=Target.speedup(10),
             details={"claims_served_cold": one_cold},
         ),
-        Figure(SECTION, one_name, samples=one, baseline="cold create + start (Engine API)", baseline_samples=engine_api),
+        Figure(
+            SECTION, one_name, samples=one, baseline="cold create + start (Engine API)", baseline_samples=engine_api
+        ),
         Figure(
             SECTION,
             f"warm sandbox_create, {PARALLEL} in parallel",

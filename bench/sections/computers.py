@@ -56,7 +56,9 @@ async def _warm(run: Run, options: Options) -> tuple[list[float], list[float], H
 
 
 async def _computer_container(run: Run, served: Served) -> str:
-    found = run.docker.api.containers(filters={"label": [f"dockyard.instance={served.instance}", "dockyard.kind=computer"]})
+    found = run.docker.api.containers(
+        filters={"label": [f"dockyard.instance={served.instance}", "dockyard.kind=computer"]}
+    )
     if not found:
         raise LookupError("the server has no running computer")
     return str(found[0]["Id"])

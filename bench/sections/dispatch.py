@@ -134,7 +134,9 @@ async def measure(run: Run, options: Options) -> list[Figure]:
                 await _idle(served)
         one_cold = await _cold_claims(served, start)
         if one_cold:
-            say(f"[yellow]dispatch: {one_cold} of the one-at-a-time claims were served cold; that figure is not all warm")
+            say(
+                f"[yellow]dispatch: {one_cold} of the one-at-a-time claims were served cold; that figure is not all warm"
+            )
         batches: list[tuple[list[float], list[float], Callable[[Served], Awaitable[float]]]] = [
             (rates, walls["dispatch_s"], _batch_dispatched),
             (by_hand_rates, walls["by_hand_s"], _batch_by_hand),

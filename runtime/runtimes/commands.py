@@ -91,8 +91,10 @@ def _memory_note(ended: dict) -> str:
         return ""
     limit = f" (its limit is {ended['memory_mb']} MiB)" if ended.get("memory_mb") else ""
     which = "1 process" if kills == 1 else f"{kills} processes"
-    return (f"\n[dockyard: the sandbox ran out of memory{limit}; the kernel killed {which} "
-            "while this command ran (exit code 137 means the command itself was one)]")
+    return (
+        f"\n[dockyard: the sandbox ran out of memory{limit}; the kernel killed {which} "
+        "while this command ran (exit code 137 means the command itself was one)]"
+    )
 
 
 async def run_command(
@@ -152,7 +154,9 @@ async def run_command(
             raise SupervisorError("the sandbox's supervisor went away while the command ran")
         raise SupervisorError(f"the sandbox did not report the command's end within {timeout_s + _LATE_S:g} s")
     if ended.get("refused") == "user":
-        raise SupervisorError(f"{ended['error']} (its users are agent and m1..m16; an image built before they existed needs a rebuild)")
+        raise SupervisorError(
+            f"{ended['error']} (its users are agent and m1..m16; an image built before they existed needs a rebuild)"
+        )
     if ended.get("refused") == "cwd":
         raise InvalidRequestError(f"{ended['error']}; give a directory under /workspace that exists")
     if ended.get("error"):

@@ -114,7 +114,12 @@ class ComputerService:
     # -- create and destroy ---------------------------------------------------------------
 
     async def create(
-        self, who: Identity, *, template: str | None = None, width: int | None = None, height: int | None = None,
+        self,
+        who: Identity,
+        *,
+        template: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
         ttl_s: int | None = None,
     ) -> ComputerInfo:
         """Claim a running browser from the pool and open a blank page in it."""
@@ -123,7 +128,9 @@ class ComputerService:
             tpl = self._settings.templates.get(name)
             if tpl is None or tpl.kind != "computer":
                 known = [n for n, t in self._settings.templates.items() if t.kind == "computer"]
-                raise InvalidRequestError(f"unknown computer template '{name}'; computer templates: {', '.join(known) or 'none'}")
+                raise InvalidRequestError(
+                    f"unknown computer template '{name}'; computer templates: {', '.join(known) or 'none'}"
+                )
             width, height = width or self._limits.width, height or self._limits.height
             ttl = ttl_s or self._limits.default_ttl_s
             if not 60 <= ttl <= self._limits.max_ttl_s:
@@ -136,11 +143,22 @@ class ComputerService:
             def bind(session: Session, runtime: Runtime) -> None:
                 within_quotas(session)  # again, in the claim's own transaction
                 runtime.sandbox_id = computer_id  # the claim's id: a computer's here
-                session.add(Computer(
-                    id=computer_id, runtime_id=runtime.id, container_id=runtime.container_id or "", template=name,
-                    width=width, height=height, workspace_id=who.workspace_id, project_id=who.project_id,
-                    user_id=who.user_id, run_id=who.run_id, token_id=who.token_id, expires_at=utcnow() + timedelta(seconds=ttl),
-                ))
+                session.add(
+                    Computer(
+                        id=computer_id,
+                        runtime_id=runtime.id,
+                        container_id=runtime.container_id or "",
+                        template=name,
+                        width=width,
+                        height=height,
+                        workspace_id=who.workspace_id,
+                        project_id=who.project_id,
+                        user_id=who.user_id,
+                        run_id=who.run_id,
+                        token_id=who.token_id,
+                        expires_at=utcnow() + timedelta(seconds=ttl),
+                    )
+                )
 
             lease = await self._pools.claim(name, who.workspace_id, bind, network=tpl.network)
             row = await self._store.get(Computer, computer_id)
@@ -151,7 +169,9 @@ class ComputerService:
                 with anyio.CancelScope(shield=True):
                     await self._end(row, "its browser could not be reached")
                 raise
-            rec.detail.update(runtime=lease.runtime.id, served="warm" if lease.warm else "cold", claim_ms=round(lease.claim_ms, 2))
+            rec.detail.update(
+                runtime=lease.runtime.id, served="warm" if lease.warm else "cold", claim_ms=round(lease.claim_ms, 2)
+            )
         return _info(row)
 
     async def destroy(self, who: Identity, computer_id: str) -> None:
@@ -162,17 +182,32 @@ class ComputerService:
             await self._end(row, "destroyed by its owner")
 
     async def list(self, who: Identity) -> list[ComputerInfo]:
-        rows = await self._store.run(lambda s: list(s.exec(
-            select(Computer).where(Computer.workspace_id == who.workspace_id, Computer.status == SandboxStatus.RUNNING)
-            .order_by(col(Computer.created_at))).all()))
+        rows = await self._store.run(
+            lambda s: list(
+                s.exec(
+                    select(Computer)
+                    .where(Computer.workspace_id == who.workspace_id, Computer.status == SandboxStatus.RUNNING)
+                    .order_by(col(Computer.created_at))
+                ).all()
+            )
+        )
         return [_info(row) for row in rows]
 
     async def reap_expired(self) -> int:
         """End computers past their expiry; returns how many."""
-        rows = await self._store.run(lambda s: list(s.exec(
-            select(Computer).where(Computer.status == SandboxStatus.RUNNING, col(Computer.expires_at) <= utcnow())).all()))
+        rows = await self._store.run(
+            lambda s: list(
+                s.exec(
+                    select(Computer).where(
+                        Computer.status == SandboxStatus.RUNNING, col(Computer.expires_at) <= utcnow()
+                    )
+                ).all()
+            )
+        )
         for row in rows:
-            owner = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id)
+            owner = Identity(
+                workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id
+            )
             async with self._audit.record(owner, Action.COMPUTER_EXPIRE, row.id):
                 await self._end(row, "its ttl expired")
         return len(rows)
@@ -230,7 +265,10 @@ class ComputerService:
     async def type(self, who: Identity, computer_id: str, ref: str, text: str, submit: bool) -> PageState:
         """Fill a field; the audit keeps the text unless the field is a password."""
         row = await self._owned(who, computer_id, Action.COMPUTER_TYPE)
-        async with self._audit.record(who, Action.COMPUTER_TYPE, computer_id, ref=ref, submit=submit) as rec, self._page(row) as page:
+        async with (
+            self._audit.record(who, Action.COMPUTER_TYPE, computer_id, ref=ref, submit=submit) as rec,
+            self._page(row) as page,
+        ):
             target = await self._element(page, ref)
             secret = await self._act(lambda: target.evaluate("e => e.type === 'password'"), f"inspect {ref}")
             rec.detail["text"] = "••••••" if secret else text[:1000]
@@ -249,7 +287,10 @@ class ComputerService:
 
     async def scroll(self, who: Identity, computer_id: str, dx: int, dy: int, ref: str | None) -> PageState:
         row = await self._owned(who, computer_id, Action.COMPUTER_SCROLL)
-        async with self._audit.record(who, Action.COMPUTER_SCROLL, computer_id, dx=dx, dy=dy, ref=ref), self._page(row) as page:
+        async with (
+            self._audit.record(who, Action.COMPUTER_SCROLL, computer_id, dx=dx, dy=dy, ref=ref),
+            self._page(row) as page,
+        ):
             if ref is not None:
                 target = await self._element(page, ref)
                 await self._act(lambda: target.scroll_into_view_if_needed(timeout=self._timeout_ms), f"scroll to {ref}")
@@ -260,7 +301,10 @@ class ComputerService:
     async def wait_for(self, who: Identity, computer_id: str, text: str, timeout_s: float) -> PageState:
         """Wait until `text` shows on the page."""
         row = await self._owned(who, computer_id, Action.COMPUTER_WAIT_FOR)
-        async with self._audit.record(who, Action.COMPUTER_WAIT_FOR, computer_id, text=text[:200]), self._page(row) as page:
+        async with (
+            self._audit.record(who, Action.COMPUTER_WAIT_FOR, computer_id, text=text[:200]),
+            self._page(row) as page,
+        ):
             try:
                 await page.get_by_text(text).first.wait_for(state="visible", timeout=timeout_s * 1000)
             except PlaywrightError as exc:
@@ -270,24 +314,39 @@ class ComputerService:
     async def upload(self, who: Identity, computer_id: str, ref: str, sandbox_id: str, path: str) -> PageState:
         """Put a file from one of the caller's sandboxes into a file input of the page."""
         row = await self._owned(who, computer_id, Action.COMPUTER_UPLOAD)
-        async with self._audit.record(who, Action.COMPUTER_UPLOAD, computer_id, ref=ref, sandbox_id=sandbox_id, path=path) as rec:
+        async with self._audit.record(
+            who, Action.COMPUTER_UPLOAD, computer_id, ref=ref, sandbox_id=sandbox_id, path=path
+        ) as rec:
             file = await self._sandboxes.read_file(who, sandbox_id, path, "base64", None)
             if file.truncated:
-                raise InvalidRequestError(f"{path} is {file.size} bytes, over the {self._settings.sandbox.read_cap_bytes}-byte read cap")
+                raise InvalidRequestError(
+                    f"{path} is {file.size} bytes, over the {self._settings.sandbox.read_cap_bytes}-byte read cap"
+                )
             rec.detail["size"] = file.size
             name = PurePosixPath(file.path).name
-            payload = {"name": name, "mimeType": mimetypes.guess_type(name)[0] or "application/octet-stream",
-                       "buffer": base64.b64decode(file.content)}
+            payload = {
+                "name": name,
+                "mimeType": mimetypes.guess_type(name)[0] or "application/octet-stream",
+                "buffer": base64.b64decode(file.content),
+            }
             async with self._page(row) as page:
                 target = await self._element(page, ref)
-                await self._act(lambda: target.set_input_files(payload, timeout=self._timeout_ms), f"upload {name} into {ref}")
+                await self._act(
+                    lambda: target.set_input_files(payload, timeout=self._timeout_ms), f"upload {name} into {ref}"
+                )
                 return await _state(page)
 
     async def screenshot(self, who: Identity, computer_id: str, full_page: bool) -> bytes:
         """A PNG of the viewport, or of the whole page."""
         row = await self._owned(who, computer_id, Action.COMPUTER_SCREENSHOT)
-        async with self._audit.record(who, Action.COMPUTER_SCREENSHOT, computer_id, full_page=full_page) as rec, self._page(row) as page:
-            png: bytes = await self._act(lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3), "take a screenshot")
+        async with (
+            self._audit.record(who, Action.COMPUTER_SCREENSHOT, computer_id, full_page=full_page) as rec,
+            self._page(row) as page,
+        ):
+            png: bytes = await self._act(
+                lambda: page.screenshot(full_page=full_page, type="png", timeout=self._timeout_ms * 3),
+                "take a screenshot",
+            )
             rec.detail["bytes"] = len(png)
             return png
 
@@ -327,8 +386,11 @@ class ComputerService:
         relay = await self._tg.start(relays.serve, listener, relays.bearer_gate(token), relays.to_unix(socket))
         try:
             browser = await self._playwright.chromium.connect_over_cdp(
-                f"http://127.0.0.1:{port}", timeout=_CONNECT_TIMEOUT_MS, headers={"Authorization": f"Bearer {token}"})
-            context = await browser.new_context(viewport={"width": row.width, "height": row.height}, service_workers="block")
+                f"http://127.0.0.1:{port}", timeout=_CONNECT_TIMEOUT_MS, headers={"Authorization": f"Bearer {token}"}
+            )
+            context = await browser.new_context(
+                viewport={"width": row.width, "height": row.height}, service_workers="block"
+            )
             await context.route("**/*", lambda route: self._route(row.workspace_id, context, route))
             page = await context.new_page()
         except PlaywrightError as exc:
@@ -360,8 +422,17 @@ class ComputerService:
             # The browser's Cookie header may predate this preview's key, so it is left out and the
             # fetch takes the context's cookies instead: the key among them, set again each time
             # so a page's own Set-Cookie cannot displace it.
-            await context.add_cookies([{"name": cookie_name(exposed.host_port), "value": exposed.secret, "httpOnly": True,
-                                        "url": f"http://{urlsplit(url).hostname}:{exposed.host_port}/", "sameSite": "Strict"}])
+            await context.add_cookies(
+                [
+                    {
+                        "name": cookie_name(exposed.host_port),
+                        "value": exposed.secret,
+                        "httpOnly": True,
+                        "url": f"http://{urlsplit(url).hostname}:{exposed.host_port}/",
+                        "sameSite": "Strict",
+                    }
+                ]
+            )
             headers = {name: value for name, value in route.request.headers.items() if name.lower() != "cookie"}
             # Redirects come back to the page, so each hop is checked here again.
             fetched = await route.fetch(headers=headers, max_redirects=0, timeout=self._timeout_ms)
@@ -381,13 +452,20 @@ class ComputerService:
         exposed = self._ports.exposed(parts.port)
         if exposed is None:
             return None
-        sandbox = await self._store.run(lambda s: s.exec(select(Sandbox).where(
-            Sandbox.container_id == exposed.container_id, Sandbox.status == SandboxStatus.RUNNING)).first())
+        sandbox = await self._store.run(
+            lambda s: s.exec(
+                select(Sandbox).where(
+                    Sandbox.container_id == exposed.container_id, Sandbox.status == SandboxStatus.RUNNING
+                )
+            ).first()
+        )
         return exposed if sandbox is not None and sandbox.workspace_id == workspace_id else None
 
     async def _element(self, page: Page, ref: str) -> Any:
         if not _REF.match(ref):
-            raise InvalidRequestError(f"'{ref[:40]}' is not an element ref; refs look like e12 and come from computer_snapshot")
+            raise InvalidRequestError(
+                f"'{ref[:40]}' is not an element ref; refs look like e12 and come from computer_snapshot"
+            )
         target = page.locator(f"aria-ref={ref}")
         try:
             count = await target.count()
@@ -409,15 +487,22 @@ class ComputerService:
         """The caller's live computer; another workspace's is unknown to them (and audited)."""
         row = await self._store.get(Computer, computer_id)
         if row is None or row.workspace_id != who.workspace_id or who.sandbox_id is not None:
-            await self._audit.append(who, action, target=computer_id, outcome="denied",
-                                     detail={"error": "no such computer in the caller's reach", "token_id": who.token_id})
+            await self._audit.append(
+                who,
+                action,
+                target=computer_id,
+                outcome="denied",
+                detail={"error": "no such computer in the caller's reach", "token_id": who.token_id},
+            )
             raise ComputerNotFoundError(computer_id)
         if row.status != SandboxStatus.RUNNING:
             raise ComputerNotFoundError(computer_id, f"computer '{computer_id}' is {row.status}: {row.end_reason}")
         runtime = await self._store.get(Runtime, row.runtime_id)
         if runtime is None or runtime.state != RuntimeState.CLAIMED or runtime.sandbox_id != row.id:
             await self._mark_lost(row)
-            raise ComputerNotFoundError(computer_id, f"computer '{computer_id}' was lost: its container is gone; create another")
+            raise ComputerNotFoundError(
+                computer_id, f"computer '{computer_id}' was lost: its container is gone; create another"
+            )
         return row
 
     async def _mark_lost(self, row: Computer) -> None:
@@ -501,5 +586,11 @@ def _first_line(exc: Exception) -> str:
 
 
 def _info(row: Computer) -> ComputerInfo:
-    return ComputerInfo(computer_id=row.id, template=row.template, width=row.width, height=row.height,
-                        created_at=row.created_at, expires_at=row.expires_at)
+    return ComputerInfo(
+        computer_id=row.id,
+        template=row.template,
+        width=row.width,
+        height=row.height,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )

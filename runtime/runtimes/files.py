@@ -93,8 +93,12 @@ class FileOps:
         reply = await self._ask(container_id, {"t": protocol.WRITE, "path": rel, "mode": "644"}, path, data, user)
         return FileWritten(path=reply.obj["path"], size=reply.obj["size"])
 
-    async def read(self, container_id: str, path: str, max_bytes: int, encoding: str | None, user: str | None = None) -> FileContent:
-        reply = await self._ask(container_id, {"t": protocol.READ, "path": workspace_path(path), "max_bytes": max_bytes}, path, user=user)
+    async def read(
+        self, container_id: str, path: str, max_bytes: int, encoding: str | None, user: str | None = None
+    ) -> FileContent:
+        reply = await self._ask(
+            container_id, {"t": protocol.READ, "path": workspace_path(path), "max_bytes": max_bytes}, path, user=user
+        )
         data = reply.body
         if encoding is None:
             try:
@@ -109,16 +113,24 @@ class FileOps:
         else:
             text, chosen = base64.b64encode(data).decode(), "base64"
         return FileContent(
-            path=reply.obj["path"], encoding=chosen, content=text, size=reply.obj["size"], truncated=reply.obj["truncated"]
+            path=reply.obj["path"],
+            encoding=chosen,
+            content=text,
+            size=reply.obj["size"],
+            truncated=reply.obj["truncated"],
         )
 
-    async def list(self, container_id: str, path: str, recursive: bool, max_entries: int, user: str | None = None) -> FileListing:
+    async def list(
+        self, container_id: str, path: str, recursive: bool, max_entries: int, user: str | None = None
+    ) -> FileListing:
         request = {"t": protocol.LIST, "path": workspace_path(path), "recursive": recursive, "max_entries": max_entries}
         reply = await self._ask(container_id, request, path, user=user)
         entries = [FileEntry(**entry) for entry in reply.obj["entries"]]
         return FileListing(path=reply.obj["path"], entries=entries, truncated=reply.obj["truncated"])
 
-    async def _ask(self, container_id: str, request: dict[str, Any], path: str, body: bytes = b"", user: str | None = None) -> Frame:
+    async def _ask(
+        self, container_id: str, request: dict[str, Any], path: str, body: bytes = b"", user: str | None = None
+    ) -> Frame:
         if user is not None:
             request = {**request, "user": user}
         reply = await self._supervisors.call(container_id, request, body, timeout_s=_DEADLINE_S)

@@ -154,7 +154,9 @@ class ImageService:
         state = self._states.get(recipe)
         if recipe in self._ready or (state is not None and not state.done.is_set()):
             return
-        assert self._task_group is not None, "ImageService.start needs attach() first"  # the engine attaches it at start
+        assert self._task_group is not None, (
+            "ImageService.start needs attach() first"
+        )  # the engine attaches it at start
         self._states[recipe] = BuildState(recipe)  # visible at once, before the task runs
         self._task_group.start_soon(self._ensure_quietly, recipe)
 
@@ -264,8 +266,19 @@ class ImageService:
         its cache, so a rebuild downloads nothing new)."""
         state.phase, state.message = "wheels", f"downloading the wheels in {recipe}/{_WHEELS}"
         argv = [
-            sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(context / "wheels"),
-            "-r", str(context / _WHEELS), "--progress-bar", "off", "--disable-pip-version-check", "--no-input",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "--dest",
+            str(context / "wheels"),
+            "-r",
+            str(context / _WHEELS),
+            "--progress-bar",
+            "off",
+            "--disable-pip-version-check",
+            "--no-input",
         ]
         # The image's Python, not this one, decides which wheels fit: `# python: 3.11` says it.
         for line in (context / _WHEELS).read_text().splitlines():
@@ -283,7 +296,9 @@ class ImageService:
         state.phase, state.message = "build", f"building {self.tag(recipe)}"
 
         def build() -> None:
-            for record in self._docker.build_lines(str(context), self.tag(recipe), labels, {"BASE_IMAGE": self.base_tag}):
+            for record in self._docker.build_lines(
+                str(context), self.tag(recipe), labels, {"BASE_IMAGE": self.base_tag}
+            ):
                 if "error" in record:
                     raise ImageBuildFailedError(str(record["error"]).strip())
                 match = _STEP.match(str(record.get("stream", "")).strip())

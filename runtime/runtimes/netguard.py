@@ -106,7 +106,11 @@ def _install(instance: str) -> None:
 
 def _check(done: subprocess.CompletedProcess[str]) -> None:
     if done.returncode != 0:
-        raise OSError((done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else "iptables failed")
+        raise OSError(
+            (done.stderr or done.stdout).strip().splitlines()[-1]
+            if (done.stderr or done.stdout).strip()
+            else "iptables failed"
+        )
 
 
 class NetworkGuard:

@@ -81,9 +81,7 @@ class PoolManager:
         self._quotas = settings.quotas
         self._store = store
         self._provisioner = provisioner
-        self._pools = {
-            name: Pool(name, tpl.pool, tpl.network) for name, tpl in settings.templates.items()
-        }
+        self._pools = {name: Pool(name, tpl.pool, tpl.network) for name, tpl in settings.templates.items()}
         self._pools_gone: dict[str, Pool] = {}
         self._where: dict[str, tuple[Pool, str]] = {}  # container id -> (pool, runtime id)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -363,8 +361,15 @@ class PoolManager:
         )
 
         def insert(session: Session) -> None:
-            session.add(PoolEvent(template=pool.template, runtime_id=runtime_id, from_state=None,
-                                  to_state=RuntimeState.PROVISIONING, reason=reason))
+            session.add(
+                PoolEvent(
+                    template=pool.template,
+                    runtime_id=runtime_id,
+                    from_state=None,
+                    to_state=RuntimeState.PROVISIONING,
+                    reason=reason,
+                )
+            )
             session.add(row)
 
         try:
@@ -394,7 +399,9 @@ class PoolManager:
                 pool.fill_after = time.monotonic() + _FILL_BACKOFF_S
                 return
 
-            await self._store.run(transition(runtime_id, RuntimeState.WARM, "ready", only_from=(RuntimeState.PROVISIONING,)))
+            await self._store.run(
+                transition(runtime_id, RuntimeState.WARM, "ready", only_from=(RuntimeState.PROVISIONING,))
+            )
             await self._add_warm(pool, runtime_id)
         except DockyardError as exc:
             log.warning("could not provision a warm runtime for pool '%s': %s", pool.template, exc)
@@ -499,8 +506,15 @@ class PoolManager:
         """Record something about a runtime that changes nothing of its state (it stays where it is)."""
         state = pool.states.get(runtime_id)
         log.warning("runtime %s of pool %s: %s", runtime_id, pool.template, reason)
-        await self._store.add(PoolEvent(template=pool.template, runtime_id=runtime_id, from_state=state,
-                                        to_state=state or "unknown", reason=reason))
+        await self._store.add(
+            PoolEvent(
+                template=pool.template,
+                runtime_id=runtime_id,
+                from_state=state,
+                to_state=state or "unknown",
+                reason=reason,
+            )
+        )
 
     async def replenish(self, pool: Pool) -> None:
         async with pool.lock:
@@ -573,7 +587,9 @@ class PoolManager:
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
-            states = [PoolState(template=p.template, target=p.target, queue_depth=len(p.queue)) for p in self._pools.values()]
+            states = [
+                PoolState(template=p.template, target=p.target, queue_depth=len(p.queue)) for p in self._pools.values()
+            ]
 
             def write(session: Session, states: list[PoolState] = states) -> None:
                 for state in states:

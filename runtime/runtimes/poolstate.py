@@ -15,7 +15,18 @@ from dockyard.runtime.runtimes.waitqueue import FairQueue
 from dockyard.runtime.substrate.settings import PoolShape
 from dockyard.runtime.substrate.store import Computer, PoolEvent, Runtime, RuntimeState, Sandbox, utcnow
 
-__all__ = ["Bind", "Grant", "Lease", "Pool", "claim_warm", "drain", "move", "new_runtime_id", "timed_bind", "transition"]
+__all__ = [
+    "Bind",
+    "Grant",
+    "Lease",
+    "Pool",
+    "claim_warm",
+    "drain",
+    "move",
+    "new_runtime_id",
+    "timed_bind",
+    "transition",
+]
 
 _COUNTED = (RuntimeState.PROVISIONING, RuntimeState.WARM, RuntimeState.CLAIMED, RuntimeState.DRAINING)
 
@@ -113,8 +124,15 @@ def claim_warm(runtime_id: str, bind: Bind) -> Callable[[Session], Runtime | Non
             return None
         row = session.get(Runtime, runtime_id)  # a fresh session: loaded after the update
         assert row is not None
-        session.add(PoolEvent(template=row.template, runtime_id=row.id, from_state=RuntimeState.WARM,
-                              to_state=RuntimeState.CLAIMED, reason="claimed warm"))
+        session.add(
+            PoolEvent(
+                template=row.template,
+                runtime_id=row.id,
+                from_state=RuntimeState.WARM,
+                to_state=RuntimeState.CLAIMED,
+                reason="claimed warm",
+            )
+        )
         bind(session, row)
         return row
 

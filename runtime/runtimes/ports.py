@@ -92,7 +92,9 @@ class PortForwarder:
         existing = self._open.get(container_id, {}).get(port)
         if existing is not None:
             return existing
-        assert self._task_group is not None, "PortForwarder.open needs attach() first"  # the engine attaches it at start
+        assert self._task_group is not None, (
+            "PortForwarder.open needs attach() first"
+        )  # the engine attaches it at start
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         host_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         secret = secrets.token_urlsafe(24)
@@ -123,12 +125,21 @@ def _preview_gate(secret: str, host_port: int) -> relays.Gate:
                 return relays.answer(403, "Forbidden", "wrong preview key\n")
             # One leading slash: "//host/..." would send the browser to another host.
             back = urlunsplit(("", "", "/" + parts.path.lstrip("/"), urlsplit(without_key(head.target)).query, ""))
-            return relays.answer(303, "See Other", "", f"Location: {back}",
-                                 f"Set-Cookie: {cookie}={secret}; Path=/; HttpOnly; SameSite=Strict")
+            return relays.answer(
+                303,
+                "See Other",
+                "",
+                f"Location: {back}",
+                f"Set-Cookie: {cookie}={secret}; Path=/; HttpOnly; SameSite=Strict",
+            )
         shown = [_cookies(head).get(cookie), relays.bearer_of(head)]
         if not any(shown):
-            return relays.answer(401, "Unauthorized", "this preview needs its key: open the URL sandbox_expose_port gave\n",
-                                 'WWW-Authenticate: Bearer realm="dockyard preview"')
+            return relays.answer(
+                401,
+                "Unauthorized",
+                "this preview needs its key: open the URL sandbox_expose_port gave\n",
+                'WWW-Authenticate: Bearer realm="dockyard preview"',
+            )
         if not any(holds(value) for value in shown):
             return relays.answer(403, "Forbidden", "wrong preview key\n")
         return _strip(head, secret)
@@ -152,13 +163,20 @@ def _strip(head: RequestHead, secret: str) -> RequestHead:
 
     def keep(name: str, value: str) -> bool:
         scheme, _, token = value.strip().partition(" ")
-        is_key = name.lower() == "authorization" and scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), secret.encode())
+        is_key = (
+            name.lower() == "authorization"
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), secret.encode())
+        )
         ends = not upgrading and name.lower() in ("connection", "keep-alive")
         return not is_key and not ends and name.lower() != "cookie"
 
-    others = "; ".join(pair.strip() for value in head.values("cookie") for pair in value.split(";")
-                       if pair.strip() and not pair.strip().startswith(_COOKIE_PREFIX))
+    others = "; ".join(
+        pair.strip()
+        for value in head.values("cookie")
+        for pair in value.split(";")
+        if pair.strip() and not pair.strip().startswith(_COOKIE_PREFIX)
+    )
     kept = head.without(keep)
     added = ((("Cookie", others),) if others else ()) + ((("Connection", "close"),) if not upgrading else ())
     return replace(kept, headers=(*kept.headers, *added))

@@ -38,7 +38,17 @@ from dockyard.runtime.substrate.docker import ContainerSpec, DockerBackend
 from dockyard.runtime.substrate.errors import BackendError, InvalidRequestError
 from dockyard.runtime.substrate.settings import Settings, TemplateSettings
 
-__all__ = ["CDP_MOUNT", "COMPUTER_USER", "HOME", "MEMBER_USERS", "SANDBOX_GID", "SANDBOX_UIDS", "USER", "Provisioner", "Started"]
+__all__ = [
+    "CDP_MOUNT",
+    "COMPUTER_USER",
+    "HOME",
+    "MEMBER_USERS",
+    "SANDBOX_GID",
+    "SANDBOX_UIDS",
+    "USER",
+    "Provisioner",
+    "Started",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +165,10 @@ class Provisioner:
             docker_network = self.workspace_network(workspace_id, network)
             ws_labels = {**self.labels, "dockyard.workspace": workspace_id}
             await self._docker.ensure_network(
-                docker_network, ws_labels, internal=network == "workspace", bridge=self.guard.bridge_name(docker_network)
+                docker_network,
+                ws_labels,
+                internal=network == "workspace",
+                bridge=self.guard.bridge_name(docker_network),
             )
         if tpl.runtime is not None:
             await self._check_oci_runtime(template, tpl.runtime)

@@ -64,8 +64,13 @@ Relay = Callable[[anyio.abc.SocketStream, bytes], Awaitable[None]]
 def answer(status: int, reason: str, body: str, *headers: str) -> bytes:
     """A complete, closing HTTP/1.1 response."""
     data = body.encode()
-    fields = [*headers, "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(data)}",
-              "Cache-Control: no-store", "Connection: close"]
+    fields = [
+        *headers,
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(data)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
     return (f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{f}\r\n" for f in fields) + "\r\n").encode() + data
 
 
@@ -84,7 +89,12 @@ def bearer_gate(secret: str) -> Gate:
     def judge(head: RequestHead) -> RequestHead | bytes:
         token = bearer_of(head)
         if token is None:
-            return answer(401, "Unauthorized", "this endpoint needs its bearer token\n", 'WWW-Authenticate: Bearer realm="dockyard"')
+            return answer(
+                401,
+                "Unauthorized",
+                "this endpoint needs its bearer token\n",
+                'WWW-Authenticate: Bearer realm="dockyard"',
+            )
         if not hmac.compare_digest(token.encode(), secret.encode()):
             return answer(403, "Forbidden", "wrong token\n")
         return head.without(lambda name, _: name.lower() != "authorization")
@@ -93,8 +103,11 @@ def bearer_gate(secret: str) -> Gate:
 
 
 async def serve(
-    listener: anyio.abc.Listener[anyio.abc.SocketStream], gate: Gate, relay: Relay,
-    *, task_status: anyio.abc.TaskStatus[anyio.CancelScope],
+    listener: anyio.abc.Listener[anyio.abc.SocketStream],
+    gate: Gate,
+    relay: Relay,
+    *,
+    task_status: anyio.abc.TaskStatus[anyio.CancelScope],
 ) -> None:
     """Serve `listener` until the returned scope is cancelled: each connection through `gate`,
     then, if admitted, to `relay`."""

@@ -105,7 +105,9 @@ class SandboxService:
         notify: BuildNotify | None = None,
     ) -> SandboxInfo:
         """Start a sandbox from a template (and optionally a snapshot) and return it."""
-        async with self._audit.record(who, Action.SANDBOX_CREATE, template=template, from_snapshot=from_snapshot) as rec:
+        async with self._audit.record(
+            who, Action.SANDBOX_CREATE, template=template, from_snapshot=from_snapshot
+        ) as rec:
             snapshot = await self._owned_snapshot(who, from_snapshot) if from_snapshot else None
             name = template or (snapshot.template if snapshot else self._limits.default_template)
             rec.detail["template"] = name
@@ -158,7 +160,9 @@ class SandboxService:
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await self._tokens.revoke_sandbox(sandbox_id, "its creation failed")
-                        await self._pools.release(lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed")
+                        await self._pools.release(
+                            lease.runtime.id, _ended(sandbox_id, "its creation failed"), "creation failed"
+                        )
                     raise
             finally:
                 if checked is not None:
@@ -271,12 +275,16 @@ class SandboxService:
         user = run_as or await self.unix_user(who, sandbox_id)
         timeout = timeout_s or self._limits.exec_default_timeout_s
         if timeout > self._limits.exec_max_timeout_s:
-            raise InvalidRequestError(f"timeout_s {timeout} is over the cap; allowed: 1..{self._limits.exec_max_timeout_s}")
+            raise InvalidRequestError(
+                f"timeout_s {timeout} is over the cap; allowed: 1..{self._limits.exec_max_timeout_s}"
+            )
         workdir = WORKSPACE if cwd is None else f"{WORKSPACE}/{workspace_path(cwd)}".removesuffix("/.")
         argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
         shown = command[:1000] if isinstance(command, str) else [arg[:1000] for arg in command[:50]]
         as_member = {"user": user} if user != USER else {}
-        async with self._audit.record(who, Action.SANDBOX_EXEC, sandbox_id, started=True, command=shown, cwd=workdir, **as_member) as rec:
+        async with self._audit.record(
+            who, Action.SANDBOX_EXEC, sandbox_id, started=True, command=shown, cwd=workdir, **as_member
+        ) as rec:
             result = await run_command(
                 await self._supervisors.link(row.container_id),
                 argv,
@@ -308,7 +316,9 @@ class SandboxService:
         if max_bytes is not None and max_bytes > cap:
             raise InvalidRequestError(f"max_bytes {max_bytes} is over the read cap; allowed: 1..{cap}")
         async with self._audit.record(who, Action.SANDBOX_READ_FILE, sandbox_id, path=path) as rec:
-            content = await self._files.read(row.container_id, path, max_bytes or cap, encoding, await self._member_user(who, sandbox_id))
+            content = await self._files.read(
+                row.container_id, path, max_bytes or cap, encoding, await self._member_user(who, sandbox_id)
+            )
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
 
@@ -318,7 +328,9 @@ class SandboxService:
         row = await self._owned(who, sandbox_id, Action.SANDBOX_LIST_FILES)
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, Action.SANDBOX_LIST_FILES, sandbox_id, path=path, recursive=recursive):
-            return await self._files.list(row.container_id, path, recursive, limit, await self._member_user(who, sandbox_id))
+            return await self._files.list(
+                row.container_id, path, recursive, limit, await self._member_user(who, sandbox_id)
+            )
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._owned(who, sandbox_id, Action.SANDBOX_EXPOSE_PORT)
@@ -336,7 +348,9 @@ class SandboxService:
         row = await self._owned(who, sandbox_id, Action.SANDBOX_SNAPSHOT)
         snapshot_id = f"snp_{secrets.token_hex(8)}"
         folder = self._settings.snapshots_dir / snapshot_id
-        async with self._audit.record(who, Action.SANDBOX_SNAPSHOT, sandbox_id, started=True, snapshot_id=snapshot_id, label=label) as rec:
+        async with self._audit.record(
+            who, Action.SANDBOX_SNAPSHOT, sandbox_id, started=True, snapshot_id=snapshot_id, label=label
+        ) as rec:
             async with self._snapshot_lock(who.workspace_id):
                 room = await self._snapshot_room(who.workspace_id)
                 try:
@@ -408,13 +422,17 @@ class SandboxService:
 
         def expired(session: Session) -> list[Sandbox]:
             stmt = select(Sandbox).where(
-                Sandbox.status == SandboxStatus.RUNNING, col(Sandbox.expires_at).is_not(None), col(Sandbox.expires_at) < utcnow()
+                Sandbox.status == SandboxStatus.RUNNING,
+                col(Sandbox.expires_at).is_not(None),
+                col(Sandbox.expires_at) < utcnow(),
             )
             return list(session.exec(stmt).all())
 
         rows = await self._store.run(expired)
         for row in rows:
-            who = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id="dockyard", run_id=row.run_id)
+            who = Identity(
+                workspace_id=row.workspace_id, project_id=row.project_id, user_id="dockyard", run_id=row.run_id
+            )
             async with self._audit.record(who, Action.SANDBOX_EXPIRE, row.id):
                 await self._end(row, "its time to live ran out")
         return len(rows)
@@ -441,7 +459,10 @@ class SandboxService:
         row = await self._store.get(Sandbox, sandbox_id)
         if row is None or row.workspace_id != who.workspace_id or who.sandbox_id not in (None, sandbox_id):
             await self._audit.append(
-                who, action, target=sandbox_id, outcome="denied",
+                who,
+                action,
+                target=sandbox_id,
+                outcome="denied",
                 detail={"error": "no such sandbox in the caller's reach", "token_id": who.token_id},
             )
             raise SandboxNotFoundError(sandbox_id)

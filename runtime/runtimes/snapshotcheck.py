@@ -36,13 +36,18 @@ def copy_checked(snapshot_id: str, source: BinaryIO, sink: BinaryIO, uids: range
     files: set[str] = set()  # regular files made so far: the only targets a hard link may have
     count = 0
     try:
-        with tarfile.open(fileobj=source, mode="r|") as tar, tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:
+        with (
+            tarfile.open(fileobj=source, mode="r|") as tar,
+            tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out,
+        ):
             for entry in tar:
                 name = _checked_name(snapshot_id, entry.name)
                 if name is None:
                     continue
                 if entry.type not in _KINDS:
-                    raise UnsafeSnapshotError(snapshot_id, f"'{_shown(name)}' is a special file (device, FIFO or the like)")
+                    raise UnsafeSnapshotError(
+                        snapshot_id, f"'{_shown(name)}' is a special file (device, FIFO or the like)"
+                    )
                 parents = PurePosixPath(name).parents
                 below = next((str(p) for p in parents if str(p) in links), None)
                 if below is not None:
@@ -51,7 +56,8 @@ def copy_checked(snapshot_id: str, source: BinaryIO, sink: BinaryIO, uids: range
                     target = _checked_name(snapshot_id, entry.linkname)
                     if target is None or target not in files:
                         raise UnsafeSnapshotError(
-                            snapshot_id, f"the hard link '{_shown(name)}' points at '{_shown(entry.linkname)}', not a file it holds"
+                            snapshot_id,
+                            f"the hard link '{_shown(name)}' points at '{_shown(entry.linkname)}', not a file it holds",
                         )
                     entry.linkname = target
                 entry.name = name
@@ -60,7 +66,9 @@ def copy_checked(snapshot_id: str, source: BinaryIO, sink: BinaryIO, uids: range
                     entry.uid = uids.start
                 entry.gid = gid
                 entry.uname = entry.gname = ""
-                (links.add if entry.type == tarfile.SYMTYPE else links.discard)(name)  # an entry replaces what was there
+                (links.add if entry.type == tarfile.SYMTYPE else links.discard)(
+                    name
+                )  # an entry replaces what was there
                 (files.add if entry.isfile() else files.discard)(name)
                 out.addfile(entry, tar.extractfile(entry) if entry.isfile() else None)
                 count += 1

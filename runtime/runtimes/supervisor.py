@@ -162,8 +162,15 @@ class Link:
                         await waiter.send(frame)
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         self._waiting.pop(frame.obj["id"], None)
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                OSError, ValueError, DockyardError) as exc:
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+            ValueError,
+            DockyardError,
+        ) as exc:
             log.debug("control link to %s ended: %r", self.container_id[:12], exc)
         finally:
             self.closed = True
@@ -210,7 +217,9 @@ class Link:
     # -- requests --------------------------------------------------------------------
 
     @asynccontextmanager
-    async def request(self, obj: dict[str, Any], body: bytes = b"") -> AsyncIterator[tuple[int, MemoryObjectReceiveStream[Frame]]]:
+    async def request(
+        self, obj: dict[str, Any], body: bytes = b""
+    ) -> AsyncIterator[tuple[int, MemoryObjectReceiveStream[Frame]]]:
         """Send a request; yields its id and the stream of frames answering it."""
         if self.closed:
             raise SupervisorError("the sandbox's supervisor connection is closed")
@@ -233,7 +242,9 @@ class Link:
                     if frame.kind == protocol.RESULT:
                         return frame
             if scope.cancelled_caught:
-                raise SupervisorError(f"the sandbox's supervisor did not answer '{obj.get('t')}' within {timeout_s:g} s")
+                raise SupervisorError(
+                    f"the sandbox's supervisor did not answer '{obj.get('t')}' within {timeout_s:g} s"
+                )
         raise SupervisorError(f"the sandbox's supervisor went away during '{obj.get('t')}'")
 
 
@@ -327,7 +338,9 @@ class Supervisors:
             self._links[container_id] = link
             return link
 
-    async def call(self, container_id: str, obj: dict[str, Any], body: bytes = b"", timeout_s: float = _CALL_TIMEOUT_S) -> Frame:
+    async def call(
+        self, container_id: str, obj: dict[str, Any], body: bytes = b"", timeout_s: float = _CALL_TIMEOUT_S
+    ) -> Frame:
         link = await self.link(container_id)
         return await link.call(obj, body, timeout_s)
 
@@ -378,4 +391,3 @@ async def connect_unix(path: Path) -> anyio.abc.SocketStream:
         return await anyio.connect_unix(f"/proc/self/fd/{fd}/{path.name}")
     finally:
         os.close(fd)
-

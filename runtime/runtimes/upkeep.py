@@ -125,7 +125,11 @@ class PoolUpkeep:
         # Who to check is fixed before Docker is asked, so a runtime started meanwhile is not
         # mistaken for one whose container is missing.
         checks = [
-            (pool, self._pools.containers_of(pool, RuntimeState.WARM), self._pools.containers_of(pool, RuntimeState.CLAIMED))
+            (
+                pool,
+                self._pools.containers_of(pool, RuntimeState.WARM),
+                self._pools.containers_of(pool, RuntimeState.CLAIMED),
+            )
             for pool in self._pools.pools
         ]
         states = {c["Id"]: c["State"] for c in await self._docker.list_containers(self._provisioner.labels)}
@@ -193,7 +197,7 @@ class PoolUpkeep:
             elif now - pool.last_busy >= self._settings.scale_down_after_s and pool.target > pool.shape.min:
                 self._pools.set_target(pool, pool.target - 1)
                 surplus = pool.count(RuntimeState.WARM) - pool.target
-                for runtime_id in list(pool.warm)[:max(surplus, 0)]:
+                for runtime_id in list(pool.warm)[: max(surplus, 0)]:
                     await self._pools.evict(pool, runtime_id, "autoscaler: idle, shrinking toward min")
             await self._pools.replenish(pool)
 

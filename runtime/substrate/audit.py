@@ -92,10 +92,19 @@ class AuditLog:
     ) -> AuditEvent:
         """Write one row, chained to the last one and keyed; attributed to `who` and the token it
         presented. The head is moved on to it once it is committed."""
-        return await self._append(who, str(kind), target=target, outcome=outcome, detail=detail, duration_ms=duration_ms)
+        return await self._append(
+            who, str(kind), target=target, outcome=outcome, detail=detail, duration_ms=duration_ms
+        )
 
     async def _append(
-        self, who: Identity, kind: str, *, target: str | None, outcome: str, detail: dict[str, Any], duration_ms: float = 0.0
+        self,
+        who: Identity,
+        kind: str,
+        *,
+        target: str | None,
+        outcome: str,
+        detail: dict[str, Any],
+        duration_ms: float = 0.0,
     ) -> AuditEvent:
         """`append`, for any `kind`: `recover` writes the kind a stored row already has."""
         # Filled in the store's thread: the lock must be released even if the commit fails after
@@ -156,14 +165,20 @@ class AuditLog:
             last = _newest(session)
             count = session.exec(select(func.count()).select_from(AuditEvent)).one()
             if keyed is not None:
-                log.error("the audit key was missing although rows from %s on carry MACs; a new key was made, and "
-                          "those rows will not verify", keyed)
+                log.error(
+                    "the audit key was missing although rows from %s on carry MACs; a new key was made, and "
+                    "those rows will not verify",
+                    keyed,
+                )
             first = keyed if keyed is not None else (last[0] + 1 if last else 1)
-            self.anchor.write_head(key, Head(count, last[0] if last else 0, last[1] if last else GENESIS, first,
-                                             utcnow().isoformat()))
+            self.anchor.write_head(
+                key, Head(count, last[0] if last else 0, last[1] if last else GENESIS, first, utcnow().isoformat())
+            )
         head = self.anchor.read_head(key)
         if isinstance(head, str):
-            self._warn(f"the signed audit head is {'missing' if head == HeadProblem.MISSING else 'not signed by the key'}")
+            self._warn(
+                f"the signed audit head is {'missing' if head == HeadProblem.MISSING else 'not signed by the key'}"
+            )
             return key, None
         return key, head
 
@@ -175,7 +190,11 @@ class AuditLog:
         elif last[0] == head.last_id:
             ok = last[1] == head.last_hash
         else:
-            at = session.exec(select(AuditEvent.hash).where(AuditEvent.id == head.last_id)).first() if head.last_id else GENESIS
+            at = (
+                session.exec(select(AuditEvent.hash).where(AuditEvent.id == head.last_id)).first()
+                if head.last_id
+                else GENESIS
+            )
             ok = last[0] > head.last_id and at == head.last_hash
         if not ok:
             self._warn(f"the audit table no longer extends its signed head (row {head.last_id} of {head.rows})")
@@ -208,7 +227,14 @@ class AuditLog:
             try:
                 row = await self.append(who, kind, target=target, outcome="started", detail=rec.detail)
             except Exception as exc:
-                log.error("audit row lost: %s %s by %s/%s not started", kind, target, who.workspace_id, who.user_id, exc_info=True)
+                log.error(
+                    "audit row lost: %s %s by %s/%s not started",
+                    kind,
+                    target,
+                    who.workspace_id,
+                    who.user_id,
+                    exc_info=True,
+                )
                 raise AuditWriteError(kind, _reason(exc), started=False) from exc
             rec.detail["started_id"] = row.id
         began = time.perf_counter()
@@ -234,22 +260,46 @@ class AuditLog:
 
         rows = await self._store.run(dangling)
         for row in rows:
-            who = Identity(workspace_id=row.workspace_id, project_id=row.project_id, user_id=row.user_id, run_id=row.run_id,
-                           token_id=row.token_id)
-            await self._append(who, row.kind, target=row.target, outcome="interrupted",
-                              detail={"started_id": row.id, "error": _INTERRUPTED})
+            who = Identity(
+                workspace_id=row.workspace_id,
+                project_id=row.project_id,
+                user_id=row.user_id,
+                run_id=row.run_id,
+                token_id=row.token_id,
+            )
+            await self._append(
+                who,
+                row.kind,
+                target=row.target,
+                outcome="interrupted",
+                detail={"started_id": row.id, "error": _INTERRUPTED},
+            )
         if rows:
-            log.warning("%d audited actions were interrupted by a stop: %s", len(rows), ", ".join(f"{r.kind} #{r.id}" for r in rows))
+            log.warning(
+                "%d audited actions were interrupted by a stop: %s",
+                len(rows),
+                ", ".join(f"{r.kind} #{r.id}" for r in rows),
+            )
         return len(rows)
 
     async def _write(
         self, who: Identity, rec: AuditRecord, outcome: str, started: float, failure: BaseException | None = None
     ) -> None:
         try:
-            await self.append(who, rec.kind, target=rec.target, outcome=outcome, detail=rec.detail, duration_ms=_ms(started))
+            await self.append(
+                who, rec.kind, target=rec.target, outcome=outcome, detail=rec.detail, duration_ms=_ms(started)
+            )
         except Exception as exc:
-            log.error("audit row lost: %s %s by %s/%s ended %s: %s", rec.kind, rec.target, who.workspace_id,
-                      who.user_id, outcome, json.dumps(rec.detail, default=str), exc_info=True)
+            log.error(
+                "audit row lost: %s %s by %s/%s ended %s: %s",
+                rec.kind,
+                rec.target,
+                who.workspace_id,
+                who.user_id,
+                outcome,
+                json.dumps(rec.detail, default=str),
+                exc_info=True,
+            )
             if failure is not None and not isinstance(failure, Exception):
                 return  # a cancellation (or shutdown) goes on as it is
             raise AuditWriteError(rec.kind, _reason(exc), None if failure is None else rec.detail["error"]) from exc
@@ -300,8 +350,13 @@ class AuditLog:
             old = self.anchor.head_path.read_text()
         except FileNotFoundError:
             old = None
-        await self.append(who, Action.AUDIT_REANCHOR, target=None, outcome="ok",
-                          detail={"findings": [f.model_dump() for f in found.findings], "old_head": old})
+        await self.append(
+            who,
+            Action.AUDIT_REANCHOR,
+            target=None,
+            outcome="ok",
+            detail={"findings": [f.model_dump() for f in found.findings], "old_head": old},
+        )
 
         def sign(session: Session) -> None:
             fd = self.anchor.lock()
@@ -331,7 +386,9 @@ class AuditLog:
         signed = self.anchor.signed(key, head) if key is not None and isinstance(head, Head) else None
 
         def rows(session: Session) -> list[dict[str, Any]]:
-            return [row.model_dump(mode="json") for row in session.exec(select(AuditEvent).order_by(col(AuditEvent.id)))]
+            return [
+                row.model_dump(mode="json") for row in session.exec(select(AuditEvent).order_by(col(AuditEvent.id)))
+            ]
 
         return await self._store.run(rows), signed
 

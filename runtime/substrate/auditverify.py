@@ -81,11 +81,23 @@ async def verify_chain(store: Store, anchor: AuditAnchor, batch: int, against: E
     if key is not None:
         got = anchor.read_head(key)
         if got == HeadProblem.MISSING:
-            walk.findings.append(_found("head_missing", None, "the signed head (audit-head.json) is missing, so rows cut from "
-                                        "the tail or an emptied table cannot be told; it was deleted"))
+            walk.findings.append(
+                _found(
+                    "head_missing",
+                    None,
+                    "the signed head (audit-head.json) is missing, so rows cut from "
+                    "the tail or an emptied table cannot be told; it was deleted",
+                )
+            )
         elif got == HeadProblem.FORGED:
-            walk.findings.append(_found("head_forged", None, "the head file's signature does not hold under the audit key: "
-                                        "it was written or changed by someone without the key"))
+            walk.findings.append(
+                _found(
+                    "head_forged",
+                    None,
+                    "the head file's signature does not hold under the audit key: "
+                    "it was written or changed by someone without the key",
+                )
+            )
         elif isinstance(got, Head):
             head = got
     exported = against.hashes if against is not None else {}
@@ -109,8 +121,14 @@ async def verify_chain(store: Store, anchor: AuditAnchor, batch: int, against: E
     if not broken:
         walk.findings += _against_head(walk, head) + _against_export(walk, exported)
     if key is None and walk.seen_mac:
-        walk.findings.append(_found("key_missing", None, "the audit key file is missing although rows carry MACs: it was "
-                                    "removed, so no MAC or head can be checked"))
+        walk.findings.append(
+            _found(
+                "key_missing",
+                None,
+                "the audit key file is missing although rows carry MACs: it was "
+                "removed, so no MAC or head can be checked",
+            )
+        )
     first = walk.findings[0] if walk.findings else None
     return AuditVerification(
         rows_checked=walk.checked,
@@ -137,19 +155,30 @@ def _check(
         return _found("edited", row.id, "its content does not match its hash: the row was edited")
     if row.prev_hash != walk.expected:
         before = "the chain's start" if walk.previous == 0 else f"row {walk.previous}'s hash"
-        return _found("reordered", row.id, f"its prev_hash does not match {before} although no id is missing: rows were "
-                      "swapped, moved or replaced")
+        return _found(
+            "reordered",
+            row.id,
+            f"its prev_hash does not match {before} although no id is missing: rows were swapped, moved or replaced",
+        )
     keyed = walk.seen_mac or (head is not None and row.id >= head.keyed_from)
     if row.mac is None:
         if keyed:
-            return _found("recomputed", row.id, "it carries no MAC although every row after the key was made must: it was "
-                          "written or rewritten without the audit key")
+            return _found(
+                "recomputed",
+                row.id,
+                "it carries no MAC although every row after the key was made must: it was "
+                "written or rewritten without the audit key",
+            )
         walk.legacy += 1
     else:
         walk.seen_mac = True
         if key is not None and not anchor.mac_ok(key, row.id, row.hash, row.mac):
-            return _found("recomputed", row.id, "its hash matches its content and links to the row before it, but its MAC "
-                          "does not hold under the audit key: the chain was recomputed by someone without the key")
+            return _found(
+                "recomputed",
+                row.id,
+                "its hash matches its content and links to the row before it, but its MAC "
+                "does not hold under the audit key: the chain was recomputed by someone without the key",
+            )
     if row.id in exported and exported[row.id] != row.hash:
         return _found("export_mismatch", row.id, "it is not the row with this id in the exported copy: it was replaced")
     walk.expected, walk.previous = row.hash, row.id
@@ -164,25 +193,55 @@ def _against_head(walk: _Walk, head: Head | None) -> list[AuditFinding]:
     if head is None or head.rows == 0:
         return []
     if walk.checked == 0:
-        return [_found("emptied", None, f"the table is empty, but the signed head says it held {head.rows} rows up to row "
-                       f"{head.last_id}: every row was deleted")]
+        return [
+            _found(
+                "emptied",
+                None,
+                f"the table is empty, but the signed head says it held {head.rows} rows up to row "
+                f"{head.last_id}: every row was deleted",
+            )
+        ]
     if walk.previous < head.last_id:
-        return [_found("truncated", None, f"the table ends at row {walk.previous}, but the signed head says {head.rows} rows "
-                       f"up to row {head.last_id}: {_ids(walk.previous + 1, head.last_id)} cut from the tail")]
+        return [
+            _found(
+                "truncated",
+                None,
+                f"the table ends at row {walk.previous}, but the signed head says {head.rows} rows "
+                f"up to row {head.last_id}: {_ids(walk.previous + 1, head.last_id)} cut from the tail",
+            )
+        ]
     if walk.head_hash != head.last_hash:
-        return [_found("truncated", head.last_id, f"row {head.last_id} is not the row the signed head names: rows were cut "
-                       "from the tail and others written in their place")]
+        return [
+            _found(
+                "truncated",
+                head.last_id,
+                f"row {head.last_id} is not the row the signed head names: rows were cut "
+                "from the tail and others written in their place",
+            )
+        ]
     if walk.through_head != head.rows:
-        return [_found("deleted", None, f"the signed head counts {head.rows} rows up to row {head.last_id}, the table "
-                       f"{walk.through_head}: rows were deleted")]
+        return [
+            _found(
+                "deleted",
+                None,
+                f"the signed head counts {head.rows} rows up to row {head.last_id}, the table "
+                f"{walk.through_head}: rows were deleted",
+            )
+        ]
     return []
 
 
 def _against_export(walk: _Walk, exported: dict[int, str]) -> list[AuditFinding]:
     last = max(exported, default=0)
     if last > walk.previous:
-        return [_found("truncated", None, f"the exported copy has rows up to {last}, the table ends at row {walk.previous}: "
-                       f"{_ids(walk.previous + 1, last)} cut from the tail (or the table was rolled back)")]
+        return [
+            _found(
+                "truncated",
+                None,
+                f"the exported copy has rows up to {last}, the table ends at row {walk.previous}: "
+                f"{_ids(walk.previous + 1, last)} cut from the tail (or the table was rolled back)",
+            )
+        ]
     return []
 
 

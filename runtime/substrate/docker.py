@@ -346,7 +346,9 @@ class DockerBackend:
         """An async HTTP client of the Engine API, for streams a caller must be able to cut short."""
         url = urlparse(self._host)
         if url.scheme == "unix":
-            return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=url.path), base_url="http://docker", timeout=None)
+            return httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=url.path), base_url="http://docker", timeout=None
+            )
         return httpx.AsyncClient(base_url=f"http://{url.hostname}:{url.port or 2375}", timeout=None)
 
     async def list_containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
@@ -444,7 +446,9 @@ class DockerBackend:
                 async with (
                     self._http() as http,
                     http.stream(
-                        "GET", f"/v{version}/containers/{container_id}/archive", params={"path": path},
+                        "GET",
+                        f"/v{version}/containers/{container_id}/archive",
+                        params={"path": path},
                         headers={"Accept-Encoding": "identity"},  # a plain tar, as it is restored
                     ) as response,
                 ):
@@ -452,7 +456,9 @@ class DockerBackend:
                         message = (await response.aread()).decode(errors="replace").strip()
                         if response.status_code == 404:
                             raise ContainerGoneError(f"docker: {message}")
-                        raise BackendError(f"docker: the archive of {path} was refused ({response.status_code}): {message}")
+                        raise BackendError(
+                            f"docker: the archive of {path} was refused ({response.status_code}): {message}"
+                        )
                     async for chunk in response.aiter_raw(1 << 20):
                         written += len(chunk)
                         if limit is not None and written > limit:
@@ -475,7 +481,10 @@ class DockerBackend:
                 return
             try:
                 self.client.api.create_network(
-                    name, driver="bridge", internal=internal, labels=labels,
+                    name,
+                    driver="bridge",
+                    internal=internal,
+                    labels=labels,
                     options={"com.docker.network.bridge.name": bridge},
                 )
             except docker.errors.APIError as exc:

@@ -95,7 +95,9 @@ class SandboxLostError(SandboxNotFoundError):
     """Raised for a sandbox whose container died or was removed outside dockyard."""
 
     def __init__(self, sandbox_id: str, reason: str) -> None:
-        NotFoundError.__init__(self, f"sandbox '{sandbox_id}' was lost ({reason}); create a new one with sandbox_create")
+        NotFoundError.__init__(
+            self, f"sandbox '{sandbox_id}' was lost ({reason}); create a new one with sandbox_create"
+        )
 
 
 class SandboxPausedError(DockyardError):
@@ -127,7 +129,9 @@ class ComputerNotFoundError(NotFoundError):
     what else made it unusable)."""
 
     def __init__(self, computer_id: str, why: str | None = None) -> None:
-        super().__init__(why or f"unknown computer '{computer_id}'; computer_create starts one, and ids are per workspace")
+        super().__init__(
+            why or f"unknown computer '{computer_id}'; computer_create starts one, and ids are per workspace"
+        )
 
 
 class InvalidRequestError(DockyardError):
@@ -233,7 +237,9 @@ class AuditWriteError(BackendError):
 
     def __init__(self, action: str, reason: str, error: str | None = None, *, started: bool = True) -> None:
         if not started:
-            super().__init__(f"the audit row that opens this {action} could not be written ({reason}), so it was not started")
+            super().__init__(
+                f"the audit row that opens this {action} could not be written ({reason}), so it was not started"
+            )
         elif error is None:
             super().__init__(
                 f"the audit row for this {action} could not be written ({reason}), so the call is reported as "
@@ -252,7 +258,9 @@ class ScopeError(AccessDeniedError):
 
     def __init__(self, scope: str, held: list[str]) -> None:
         have = ", ".join(sorted(held)) or "none"
-        super().__init__(f"this call needs the scope '{scope}', which your token lacks (it has: {have}); ask for a token with it")
+        super().__init__(
+            f"this call needs the scope '{scope}', which your token lacks (it has: {have}); ask for a token with it"
+        )
 
 
 class QuotaExceededError(CapacityError):

@@ -145,9 +145,11 @@ class AuditEntry(BaseModel):
     token_id: str | None = Field(description="The token the actor presented; null for the local operator.")
     kind: str = Field(description="The action, such as sandbox.exec or token.mint.")
     target: str | None = Field(description="What it acted on, such as a sandbox id.")
-    outcome: str = Field(description="ok, error, denied, cancelled; started (a row written before the action ran, "
-                         "followed by its ending row, whose detail names it in started_id) or interrupted (the "
-                         "server stopped before the started action ended).")
+    outcome: str = Field(
+        description="ok, error, denied, cancelled; started (a row written before the action ran, "
+        "followed by its ending row, whose detail names it in started_id) or interrupted (the "
+        "server stopped before the started action ended)."
+    )
     detail: dict[str, Any]
     duration_ms: float
 
@@ -155,8 +157,10 @@ class AuditEntry(BaseModel):
 class AuditFinding(BaseModel):
     """One thing wrong with the audit log."""
 
-    kind: str = Field(description="edited, deleted, reordered, recomputed (without the key), truncated (rows cut from the "
-                      "tail), emptied, head_missing, head_forged, key_missing or export_mismatch.")
+    kind: str = Field(
+        description="edited, deleted, reordered, recomputed (without the key), truncated (rows cut from the "
+        "tail), emptied, head_missing, head_forged, key_missing or export_mismatch."
+    )
     row_id: int | None = Field(None, description="The row it concerns, when it concerns one.")
     reason: str
 
@@ -170,7 +174,9 @@ class AuditVerification(BaseModel):
     reason: str | None = Field(None, description="What is wrong, in a sentence (the first finding's).")
     findings: list[AuditFinding] = Field(default_factory=list, description="Everything found wrong; empty when intact.")
     head_rows: int | None = Field(None, description="Rows the signed head vouches for; null without a valid head.")
-    unanchored_rows: int | None = Field(None, description="Rows after the head's last row (a crash mid-append leaves one).")
+    unanchored_rows: int | None = Field(
+        None, description="Rows after the head's last row (a crash mid-append leaves one)."
+    )
     legacy_rows: int = Field(0, description="Rows written before the audit key existed: checked by their chain only.")
 
 
@@ -197,7 +203,9 @@ class TeamInfo(BaseModel):
     name: str
     status: str = Field(description="active, or shut down.")
     sandbox_id: str | None = Field(None, description="The sandbox members with isolation 'shared' work in.")
-    notice: str | None = Field(None, description="Something the lead must know, such as teammates a restart interrupted.")
+    notice: str | None = Field(
+        None, description="Something the lead must know, such as teammates a restart interrupted."
+    )
 
 
 class MemberInfo(BaseModel):
@@ -207,14 +215,18 @@ class MemberInfo(BaseModel):
     role: str
     runner: str
     isolation: str = Field(description="shared (the team's sandbox) or own (a sandbox of its own).")
-    status: str = Field(description="starting, busy (a turn runs), idle (waits for a message), ready (a restart interrupted it; a message resumes it), stopped, failed.")
+    status: str = Field(
+        description="starting, busy (a turn runs), idle (waits for a message), ready (a restart interrupted it; a message resumes it), stopped, failed."
+    )
     sandbox_id: str | None = None
     plan_mode: bool = False
     plan_status: str | None = Field(None, description="Plan mode: none yet, pending, approved or rejected.")
     plan: str | None = None
     plan_feedback: str | None = None
     turns: int = Field(0, description="Turns taken: the first prompt, then each batch of messages.")
-    last_output: str | None = Field(None, description="What its last turn produced (a script's stdout, a model's answer).")
+    last_output: str | None = Field(
+        None, description="What its last turn produced (a script's stdout, a model's answer)."
+    )
     last_error: str | None = None
     notice: str | None = None
 
@@ -241,7 +253,9 @@ class MessageInfo(BaseModel):
     kind: str = Field(description="message, broadcast or plan.")
     body: str
     created_at: str
-    delivered: bool = Field(description="The recipient has processed it (its turn with it finished, or the lead read it).")
+    delivered: bool = Field(
+        description="The recipient has processed it (its turn with it finished, or the lead read it)."
+    )
     delivered_at: str | None = None
 
 
@@ -264,7 +278,9 @@ class TeamView(BaseModel):
 class Inbox(BaseModel):
     """The caller's side of a team's messages."""
 
-    received: list[MessageInfo] = Field(description="Messages to you, oldest first; reading them as lead is your receipt.")
+    received: list[MessageInfo] = Field(
+        description="Messages to you, oldest first; reading them as lead is your receipt."
+    )
     sent: list[MessageInfo] = Field(description="Messages you sent, with whether each was delivered.")
     notice: str | None = None
 
@@ -300,7 +316,8 @@ class PageState(BaseModel):
     url: str
     title: str
     snapshot: str | None = Field(
-        None, description="The page's accessibility tree; elements carry refs such as [ref=e5] for computer_click and computer_type."
+        None,
+        description="The page's accessibility tree; elements carry refs such as [ref=e5] for computer_click and computer_type.",
     )
 
 

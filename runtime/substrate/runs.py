@@ -51,7 +51,9 @@ def tree_limit(
         for run in [who.run_id, *ancestors(session, who.run_id)]:
             below = select(RunLink.run_id).where(RunLink.ancestor_id == run)
             held = session.exec(
-                select(func.count()).select_from(model).where(
+                select(func.count())
+                .select_from(model)
+                .where(
                     model.status == SandboxStatus.RUNNING,
                     model.workspace_id == who.workspace_id,
                     (col(model.run_id) == run) | col(model.run_id).in_(below),

@@ -81,13 +81,15 @@ class RunnerProfile(BaseModel):
     timeout_s: int = Field(600, ge=1)
     url: str | None = Field(None, description="llm: an OpenAI-compatible API base, e.g. http://127.0.0.1:11434/v1.")
     model: str | None = None
-    api_key: SecretStr | None = Field(None, description="llm: the endpoint's key (kept on the server, never in a runtime).")
+    api_key: SecretStr | None = Field(
+        None, description="llm: the endpoint's key (kept on the server, never in a runtime)."
+    )
     max_steps: int = Field(20, ge=1, le=200, description="llm: model turns before the runner gives up.")
 
     @model_validator(mode="after")
     def _complete(self) -> RunnerProfile:
         if self.kind == "command" and not self.argv:
-            raise ValueError("a command runner needs argv, such as [\"claude\", \"-p\", \"{prompt}\"]")
+            raise ValueError('a command runner needs argv, such as ["claude", "-p", "{prompt}"]')
         if self.kind == "llm" and not (self.url and self.model):
             raise ValueError("an llm runner needs url (an OpenAI-compatible API base) and model")
         return self
@@ -108,12 +110,15 @@ class TemplateSettings(BaseModel):
     pids_limit: int = Field(256, ge=16, le=65536)
     tmp_size_mb: int = Field(256, ge=1, le=65536)
     disk_mb: int = Field(
-        4096, ge=0, le=1 << 20,
+        4096,
+        ge=0,
+        le=1 << 20,
         description="A sandbox's disk for /workspace and /home together; a write past it fails with ENOSPC. 0: no limit.",
     )
     network: NetworkMode = "none"
     runtime: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="An OCI runtime registered with Docker for this template's sandboxes (e.g. runsc, gVisor); "
         "unset: Docker's default.",
     )
@@ -138,12 +143,16 @@ class ComputerSettings(BaseModel):
     """Computers: a headless browser per agent, in its own container from the pool."""
 
     default_template: str = "computer"
-    default_ttl_s: int = Field(3600, ge=60, description="A computer is destroyed this long after creation unless ttl_s says otherwise.")
+    default_ttl_s: int = Field(
+        3600, ge=60, description="A computer is destroyed this long after creation unless ttl_s says otherwise."
+    )
     max_ttl_s: int = Field(86400, ge=60)
     width: int = Field(1280, ge=200, le=3840)
     height: int = Field(800, ge=200, le=2160)
     action_timeout_s: float = Field(10.0, gt=0, le=120, description="How long a click, typing or navigation may take.")
-    snapshot_cap_chars: int = Field(40000, ge=1000, description="Longer accessibility snapshots are cut, with a marker.")
+    snapshot_cap_chars: int = Field(
+        40000, ge=1000, description="Longer accessibility snapshots are cut, with a marker."
+    )
 
 
 class TeamSettings(BaseModel):
@@ -152,7 +161,9 @@ class TeamSettings(BaseModel):
     max_members: int = Field(16, ge=1, le=256)
     max_tasks: int = Field(1000, ge=1)
     message_max_bytes: int = Field(65536, ge=1, description="The largest message body a team tool accepts.")
-    member_token_ttl_s: int = Field(86400, ge=60, description="How long a member's token lives (it is re-minted on restart).")
+    member_token_ttl_s: int = Field(
+        86400, ge=60, description="How long a member's token lives (it is re-minted on restart)."
+    )
 
 
 class DispatchSettings(BaseModel):
@@ -182,12 +193,15 @@ class QuotaSettings(BaseModel):
         4, ge=0, description="Computers one run's tree may hold at once: its own and those of every run it started."
     )
     workspace_pool_share: float = Field(
-        0.75, gt=0, le=1,
+        0.75,
+        gt=0,
+        le=1,
         description="The part of each pool's max one workspace may hold (rounded down, at least one runtime).",
     )
     dispatches_per_minute: int = Field(120, ge=0, description="Dispatches one workspace may start in any 60 s.")
     workspace_snapshot_mb: int = Field(
-        16384, ge=0,
+        16384,
+        ge=0,
         description="Disk space (MiB) one workspace's snapshots may take together; a snapshot that would pass it stops.",
     )
 
@@ -228,8 +242,12 @@ class SandboxSettings(BaseModel):
     read_cap_bytes: int = Field(1 << 20, ge=1024)
     write_cap_bytes: int = Field(10 << 20, ge=1024)
     list_max_entries: int = Field(1000, ge=1)
-    snapshot_max_bytes: int = Field(4 << 30, ge=1 << 20, description="A snapshot (workspace and home) larger than this fails.")
-    snapshot_timeout_s: float = Field(600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on.")
+    snapshot_max_bytes: int = Field(
+        4 << 30, ge=1 << 20, description="A snapshot (workspace and home) larger than this fails."
+    )
+    snapshot_timeout_s: float = Field(
+        600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on."
+    )
     reaper_interval_s: float = Field(5.0, gt=0)
 
 
@@ -244,7 +262,9 @@ class ImageSettings(BaseModel):
     debian_mirror: str | None = None
     wait_s: float = Field(45.0, ge=0)
     build_on_start: bool = True
-    recipes_dir: Path | None = Field(None, description="Where recipes live; default: the ones shipped in config/images.")
+    recipes_dir: Path | None = Field(
+        None, description="Where recipes live; default: the ones shipped in config/images."
+    )
 
 
 class Settings(BaseSettings):
@@ -286,7 +306,9 @@ class Settings(BaseSettings):
     def _pool_overrides(self) -> Settings:
         name = self.sandbox.default_template
         if name not in self.templates:
-            raise ValueError(f"sandbox.default_template '{name}' is not among the templates: {', '.join(self.templates)}")
+            raise ValueError(
+                f"sandbox.default_template '{name}' is not among the templates: {', '.join(self.templates)}"
+            )
         if self.pool.default_min is not None or self.pool.default_max is not None:
             shape = self.templates[name].pool.model_dump()
             shape["min"] = self.pool.default_min if self.pool.default_min is not None else shape["min"]
@@ -321,7 +343,11 @@ class Settings(BaseSettings):
 class _PoolEnvironment(PydanticBaseSettingsSource):
     """The short pool variables operators know: POOL_MIN, POOL_MAX, POOL_AUTOSCALE_ENABLED."""
 
-    _NAMES: ClassVar[dict[str, str]] = {"POOL_MIN": "default_min", "POOL_MAX": "default_max", "POOL_AUTOSCALE_ENABLED": "autoscale_enabled"}
+    _NAMES: ClassVar[dict[str, str]] = {
+        "POOL_MIN": "default_min",
+        "POOL_MAX": "default_max",
+        "POOL_AUTOSCALE_ENABLED": "autoscale_enabled",
+    }
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -339,5 +365,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise FileNotFoundError(f"config file {config_file} does not exist")
         files.append(config_file)
     # pydantic-settings reads its file list from the class, so the user's file rides on a subclass.
-    loaded: type[Settings] = type("LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}})
+    loaded: type[Settings] = type(
+        "LoadedSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": files}}
+    )
     return loaded(**overrides)

@@ -423,12 +423,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
 
 # Columns added to existing tables since the first release: (table, column, SQL type).
 # create_all makes new tables but never alters old ones, so a store from before gets these.
-_ADDED_COLUMNS = [("auditevent", "token_id", "VARCHAR"), ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
-                  ("dispatch", "members", "JSON"), ("dispatch", "member_results", "JSON"),
-                  ("sandbox", "token_id", "VARCHAR"), ("computer", "token_id", "VARCHAR"),
-                  ("dispatch", "token_id", "VARCHAR"), ("dispatch", "run_token_id", "VARCHAR"),
-                  ("message", "author_user_id", "VARCHAR"), ("message", "author_token_id", "VARCHAR"),
-                  ("member", "unix_user", "VARCHAR"), ("runtime", "workspace_id", "VARCHAR"), ("auditevent", "mac", "VARCHAR")]
+_ADDED_COLUMNS = [
+    ("auditevent", "token_id", "VARCHAR"),
+    ("dispatch", "submitted", "BOOLEAN DEFAULT 0"),
+    ("dispatch", "members", "JSON"),
+    ("dispatch", "member_results", "JSON"),
+    ("sandbox", "token_id", "VARCHAR"),
+    ("computer", "token_id", "VARCHAR"),
+    ("dispatch", "token_id", "VARCHAR"),
+    ("dispatch", "run_token_id", "VARCHAR"),
+    ("message", "author_user_id", "VARCHAR"),
+    ("message", "author_token_id", "VARCHAR"),
+    ("member", "unix_user", "VARCHAR"),
+    ("runtime", "workspace_id", "VARCHAR"),
+    ("auditevent", "mac", "VARCHAR"),
+]
 
 
 def _add_missing_columns(engine: SqlEngine) -> None:

@@ -95,7 +95,10 @@ class TokenService:
         """`who`, if it holds `scope`; otherwise a denied row in the audit log and a ScopeError."""
         if who.workspace_id == ANY and scope not in _ADMIN_ACTS:
             raise await self.deny(
-                who, action, "the admin key only mints tokens and reads the audit; mint a token for a workspace to work in it", target
+                who,
+                action,
+                "the admin key only mints tokens and reads the audit; mint a token for a workspace to work in it",
+                target,
             )
         await self.live(who, action, target)
         if who.allows(scope):
@@ -134,7 +137,8 @@ class TokenService:
         if owner_user_id == who.user_id or who.allows(Scope.WORKSPACE_ADMIN):
             return
         raise await self.deny(
-            who, action,
+            who,
+            action,
             f"this {what} belongs to user '{owner_user_id}'; ending another user's {what} needs the workspace:admin scope",
             target,
         )
@@ -147,7 +151,9 @@ class TokenService:
         target: str | None = None,
     ) -> AccessDeniedError:
         """Audit a refusal and return the error to raise."""
-        await self._audit.append(who, action, target=target, outcome="denied", detail={"error": message, "token_id": who.token_id})
+        await self._audit.append(
+            who, action, target=target, outcome="denied", detail={"error": message, "token_id": who.token_id}
+        )
         return AccessDeniedError(message)
 
     # -- verify ---------------------------------------------------------------------
@@ -158,9 +164,7 @@ class TokenService:
             return ADMIN
         if not token.startswith(_PREFIX):
             raise AccessDeniedError("this is not a token minted by this dockyard server")
-        row = await self._store.run(
-            lambda s: s.exec(select(Token).where(Token.secret_hash == _hash(token))).first()
-        )
+        row = await self._store.run(lambda s: s.exec(select(Token).where(Token.secret_hash == _hash(token))).first())
         if row is None:
             raise AccessDeniedError("unknown token; it was not minted by this dockyard server")
         problem = _dead(row, row.id)
@@ -211,14 +215,17 @@ class TokenService:
                 chain[field] = str(asked)
             elif asked not in (None, own):
                 raise await self.deny(
-                    issuer, Action.TOKEN_MINT, f"a token can only mint narrower tokens; {field} must stay '{own}', not '{asked}'"
+                    issuer,
+                    Action.TOKEN_MINT,
+                    f"a token can only mint narrower tokens; {field} must stay '{own}', not '{asked}'",
                 )
             else:
                 chain[field] = own
         if run_id not in (None, issuer.run_id):
             held = f"must stay '{issuer.run_id}'" if issuer.run_id else "cannot be named: your token is bound to no run"
             raise await self.deny(
-                issuer, Action.TOKEN_MINT,
+                issuer,
+                Action.TOKEN_MINT,
                 f"run_id {held}; runs are bound by dockyard when it starts them (a dispatch's or member's own token)",
             )
         now = utcnow()
@@ -230,7 +237,9 @@ class TokenService:
         if ceiling is not None and expires > ceiling:
             if ttl_s is not None:
                 raise await self.deny(
-                    issuer, Action.TOKEN_MINT, f"a token cannot outlive its issuer, which expires at {ceiling.isoformat()}"
+                    issuer,
+                    Action.TOKEN_MINT,
+                    f"a token cannot outlive its issuer, which expires at {ceiling.isoformat()}",
                 )
             expires = ceiling
         minted = await self._insert(
@@ -243,8 +252,16 @@ class TokenService:
             **chain,
         )
         await self._audit.append(
-            issuer, Action.TOKEN_MINT, target=minted.token_id, outcome="ok",
-            detail={"scopes": minted.identity.scopes, "for": chain, "expires_at": expires.isoformat(), "token_id": issuer.token_id},
+            issuer,
+            Action.TOKEN_MINT,
+            target=minted.token_id,
+            outcome="ok",
+            detail={
+                "scopes": minted.identity.scopes,
+                "for": chain,
+                "expires_at": expires.isoformat(),
+                "token_id": issuer.token_id,
+            },
         )
         return minted
 
@@ -353,8 +370,13 @@ class TokenService:
             raise await self.deny(who, Action.TOKEN_REVOKE, done, token_id)
         row, revoked = done
         self._revoked(revoked)
-        await self._audit.append(who, Action.TOKEN_REVOKE, target=token_id, outcome="ok",
-                                 detail={"reason": reason, "token_id": who.token_id, "also_revoked": sorted(revoked - {token_id})})
+        await self._audit.append(
+            who,
+            Action.TOKEN_REVOKE,
+            target=token_id,
+            outcome="ok",
+            detail={"reason": reason, "token_id": who.token_id, "also_revoked": sorted(revoked - {token_id})},
+        )
         return row
 
     def _revoked(self, token_ids: set[str]) -> None:
@@ -367,7 +389,9 @@ class TokenService:
         """Revoke every token of a sandbox that ended."""
 
         def revoke(session: Session) -> set[str]:
-            return _revoke_tree(session, set(session.exec(select(Token.id).where(Token.sandbox_id == sandbox_id)).all()), reason)
+            return _revoke_tree(
+                session, set(session.exec(select(Token.id).where(Token.sandbox_id == sandbox_id)).all()), reason
+            )
 
         self._revoked(await self._store.run(revoke))
 
@@ -403,7 +427,10 @@ def _revoke_tree(session: Session, roots: set[str], reason: str) -> set[str]:
         rows = session.exec(select(Token).where(col(Token.id).in_(frontier))).all()
         for row in rows:
             if row.revoked_at is None:
-                row.revoked_at, row.revoked_reason = now, reason if row.id in roots else f"{reason} (it came from a revoked token)"
+                row.revoked_at, row.revoked_reason = (
+                    now,
+                    reason if row.id in roots else f"{reason} (it came from a revoked token)",
+                )
                 session.add(row)
                 revoked.add(row.id)
         children = set(session.exec(select(Token.id).where(col(Token.parent_id).in_(frontier))).all())

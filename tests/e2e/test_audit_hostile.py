@@ -29,11 +29,14 @@ def started_rows(served: Served, kind: str) -> list[tuple[int, str | None]]:
         return db.execute(
             "SELECT id, target FROM auditevent WHERE kind = ? AND outcome = 'started' AND id NOT IN "
             "(SELECT json_extract(detail, '$.started_id') FROM auditevent WHERE outcome != 'started' "
-            "AND json_extract(detail, '$.started_id') IS NOT NULL)", (kind,)
+            "AND json_extract(detail, '$.started_id') IS NOT NULL)",
+            (kind,),
         ).fetchall()
 
 
-async def kill_during(served: Served, token: str, action: Callable[[Any], Awaitable[Any]], until: Callable[[], bool]) -> None:
+async def kill_during(
+    served: Served, token: str, action: Callable[[Any], Awaitable[Any]], until: Callable[[], bool]
+) -> None:
     """Start `action` on its own session, wait (bounded) until `until()` holds, then SIGKILL the server."""
     failures: list[BaseException] = []
 
@@ -62,7 +65,9 @@ async def cli_verify(served: Served) -> tuple[int, str]:
     return done.returncode, done.stdout.decode()
 
 
-async def after_restart(served: Served, docker_client: docker.DockerClient, check: Callable[[Served], Awaitable[None]]) -> None:
+async def after_restart(
+    served: Served, docker_client: docker.DockerClient, check: Callable[[Served], Awaitable[None]]
+) -> None:
     """Start the server again on the same data dir, run `check`, stop it and remove its containers."""
     again = serve(served.data_dir, served.env)
     try:
@@ -94,7 +99,10 @@ async def test_a_server_killed_mid_command_leaves_the_command_started_then_inter
     container = docker_client.containers.get(sandbox_row(make_settings(served.data_dir), box).container_id)
 
     def ran() -> bool:  # its row says started, and the command has written its file
-        return bool(started_rows(served, "sandbox.exec")) and container.exec_run(["test", "-f", "/workspace/proof"]).exit_code == 0
+        return (
+            bool(started_rows(served, "sandbox.exec"))
+            and container.exec_run(["test", "-f", "/workspace/proof"]).exit_code == 0
+        )
 
     await kill_during(served, tenant["token"], run, ran)
 
@@ -126,7 +134,9 @@ async def test_a_server_killed_mid_snapshot_leaves_the_snapshot_started_then_int
     async with connect(served, tenant["token"]) as client:
         box = (await call(client, "sandbox_create"))["sandbox_id"]
         # enough data that the archive is still being written when the server dies
-        big = await call(client, "sandbox_exec", sandbox_id=box, command="head -c 300M /dev/urandom > /workspace/big && echo ok")
+        big = await call(
+            client, "sandbox_exec", sandbox_id=box, command="head -c 300M /dev/urandom > /workspace/big && echo ok"
+        )
         assert big["stdout"] == "ok\n"
 
     async def snapshot(client: Any) -> None:
@@ -152,8 +162,14 @@ async def test_a_server_killed_mid_dispatch_leaves_the_run_and_its_command_start
     served = serve_http()
     tenant = await mint(served, scopes=TENANT_SCOPES, workspace_id="acme", user_id="alice")
     async with connect(served, tenant["token"]) as client:
-        sent = await call(client, "dispatch", mode="remote", rationale="a long job", task_summary="write and wait",
-                          prompt="echo ran > /workspace/proof; sleep 120")
+        sent = await call(
+            client,
+            "dispatch",
+            mode="remote",
+            rationale="a long job",
+            task_summary="write and wait",
+            prompt="echo ran > /workspace/proof; sleep 120",
+        )
     dispatch_id = sent["dispatch_id"]
 
     async def nothing(client: Any) -> None:
@@ -170,7 +186,9 @@ async def test_a_server_killed_mid_dispatch_leaves_the_run_and_its_command_start
             assert started["detail"] == {"mode": "remote", "runner": "script"}
             assert ended["outcome"] == "interrupted"
             [exec_started] = [r for r in rows if r["kind"] == "sandbox.exec" and r["outcome"] == "started"]
-            assert [r["outcome"] for r in rows if r["detail"].get("started_id") == exec_started["id"]] == ["interrupted"]
+            assert [r["outcome"] for r in rows if r["detail"].get("started_id") == exec_started["id"]] == [
+                "interrupted"
+            ]
             assert (await call(client, "audit_verify"))["intact"] is True
         assert (await cli_verify(again))[0] == 0
 

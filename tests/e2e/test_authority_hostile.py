@@ -29,8 +29,15 @@ TEAM = ["team:lead"]
 
 
 async def dispatched(client: Any, script: str, **extra: Any) -> dict[str, Any]:
-    return await call(client, "dispatch", mode=extra.pop("mode", "remote"), rationale="test", task_summary="a job",
-                      prompt=script, **extra)
+    return await call(
+        client,
+        "dispatch",
+        mode=extra.pop("mode", "remote"),
+        rationale="test",
+        task_summary="a job",
+        prompt=script,
+        **extra,
+    )
 
 
 async def finished(client: Any, dispatch_id: str) -> dict[str, Any]:
@@ -41,9 +48,21 @@ async def finished(client: Any, dispatch_id: str) -> dict[str, Any]:
 
 def http_status(served: Served, token: str) -> int:
     """What a fresh request with `token` gets at /mcp (200: let in, 401: refused)."""
-    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "probe", "version": "0"},
+        },
+    }
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",
+    }
     return httpx2.post(f"{served.url}/mcp", content=json.dumps(body), headers=headers, timeout=30).status_code
 
 
@@ -57,12 +76,16 @@ async def test_workspace_b_cannot_bind_a_token_to_a_dispatch_of_a_or_submit_its_
         sent = await dispatched(client_a, "sleep 4; echo a-result")
         target = sent["dispatch_id"]
         # Minting a token that names A's run: refused, for B and for the admin key alike.
-        assert "runs are bound by dockyard" in await call_error(client_b, "token_mint", scopes=["dispatch:read"], run_id=target)
+        assert "runs are bound by dockyard" in await call_error(
+            client_b, "token_mint", scopes=["dispatch:read"], run_id=target
+        )
         async with connect(served, served.admin_key) as admin:
             refused = await call_error(admin, "token_mint", scopes=["dispatch:read"], workspace_id="b", run_id=target)
             assert "runs are bound by dockyard" in refused
         # Submitting a forged result with B's own token as the proof: refused.
-        message = await call_error(client_b, "dispatch_submit", dispatch_id=target, result="forged by b", proof=b["token"])
+        message = await call_error(
+            client_b, "dispatch_submit", dispatch_id=target, result="forged by b", proof=b["token"]
+        )
         assert "unknown dispatch" in message
         state = await finished(client_a, target)
     assert state["status"] == "completed" and state["result"] == "a-result\n"
@@ -96,7 +119,8 @@ async def test_a_lead_cannot_act_as_a_member_of_its_own_team(served: Served) -> 
         await call(client, "team_add_tasks", team_id=team, tasks=[{"title": "the prize"}])
         # A token naming the member's run cannot be minted...
         assert "runs are bound by dockyard" in await call_error(
-            client, "token_mint", scopes=["team:member"], run_id=member["member_id"])
+            client, "token_mint", scopes=["team:member"], run_id=member["member_id"]
+        )
         # ...and the lead's own token, even with team:member, claims as nobody but the lead.
         assert "members claim tasks" in await call_error(client, "team_claim", team_id=team)
         view = await call(client, "team_tasks", team_id=team)
@@ -190,14 +214,18 @@ cat /workspace/first.json
 """
     async with connect(served, ann["token"]) as client:
         sandbox = (await call(client, "sandbox_create"))["sandbox_id"]
-        state = await finished(client, (await dispatched(client, lingering, mode="local", sandbox_id=sandbox))["dispatch_id"])
+        state = await finished(
+            client, (await dispatched(client, lingering, mode="local", sandbox_id=sandbox))["dispatch_id"]
+        )
         assert (state["status"], state["mode"]) == ("completed", "local"), state
         first = json.loads(state["result"])
         assert first["run_id"] == state["dispatch_id"]  # the session acted as the run
         await call(client, "sandbox_exec", sandbox_id=sandbox, command="touch /workspace/go")
         script = "for i in $(seq 100); do test -s /workspace/second.json && break; sleep 0.1; done; cat /workspace/second.json"
         second = (await call(client, "sandbox_exec", sandbox_id=sandbox, command=script))["stdout"]
-        log = (await call(client, "sandbox_exec", sandbox_id=sandbox, command="cat /workspace/linger.log; ps -ef"))["stdout"]
+        log = (await call(client, "sandbox_exec", sandbox_id=sandbox, command="cat /workspace/linger.log; ps -ef"))[
+            "stdout"
+        ]
     assert "revoked" in json.loads(second or "{}").get("error", ""), (second, log)
 
 
@@ -270,14 +298,32 @@ async def test_an_http_session_serves_only_the_token_that_opened_it(served: Serv
     a = await mint(served, scopes=SANDBOX, workspace_id="a", user_id="user")
     b = await mint(served, scopes=SANDBOX, workspace_id="b", user_id="user")
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "probe", "version": "0"},
+        },
+    }
     async with httpx2.AsyncClient(timeout=30) as http:
-        opened = await http.post(f"{served.url}/mcp", json=init, headers={**headers, "Authorization": f"Bearer {a['token']}"})
+        opened = await http.post(
+            f"{served.url}/mcp", json=init, headers={**headers, "Authorization": f"Bearer {a['token']}"}
+        )
         session = opened.headers["mcp-session-id"]
         ask = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
-        stolen = await http.post(f"{served.url}/mcp", json=ask, headers={
-            **headers, "Authorization": f"Bearer {b['token']}", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"})
+        stolen = await http.post(
+            f"{served.url}/mcp",
+            json=ask,
+            headers={
+                **headers,
+                "Authorization": f"Bearer {b['token']}",
+                "mcp-session-id": session,
+                "mcp-protocol-version": "2025-06-18",
+            },
+        )
     assert stolen.status_code == 404, (stolen.status_code, stolen.text[:300])
 
 
@@ -294,14 +340,23 @@ async def test_a_user_cannot_end_what_another_user_of_the_workspace_made(served:
         running = (await dispatched(client_ann, "sleep 30"))["dispatch_id"]
         team = (await call(client_ann, "team_create", name="ann's"))["team_id"]
         await call(client_ann, "team_add_tasks", team_id=team, tasks=[{"title": "t"}])
-        attempts = [("sandbox_destroy", {"sandbox_id": sandbox}), ("cancel_dispatch", {"dispatch_id": running}),
-                    ("team_shutdown", {"team_id": team}), ("team_cleanup", {"team_id": team})]
+        attempts = [
+            ("sandbox_destroy", {"sandbox_id": sandbox}),
+            ("cancel_dispatch", {"dispatch_id": running}),
+            ("team_shutdown", {"team_id": team}),
+            ("team_cleanup", {"team_id": team}),
+        ]
         for tool, arguments in attempts:
             assert "needs the workspace:admin scope" in await call_error(client_bob, tool, **arguments), tool
         # Working in it stays shared: bob may run a command in ann's sandbox and read her team.
-        assert (await call(client_bob, "sandbox_exec", sandbox_id=sandbox, command="echo shared"))["stdout"] == "shared\n"
+        assert (await call(client_bob, "sandbox_exec", sandbox_id=sandbox, command="echo shared"))[
+            "stdout"
+        ] == "shared\n"
         assert (await call(client_bob, "team_tasks", team_id=team))["team"]["status"] == "active"
-        assert (await call(client_ann, "await_dispatch", dispatch_id=running, timeout_s=0))["status"] in ("queued", "running")
+        assert (await call(client_ann, "await_dispatch", dispatch_id=running, timeout_s=0))["status"] in (
+            "queued",
+            "running",
+        )
         assert sandbox in {s["sandbox_id"] for s in (await call(client_ann, "sandbox_list"))["sandboxes"]}
     async with connect(served, boss["token"]) as client_boss:
         await call(client_boss, "cancel_dispatch", dispatch_id=running)
@@ -360,7 +415,9 @@ async def test_a_user_cannot_destroy_another_users_computer(computer_image: str,
     bob = await mint(served, scopes=["computer:use"], workspace_id="w", user_id="bob")
     async with connect(served, ann["token"]) as client_ann, connect(served, bob["token"]) as client_bob:
         computer = (await call(client_ann, "computer_create"))["computer_id"]
-        assert "needs the workspace:admin scope" in await call_error(client_bob, "computer_destroy", computer_id=computer)
+        assert "needs the workspace:admin scope" in await call_error(
+            client_bob, "computer_destroy", computer_id=computer
+        )
         assert computer in {c["computer_id"] for c in (await call(client_ann, "computer_list"))["computers"]}
         await call(client_ann, "computer_destroy", computer_id=computer)
 
@@ -377,10 +434,14 @@ async def test_a_snapshot_is_deleted_only_by_its_maker_or_an_admin_of_its_worksp
     async with connect(served, eve["token"]) as client_eve:
         assert "unknown snapshot" in await call_error(client_eve, "snapshot_delete", snapshot_id=snapshot)
     async with connect(served, bob["token"]) as client_bob:
-        assert "needs the workspace:admin scope" in await call_error(client_bob, "snapshot_delete", snapshot_id=snapshot)
+        assert "needs the workspace:admin scope" in await call_error(
+            client_bob, "snapshot_delete", snapshot_id=snapshot
+        )
         # Still whole: bob may restore it (the workspace's work is shared), only not delete it.
         restored = (await call(client_bob, "sandbox_create", from_snapshot=snapshot))["sandbox_id"]
-        assert (await call(client_bob, "sandbox_exec", sandbox_id=restored, command="cat /workspace/note"))["stdout"] == "mine\n"
+        assert (await call(client_bob, "sandbox_exec", sandbox_id=restored, command="cat /workspace/note"))[
+            "stdout"
+        ] == "mine\n"
     async with connect(served, boss["token"]) as client_boss:
         assert (await call(client_boss, "snapshot_delete", snapshot_id=snapshot))["deleted"] is True
         assert "unknown snapshot" in await call_error(client_boss, "sandbox_create", from_snapshot=snapshot)

@@ -128,7 +128,9 @@ async def test_a_token_can_only_mint_narrower_tokens(served: Served) -> None:
         assert "lacks sandbox:create" in await call_error(client, "token_mint", scopes=["sandbox:create"])
         assert "must stay 'ann'" in await call_error(client, "token_mint", scopes=["sandbox:exec"], user_id="bob")
         assert "cannot outlive" in await call_error(client, "token_mint", scopes=["sandbox:exec"], ttl_s=3600)
-        assert "runs are bound by dockyard" in await call_error(client, "token_mint", scopes=["sandbox:exec"], run_id="run-1")
+        assert "runs are bound by dockyard" in await call_error(
+            client, "token_mint", scopes=["sandbox:exec"], run_id="run-1"
+        )
         child = await call(client, "token_mint", scopes=["sandbox:exec"], ttl_s=60)
     assert child["identity"]["scopes"] == ["sandbox:exec"] and child["identity"]["run_id"] is None
     async with connect(served, child["token"]) as client:
@@ -144,13 +146,20 @@ async def test_the_admin_key_mints_but_does_not_work_in_workspaces(served: Serve
 
 async def test_requests_must_name_this_server_and_stay_under_the_size_cap(served: Served) -> None:
     token = (await mint(served, scopes=["sandbox:exec"], workspace_id="a"))["token"]
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "Authorization": f"Bearer {token}"}
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",
+    }
     body = json.dumps(INITIALIZE)
     assert httpx2.post(f"{served.url}/mcp", content=body, headers=headers, timeout=30).status_code == 200
-    rebound = httpx2.post(f"{served.url}/mcp", content=body, headers={**headers, "Host": "attacker.example"}, timeout=30)
+    rebound = httpx2.post(
+        f"{served.url}/mcp", content=body, headers={**headers, "Host": "attacker.example"}, timeout=30
+    )
     assert rebound.status_code in (400, 403, 421), rebound.status_code
-    foreign = httpx2.post(f"{served.url}/mcp", content=body, headers={**headers, "Origin": "http://attacker.example"}, timeout=30)
+    foreign = httpx2.post(
+        f"{served.url}/mcp", content=body, headers={**headers, "Origin": "http://attacker.example"}, timeout=30
+    )
     assert foreign.status_code == 403, foreign.status_code
     huge = httpx2.post(f"{served.url}/mcp", content=b"x" * (33 << 20), headers=headers, timeout=60)
     assert huge.status_code == 413, huge.status_code

@@ -67,7 +67,9 @@ def live_runtimes(data_dir: Path) -> list[Runtime]:
 
 def labelled_containers(client: docker.DockerClient, data_dir: Path) -> set[str]:
     instance = (data_dir / "instance-id").read_text().strip()
-    return {c.id for c in client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance}"})}
+    return {
+        c.id for c in client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance}"})
+    }
 
 
 async def test_kill_9_and_restart_keeps_claims_restores_the_pool_and_leaks_nothing(
@@ -85,7 +87,9 @@ async def test_kill_9_and_restart_keeps_claims_restores_the_pool_and_leaks_nothi
     except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
         pass
 
-    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+    async with Client(
+        StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))
+    ) as client:
         assert (await sh(client, sid, "cat note.txt"))["stdout"] == "survived\n"
         info = await settled(client, warm=3)
         assert info["claimed"] == 2
@@ -98,7 +102,13 @@ async def test_kill_9_and_restart_keeps_claims_restores_the_pool_and_leaks_nothi
     )
     assert shown.returncode == 0, shown.stderr
     (default,) = [p for p in json.loads(shown.stdout) if p["template"] == "default"]
-    assert (default["template"], default["min"], default["max"], default["claimed"], default["warm"]) == ("default", 3, 6, 2, 3)
+    assert (default["template"], default["min"], default["max"], default["claimed"], default["warm"]) == (
+        "default",
+        3,
+        6,
+        2,
+        3,
+    )
     assert default["claims_warm"] + default["claims_cold"] == 2
     wide = {**environment(data_dir), "COLUMNS": "200"}
     table = subprocess.run([str(BIN / "dockyard"), "pool", "status"], env=wide, capture_output=True, text=True)
@@ -112,17 +122,25 @@ async def test_kill_9_mid_dispatch_interrupts_it_loses_nothing_and_frees_its_san
     try:
         async with killable(data_dir, pid_file) as client:
             await settled(client, warm=3)
-            done = await call(client, "dispatch", mode="remote", rationale="r", task_summary="quick", prompt="echo kept")
-            assert (await call(client, "await_dispatch", dispatch_id=done["dispatch_id"], timeout_s=60))["status"] == "completed"
+            done = await call(
+                client, "dispatch", mode="remote", rationale="r", task_summary="quick", prompt="echo kept"
+            )
+            assert (await call(client, "await_dispatch", dispatch_id=done["dispatch_id"], timeout_s=60))[
+                "status"
+            ] == "completed"
             slow = await call(client, "dispatch", mode="remote", rationale="r", task_summary="slow", prompt="sleep 300")
             with anyio.fail_after(60):
-                while (await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=0.2))["sandbox_id"] is None:
+                while (await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=0.2))[
+                    "sandbox_id"
+                ] is None:
                     pass
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
             await anyio.sleep(0.5)
     except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
         pass
-    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+    async with Client(
+        StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))
+    ) as client:
         after = await call(client, "await_dispatch", dispatch_id=slow["dispatch_id"], timeout_s=5)
         assert after["status"] == "interrupted" and "not re-run" in after["error"]
         kept = await call(client, "await_dispatch", dispatch_id=done["dispatch_id"], timeout_s=5)
@@ -146,25 +164,40 @@ async def test_kill_9_mid_team_marks_busy_members_ready_tells_the_lead_and_a_mes
             for role in ("builder", "watcher"):
                 await call(client, "team_spawn", team_id=team, role=role, prompt=script)
             with anyio.fail_after(90):
-                while sorted(m["status"] for m in (await call(client, "team_tasks", team_id=team))["members"]) != ["busy", "idle"]:
+                while sorted(m["status"] for m in (await call(client, "team_tasks", team_id=team))["members"]) != [
+                    "busy",
+                    "idle",
+                ]:
                     await anyio.sleep(0.2)
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
             await anyio.sleep(0.5)
     except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
         pass
-    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+    async with Client(
+        StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))
+    ) as client:
         view = await call(client, "team_tasks", team_id=team)
         assert view["notice"] == "Server was restarted. Teammates interrupted: builder. Use team_message to resume."
         states = {m["role"]: (m["status"], m["turns"]) for m in view["members"]}
         assert states == {"builder": ("ready", 1), "watcher": ("idle", 1)}  # marked ready, not re-run
         await anyio.sleep(1)
-        assert {m["role"]: m["turns"] for m in (await call(client, "team_tasks", team_id=team))["members"]}["builder"] == 1
+        assert {m["role"]: m["turns"] for m in (await call(client, "team_tasks", team_id=team))["members"]}[
+            "builder"
+        ] == 1
         sent = await call(client, "team_message", team_id=team, to="builder", body="carry on")
         assert sent["notice"] is not None  # told until the member works again
         with anyio.fail_after(60):
-            while (builder := {m["role"]: m for m in (await call(client, "team_tasks", team_id=team))["members"]}["builder"])["status"] != "idle":
+            while (
+                builder := {m["role"]: m for m in (await call(client, "team_tasks", team_id=team))["members"]}[
+                    "builder"
+                ]
+            )["status"] != "idle":
                 await anyio.sleep(0.2)
-        assert builder["turns"] == 2 and builder["last_output"].startswith("builder turn 2\n") and "carry on" in builder["last_output"]
+        assert (
+            builder["turns"] == 2
+            and builder["last_output"].startswith("builder turn 2\n")
+            and "carry on" in builder["last_output"]
+        )
         assert (await call(client, "team_tasks", team_id=team))["notice"] is None
         await call(client, "team_shutdown", team_id=team)
         with anyio.fail_after(60):  # the members' sandboxes go back (destroyed or wiped), and nothing leaks
@@ -177,7 +210,9 @@ async def test_kill_9_mid_team_marks_busy_members_ready_tells_the_lead_and_a_mes
 def held_by(data_dir: Path, dispatch_id: str) -> list[Sandbox]:
     """Running sandboxes a dispatch made (its runner's run id is the dispatch's id)."""
     with Session(create_engine(f"sqlite:///{data_dir / 'dockyard.db'}")) as session:
-        return list(session.exec(select(Sandbox).where(Sandbox.run_id == dispatch_id, Sandbox.status == "running")).all())
+        return list(
+            session.exec(select(Sandbox).where(Sandbox.run_id == dispatch_id, Sandbox.status == "running")).all()
+        )
 
 
 async def test_kill_9_mid_snapshot_keeps_the_sandbox_running_and_removes_the_partial_snapshot(
@@ -190,7 +225,12 @@ async def test_kill_9_mid_snapshot_keeps_the_sandbox_running_and_removes_the_par
     try:
         async with killable(data_dir, pid_file) as client:
             sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
-            filled = await sh(client, sandbox_id, "head -c 400M /dev/zero > /workspace/big.bin && echo kept > /workspace/marker", timeout_s=120)
+            filled = await sh(
+                client,
+                sandbox_id,
+                "head -c 400M /dev/zero > /workspace/big.bin && echo kept > /workspace/marker",
+                timeout_s=120,
+            )
             assert filled["exit_code"] == 0, filled
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: call(client, "sandbox_snapshot", sandbox_id=sandbox_id))
@@ -202,7 +242,9 @@ async def test_kill_9_mid_snapshot_keeps_the_sandbox_running_and_removes_the_par
     except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
         pass
     assert list(snapshots.glob("snp_*")), "the snapshot should have been cut short mid-way"
-    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+    async with Client(
+        StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))
+    ) as client:
         assert list(snapshots.glob("snp_*")) == []
         ran = await sh(client, sandbox_id, "cat /workspace/marker; stat -c %s /workspace/big.bin")
         assert ran["stdout"] == f"kept\n{400 << 20}\n"
@@ -218,8 +260,14 @@ async def test_kill_9_mid_team_dispatch_gives_back_every_member_sandbox_after_re
     try:
         async with killable(data_dir, pid_file) as client:
             await settled(client, warm=3)
-            team = await call(client, "dispatch", mode="team_multi_vm", rationale="r", task_summary="two slow parts",
-                              members=["sleep 300", "sleep 300"])
+            team = await call(
+                client,
+                "dispatch",
+                mode="team_multi_vm",
+                rationale="r",
+                task_summary="two slow parts",
+                members=["sleep 300", "sleep 300"],
+            )
             with anyio.fail_after(60):
                 while len(held_by(data_dir, team["dispatch_id"])) < 2:
                     await anyio.sleep(0.1)
@@ -227,7 +275,9 @@ async def test_kill_9_mid_team_dispatch_gives_back_every_member_sandbox_after_re
             await anyio.sleep(0.5)
     except Exception:  # noqa: BLE001 - the client sees its server vanish; that is the point
         pass
-    async with Client(StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))) as client:
+    async with Client(
+        StdioServerParameters(command=str(BIN / "dockyard"), args=["serve"], env=environment(data_dir))
+    ) as client:
         after = await call(client, "await_dispatch", dispatch_id=team["dispatch_id"], timeout_s=5)
         assert after["status"] == "interrupted"
         with anyio.fail_after(60):  # both members' sandboxes go back to the pool, not at their TTL

@@ -13,7 +13,9 @@ from tests.conftest import make_settings, remove_instance
 
 
 @pytest.fixture
-def pool_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Callable[..., Settings]]:
+def pool_settings(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> Iterator[Callable[..., Settings]]:
     """Build settings for one test's pool; every instance made is cleaned up afterwards."""
     made: list[Settings] = []
 

@@ -24,11 +24,17 @@ async def wait_for_pool(engine: Engine, *, warm: int, template: str = "default",
             if info.warm == warm and info.provisioning == 0 and info.draining == 0:
                 return info
             await anyio.sleep(0.1)
-    events = await engine.store.run(lambda s: [
-        f"{e.runtime_id} {e.from_state}->{e.to_state}: {e.reason}"
-        for e in s.exec(select(PoolEvent).where(PoolEvent.template == template).order_by(col(PoolEvent.id).desc()).limit(12)).all()
-    ])
-    raise AssertionError(f"pool '{template}' did not settle at {warm} warm within {within_s:g} s: {info}; latest events: {events}")
+    events = await engine.store.run(
+        lambda s: [
+            f"{e.runtime_id} {e.from_state}->{e.to_state}: {e.reason}"
+            for e in s.exec(
+                select(PoolEvent).where(PoolEvent.template == template).order_by(col(PoolEvent.id).desc()).limit(12)
+            ).all()
+        ]
+    )
+    raise AssertionError(
+        f"pool '{template}' did not settle at {warm} warm within {within_s:g} s: {info}; latest events: {events}"
+    )
 
 
 async def live_runtimes(engine: Engine) -> list[Runtime]:

@@ -60,7 +60,9 @@ async def fill(audit: AuditLog, count: int) -> list[AuditEvent]:
     rows = []
     for i in range(count):
         who = (ALICE, MALLORY)[i % 2]
-        rows.append(await audit.append(who, "sandbox.exec", target=f"sbx_{i}", outcome="ok", detail={"command": f"step {i}"}))
+        rows.append(
+            await audit.append(who, "sandbox.exec", target=f"sbx_{i}", outcome="ok", detail={"command": f"step {i}"})
+        )
     return rows
 
 
@@ -74,8 +76,21 @@ def sql(db: Path, statement: str, *params: object) -> list[tuple]:
 
 def plain_hash(row: dict) -> str:
     """A row's hash by the public formula: what an attacker without the key can compute."""
-    body = {name: row[name] for name in ("workspace_id", "project_id", "user_id", "run_id", "kind", "target", "outcome",
-                                         "detail", "duration_ms", "prev_hash")}
+    body = {
+        name: row[name]
+        for name in (
+            "workspace_id",
+            "project_id",
+            "user_id",
+            "run_id",
+            "kind",
+            "target",
+            "outcome",
+            "detail",
+            "duration_ms",
+            "prev_hash",
+        )
+    }
     body["ts"] = datetime.fromisoformat(row["ts"]).replace(tzinfo=UTC).isoformat()
     if row["token_id"] is not None:
         body["token_id"] = row["token_id"]
@@ -96,8 +111,10 @@ def recompute(db: Path, mac: str | None = "keep") -> None:
             row["prev_hash"] = previous
             row["hash"] = previous = plain_hash(row)
             new_mac = row["mac"] if mac == "keep" else mac
-            conn.execute("UPDATE auditevent SET prev_hash = ?, hash = ?, mac = ? WHERE id = ?",
-                         (row["prev_hash"], row["hash"], new_mac, row["id"]))
+            conn.execute(
+                "UPDATE auditevent SET prev_hash = ?, hash = ?, mac = ? WHERE id = ?",
+                (row["prev_hash"], row["hash"], new_mac, row["id"]),
+            )
         conn.commit()
 
 
@@ -126,7 +143,11 @@ def head(data_dir: Path) -> dict:
 async def test_the_key_is_owner_only_and_the_head_signs_every_append(audit: AuditLog, data_dir: Path) -> None:
     rows = await fill(audit, 5)
     assert (data_dir / "audit-key").stat().st_mode & 0o777 == 0o600
-    assert (head(data_dir)["rows"], head(data_dir)["last_id"], head(data_dir)["last_hash"]) == (5, rows[-1].id, rows[-1].hash)
+    assert (head(data_dir)["rows"], head(data_dir)["last_id"], head(data_dir)["last_hash"]) == (
+        5,
+        rows[-1].id,
+        rows[-1].hash,
+    )
     assert all(r["mac"] for r in table(data_dir / "dockyard.db"))
     key = (data_dir / "audit-key").read_text().strip()
     assert key not in json.dumps(table(data_dir / "dockyard.db"))  # the database never holds the key
@@ -172,19 +193,36 @@ async def test_concurrent_appends_from_the_server_and_another_process_keep_the_h
     assert head(data_dir)["last_id"] == 44
 
 
-async def test_rows_from_before_the_key_are_anchored_by_the_first_head(audit: AuditLog, store: Store, data_dir: Path) -> None:
+async def test_rows_from_before_the_key_are_anchored_by_the_first_head(
+    audit: AuditLog, store: Store, data_dir: Path
+) -> None:
     """A store from before anchoring: its rows have no MAC; the first append signs them into a head."""
     db = data_dir / "dockyard.db"
     previous = GENESIS
     for i in range(3):
-        row = {"id": i + 1, "ts": f"2026-01-0{i + 1} 10:00:00.000001", "workspace_id": "local", "project_id": "default",
-               "user_id": "operator", "run_id": None, "token_id": None, "kind": "sandbox.exec", "target": "sbx_old",
-               "outcome": "ok", "detail": "{}", "duration_ms": 1.0, "prev_hash": previous}
+        row = {
+            "id": i + 1,
+            "ts": f"2026-01-0{i + 1} 10:00:00.000001",
+            "workspace_id": "local",
+            "project_id": "default",
+            "user_id": "operator",
+            "run_id": None,
+            "token_id": None,
+            "kind": "sandbox.exec",
+            "target": "sbx_old",
+            "outcome": "ok",
+            "detail": "{}",
+            "duration_ms": 1.0,
+            "prev_hash": previous,
+        }
         row["hash"] = previous = plain_hash(row)
         with closing(sqlite3.connect(db)) as conn:
-            conn.execute("INSERT INTO auditevent (id, ts, workspace_id, project_id, user_id, run_id, token_id, kind, target, "
-                         "outcome, detail, duration_ms, prev_hash, hash) VALUES (:id, :ts, :workspace_id, :project_id, "
-                         ":user_id, :run_id, :token_id, :kind, :target, :outcome, :detail, :duration_ms, :prev_hash, :hash)", row)
+            conn.execute(
+                "INSERT INTO auditevent (id, ts, workspace_id, project_id, user_id, run_id, token_id, kind, target, "
+                "outcome, detail, duration_ms, prev_hash, hash) VALUES (:id, :ts, :workspace_id, :project_id, "
+                ":user_id, :run_id, :token_id, :kind, :target, :outcome, :detail, :duration_ms, :prev_hash, :hash)",
+                row,
+            )
             conn.commit()
     old = await verdict(audit)
     assert (old.intact, old.legacy_rows, old.head_rows) == (True, 3, None)  # no key yet: nothing to check but the chain
@@ -203,12 +241,17 @@ async def test_rows_from_before_the_key_are_anchored_by_the_first_head(audit: Au
 # -- rows missing at the tail ------------------------------------------------------------------
 
 
-async def test_an_attacker_who_deletes_the_newest_rows_is_caught_by_the_signed_head(audit: AuditLog, data_dir: Path) -> None:
+async def test_an_attacker_who_deletes_the_newest_rows_is_caught_by_the_signed_head(
+    audit: AuditLog, data_dir: Path
+) -> None:
     await fill(audit, 8)
     sql(data_dir / "dockyard.db", "DELETE FROM auditevent WHERE id > 5")
     result = await verdict(audit)
     assert (result.intact, kinds(result)) == (False, ["truncated"])
-    assert "the table ends at row 5, but the signed head says 8 rows up to row 8: rows 6..8 were cut from the tail" in result.reason
+    assert (
+        "the table ends at row 5, but the signed head says 8 rows up to row 8: rows 6..8 were cut from the tail"
+        in result.reason
+    )
     code, out = await cli(data_dir, "verify")
     assert code == 1 and out.startswith("audit log broken (truncated): the table ends at row 5")
 
@@ -233,9 +276,14 @@ async def test_an_attacker_who_cuts_the_tail_and_fills_it_with_forged_rows_is_ca
     db = data_dir / "dockyard.db"
     sql(db, "DELETE FROM auditevent WHERE id > 4")
     for row_id in (5, 6):  # innocent-looking rows in the place of the cut ones, linked and hashed
-        sql(db, "INSERT INTO auditevent (id, ts, workspace_id, project_id, user_id, kind, target, outcome, detail, "
+        sql(
+            db,
+            "INSERT INTO auditevent (id, ts, workspace_id, project_id, user_id, kind, target, outcome, detail, "
             "duration_ms, prev_hash, hash, mac) SELECT ?, ts, workspace_id, project_id, user_id, kind, target, outcome, "
-            "'{\"command\": \"ls\"}', duration_ms, '', '', ? FROM auditevent WHERE id = 4", row_id, rows[row_id - 1].mac)
+            "'{\"command\": \"ls\"}', duration_ms, '', '', ? FROM auditevent WHERE id = 4",
+            row_id,
+            rows[row_id - 1].mac,
+        )
     recompute(db)
     result = await verdict(audit)
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, 5, ["recomputed"])
@@ -282,10 +330,14 @@ async def test_an_attacker_who_drops_the_audit_table_is_caught_when_the_store_re
     await fill(audit, 4)
     sql(data_dir / "dockyard.db", "DROP TABLE auditevent")
     code, out = await cli(data_dir, "verify")  # opens the store, which makes the table again, empty
-    assert code == 1 and "audit log broken (emptied): the table is empty, but the signed head says it held 4 rows" in out
+    assert (
+        code == 1 and "audit log broken (emptied): the table is empty, but the signed head says it held 4 rows" in out
+    )
 
 
-async def test_an_attacker_who_replaces_the_whole_database_file_is_caught(audit: AuditLog, store: Store, data_dir: Path) -> None:
+async def test_an_attacker_who_replaces_the_whole_database_file_is_caught(
+    audit: AuditLog, store: Store, data_dir: Path
+) -> None:
     await fill(audit, 4)
     await store.close()
     for name in ("dockyard.db", "dockyard.db-wal", "dockyard.db-shm"):
@@ -311,7 +363,7 @@ async def test_an_attacker_who_edits_a_row_and_recomputes_the_chain_without_the_
 ) -> None:
     await fill(audit, 6)
     db = data_dir / "dockyard.db"
-    sql(db, "UPDATE auditevent SET detail = '{\"command\": \"true\"}' WHERE id = 3")
+    sql(db, 'UPDATE auditevent SET detail = \'{"command": "true"}\' WHERE id = 3')
     recompute(db)
     assert all(r["hash"] == plain_hash(r) for r in table(db))  # by the chain alone it holds
     result = await verdict(audit)
@@ -331,7 +383,9 @@ async def test_an_attacker_who_strips_every_mac_and_recomputes_is_caught(audit: 
     assert "carries no MAC" in result.reason
 
 
-async def test_an_attacker_who_swaps_two_rows_and_recomputes_the_chain_is_caught(audit: AuditLog, data_dir: Path) -> None:
+async def test_an_attacker_who_swaps_two_rows_and_recomputes_the_chain_is_caught(
+    audit: AuditLog, data_dir: Path
+) -> None:
     await fill(audit, 5)
     db = data_dir / "dockyard.db"
     sql(db, "UPDATE auditevent SET id = -2 WHERE id = 2")
@@ -350,13 +404,20 @@ async def test_an_attacker_who_signs_a_forged_row_with_a_guessed_key_is_caught(
     db = data_dir / "dockyard.db"
     key = {"empty": b"", "admin-key": b"dya_not-the-audit-key", "random": secrets.token_bytes(32)}[guess]
     last = table(db)[-1]
-    forged = {**last, "id": 4, "outcome": "ok", "detail": '{"command": "rm -rf /workspace", "exit_code": 0}',
-              "prev_hash": last["hash"]}
+    forged = {
+        **last,
+        "id": 4,
+        "outcome": "ok",
+        "detail": '{"command": "rm -rf /workspace", "exit_code": 0}',
+        "prev_hash": last["hash"],
+    }
     forged["hash"] = plain_hash(forged)
     forged["mac"] = hmac.new(key, f"4:{forged['hash']}".encode(), hashlib.sha256).hexdigest()
     columns = ", ".join(forged)
     with closing(sqlite3.connect(db)) as conn:
-        conn.execute(f"INSERT INTO auditevent ({columns}) VALUES ({', '.join('?' for _ in forged)})", list(forged.values()))
+        conn.execute(
+            f"INSERT INTO auditevent ({columns}) VALUES ({', '.join('?' for _ in forged)})", list(forged.values())
+        )
         conn.commit()
     result = await verdict(audit)
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, 4, ["recomputed"])
@@ -365,9 +426,11 @@ async def test_an_attacker_who_signs_a_forged_row_with_a_guessed_key_is_caught(
 # -- rows edited -------------------------------------------------------------------------------
 
 
-async def test_an_attacker_who_rewrites_what_a_command_was_is_caught_at_that_row(audit: AuditLog, data_dir: Path) -> None:
+async def test_an_attacker_who_rewrites_what_a_command_was_is_caught_at_that_row(
+    audit: AuditLog, data_dir: Path
+) -> None:
     await fill(audit, 5)
-    sql(data_dir / "dockyard.db", "UPDATE auditevent SET detail = '{\"command\": \"echo harmless\"}' WHERE id = 4")
+    sql(data_dir / "dockyard.db", 'UPDATE auditevent SET detail = \'{"command": "echo harmless"}\' WHERE id = 4')
     result = await verdict(audit)
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, 4, ["edited"])
     code, out = await cli(data_dir, "verify", "--json")
@@ -376,8 +439,10 @@ async def test_an_attacker_who_rewrites_what_a_command_was_is_caught_at_that_row
 
 async def test_an_attacker_who_reattributes_a_row_to_another_user_is_caught(audit: AuditLog, data_dir: Path) -> None:
     await fill(audit, 4)
-    sql(data_dir / "dockyard.db", "UPDATE auditevent SET workspace_id = 'acme', user_id = 'alice', token_id = 'tok_alice' "
-        "WHERE id = 2")
+    sql(
+        data_dir / "dockyard.db",
+        "UPDATE auditevent SET workspace_id = 'acme', user_id = 'alice', token_id = 'tok_alice' WHERE id = 2",
+    )
     result = await verdict(audit)
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, 2, ["edited"])
 
@@ -418,7 +483,9 @@ async def test_an_attacker_who_deletes_a_commands_started_row_is_caught(audit: A
     assert (result.intact, result.first_broken_id, kinds(result)) == (False, started + 1, ["deleted"])
 
 
-async def test_an_attacker_who_deletes_a_middle_row_and_renumbers_the_rest_is_caught(audit: AuditLog, data_dir: Path) -> None:
+async def test_an_attacker_who_deletes_a_middle_row_and_renumbers_the_rest_is_caught(
+    audit: AuditLog, data_dir: Path
+) -> None:
     await fill(audit, 6)
     db = data_dir / "dockyard.db"
     sql(db, "DELETE FROM auditevent WHERE id = 3")
@@ -526,7 +593,9 @@ async def test_an_attacker_who_deletes_the_key_gets_no_clean_verdict_even_after_
 # -- after an investigation --------------------------------------------------------------------
 
 
-async def test_the_operator_reanchors_after_a_cut_and_the_record_keeps_what_was_found(audit: AuditLog, data_dir: Path) -> None:
+async def test_the_operator_reanchors_after_a_cut_and_the_record_keeps_what_was_found(
+    audit: AuditLog, data_dir: Path
+) -> None:
     await fill(audit, 6)
     db = data_dir / "dockyard.db"
     sql(db, "DELETE FROM auditevent WHERE id > 4")
@@ -534,7 +603,9 @@ async def test_the_operator_reanchors_after_a_cut_and_the_record_keeps_what_was_
     assert kinds(await verdict(audit)) == ["truncated"]
 
     code, out = await cli(data_dir, "reanchor")
-    assert code == 0 and out.startswith("recorded (truncated): the table ends at row 5, but the signed head says 6 rows")
+    assert code == 0 and out.startswith(
+        "recorded (truncated): the table ends at row 5, but the signed head says 6 rows"
+    )
     result = await verdict(audit)
     assert (result.intact, result.rows_checked, result.head_rows) == (True, 6, 6)
     [row] = [r for r in table(db) if r["kind"] == "audit.reanchor"]

@@ -95,8 +95,12 @@ async def test_a_warm_computer_is_a_hardened_headless_chromium_reached_over_its_
 
         # Nothing in it runs as root, and it has no network interface but loopback.
         inside = docker_client.containers.get(computer.container_id).exec_run(
-            ["bash", "-c", "cat /proc/[0-9]*/status 2>/dev/null | awk '/^Uid:/ {print $2}' | sort -u; "
-             "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"],
+            [
+                "bash",
+                "-c",
+                "cat /proc/[0-9]*/status 2>/dev/null | awk '/^Uid:/ {print $2}' | sort -u; "
+                "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
+            ],
             user="1000:1000",
         )
         assert inside.output.decode().split() == ["1000", "lo"], inside.output
@@ -194,7 +198,7 @@ async def test_a_computer_whose_browser_never_starts_fails_fast_and_leaves_nothi
     folder = tmp_path / "recipes" / recipe
     folder.mkdir(parents=True)
     (folder / "Dockerfile").write_text(
-        f"ARG BASE_IMAGE\nFROM {computer_image}\nCMD [\"bash\", \"-c\", \"echo no browser in here >&2; exit 3\"]\n"
+        f'ARG BASE_IMAGE\nFROM {computer_image}\nCMD ["bash", "-c", "echo no browser in here >&2; exit 3"]\n'
     )
     settings = computer_settings(
         images={"recipes_dir": str(tmp_path / "recipes")},

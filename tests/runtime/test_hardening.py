@@ -41,7 +41,9 @@ async def test_commands_run_as_the_sandbox_user_with_no_capabilities(client: Cli
     seen = (await sh(client, sandbox_id, "id -un; grep -E '^Cap(Eff|Prm|Amb):' /proc/self/status"))["stdout"]
     lines = seen.split()
     assert lines[0] == "agent"
-    assert lines[1:] == ["CapPrm:", "0000000000000000", "CapEff:", "0000000000000000", "CapAmb:", "0000000000000000"], seen
+    assert lines[1:] == ["CapPrm:", "0000000000000000", "CapEff:", "0000000000000000", "CapAmb:", "0000000000000000"], (
+        seen
+    )
 
 
 async def test_container_has_pid_memory_and_cpu_limits_with_swap_equal_to_memory(

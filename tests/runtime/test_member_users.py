@@ -29,7 +29,9 @@ async def test_a_member_user_runs_with_its_own_home_and_the_shared_group_and_nev
     try:
         async with Engine.open(settings) as engine:
             box = await engine.sandboxes.create(who("a"))
-            look = "id -un; id -gn; echo $HOME; umask; stat -c %a $HOME; touch /workspace/f; stat -c %U:%G:%a /workspace/f"
+            look = (
+                "id -un; id -gn; echo $HOME; umask; stat -c %a $HOME; touch /workspace/f; stat -c %U:%G:%a /workspace/f"
+            )
             seen = await engine.sandboxes.exec(who("a"), box.sandbox_id, look, run_as="m3")
             assert seen.stdout.split() == ["m3", "agent", "/home/m3", "0002", "700", "m3:agent:664"], seen
             for user in ("root", "nobody", "../agent"):
@@ -46,10 +48,10 @@ async def test_what_member_users_leave_is_wiped_before_the_next_owner(
     settings = make_settings(tmp_path / "data", default_pool={"min": 1, "max": 1})
     litter = {
         "m1": "mkdir -m 700 /workspace/m1-private && echo s > /workspace/m1-private/f; mkdir -m 700 /tmp/m1-dir; "
-              "echo t > /tmp/m1-dir/f; echo h > ~/left; mkdir /workspace/open; "
-              "setsid nohup sleep 1000 >/dev/null 2>&1 &",
+        "echo t > /tmp/m1-dir/f; echo h > ~/left; mkdir /workspace/open; "
+        "setsid nohup sleep 1000 >/dev/null 2>&1 &",
         "m2": "mkdir -m 700 /workspace/open/m2-inside && echo s > /workspace/open/m2-inside/f; echo t > /dev/shm/m2; "
-              "chmod 700 ~; echo 'export STOLEN=1' >> ~/.bashrc; setsid nohup sleep 1001 >/dev/null 2>&1 &",
+        "chmod 700 ~; echo 'export STOLEN=1' >> ~/.bashrc; setsid nohup sleep 1001 >/dev/null 2>&1 &",
     }
     try:
         async with Engine.open(settings) as engine:
@@ -66,11 +68,14 @@ async def test_what_member_users_leave_is_wiped_before_the_next_owner(
             second = await engine.sandboxes.create(who("b"))
             assert (await engine.store.get(Sandbox, second.sandbox_id)).runtime_id == runtime_id  # the same container
             assert "recycled: wiped and verified clean" in await event_reasons(engine, runtime_id)
-            seen = await engine.sandboxes.exec(who("b"), second.sandbox_id, "ls -A /workspace /tmp /dev/shm; ps -eo user=,args=")
+            seen = await engine.sandboxes.exec(
+                who("b"), second.sandbox_id, "ls -A /workspace /tmp /dev/shm; ps -eo user=,args="
+            )
             assert "m1" not in seen.stdout and "m2" not in seen.stdout and "open" not in seen.stdout, seen.stdout
             for user in litter:
-                home = await engine.sandboxes.exec(who("b"), second.sandbox_id, "ls -A ~; cmp ~/.bashrc /etc/skel/.bashrc && echo fresh",
-                                                   run_as=user)
+                home = await engine.sandboxes.exec(
+                    who("b"), second.sandbox_id, "ls -A ~; cmp ~/.bashrc /etc/skel/.bashrc && echo fresh", run_as=user
+                )
                 assert home.stdout.split() == [".bash_logout", ".bashrc", ".profile", "fresh"], home
     finally:
         remove_instance(docker_client, settings)

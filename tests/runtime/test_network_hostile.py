@@ -62,7 +62,9 @@ def host_listener() -> Iterator[int]:
 
 
 @pytest.fixture
-def engine_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Callable[..., Settings]]:
+def engine_settings(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> Iterator[Callable[..., Settings]]:
     made: list[Settings] = []
 
     def make(**overrides: object) -> Settings:
@@ -79,8 +81,12 @@ def engine_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.Do
 def bystander(docker_client: docker.DockerClient, sandbox_image: str) -> Iterator[str]:
     """A container of someone else on Docker's default bridge, answering PEER on port 8000."""
     container = docker_client.containers.run(
-        sandbox_image, ["python3", "-c", SERVE_PEER.split('"')[1].replace("\\n", "\n")], detach=True, network="bridge",
-        labels={"dockyard.test": "network-bystander"}, user="agent",
+        sandbox_image,
+        ["python3", "-c", SERVE_PEER.split('"')[1].replace("\\n", "\n")],
+        detach=True,
+        network="bridge",
+        labels={"dockyard.test": "network-bystander"},
+        user="agent",
     )
     try:
         container.reload()
@@ -130,9 +136,16 @@ async def test_a_workspace_network_reaches_its_own_sandboxes_and_no_address_of_t
         peer_ip, _ = address_of(docker_client, await engine.store.get(Sandbox, peer.sandbox_id))
         _, gateway = address_of(docker_client, await engine.store.get(Sandbox, attacker.sandbox_id))
         host = sorted(host_addresses(docker_client) | {gateway})
-        seen = answers((await engine.sandboxes.exec(
-            who("a"), attacker.sandbox_id, probe([(peer_ip, 8000), *((ip, host_listener) for ip in host)]), timeout_s=30
-        )).stdout)
+        seen = answers(
+            (
+                await engine.sandboxes.exec(
+                    who("a"),
+                    attacker.sandbox_id,
+                    probe([(peer_ip, 8000), *((ip, host_listener) for ip in host)]),
+                    timeout_s=30,
+                )
+            ).stdout
+        )
         assert seen[f"{peer_ip}:8000"] == PEER  # its own workspace's runtimes answer
         reached = {target: said for target, said in seen.items() if SECRET in said}
         assert reached == {}, f"this host answered a workspace sandbox on {sorted(reached)}"
@@ -152,7 +165,9 @@ async def test_internet_sandboxes_reach_neither_this_host_nor_another_workspace_
         assert victim_ip.rsplit(".", 1)[0] != attacker_ip.rsplit(".", 1)[0]  # a bridge of each workspace's own
         host = sorted(host_addresses(docker_client) | {gateway})
         targets = [(victim_ip, 8000), (bystander, 8000), *((ip, host_listener) for ip in host)]
-        seen = answers((await engine.sandboxes.exec(who("b"), attacker.sandbox_id, probe(targets), timeout_s=30)).stdout)
+        seen = answers(
+            (await engine.sandboxes.exec(who("b"), attacker.sandbox_id, probe(targets), timeout_s=30)).stdout
+        )
         assert len(seen) == len(targets)
         reached = {target: said for target, said in seen.items() if said}
         assert reached == {}, f"an internet sandbox of workspace b reached {reached}"

@@ -49,7 +49,9 @@ async def test_a_runsc_template_runs_under_gvisor_where_docker_has_runsc(
                     await engine.sandboxes.create(engine.operator)
                 return
             box = await engine.sandboxes.create(engine.operator)
-            ran = await engine.sandboxes.exec(engine.operator, box.sandbox_id, "uname -r; id -un; echo kept > /workspace/f; cat /workspace/f")
+            ran = await engine.sandboxes.exec(
+                engine.operator, box.sandbox_id, "uname -r; id -un; echo kept > /workspace/f; cat /workspace/f"
+            )
             assert ran.stdout.splitlines() == ["4.4.0", "agent", "kept"], ran  # gVisor reports kernel 4.4.0
     finally:
         remove_instance(docker_client, settings)

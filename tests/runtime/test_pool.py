@@ -212,9 +212,7 @@ async def test_many_concurrent_creates_never_share_a_runtime(pool_settings) -> N
         async with anyio.create_task_group() as tg:
             for _ in range(6):
                 tg.start_soon(create)
-        rows = await engine.store.run(
-            lambda s: list(s.exec(select(Sandbox).where(col(Sandbox.id).in_(made))).all())
-        )
+        rows = await engine.store.run(lambda s: list(s.exec(select(Sandbox).where(col(Sandbox.id).in_(made))).all()))
         assert len({r.runtime_id for r in rows}) == 6 and len({r.container_id for r in rows}) == 6
         assert sum(r.served_warm for r in rows) == 2
 
@@ -226,7 +224,9 @@ async def test_a_workspace_at_its_share_stays_there_across_a_restart_while_anoth
     async with Engine.open(settings) as engine:
         await engine.sandboxes.create(who("a"))
     async with Engine.open(settings) as engine:
-        with pytest.raises(QuotaExceededError, match="quota workspace_pool_share reached: workspace 'a' holds 1 of pool 'default'"):
+        with pytest.raises(
+            QuotaExceededError, match="quota workspace_pool_share reached: workspace 'a' holds 1 of pool 'default'"
+        ):
             await engine.sandboxes.create(who("a"))
         theirs = await engine.sandboxes.create(who("b"))
         assert (await engine.sandboxes.exec(who("b"), theirs.sandbox_id, "echo b")).stdout == "b\n"

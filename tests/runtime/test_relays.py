@@ -57,7 +57,9 @@ async def test_only_the_bearer_token_opens_the_relay_and_the_token_goes_no_furth
     async with gated() as (port, handed):
         assert (await send(port, b"GET /json/list HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 401")
         assert (await send(port, b"GET / HTTP/1.1\r\nAuthorization: Bearer guess\r\n\r\n")).startswith(b"HTTP/1.1 403")
-        assert (await send(port, b"GET / HTTP/1.1\r\nAuthorization: Basic czNjcmV0LXRva2Vu\r\n\r\n")).startswith(b"HTTP/1.1 401")
+        assert (await send(port, b"GET / HTTP/1.1\r\nAuthorization: Basic czNjcmV0LXRva2Vu\r\n\r\n")).startswith(
+            b"HTTP/1.1 401"
+        )
         assert handed == []
         admitted = await send(port, f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\n\r\nbody".encode())
         assert admitted.endswith(b"relayed")

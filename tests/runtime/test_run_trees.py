@@ -34,7 +34,9 @@ async def engine(tmp_path: Path, sandbox_image: str, docker_client: docker.Docke
 
 
 async def start(engine: Engine, who: Identity, prompt: str) -> str:
-    return (await engine.dispatches.dispatch(who, mode="remote", rationale="fan out", task_summary="a child", prompt=prompt)).dispatch_id
+    return (
+        await engine.dispatches.dispatch(who, mode="remote", rationale="fan out", task_summary="a child", prompt=prompt)
+    ).dispatch_id
 
 
 async def runner_of(engine: Engine, dispatch_id: str) -> Identity:
@@ -99,7 +101,9 @@ async def test_a_child_dispatch_cannot_take_a_second_browser_for_a_run_limited_t
             child = await start(engine, as_top, HOLD)
             as_child = await runner_of(engine, child)
             browser = await engine.computers.create(as_top)
-            with pytest.raises(QuotaExceededError, match=f"quota run_computers reached: 1 of 1 computers are running in run '{top}'"):
+            with pytest.raises(
+                QuotaExceededError, match=f"quota run_computers reached: 1 of 1 computers are running in run '{top}'"
+            ):
                 await engine.computers.create(as_child)
             await engine.computers.destroy(USER, browser.computer_id)
             for dispatch_id in (child, top):

@@ -39,17 +39,38 @@ async def test_audit_rows_form_an_unbroken_hash_chain_including_failures(engine:
     previous = GENESIS
     for row in rows:
         assert row.prev_hash == previous
-        body = {k: getattr(row, k) for k in ("workspace_id", "project_id", "user_id", "run_id", "kind", "target", "outcome", "detail", "duration_ms", "prev_hash")}
+        body = {
+            k: getattr(row, k)
+            for k in (
+                "workspace_id",
+                "project_id",
+                "user_id",
+                "run_id",
+                "kind",
+                "target",
+                "outcome",
+                "detail",
+                "duration_ms",
+                "prev_hash",
+            )
+        }
         body["ts"] = row.ts.isoformat()
         assert row.hash == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         previous = row.hash
-    assert json.loads(rows[2].detail) == {**json.loads(rows[1].detail), "exit_code": 0, "timed_out": False, "truncated": False,
-                                          "started_id": rows[1].id}
+    assert json.loads(rows[2].detail) == {
+        **json.loads(rows[1].detail),
+        "exit_code": 0,
+        "timed_out": False,
+        "truncated": False,
+        "started_id": rows[1].id,
+    }
     assert (await engine.audit.verify()).intact
 
 
 async def test_the_stdio_operator_has_the_scopes_config_grants(tmp_path: Path, sandbox_image: str) -> None:
-    settings = make_settings(tmp_path / "data", operator={"scopes": ["sandbox:exec"]}, default_pool={"min": 0, "max": 2})
+    settings = make_settings(
+        tmp_path / "data", operator={"scopes": ["sandbox:exec"]}, default_pool={"min": 0, "max": 2}
+    )
     async with Client(build_server(settings)) as client:
         assert (await call(client, "whoami"))["scopes"] == ["sandbox:exec"]
         assert "needs the scope 'sandbox:create'" in await call_error(client, "sandbox_create")

@@ -75,7 +75,9 @@ async def test_output_past_the_cap_is_dropped_in_the_sandbox_and_counted(engine:
     sandbox = await engine.sandboxes.create(who)
     cap = engine.settings.sandbox.output_cap_bytes
     total = 50_000_000
-    result = await engine.sandboxes.exec(who, sandbox.sandbox_id, f"head -c {total} /dev/zero | tr '\\0' a; echo done >&2")
+    result = await engine.sandboxes.exec(
+        who, sandbox.sandbox_id, f"head -c {total} /dev/zero | tr '\\0' a; echo done >&2"
+    )
     assert result.exit_code == 0 and result.truncated and result.stderr == "done\n"
     assert result.stdout.startswith("a" * cap)
     assert f"[... {total - cap} more bytes of stdout truncated at the {cap}-byte cap]" in result.stdout

@@ -15,28 +15,146 @@ from hypothesis import strategies as st
 __all__ = ["Ids", "arguments"]
 
 ODD_STRINGS: list[str] = [
-    "", " ", "\x00", "\n", "a\nb", "\t", "\x1b[2J", "\x7f", "\x85", "\u2028", "\ufeff", "\u202eevil", "🙂", "é", "..", ".", "/", "~", "$(id)", "`id`", "; rm -rf /", "%s%n", "{}", "[]",
-    "null", "true", "-1", "1e309", "NaN", " sbx_0000000000000000", "a" * 300, "x" * 5000, "*", "?", "\\", "'\"",
+    "",
+    " ",
+    "\x00",
+    "\n",
+    "a\nb",
+    "\t",
+    "\x1b[2J",
+    "\x7f",
+    "\x85",
+    "\u2028",
+    "\ufeff",
+    "\u202eevil",
+    "🙂",
+    "é",
+    "..",
+    ".",
+    "/",
+    "~",
+    "$(id)",
+    "`id`",
+    "; rm -rf /",
+    "%s%n",
+    "{}",
+    "[]",
+    "null",
+    "true",
+    "-1",
+    "1e309",
+    "NaN",
+    " sbx_0000000000000000",
+    "a" * 300,
+    "x" * 5000,
+    "*",
+    "?",
+    "\\",
+    "'\"",
 ]
 PATHS: list[str] = [
-    "hello.txt", "dir", "dir/sub/f", "dir/sub", "new/deeper/file.txt", "fifo", "sock", "link_out", "link_out/passwd",
-    "link_in", "loop", "here", "here/here/hello.txt", "dir/sub/../sub", "up", "up/etc/passwd", "two\nlines", "caf\\xe9", "café", "../etc/passwd", "/etc/passwd",
-    "/workspace", "/workspace/hello.txt", "/workspace/../etc", "a/../../x", ".", "./", "//", "dir//sub///f",
-    "hello.txt/x", " hello.txt ", "/proc/self/status", "/tmp/x", "~/x", "a" * 255, "a" * 256, ("d/" * 200) + "f",
+    "hello.txt",
+    "dir",
+    "dir/sub/f",
+    "dir/sub",
+    "new/deeper/file.txt",
+    "fifo",
+    "sock",
+    "link_out",
+    "link_out/passwd",
+    "link_in",
+    "loop",
+    "here",
+    "here/here/hello.txt",
+    "dir/sub/../sub",
+    "up",
+    "up/etc/passwd",
+    "two\nlines",
+    "caf\\xe9",
+    "café",
+    "../etc/passwd",
+    "/etc/passwd",
+    "/workspace",
+    "/workspace/hello.txt",
+    "/workspace/../etc",
+    "a/../../x",
+    ".",
+    "./",
+    "//",
+    "dir//sub///f",
+    "hello.txt/x",
+    " hello.txt ",
+    "/proc/self/status",
+    "/tmp/x",
+    "~/x",
+    "a" * 255,
+    "a" * 256,
+    ("d/" * 200) + "f",
 ]
 SCRIPTS: list[str] = [
-    "echo hi", "true", "exit 3", "cat /etc/passwd", "ls -la /", "echo out; echo err >&2", "sleep 0.2", "kill -9 $$",
-    "printf '\\xff\\xfe'", "head -c 100000 /dev/zero", "yes | head -c 200000", "cat", "ulimit -a", ":",
+    "echo hi",
+    "true",
+    "exit 3",
+    "cat /etc/passwd",
+    "ls -la /",
+    "echo out; echo err >&2",
+    "sleep 0.2",
+    "kill -9 $$",
+    "printf '\\xff\\xfe'",
+    "head -c 100000 /dev/zero",
+    "yes | head -c 200000",
+    "cat",
+    "ulimit -a",
+    ":",
 ]
-ODD_NUMBERS: list[Any] = [0, -1, 1, -0.0, 0.5, 2**31, 2**63, 2**64, -(2**63), 10**30, 1e308, math.inf, -math.inf, math.nan]
+ODD_NUMBERS: list[Any] = [
+    0,
+    -1,
+    1,
+    -0.0,
+    0.5,
+    2**31,
+    2**63,
+    2**64,
+    -(2**63),
+    10**30,
+    1e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+]
 ODD_VALUES: list[Any] = [None, True, False, [], {}, [None], {"a": {"b": []}}, "1", 1.5, ["x"] * 3]
 # Durations that must never make a case wait: small ones, or ones the schema refuses.
 WAITS: list[Any] = [0, 0.1, 1, 2, -1, -0.5, 10**12, "soon", None, math.nan, math.inf]
-DATES = ["2026-01-01T00:00:00", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "not a date", "2026-13-45",
-         "1e10", "", "2026-06-01T12:00:00Z"]
+DATES = [
+    "2026-01-01T00:00:00",
+    "0001-01-01T00:00:00+14:00",
+    "9999-12-31T23:59:59-14:00",
+    "not a date",
+    "2026-13-45",
+    "1e10",
+    "",
+    "2026-06-01T12:00:00Z",
+]
 TTLS: list[Any] = [1, 2, 60, 61, 0, -5, 10**12, "1h", None]
-_ID_FIELDS = {"sandbox_id", "team_id", "dispatch_id", "computer_id", "token_id", "task_id", "from_snapshot", "member", "to",
-              "role", "workspace_id", "project_id", "user_id", "run_id", "actor", "template"}
+_ID_FIELDS = {
+    "sandbox_id",
+    "team_id",
+    "dispatch_id",
+    "computer_id",
+    "token_id",
+    "task_id",
+    "from_snapshot",
+    "member",
+    "to",
+    "role",
+    "workspace_id",
+    "project_id",
+    "user_id",
+    "run_id",
+    "actor",
+    "template",
+}
 
 
 def _text() -> st.SearchStrategy[str]:
@@ -64,7 +182,9 @@ def _value(name: str, schema: dict[str, Any], defs: dict[str, Any], ids: Ids, od
     return st.one_of(_from_schema(name, schema, defs, ids, odd), _junk())
 
 
-def _from_schema(name: str, schema: dict[str, Any], defs: dict[str, Any], ids: Ids, odd: bool) -> st.SearchStrategy[Any]:
+def _from_schema(
+    name: str, schema: dict[str, Any], defs: dict[str, Any], ids: Ids, odd: bool
+) -> st.SearchStrategy[Any]:
     """Values of a schema; in an odd case also just past its bounds, and odd strings."""
     if "$ref" in schema:
         return _from_schema(name, defs[schema["$ref"].rsplit("/", 1)[-1]], defs, ids, odd)
@@ -103,8 +223,13 @@ def _number(kind: str, schema: dict[str, Any], odd: bool) -> st.SearchStrategy[A
         high = below - 1 if below is not None else high
         inside: st.SearchStrategy[Any] = st.integers(min_value=low, max_value=high)
     else:
-        inside = st.floats(min_value=low if above is None else above, max_value=high if below is None else below,
-                           exclude_min=above is not None, exclude_max=below is not None, allow_nan=False)
+        inside = st.floats(
+            min_value=low if above is None else above,
+            max_value=high if below is None else below,
+            exclude_min=above is not None,
+            exclude_max=below is not None,
+            allow_nan=False,
+        )
     if not odd:
         return inside
     edges = [value for value in (low, high, above, below) if value is not None]

@@ -51,7 +51,9 @@ async def seed(settings: Settings, *rows: tuple[Identity, str]) -> None:
     try:
         log = AuditLog(store, settings.data_dir)
         for who, kind in rows:
-            await log.append(who, kind, target="sbx_elsewhere", outcome="ok", detail={"command": f"{who.user_id} was here"})
+            await log.append(
+                who, kind, target="sbx_elsewhere", outcome="ok", detail={"command": f"{who.user_id} was here"}
+            )
     finally:
         await store.close()
 
@@ -73,11 +75,19 @@ async def rows(client: Client, **filters: Any) -> list[dict[str, Any]]:
     return (await call(client, "audit_query", **filters))["rows"]
 
 
-async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row(client: Client, settings: Settings) -> None:
+async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row(
+    client: Client, settings: Settings
+) -> None:
     box = await work(client)
     log = await rows(client)
     # a command is on the record before it runs (started) and again when it ends
-    assert [r["kind"] for r in log] == ["sandbox.destroy", "sandbox.write_file", "sandbox.exec", "sandbox.exec", "sandbox.create"]
+    assert [r["kind"] for r in log] == [
+        "sandbox.destroy",
+        "sandbox.write_file",
+        "sandbox.exec",
+        "sandbox.exec",
+        "sandbox.create",
+    ]
     assert [r["outcome"] for r in log] == ["ok", "ok", "ok", "started", "ok"]
     assert all(r["target"] == box for r in log)
     assert all((r["workspace_id"], r["user_id"], r["token_id"]) == ("local", "operator", None) for r in log)
@@ -85,7 +95,12 @@ async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row
     assert log[2]["detail"]["command"] == "echo hi" and log[2]["detail"]["exit_code"] == 0
     assert log[2]["detail"]["started_id"] == started and log[3]["detail"] == {"command": "echo hi", "cwd": "/workspace"}
 
-    assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 5, "intact": True, "first_broken_id": None, "reason": None}
+    assert verdict_of(await call(client, "audit_verify")) == {
+        "rows_checked": 5,
+        "intact": True,
+        "first_broken_id": None,
+        "reason": None,
+    }
     assert await cli_verify(settings) == (0, "audit log intact: 5 rows, signed head at 5 rows\n")
 
     # edit what the command was: the tool and the CLI name exactly that row
@@ -126,7 +141,11 @@ async def test_query_filters_and_never_shows_another_workspace(client: Client, s
     assert [r["kind"] for r in await rows(client, workspace_id="local")] == [r["kind"] for r in everything]
 
     [alice] = await rows(client, actor="alice")
-    assert (alice["token_id"], alice["kind"], alice["detail"]) == ("tok_alice", "sandbox.exec", {"command": "alice was here"})
+    assert (alice["token_id"], alice["kind"], alice["detail"]) == (
+        "tok_alice",
+        "sandbox.exec",
+        {"command": "alice was here"},
+    )
     assert [r["user_id"] for r in await rows(client, kind="sandbox.exec")] == ["alice", "operator", "operator"]
     assert await rows(client, actor="mallory") == []
     assert await rows(client, kind="sandbox.create", actor="operator") == [everything[-1]]
@@ -167,7 +186,12 @@ async def test_the_admin_reads_every_workspace(settings: Settings, cleanup: None
     async with Client(build_server(admin)) as client:
         assert [r["workspace_id"] for r in await rows(client)] == ["local", "rival"]
         assert [r["user_id"] for r in await rows(client, workspace_id="rival")] == ["mallory"]
-        assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
+        assert verdict_of(await call(client, "audit_verify")) == {
+            "rows_checked": 2,
+            "intact": True,
+            "first_broken_id": None,
+            "reason": None,
+        }
 
 
 async def test_an_action_whose_audit_row_cannot_be_written_fails(client: Client, settings: Settings) -> None:
@@ -175,10 +199,18 @@ async def test_an_action_whose_audit_row_cannot_be_written_fails(client: Client,
     sql(settings, "CREATE TRIGGER refuse BEFORE INSERT ON auditevent BEGIN SELECT RAISE(ABORT, 'audit disk full'); END")
     message = await call_error(client, "sandbox_exec", sandbox_id=box, command="touch ran")
     # the row that opens a command comes first: without it, the command does not run at all
-    assert "the audit row that opens this sandbox.exec could not be written (audit disk full), so it was not started" in message
+    assert (
+        "the audit row that opens this sandbox.exec could not be written (audit disk full), so it was not started"
+        in message
+    )
     sql(settings, "DROP TRIGGER refuse")
 
     assert [r["kind"] for r in await rows(client)] == ["sandbox.create"]
     assert (await call(client, "sandbox_exec", sandbox_id=box, command="test -e ran"))["exit_code"] == 1
     await call(client, "sandbox_destroy", sandbox_id=box)
-    assert verdict_of(await call(client, "audit_verify")) == {"rows_checked": 4, "intact": True, "first_broken_id": None, "reason": None}
+    assert verdict_of(await call(client, "audit_verify")) == {
+        "rows_checked": 4,
+        "intact": True,
+        "first_broken_id": None,
+        "reason": None,
+    }

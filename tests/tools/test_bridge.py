@@ -52,7 +52,11 @@ INITIALIZE = json.dumps(
         "jsonrpc": "2.0",
         "id": 1,
         "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}},
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "probe", "version": "0"},
+        },
     }
 )
 
@@ -132,11 +136,20 @@ anyio.run(main)
 async def test_a_runner_submits_its_result_through_the_bridge_once_with_its_run_token(client: Client) -> None:
     sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
     await call(client, "sandbox_write_file", sandbox_id=sandbox_id, path="submit.py", content=SUBMIT)
-    sent = await call(client, "dispatch", mode="local", rationale="r", task_summary="t", sandbox_id=sandbox_id,
-                      prompt=f"{CLIENT_PYTHON} submit.py")
+    sent = await call(
+        client,
+        "dispatch",
+        mode="local",
+        rationale="r",
+        task_summary="t",
+        sandbox_id=sandbox_id,
+        prompt=f"{CLIENT_PYTHON} submit.py",
+    )
     done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
     assert (done["status"], done["result"]) == ("completed", "from inside the runtime"), done
-    seen = json.loads((await call(client, "sandbox_read_file", sandbox_id=sandbox_id, path="submissions.json"))["content"])
+    seen = json.loads(
+        (await call(client, "sandbox_read_file", sandbox_id=sandbox_id, path="submissions.json"))["content"]
+    )
     assert seen["first"] == "accepted"
     assert "not this run's token" in seen["forged"]
     assert "already submitted" in seen["replayed"]
@@ -146,7 +159,9 @@ async def test_a_runner_submits_its_result_through_the_bridge_once_with_its_run_
 
 async def dispatch_here(client: Client, sandbox_id: str, prompt: str) -> str:
     """Start a `local` dispatch in the sandbox (its runner gets a run token bound to it)."""
-    sent = await call(client, "dispatch", mode="local", rationale="r", task_summary="t", sandbox_id=sandbox_id, prompt=prompt)
+    sent = await call(
+        client, "dispatch", mode="local", rationale="r", task_summary="t", sandbox_id=sandbox_id, prompt=prompt
+    )
     return sent["dispatch_id"]
 
 
@@ -218,7 +233,12 @@ async def test_dockyard_call_from_a_shell(client: Client) -> None:
     assert missing["exit_code"] == 1 and missing["stdout"] == "", missing
     assert "nosuchtool" in missing["stderr"]
 
-    for bad in ("dockyard-call", "dockyard-call whoami 'not json'", "dockyard-call whoami '[1]'", "dockyard-call a b c"):
+    for bad in (
+        "dockyard-call",
+        "dockyard-call whoami 'not json'",
+        "dockyard-call whoami '[1]'",
+        "dockyard-call a b c",
+    ):
         usage = await sh(client, sandbox_id, bad)
         assert usage["exit_code"] == 2 and "usage: dockyard-call" in usage["stderr"], (bad, usage)
 

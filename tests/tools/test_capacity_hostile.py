@@ -62,7 +62,9 @@ async def until_pool(client: Client, done: Any, timeout_s: float = 60) -> dict[s
 
 
 def send(client: Client, script: str, summary: str = "a job") -> Any:
-    return client.call_tool("dispatch", {"mode": "remote", "rationale": "a job of mine", "task_summary": summary, "prompt": script})
+    return client.call_tool(
+        "dispatch", {"mode": "remote", "rationale": "a job of mine", "task_summary": summary, "prompt": script}
+    )
 
 
 # -- a pool shared fairly -------------------------------------------------------------------
@@ -80,10 +82,14 @@ async def test_workspace_a_creating_all_it_can_still_leaves_workspace_b_a_sandbo
                 break
             held.append(result.structured_content["sandbox_id"])
         assert len(held) == 3 == (await pool(a))["workspace_share"], held  # its share of a pool of four
-        assert refusal is not None and "quota workspace_pool_share reached" in refusal and "share: 3 of max 4" in refusal, refusal
+        assert (
+            refusal is not None and "quota workspace_pool_share reached" in refusal and "share: 3 of max 4" in refusal
+        ), refusal
         with anyio.fail_after(30):
             theirs = await call(b, "sandbox_create")  # within the claim timeout of 3 s
-        assert (await call(b, "sandbox_exec", sandbox_id=theirs["sandbox_id"], command="echo mine"))["stdout"] == "mine\n"
+        assert (await call(b, "sandbox_exec", sandbox_id=theirs["sandbox_id"], command="echo mine"))[
+            "stdout"
+        ] == "mine\n"
     running = rows(served, Sandbox, Sandbox.status == "running")
     assert sorted(s.workspace_id for s in running) == ["a", "a", "a", "b"]
     refused = [e for e in rows(served, AuditEvent, AuditEvent.kind == "sandbox.create") if e.outcome != "ok"]
@@ -149,13 +155,21 @@ async def test_workspace_a_flooding_dispatches_past_its_rate_is_refused_naming_t
         accepted = [r.structured_content["dispatch_id"] for r in outcomes if not r.is_error]
         refusals = [r.content[0].text for r in outcomes if r.is_error]
         assert len(accepted) == 5 and len(refusals) == 3
-        assert all("quota dispatches_per_minute reached" in text and "the limit is 5" in text for text in refusals), refusals
-        theirs = [(await call(b, "dispatch", mode="remote", rationale="mine", task_summary="b", prompt=f"echo b-{n}"))["dispatch_id"]
-                  for n in range(5)]
+        assert all("quota dispatches_per_minute reached" in text and "the limit is 5" in text for text in refusals), (
+            refusals
+        )
+        theirs = [
+            (await call(b, "dispatch", mode="remote", rationale="mine", task_summary="b", prompt=f"echo b-{n}"))[
+                "dispatch_id"
+            ]
+            for n in range(5)
+        ]
         with anyio.fail_after(180):
             for client, ids in ((a, accepted), (b, theirs)):
                 for dispatch_id in ids:
-                    assert (await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=120))["status"] == "completed"
+                    assert (await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=120))[
+                        "status"
+                    ] == "completed"
     assert len(rows(served, Dispatch, Dispatch.workspace_id == "a")) == 5
     decisions = rows(served, DispatchDecision, DispatchDecision.workspace_id == "a")
     assert sorted(d.outcome for d in decisions) == ["accepted"] * 5 + ["refused"] * 3
@@ -186,7 +200,6 @@ async def test_racing_dispatches_from_three_sessions_of_workspace_a_cannot_overs
     assert len(rows(served, Dispatch, Dispatch.workspace_id == "a")) == 5
 
 
-
 # -- a run's limits over its whole tree -----------------------------------------------------
 
 # A member's script: dispatch children through the bridge with the member's own token, then
@@ -215,14 +228,17 @@ PY
 """
 
 
-async def test_a_member_limited_to_two_sandboxes_cannot_hold_more_by_fanning_out_child_dispatches(serve_http: Any) -> None:
+async def test_a_member_limited_to_two_sandboxes_cannot_hold_more_by_fanning_out_child_dispatches(
+    serve_http: Any,
+) -> None:
     served = serve_http(env={"POOL_MAX": "8", "DOCKYARD_QUOTAS__RUN_SANDBOXES": "2"})
     async with tenant(served, "a", [*WORK, "team:lead"]) as lead:
         team = (await call(lead, "team_create", name="fan"))["team_id"]
         member_id = (await call(lead, "team_spawn", team_id=team, role="orchestrator", prompt=FAN_OUT))["member_id"]
         with anyio.fail_after(240):
-            while (view := await call(lead, "team_tasks", team_id=team))["members"][0]["turns"] < 1 or \
-                    view["members"][0]["status"] != "idle":
+            while (view := await call(lead, "team_tasks", team_id=team))["members"][0]["turns"] < 1 or view["members"][
+                0
+            ]["status"] != "idle":
                 await anyio.sleep(0.3)
         member = view["members"][0]
         assert member["last_error"] is None, member["last_error"]
@@ -230,7 +246,9 @@ async def test_a_member_limited_to_two_sandboxes_cannot_hold_more_by_fanning_out
         completed = [c for c in children if c.get("status") == "completed"]
         refused = [c for c in children if c.get("status") == "failed"]
         assert completed and refused, children
-        assert all("quota run_sandboxes reached" in c["error"] and f"run '{member_id}'" in c["error"] for c in refused), refused
+        assert all(
+            "quota run_sandboxes reached" in c["error"] and f"run '{member_id}'" in c["error"] for c in refused
+        ), refused
         await call(lead, "team_shutdown", team_id=team)
     child_ids = {d.id for d in rows(served, Dispatch, Dispatch.run_id == member_id)}
     assert len(child_ids) == 4

@@ -109,7 +109,9 @@ async def serve_app(client: Client) -> tuple[str, str]:
 
 
 @asynccontextmanager
-async def computer_server(tmp_path: Path, docker_client: docker.DockerClient, **overrides: Any) -> AsyncIterator[tuple[Client, Settings]]:
+async def computer_server(
+    tmp_path: Path, docker_client: docker.DockerClient, **overrides: Any
+) -> AsyncIterator[tuple[Client, Settings]]:
     settings = make_settings(tmp_path / "data", computer_pool={"min": 1, "max": 4}, **overrides)
     try:
         async with Client(build_server(settings)) as client:
@@ -150,7 +152,14 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
         assert width == 1280 and height >= 200
 
         await call(client, "sandbox_write_file", sandbox_id=sid, path="notes/report.txt", content="all green")
-        await call(client, "computer_upload", computer_id=cid, ref=ref(page, "button", "Attachment"), sandbox_id=sid, path="notes/report.txt")
+        await call(
+            client,
+            "computer_upload",
+            computer_id=cid,
+            ref=ref(page, "button", "Attachment"),
+            sandbox_id=sid,
+            path="notes/report.txt",
+        )
         await call(client, "computer_wait_for", computer_id=cid, text="attached report.txt: all green")
         await call(client, "computer_press", computer_id=cid, key="Tab")
         await call(client, "computer_scroll", computer_id=cid, dy=300)
@@ -159,9 +168,19 @@ async def test_a_computer_opens_a_preview_fills_the_form_clicks_and_shows_the_ne
 
     audit = [a for a in rows(settings, AuditEvent) if a.kind.startswith("computer.")]
     kinds = [a.kind for a in audit]
-    for kind in ("computer.create", "computer.navigate", "computer.snapshot", "computer.type", "computer.click",
-                 "computer.upload", "computer.wait_for", "computer.screenshot", "computer.press", "computer.scroll",
-                 "computer.destroy"):
+    for kind in (
+        "computer.create",
+        "computer.navigate",
+        "computer.snapshot",
+        "computer.type",
+        "computer.click",
+        "computer.upload",
+        "computer.wait_for",
+        "computer.screenshot",
+        "computer.press",
+        "computer.scroll",
+        "computer.destroy",
+    ):
         assert kind in kinds, kind
     typed = [json.loads(a.detail)["text"] for a in audit if a.kind == "computer.type"]
     assert typed == ["Ada", "••••••"]  # the password never reaches the log
@@ -178,7 +197,9 @@ async def test_parallel_computers_keep_separate_cookies_and_a_new_one_starts_cle
         async def greet(cid: str, name: str) -> None:
             await call(client, "computer_navigate", computer_id=cid, url=url)
             page = (await call(client, "computer_snapshot", computer_id=cid))["snapshot"]
-            await call(client, "computer_type", computer_id=cid, ref=ref(page, "textbox", "Name"), text=name, submit=True)
+            await call(
+                client, "computer_type", computer_id=cid, ref=ref(page, "textbox", "Name"), text=name, submit=True
+            )
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(greet, first, "first")
@@ -222,9 +243,14 @@ async def test_a_computer_reaches_only_its_workspaces_previews(
             own = await engine.sandboxes.create(mine)
             other = await engine.sandboxes.create(theirs)
             for sandbox in (own, other):
-                await engine.sandboxes.write_file(mine if sandbox is own else theirs, sandbox.sandbox_id, "index.html", APP, "utf-8")
-                await engine.sandboxes.exec(mine if sandbox is own else theirs, sandbox.sandbox_id,
-                                            "(nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &)")
+                await engine.sandboxes.write_file(
+                    mine if sandbox is own else theirs, sandbox.sandbox_id, "index.html", APP, "utf-8"
+                )
+                await engine.sandboxes.exec(
+                    mine if sandbox is own else theirs,
+                    sandbox.sandbox_id,
+                    "(nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &)",
+                )
             own_url = (await engine.sandboxes.expose_port(mine, own.sandbox_id, 8000)).url
             other_url = (await engine.sandboxes.expose_port(theirs, other.sandbox_id, 8000)).url
             await anyio.sleep(1)
@@ -247,7 +273,9 @@ async def test_a_computer_reaches_only_its_workspaces_previews(
             # A page of the workspace's own preview cannot reach past it either: its requests to
             # this machine's service and to another workspace's preview are refused in flight.
             for target in (f"http://127.0.0.1:{host_port}/", other_url):
-                await engine.computers.navigate(mine, computer, f"{own_url}&probe={target}")  # own_url has a query: its key
+                await engine.computers.navigate(
+                    mine, computer, f"{own_url}&probe={target}"
+                )  # own_url has a query: its key
                 await engine.computers.wait_for(mine, computer, "blocked", 10)
             assert hits == []
             # Another workspace cannot drive this computer at all.
@@ -259,7 +287,9 @@ async def test_a_computer_reaches_only_its_workspaces_previews(
         remove_instance(docker_client, settings)
 
 
-async def test_bad_computer_requests_get_clear_errors(tmp_path: Path, computer_image: str, docker_client: docker.DockerClient) -> None:
+async def test_bad_computer_requests_get_clear_errors(
+    tmp_path: Path, computer_image: str, docker_client: docker.DockerClient
+) -> None:
     async with computer_server(tmp_path, docker_client, quotas={"workspace_computers": 1}) as (client, _settings):
         sid, url = await serve_app(client)
         assert "unknown computer" in await call_error(client, "computer_snapshot", computer_id="cmp_nope")
@@ -272,8 +302,12 @@ async def test_bad_computer_requests_get_clear_errors(tmp_path: Path, computer_i
         paint = ref(page, "button", "Paint it red")
         await call(client, "computer_navigate", computer_id=cid, url="about:blank")
         assert "not on the page any more" in await call_error(client, "computer_click", computer_id=cid, ref=paint)
-        assert "is not an element ref" in await call_error(client, "computer_click", computer_id=cid, ref="button#paint")
+        assert "is not an element ref" in await call_error(
+            client, "computer_click", computer_id=cid, ref="button#paint"
+        )
         closed = (await call(client, "sandbox_expose_port", sandbox_id=sid, port=9))["url"]  # nothing listens there
         assert "could not load" in await call_error(client, "computer_navigate", computer_id=cid, url=closed)
         assert "could not press" in await call_error(client, "computer_press", computer_id=cid, key="NoSuchKey")
-        assert "did not show" in await call_error(client, "computer_wait_for", computer_id=cid, text="never there", timeout_s=1)
+        assert "did not show" in await call_error(
+            client, "computer_wait_for", computer_id=cid, text="never there", timeout_s=1
+        )

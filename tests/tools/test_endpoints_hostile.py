@@ -66,7 +66,9 @@ def exchange(port: int, data: bytes, *, timeout_s: float = 5.0, keep_open: bool 
 
 
 def get(port: int, target: str, *headers: str) -> bytes:
-    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n" + "".join(f"{h}\r\n" for h in headers)
+    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n" + "".join(
+        f"{h}\r\n" for h in headers
+    )
     return exchange(port, (head + "\r\n").encode(), keep_open=True)
 
 
@@ -89,7 +91,9 @@ async def serve_page(client: Client) -> tuple[str, str]:
     return sid, url
 
 
-async def test_a_preview_answers_its_link_its_cookie_and_its_bearer_token_and_refuses_anyone_else(client: Client) -> None:
+async def test_a_preview_answers_its_link_its_cookie_and_its_bearer_token_and_refuses_anyone_else(
+    client: Client,
+) -> None:
     _, url = await serve_page(client)
     port, key = split_url(url)
     target = urllib.parse.urlsplit(url)
@@ -97,8 +101,14 @@ async def test_a_preview_answers_its_link_its_cookie_and_its_bearer_token_and_re
 
     refused = {
         "no key": (await anyio.to_thread.run_sync(get, port, "/"), b"401"),
-        "wrong cookie": (await anyio.to_thread.run_sync(get, port, "/", f"Cookie: dockyard_preview_{port}=guess"), b"403"),
-        "another preview's cookie": (await anyio.to_thread.run_sync(get, port, "/", f"Cookie: dockyard_preview_{port + 1}={key}"), b"401"),
+        "wrong cookie": (
+            await anyio.to_thread.run_sync(get, port, "/", f"Cookie: dockyard_preview_{port}=guess"),
+            b"403",
+        ),
+        "another preview's cookie": (
+            await anyio.to_thread.run_sync(get, port, "/", f"Cookie: dockyard_preview_{port + 1}={key}"),
+            b"401",
+        ),
         "wrong bearer": (await anyio.to_thread.run_sync(get, port, "/", "Authorization: Bearer guess"), b"403"),
         "wrong link": (await anyio.to_thread.run_sync(get, port, "/?dockyard_key=guess"), b"403"),
         "key in another field": (await anyio.to_thread.run_sync(get, port, "/", f"X-Key: {key}"), b"401"),
@@ -111,7 +121,11 @@ async def test_a_preview_answers_its_link_its_cookie_and_its_bearer_token_and_re
     assert head.startswith("HTTP/1.1 303"), redirect[:300]
     assert "\r\nLocation: /\r\n" in head  # the same URL, without the key
     cookie = next(line for line in head.split("\r\n") if line.startswith("Set-Cookie: "))
-    assert cookie.startswith(f"Set-Cookie: dockyard_preview_{port}={key};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert (
+        cookie.startswith(f"Set-Cookie: dockyard_preview_{port}={key};")
+        and "HttpOnly" in cookie
+        and "SameSite=Strict" in cookie
+    )
     assert b"balance" not in redirect
 
     given = cookie.removeprefix("Set-Cookie: ").split(";")[0]
@@ -136,9 +150,13 @@ async def test_garbage_or_silence_on_a_preview_port_reaches_nothing_and_the_list
     garbage = await anyio.to_thread.run_sync(lambda: exchange(port, b"\x16\x03\x01\x02\x00\x01\xff garbage\r\n\r\n"))
     assert garbage.startswith(b"HTTP/1.1 400")
     silent = await anyio.to_thread.run_sync(lambda: exchange(port, b"", keep_open=True, timeout_s=20))
-    endless = await anyio.to_thread.run_sync(lambda: exchange(port, b"GET / HTTP/1.1\r\nX: " + b"a" * 40_000, keep_open=True, timeout_s=20))
+    endless = await anyio.to_thread.run_sync(
+        lambda: exchange(port, b"GET / HTTP/1.1\r\nX: " + b"a" * 40_000, keep_open=True, timeout_s=20)
+    )
     assert b"101" not in silent + endless
-    anonymous = await anyio.to_thread.run_sync(lambda: exchange(port, b"GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\nhello"))
+    anonymous = await anyio.to_thread.run_sync(
+        lambda: exchange(port, b"GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\nhello")
+    )
     assert anonymous.startswith(b"HTTP/1.1 401")
     assert time.monotonic() - started < 40, "a client that sends nothing must be dropped within bounds"
 
@@ -154,7 +172,9 @@ async def test_garbage_or_silence_on_a_preview_port_reaches_nothing_and_the_list
     upgraded, *echoes = await anyio.to_thread.run_sync(talk)
     assert upgraded.startswith(b"HTTP/1.1 101") and echoes == [b"PING", b"AGAIN"]
     seen = (await call(client, "sandbox_read_file", sandbox_id=sid, path="seen.log"))["content"]
-    assert seen.startswith("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n") and seen.endswith("pingagain"), seen[:300]
+    assert seen.startswith("GET /chat HTTP/1.1\r\nUpgrade: websocket\r\n\r\n") and seen.endswith("pingagain"), seen[
+        :300
+    ]
     assert "garbage" not in seen and "hello" not in seen and "aaaa" not in seen and key not in seen
 
 
@@ -181,7 +201,7 @@ def listening_ports(pid: int) -> set[int]:
             except OSError:
                 continue  # closed meanwhile (the listing's own fd among them)
             if link.startswith("socket:["):
-                inodes.add(link[len("socket:["):-1])
+                inodes.add(link[len("socket:[") : -1])
     ports = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -243,16 +263,31 @@ async def test_user_nobody_cannot_read_a_preview_nor_list_or_drive_a_computers_b
 
         ports = listening_ports(os.getpid())
         assert preview_port in ports and len(ports) >= 2, ports  # the preview and the computer's relay at least
-        probe = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", PROBE, json.dumps(sorted(ports))]
-        done = await anyio.to_thread.run_sync(lambda: subprocess.run(probe, capture_output=True, text=True, timeout=120, check=False))
+        probe = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            PROBE,
+            json.dumps(sorted(ports)),
+        ]
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(probe, capture_output=True, text=True, timeout=120, check=False)
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report.pop("uid") != os.getuid()
         telling = ("Ledger of A", "balance", "webSocketDebuggerUrl", "targetInfos", '"type": "page"')
-        leaks = [(port, answer.split("\r\n")[0][:40], [word for word in telling if word in answer])
-                 for port, answers in report.items() for answer in answers
-                 if any(word in answer for word in telling) or answer.startswith("HTTP/1.1 101")
-                 or not answer.startswith(("HTTP/1.1 401", "HTTP/1.1 403", "HTTP/1.1 400", "error:"))]
+        leaks = [
+            (port, answer.split("\r\n")[0][:40], [word for word in telling if word in answer])
+            for port, answers in report.items()
+            for answer in answers
+            if any(word in answer for word in telling)
+            or answer.startswith("HTTP/1.1 101")
+            or not answer.startswith(("HTTP/1.1 401", "HTTP/1.1 403", "HTTP/1.1 400", "error:"))
+        ]
         assert leaks == [], leaks
 
         # The owner's computer is untouched and still reads its page.
@@ -268,7 +303,9 @@ async def test_a_computer_opens_and_screenshots_a_preview_that_refuses_everyone_
         assert (await anyio.to_thread.run_sync(get, port, "/")).startswith(b"HTTP/1.1 401")
         cid = (await call(client, "computer_create"))["computer_id"]
         opened = await call(client, "computer_navigate", computer_id=cid, url=url)
-        assert opened["title"] == "Greeter" and opened["url"] == f"http://127.0.0.1:{port}/"  # the key never in the page's address
+        assert (
+            opened["title"] == "Greeter" and opened["url"] == f"http://127.0.0.1:{port}/"
+        )  # the key never in the page's address
         page = (await call(client, "computer_snapshot", computer_id=cid))["snapshot"]
         await call(client, "computer_click", computer_id=cid, ref=ref(page, "button", "Paint it red"))
         assert 'heading "Painted"' in (await call(client, "computer_snapshot", computer_id=cid))["snapshot"]

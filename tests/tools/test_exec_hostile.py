@@ -44,7 +44,7 @@ DETACHED = {
         "os.setsid()\n"
         "if os.fork(): os._exit(0)\n"
         "os.setpgid(0, 0)\n"
-        "os.execve(\"/bin/sleep\", [\"sleep\", \"614\"], {})'; sleep 300"
+        'os.execve("/bin/sleep", ["sleep", "614"], {})\'; sleep 300'
     ),
 }
 
@@ -68,7 +68,7 @@ async def test_a_detached_writer_stops_writing_when_its_command_times_out(client
         "os.setsid()\n"
         "while True:\n"
         "    if os.fork(): os._exit(0)\n"
-        "    open(\"/workspace/marker\", \"a\").write(\"x\")\n"
+        '    open("/workspace/marker", "a").write("x")\n'
         "    time.sleep(0.05)'; sleep 300"
     )
     with anyio.fail_after(60):
@@ -85,7 +85,9 @@ async def test_a_cancelled_command_cannot_leave_a_detached_process_behind(client
     """The client gives up on the call: the supervisor kills the command as at a timeout."""
     sandbox_id = await create(client)
     with anyio.move_on_after(2) as waited:
-        await client.call_tool("sandbox_exec", {"sandbox_id": sandbox_id, "command": DETACHED["double_fork"], "timeout_s": 300})
+        await client.call_tool(
+            "sandbox_exec", {"sandbox_id": sandbox_id, "command": DETACHED["double_fork"], "timeout_s": 300}
+        )
     assert waited.cancelled_caught
     with anyio.fail_after(30):
         while await survivors(client, sandbox_id, "sleep 611") or await survivors(client, sandbox_id, "sleep 300"):
@@ -95,7 +97,9 @@ async def test_a_cancelled_command_cannot_leave_a_detached_process_behind(client
 async def test_a_command_that_ends_by_itself_may_still_leave_a_server_running(client: Client) -> None:
     """The kill is for timeouts and cancels only: `nohup server &` outlives its command."""
     sandbox_id = await create(client)
-    result = await sh(client, sandbox_id, "(env -i setsid nohup sleep 615 > /dev/null 2>&1 &); nohup sleep 616 > /dev/null 2>&1 &")
+    result = await sh(
+        client, sandbox_id, "(env -i setsid nohup sleep 615 > /dev/null 2>&1 &); nohup sleep 616 > /dev/null 2>&1 &"
+    )
     assert result["exit_code"] == 0 and not result["timed_out"]
     assert len(await survivors(client, sandbox_id, "sleep 61")) == 2
 

@@ -133,7 +133,11 @@ async def test_files_with_names_that_are_not_utf8_or_hold_newlines_are_listed_es
     client: Client,
 ) -> None:
     sandbox_id = await create(client)
-    await sh(client, sandbox_id, "touch \"$(printf 'caf\\351')\" \"$(printf 'two\\nlines')\" plain && mkdir \"$(printf 'd\\377')\" && touch \"$(printf 'd\\377')/inner\"")
+    await sh(
+        client,
+        sandbox_id,
+        "touch \"$(printf 'caf\\351')\" \"$(printf 'two\\nlines')\" plain && mkdir \"$(printf 'd\\377')\" && touch \"$(printf 'd\\377')/inner\"",
+    )
     listing = await call(client, "sandbox_list_files", sandbox_id=sandbox_id, recursive=True)
     seen = {entry["path"]: entry["is_addressable"] for entry in listing["entries"]}
     assert seen == {"caf\\xe9": False, "two\\x0alines": False, "plain": True, "d\\xff": False, "d\\xff/inner": False}

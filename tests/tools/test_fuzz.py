@@ -45,8 +45,20 @@ ODD_FILES = (
 )
 
 
-GHOSTS = ["sbx_0000000000000000", "dsp_0000000000000000", "team_0000000000000000", "snp_0000000000000000",
-          "tok_0000000000000000", "cmp_0000000000000000", "task_0000000000000000", "worker", "lead", "m1", "agent", "root"]
+GHOSTS = [
+    "sbx_0000000000000000",
+    "dsp_0000000000000000",
+    "team_0000000000000000",
+    "snp_0000000000000000",
+    "tok_0000000000000000",
+    "cmp_0000000000000000",
+    "task_0000000000000000",
+    "worker",
+    "lead",
+    "m1",
+    "agent",
+    "root",
+]
 _LIVE = ("sandbox", "snapshot", "token", "dispatch", "team", "task", "member", "role")
 _GONE = 12
 
@@ -64,8 +76,17 @@ class World:
 
     def ids(self) -> Ids:
         """The same number of ids for every case (hypothesis replays choices by position)."""
-        fields = {"sandbox_id": "sandbox", "team_id": "team", "dispatch_id": "dispatch", "token_id": "token",
-                  "task_id": "task", "from_snapshot": "snapshot", "member": "role", "to": "role", "role": "role"}
+        fields = {
+            "sandbox_id": "sandbox",
+            "team_id": "team",
+            "dispatch_id": "dispatch",
+            "token_id": "token",
+            "task_id": "task",
+            "from_snapshot": "snapshot",
+            "member": "role",
+            "to": "role",
+            "role": "role",
+        }
         live = {name: self.live[key] for name, key in fields.items()}
         gone = (self.dead[-_GONE:] + GHOSTS)[:_GONE]
         return Ids(live, [self.live[key] for key in _LIVE] + gone + GHOSTS)
@@ -117,8 +138,11 @@ class World:
     async def settle(self, tool: str, ok: bool, answer: Any) -> None:
         """Undo what a case created, and bring back the live objects a case ended."""
         if ok and isinstance(answer, dict):
-            made = {"sandbox_create": ("sandbox_destroy", "sandbox_id"), "dispatch": ("cancel_dispatch", "dispatch_id"),
-                    "team_create": ("team_cleanup", "team_id")}.get(tool)
+            made = {
+                "sandbox_create": ("sandbox_destroy", "sandbox_id"),
+                "dispatch": ("cancel_dispatch", "dispatch_id"),
+                "team_create": ("team_cleanup", "team_id"),
+            }.get(tool)
             if made is not None and answer.get(made[1]) not in self.live.values():
                 await self.call(made[0], {made[1]: answer[made[1]]})
                 self.dead.append(answer[made[1]])
@@ -133,7 +157,11 @@ class World:
             self.dead.append(self.live["dispatch"])
             await self.dispatch()
         ok, view = await self.call("team_tasks", {"team_id": self.live["team"]})
-        if not ok or view["team"]["status"] != "active" or {m["status"] for m in view["members"]} & {"stopped", "failed"}:
+        if (
+            not ok
+            or view["team"]["status"] != "active"
+            or {m["status"] for m in view["members"]} & {"stopped", "failed"}
+        ):
             self.dead.append(self.live["team"])
             await self.call("team_cleanup", {"team_id": self.live["team"]})
             await self.team()
@@ -148,13 +176,18 @@ def is_internal(tool: str, message: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[World]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, sandbox_image: str, docker_client: docker.DockerClient
+) -> Iterator[World]:
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     fuzz_settings = make_settings(
         data_dir,
         sandbox={"exec_default_timeout_s": 5},
         pool={"claim_timeout_s": 5.0},
-        templates={"default": {"pool": {"min": 2, "max": 8}}, "computer": {"kind": "computer", "image": "no-browser-in-fuzz"}},
+        templates={
+            "default": {"pool": {"min": 2, "max": 8}},
+            "computer": {"kind": "computer", "image": "no-browser-in-fuzz"},
+        },
     )
     try:
         with start_blocking_portal() as portal:
@@ -210,9 +243,13 @@ async def _nothing_left_but_the_pool(world: World, docker_client: docker.DockerC
         pools = (await world.must("pool_status"))["pools"]
         held = sum(p["warm"] + p["provisioning"] + p["draining"] + p["claimed"] for p in pools)
         claimed = sum(p["claimed"] for p in pools)
-        containers = docker_client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance}"})
+        containers = docker_client.containers.list(
+            all=True, sparse=True, filters={"label": f"dockyard.instance={instance}"}
+        )
         if claimed == 0 and len(containers) <= held:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"containers left after the fuzz: {len(containers)} for a pool holding {held} ({claimed} claimed)")
+            pytest.fail(
+                f"containers left after the fuzz: {len(containers)} for a pool holding {held} ({claimed} claimed)"
+            )
         await anyio.sleep(1)

@@ -240,7 +240,7 @@ async def test_detached_fork_bomb_is_contained_and_its_sandbox_can_be_ended(clie
     "command",
     [
         'python3 -c "b = bytearray(4 * 1024**3)"',
-        "python3 -c \"l = []\nwhile True: l.append(bytearray(8 * 1024**2))\"",
+        'python3 -c "l = []\nwhile True: l.append(bytearray(8 * 1024**2))"',
     ],
 )
 async def test_memory_bomb_fails_alone_and_the_sandbox_survives(

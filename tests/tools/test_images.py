@@ -25,9 +25,7 @@ async def test_create_reports_a_build_in_progress_then_succeeds_once_built(
     recipe = f"slow-{secrets.token_hex(3)}"
     folder = tmp_path / "recipes" / recipe
     folder.mkdir(parents=True)
-    (folder / "Dockerfile").write_text(
-        f"ARG BASE_IMAGE\nFROM {sandbox_image}\nRUN echo building && sleep 6\n"
-    )
+    (folder / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM {sandbox_image}\nRUN echo building && sleep 6\n")
     settings = make_settings(
         tmp_path / "data",
         images={"recipes_dir": str(tmp_path / "recipes"), "wait_s": 2, "build_on_start": False},
@@ -62,14 +60,18 @@ async def test_create_reports_a_build_in_progress_then_succeeds_once_built(
             pass
 
 
-async def test_wheels_a_recipe_lists_that_cannot_be_downloaded_fail_its_build_clearly(tmp_path: Path, sandbox_image: str) -> None:
+async def test_wheels_a_recipe_lists_that_cannot_be_downloaded_fail_its_build_clearly(
+    tmp_path: Path, sandbox_image: str
+) -> None:
     recipe = f"wheels-{secrets.token_hex(3)}"
     folder = tmp_path / "recipes" / recipe
     folder.mkdir(parents=True)
     (folder / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM {sandbox_image}\nCOPY wheels /wheels\n")
     # No index to look in: pip fails at once, here, without reaching the network or Docker's builder.
     (folder / "wheels.txt").write_text("--no-index\ndockyard-no-such-package==1.0\n")
-    settings = make_settings(tmp_path / "data", images={"recipes_dir": str(tmp_path / "recipes"), "build_on_start": False})
+    settings = make_settings(
+        tmp_path / "data", images={"recipes_dir": str(tmp_path / "recipes"), "build_on_start": False}
+    )
     docker_backend = DockerBackend(settings.docker_host, settings.docker_timeout_s)
     images = ImageService(settings.images, docker_backend, tmp_path / "build")
     try:

@@ -58,7 +58,10 @@ def running_sandboxes(settings: Settings) -> list[Sandbox]:
 async def test_twenty_creates_on_a_pool_of_max_four_are_all_served_once_and_in_order(serve) -> None:
     """One workspace may fill this pool (workspace_pool_share 1): the queue alone decides the order."""
     quotas = {"workspace_pool_share": 1.0}
-    async with serve(default_pool={"min": 2, "max": 4}, pool={"claim_timeout_s": 120}, quotas=quotas) as (client, settings):
+    async with serve(default_pool={"min": 2, "max": 4}, pool={"claim_timeout_s": 120}, quotas=quotas) as (
+        client,
+        settings,
+    ):
         await until(client, lambda p: p["warm"] == 2 and p["provisioning"] == 0)
         served: list[tuple[int, str]] = []
 
@@ -83,7 +86,9 @@ async def test_twenty_creates_on_a_pool_of_max_four_are_all_served_once_and_in_o
                         await anyio.sleep(0.02)
                 held.append(served[-1][1])
                 info = await pool(client)
-                assert info["warm"] + info["claimed"] + info["provisioning"] + info["draining"] + info["destroying"] <= 4, info
+                assert (
+                    info["warm"] + info["claimed"] + info["provisioning"] + info["draining"] + info["destroying"] <= 4
+                ), info
                 assert info["queue_depth"] == 15 - step, info
                 runtimes = [s.runtime_id for s in running_sandboxes(settings)]
                 assert len(runtimes) == len(set(runtimes)) == 4, runtimes  # no runtime held twice

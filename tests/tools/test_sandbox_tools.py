@@ -28,7 +28,9 @@ def audit_rows(settings: Settings) -> list[AuditEvent]:
 async def test_hello_world_round_trip_through_snapshot_is_fully_audited(client: Client, settings: Settings) -> None:
     """The foundation's promise end to end: write, run, snapshot, restore, destroy."""
     first = (await call(client, "sandbox_create"))["sandbox_id"]
-    await call(client, "sandbox_write_file", sandbox_id=first, path="hello.py", content="print('hello from dockyard')\n")
+    await call(
+        client, "sandbox_write_file", sandbox_id=first, path="hello.py", content="print('hello from dockyard')\n"
+    )
     ran = await sh(client, first, "python3 hello.py")
     assert (ran["exit_code"], ran["stdout"]) == (0, "hello from dockyard\n")
     snapshot = await call(client, "sandbox_snapshot", sandbox_id=first, label="after hello")
@@ -58,7 +60,12 @@ async def test_hello_world_round_trip_through_snapshot_is_fully_audited(client: 
 async def test_exec_reports_exit_code_stderr_stdin_cwd_and_env(client: Client) -> None:
     sid = (await call(client, "sandbox_create", env={"GREETING": "hi"}))["sandbox_id"]
     failed = await sh(client, sid, "echo out; echo err >&2; exit 7")
-    assert (failed["exit_code"], failed["stdout"], failed["stderr"], failed["timed_out"]) == (7, "out\n", "err\n", False)
+    assert (failed["exit_code"], failed["stdout"], failed["stderr"], failed["timed_out"]) == (
+        7,
+        "out\n",
+        "err\n",
+        False,
+    )
     assert (await sh(client, sid, "tr a-z A-Z", stdin="shout"))["stdout"] == "SHOUT"
     await sh(client, sid, "mkdir -p sub/dir")
     assert (await sh(client, sid, "pwd", cwd="sub/dir"))["stdout"] == "/workspace/sub/dir\n"
@@ -74,7 +81,9 @@ async def test_exec_streams_output_as_progress_notifications_while_running(clien
         seen.append((progress, message))
 
     command = "for i in 1 2 3; do echo line$i; sleep 0.4; done"
-    result = await client.call_tool("sandbox_exec", {"sandbox_id": sid, "command": command}, progress_callback=on_progress)
+    result = await client.call_tool(
+        "sandbox_exec", {"sandbox_id": sid, "command": command}, progress_callback=on_progress
+    )
     assert not result.is_error
     streamed = "".join(message or "" for _, message in seen)
     assert "line1" in streamed and "line3" in streamed
@@ -87,7 +96,14 @@ async def test_files_round_trip_text_and_binary_and_list_with_types(client: Clie
     written = await call(client, "sandbox_write_file", sandbox_id=sid, path="/workspace/src/app.txt", content="héllo")
     assert written == {"path": "src/app.txt", "size": len("héllo".encode())}
     blob = bytes(range(256))
-    await call(client, "sandbox_write_file", sandbox_id=sid, path="data.bin", content=base64.b64encode(blob).decode(), encoding="base64")
+    await call(
+        client,
+        "sandbox_write_file",
+        sandbox_id=sid,
+        path="data.bin",
+        content=base64.b64encode(blob).decode(),
+        encoding="base64",
+    )
 
     text = await call(client, "sandbox_read_file", sandbox_id=sid, path="src/app.txt")
     assert (text["content"], text["encoding"], text["truncated"]) == ("héllo", "utf-8", False)
@@ -166,7 +182,9 @@ async def test_destroy_ends_the_sandbox_and_its_runtime_goes_back_wiped_or_is_re
         assert leftover.output == b""
 
 
-async def test_bad_create_arguments_are_refused_and_leave_no_container(client: Client, settings: Settings, docker_client) -> None:
+async def test_bad_create_arguments_are_refused_and_leave_no_container(
+    client: Client, settings: Settings, docker_client
+) -> None:
     assert "unknown template 'gpu'; allowed: default" in await call_error(client, "sandbox_create", template="gpu")
     internet = await call_error(client, "sandbox_create", network="internet")
     assert "internet" in internet and "allowed: none, workspace" in internet
@@ -177,7 +195,9 @@ async def test_bad_create_arguments_are_refused_and_leave_no_container(client: C
     assert (await call(client, "sandbox_list"))["sandboxes"] == []
     # The only containers left are the pool's unclaimed ones: no refusal took a runtime.
     # sparse: the pool may remove one of these between listing and inspecting
-    mine = docker_client.containers.list(all=True, sparse=True, filters={"label": f"dockyard.instance={instance_id(settings)}"})
+    mine = docker_client.containers.list(
+        all=True, sparse=True, filters={"label": f"dockyard.instance={instance_id(settings)}"}
+    )
     states = [runtime_row(settings, c.attrs["Labels"]["dockyard.runtime"]).state for c in mine]
     assert "claimed" not in states and "draining" not in states, states
     refused = [row for row in audit_rows(settings) if row.kind == "sandbox.create"]

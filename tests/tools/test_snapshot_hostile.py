@@ -27,7 +27,9 @@ MIB = 1 << 20
 
 @pytest.fixture
 def watched(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Settings]:
-    settings = make_settings(tmp_path / "data", pool={"health_interval_s": 0.2}, sandbox={"snapshot_max_bytes": 64 * MIB})
+    settings = make_settings(
+        tmp_path / "data", pool={"health_interval_s": 0.2}, sandbox={"snapshot_max_bytes": 64 * MIB}
+    )
     yield settings
     remove_instance(docker_client, settings)
 
@@ -39,7 +41,12 @@ async def client(watched: Settings) -> AsyncIterator[Client]:
 
 
 async def fill(client: Client, sandbox_id: str, mib: int) -> None:
-    ran = await sh(client, sandbox_id, f"head -c {mib}M /dev/urandom > /workspace/big.bin && echo kept > /workspace/marker", timeout_s=120)
+    ran = await sh(
+        client,
+        sandbox_id,
+        f"head -c {mib}M /dev/urandom > /workspace/big.bin && echo kept > /workspace/marker",
+        timeout_s=120,
+    )
     assert ran["exit_code"] == 0, ran
 
 
@@ -47,7 +54,9 @@ def snapshot_folders(settings: Settings) -> list[str]:
     return sorted(p.name for p in settings.snapshots_dir.glob("snp_*")) if settings.snapshots_dir.is_dir() else []
 
 
-async def test_a_snapshot_of_a_large_workspace_succeeds_and_the_sandbox_runs_on(client: Client, watched: Settings) -> None:
+async def test_a_snapshot_of_a_large_workspace_succeeds_and_the_sandbox_runs_on(
+    client: Client, watched: Settings
+) -> None:
     """The pause a snapshot needs is dockyard's own: the health loop must not call it a stop."""
     sandbox_id = (await call(client, "sandbox_create"))["sandbox_id"]
     await fill(client, sandbox_id, 60)
@@ -57,7 +66,9 @@ async def test_a_snapshot_of_a_large_workspace_succeeds_and_the_sandbox_runs_on(
     assert (await sh(client, sandbox_id, "cat /workspace/marker"))["stdout"] == "kept\n"
     assert sandbox_row(watched, sandbox_id).status == "running"
     restored = (await call(client, "sandbox_create", from_snapshot=snap["snapshot_id"]))["sandbox_id"]
-    assert (await sh(client, restored, "cat /workspace/marker; stat -c %s /workspace/big.bin"))["stdout"] == f"kept\n{60 * MIB}\n"
+    assert (await sh(client, restored, "cat /workspace/marker; stat -c %s /workspace/big.bin"))[
+        "stdout"
+    ] == f"kept\n{60 * MIB}\n"
 
 
 async def test_a_snapshot_over_its_size_limit_fails_clearly_leaves_no_file_and_the_sandbox_runs_on(
@@ -134,13 +145,19 @@ async def test_a_kill_from_outside_marks_the_sandbox_lost_with_a_clear_message(
 
 @pytest.fixture
 def quota_settings(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Settings]:
-    settings = make_settings(tmp_path / "data", quotas={"workspace_snapshot_mb": 24}, sandbox={"snapshot_max_bytes": 64 * MIB})
+    settings = make_settings(
+        tmp_path / "data", quotas={"workspace_snapshot_mb": 24}, sandbox={"snapshot_max_bytes": 64 * MIB}
+    )
     yield settings
     remove_instance(docker_client, settings)
 
 
 def snapshot_bytes(settings: Settings) -> int:
-    return sum(f.stat().st_size for f in settings.snapshots_dir.rglob("*") if f.is_file()) if settings.snapshots_dir.is_dir() else 0
+    return (
+        sum(f.stat().st_size for f in settings.snapshots_dir.rglob("*") if f.is_file())
+        if settings.snapshots_dir.is_dir()
+        else 0
+    )
 
 
 async def test_snapshots_past_the_workspace_quota_stop_leave_nothing_and_deleting_one_gives_its_room_back(

@@ -77,7 +77,9 @@ def claimed(settings: Settings) -> int:
         pytest.param(lambda: [entry("../../run/dockyard-sup/control/pwned", data=b"x")], "'..'", id="dot-dot"),
         pytest.param(lambda: [entry(f"/{CONTROL_MOUNT.strip('/')}/pwned", data=b"x")], "absolute name", id="absolute"),
         pytest.param(lambda: [entry("pwned", tarfile.LNKTYPE, linkname="etc/shadow")], "hard link", id="hard-link-out"),
-        pytest.param(lambda: [entry("pwned", tarfile.CHRTYPE, devmajor=1, devminor=3)], "special file", id="device-node"),
+        pytest.param(
+            lambda: [entry("pwned", tarfile.CHRTYPE, devmajor=1, devminor=3)], "special file", id="device-node"
+        ),
     ],
 )
 async def test_a_tampered_snapshot_is_refused_before_anything_is_claimed_and_writes_nothing(
@@ -104,7 +106,9 @@ async def test_a_snapshot_cannot_restore_root_owned_or_setuid_files(client: Clie
         entry("member", data=b"m", uid=1003, gid=0),
     )
     sandbox_id = (await call(client, "sandbox_create", from_snapshot=snapshot_id))["sandbox_id"]
-    listed = await sh(client, sandbox_id, "cd /workspace && stat -c '%n %u %g %a' marker suid rootdir rootdir/inside member")
+    listed = await sh(
+        client, sandbox_id, "cd /workspace && stat -c '%n %u %g %a' marker suid rootdir rootdir/inside member"
+    )
     assert listed["stdout"].splitlines() == [
         "marker 1000 1000 664",  # written with the sandbox's umask 002
         "suid 1000 1000 755",
@@ -112,4 +116,6 @@ async def test_a_snapshot_cannot_restore_root_owned_or_setuid_files(client: Clie
         "rootdir/inside 1000 1000 644",
         "member 1003 1000 644",
     ]
-    assert (await sh(client, sandbox_id, "cat /workspace/marker && rm -r /workspace/rootdir && echo gone"))["stdout"] == "kept\ngone\n"
+    assert (await sh(client, sandbox_id, "cat /workspace/marker && rm -r /workspace/rootdir && echo gone"))[
+        "stdout"
+    ] == "kept\ngone\n"

@@ -51,7 +51,9 @@ def say(text: str) -> Turn:
 
 
 @asynccontextmanager
-async def team_server(tmp_path: Path, docker_client: docker.DockerClient, **overrides: Any) -> AsyncIterator[tuple[Client, Settings]]:
+async def team_server(
+    tmp_path: Path, docker_client: docker.DockerClient, **overrides: Any
+) -> AsyncIterator[tuple[Client, Settings]]:
     settings = make_settings(tmp_path / "data", **overrides)
     try:
         async with Client(build_server(settings)) as client:
@@ -75,7 +77,9 @@ def members(view: dict) -> dict[str, dict]:
 
 
 def all_idle(turns: int) -> Callable[[dict], bool]:
-    return lambda view: bool(view["members"]) and all(m["status"] == "idle" and m["turns"] >= turns for m in view["members"])
+    return lambda view: (
+        bool(view["members"]) and all(m["status"] == "idle" and m["turns"] >= turns for m in view["members"])
+    )
 
 
 async def test_three_llm_members_message_each_other_directly_and_see_receipts(
@@ -94,7 +98,9 @@ async def test_three_llm_members_message_each_other_directly_and_see_receipts(
         ],
         "implementer": [
             say("waiting for the researcher"),
-            lambda m: tool_call("write_file", path="impl.txt", content="hash map, because: " + m[-1]["content"].split("\n", 1)[1]),
+            lambda m: tool_call(
+                "write_file", path="impl.txt", content="hash map, because: " + m[-1]["content"].split("\n", 1)[1]
+            ),
             lambda _: tool_call("team_message", to="researcher", body="Done: impl.txt uses a hash map."),
             say("implemented"),
         ],
@@ -102,12 +108,21 @@ async def test_three_llm_members_message_each_other_directly_and_see_receipts(
     }
     async with scripted_model(by_role(scripts)) as model:
         profile = {"kind": "llm", "url": model.url, "model": "scripted", "api_key": model.key}
-        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (client, settings):
+        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (
+            client,
+            settings,
+        ):
             team = (await call(client, "team_create", name="builders"))["team_id"]
             for role in ("implementer", "reviewer", "researcher"):
                 await call(client, "team_spawn", team_id=team, role=role, prompt=f"You are the {role}.", runner="agent")
-            view = await until(client, team, lambda v: members(v).get("researcher", {}).get("turns") == 2
-                               and all(m["status"] == "idle" for m in v["members"]))
+            view = await until(
+                client,
+                team,
+                lambda v: (
+                    members(v).get("researcher", {}).get("turns") == 2
+                    and all(m["status"] == "idle" for m in v["members"])
+                ),
+            )
             by = members(view)
             assert by["researcher"]["last_output"] == "delivered=[True]"
             assert (by["implementer"]["turns"], by["implementer"]["last_output"]) == (2, "implemented")
@@ -115,20 +130,32 @@ async def test_three_llm_members_message_each_other_directly_and_see_receipts(
             impl = await call(client, "sandbox_read_file", sandbox_id=by["implementer"]["sandbox_id"], path="impl.txt")
             assert impl["content"] == "hash map, because: Use a hash map; lookups must be O(1)."
         # The message reached the implementer as a user turn, with its author.
-        implementer_turn2 = next(r for r in model.requests if "You are 'implementer'" in r["messages"][0]["content"]
-                                 and len([m for m in r["messages"] if m["role"] == "user"]) == 2)
+        implementer_turn2 = next(
+            r
+            for r in model.requests
+            if "You are 'implementer'" in r["messages"][0]["content"]
+            and len([m for m in r["messages"] if m["role"] == "user"]) == 2
+        )
         woken = [m for m in implementer_turn2["messages"] if m["role"] == "user"][-1]["content"]
         assert woken.startswith("[message from researcher") and "hash map" in woken
         notes = rows(settings, Message)
         assert [(n.kind, n.body[:9], n.delivered_at is not None) for n in notes] == [
-            ("message", "Use a has", True), ("message", "Done: imp", True)]
+            ("message", "Use a has", True),
+            ("message", "Done: imp", True),
+        ]
         ids = {m.role: m.id for m in rows(settings, Member)}
-        assert (notes[0].sender, notes[0].recipient, notes[1].sender) == (ids["researcher"], ids["implementer"], ids["implementer"])
+        assert (notes[0].sender, notes[0].recipient, notes[1].sender) == (
+            ids["researcher"],
+            ids["implementer"],
+            ids["implementer"],
+        )
         # Each message is in the audit under its author's own token.
         sent = [a for a in rows(settings, AuditEvent) if a.kind == "team.message"]
         tokens = {t.run_id: t.id for t in rows(settings, Token)}
-        assert [(a.run_id, a.token_id) for a in sent] == [(ids["researcher"], tokens[ids["researcher"]]),
-                                                         (ids["implementer"], tokens[ids["implementer"]])]
+        assert [(a.run_id, a.token_id) for a in sent] == [
+            (ids["researcher"], tokens[ids["researcher"]]),
+            (ids["implementer"], tokens[ids["implementer"]]),
+        ]
 
 
 async def test_a_broadcast_wakes_every_member_with_the_message_on_stdin_and_in_its_inbox_file(
@@ -146,17 +173,25 @@ async def test_a_broadcast_wakes_every_member_with_the_message_on_stdin_and_in_i
         for role, member in members(view).items():
             first, line, count = member["last_output"].splitlines()
             assert first == f"turn 2 as {role}" and count == "inbox lines: 1"
-            assert {k: json.loads(line)[k] for k in ("from", "kind", "body")} == {"from": "lead", "kind": "broadcast", "body": "stand-up in five"}
+            assert {k: json.loads(line)[k] for k in ("from", "kind", "body")} == {
+                "from": "lead",
+                "kind": "broadcast",
+                "body": "stand-up in five",
+            }
         assert all(m["delivered"] for m in (await call(client, "team_read", team_id=team))["sent"])
 
 
-async def test_plan_mode_reject_then_approve(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> None:
+async def test_plan_mode_reject_then_approve(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
     scripts = {
         "planner": [
             lambda _: tool_call("exec", command="touch acted-too-early"),
             lambda _: tool_call("team_propose_plan", plan="v1: just do it"),
             say("proposed v1"),
-            lambda m: tool_call("team_propose_plan", plan="v2: write tests first, then the code"),  # after the rejection
+            lambda m: tool_call(
+                "team_propose_plan", plan="v2: write tests first, then the code"
+            ),  # after the rejection
             say("proposed v2"),
             lambda _: tool_call("exec", command="echo planned > done.txt && cat done.txt"),  # after the approval
             say("done"),
@@ -164,20 +199,35 @@ async def test_plan_mode_reject_then_approve(tmp_path: Path, sandbox_image: str,
     }
     async with scripted_model(by_role(scripts)) as model:
         profile = {"kind": "llm", "url": model.url, "model": "scripted", "api_key": model.key}
-        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (client, _settings):
+        async with team_server(tmp_path, docker_client, runners={"script": {"kind": "script"}, "agent": profile}) as (
+            client,
+            _settings,
+        ):
             team = (await call(client, "team_create", name="careful"))["team_id"]
-            await call(client, "team_spawn", team_id=team, role="planner", prompt="Build it.", runner="agent", plan_mode=True)
-            assert "no plan waiting" in await call_error(client, "team_approve_plan", team_id=team, member="planner", approve=True)
-            view = await until(client, team, lambda v: members(v)["planner"]["plan_status"] == "pending" and all_idle(1)(v))
+            await call(
+                client, "team_spawn", team_id=team, role="planner", prompt="Build it.", runner="agent", plan_mode=True
+            )
+            assert "no plan waiting" in await call_error(
+                client, "team_approve_plan", team_id=team, member="planner", approve=True
+            )
+            view = await until(
+                client, team, lambda v: members(v)["planner"]["plan_status"] == "pending" and all_idle(1)(v)
+            )
             assert members(view)["planner"]["plan"] == "v1: just do it"
             # Its first command was refused: plan mode.
             assert "plan mode" in model.requests[1]["messages"][-1]["content"]
             inbox = await call(client, "team_read", team_id=team)
-            assert [(m["kind"], m["sender"], m["body"]) for m in inbox["received"]] == [("plan", "planner", "v1: just do it")]
+            assert [(m["kind"], m["sender"], m["body"]) for m in inbox["received"]] == [
+                ("plan", "planner", "v1: just do it")
+            ]
 
-            rejected = await call(client, "team_approve_plan", team_id=team, member="planner", approve=False, feedback="tests first")
+            rejected = await call(
+                client, "team_approve_plan", team_id=team, member="planner", approve=False, feedback="tests first"
+            )
             assert rejected["plan_status"] == "rejected"
-            view = await until(client, team, lambda v: members(v)["planner"]["plan_status"] == "pending" and all_idle(2)(v))
+            view = await until(
+                client, team, lambda v: members(v)["planner"]["plan_status"] == "pending" and all_idle(2)(v)
+            )
             assert members(view)["planner"]["plan"].startswith("v2")
             rejection = [m for m in model.requests[3]["messages"] if m["role"] == "user"][-1]["content"]
             assert "rejected" in rejection and "tests first" in rejection
@@ -232,26 +282,39 @@ async def test_shutdown_frees_every_runtime_and_cleanup_forgets_the_team(
 
         gone = await call(client, "team_cleanup", team_id=team)
         assert (gone["members"], gone["messages"]) == (3, 1)
-        assert rows(settings, Team) == rows(settings, Member) == rows(settings, Message) == rows(settings, TeamTask) == []
+        assert (
+            rows(settings, Team) == rows(settings, Member) == rows(settings, Message) == rows(settings, TeamTask) == []
+        )
         assert "unknown team" in await call_error(client, "team_tasks", team_id=team)
         # No runtime keeps an inbox file: the team's sandboxes were wiped on their way back.
-        for container in docker_client.containers.list(filters={"label": f"dockyard.instance={(settings.data_dir / 'instance-id').read_text().strip()}"}):
+        for container in docker_client.containers.list(
+            filters={"label": f"dockyard.instance={(settings.data_dir / 'instance-id').read_text().strip()}"}
+        ):
             assert container.exec_run(["test", "-e", "/workspace/.dockyard"]).exit_code != 0
 
 
 async def test_bad_team_requests_are_refused_clearly_and_audited(
     tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
 ) -> None:
-    async with team_server(tmp_path, docker_client, default_pool={"min": 0, "max": 4},
-                           teams={"message_max_bytes": 1000}) as (client, settings):
+    async with team_server(
+        tmp_path, docker_client, default_pool={"min": 0, "max": 4}, teams={"message_max_bytes": 1000}
+    ) as (client, settings):
         assert "unknown team" in await call_error(client, "team_tasks", team_id="team_nope")
         team = (await call(client, "team_create", name="strict"))["team_id"]
         await call(client, "team_spawn", team_id=team, role="worker", prompt="true")
-        assert "already has a member" in await call_error(client, "team_spawn", team_id=team, role="worker", prompt="true")
-        assert "unknown runner" in await call_error(client, "team_spawn", team_id=team, role="w2", prompt="true", runner="nope")
+        assert "already has a member" in await call_error(
+            client, "team_spawn", team_id=team, role="worker", prompt="true"
+        )
+        assert "unknown runner" in await call_error(
+            client, "team_spawn", team_id=team, role="w2", prompt="true", runner="nope"
+        )
         assert "unknown member 'ghost'" in await call_error(client, "team_message", team_id=team, to="ghost", body="hi")
-        assert "cap is 1000 bytes" in await call_error(client, "team_message", team_id=team, to="worker", body="x" * 1001)
-        assert "no plan waiting" in await call_error(client, "team_approve_plan", team_id=team, member="worker", approve=True)
+        assert "cap is 1000 bytes" in await call_error(
+            client, "team_message", team_id=team, to="worker", body="x" * 1001
+        )
+        assert "no plan waiting" in await call_error(
+            client, "team_approve_plan", team_id=team, member="worker", approve=True
+        )
         assert "members claim tasks" in await call_error(client, "team_claim", team_id=team)
         added = await call(client, "team_add_tasks", team_id=team, tasks=[{"title": "only task"}])
         assert added["tasks"][0]["status"] == "open"
@@ -359,5 +422,7 @@ async def test_a_member_acts_as_itself_cannot_lead_and_its_helpers_get_no_team_t
         assert out["helper"]["status"] == "completed" and "exit=1" in out["helper"]["result"]
         inbox = await call(client, "team_read", team_id=team)
         assert [m["body"] for m in inbox["received"]] == ["from the member"]  # nothing from the helper
-    denied = [a for a in rows(settings, AuditEvent) if a.outcome == "denied" and a.kind in ("team.spawn", "team.message")]
+    denied = [
+        a for a in rows(settings, AuditEvent) if a.outcome == "denied" and a.kind in ("team.spawn", "team.message")
+    ]
     assert {a.kind for a in denied} == {"team.spawn", "team.message"}

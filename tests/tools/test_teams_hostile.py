@@ -85,14 +85,29 @@ async def test_a_planning_member_cannot_take_or_use_the_acting_members_token_in_
         whoami = json.loads(builder["last_output"].splitlines()[-1])  # its token serves it, from its own user
         assert whoami["run_id"] == builder["member_id"] and "sandbox:exec" in whoami["scopes"]
 
-        await call(client, "team_spawn", team_id=team, role="planner", prompt=PLANNER, isolation="shared", plan_mode=True)
+        await call(
+            client, "team_spawn", team_id=team, role="planner", prompt=PLANNER, isolation="shared", plan_mode=True
+        )
         view = await until(client, team, all_idle(1))
         planner = members(view)["planner"]
         seen = outcomes(planner["last_output"])
         assert seen.pop("stolen") == "", "the planner found another member's token"
         assert {name: verdict for name, verdict in seen.items() if name != "user"} == {
-            name: "refused" for name in ("environ", "fds", "mem", "ptrace", "read-private", "write-private", "list-home",
-                                         "read-home-token", "plant-in-home", "stop", "kill", "owner-bridge")
+            name: "refused"
+            for name in (
+                "environ",
+                "fds",
+                "mem",
+                "ptrace",
+                "read-private",
+                "write-private",
+                "list-home",
+                "read-home-token",
+                "plant-in-home",
+                "stop",
+                "kill",
+                "owner-bridge",
+            )
         }
         users = {m.role: m.unix_user for m in rows(settings, Member)}
         assert users["builder"] != users["planner"] and None not in users.values()
@@ -100,18 +115,30 @@ async def test_a_planning_member_cannot_take_or_use_the_acting_members_token_in_
         assert outcomes(builder["last_output"])["exec-user"] == users["builder"]  # its sandbox_exec, too
 
         # Nothing of the builder's changed: its server runs on, its notes and home are as it left them.
-        container = docker_client.containers.get(container_of(docker_client, settings, view["team"]["sandbox_id"])["Id"])
+        container = docker_client.containers.get(
+            container_of(docker_client, settings, view["team"]["sandbox_id"])["Id"]
+        )
         pid = container.exec_run(["cat", "/workspace/builder-pid"]).output.decode().strip()
         state = container.exec_run(["ps", "-o", "user=,stat=,args=", "-p", pid]).output.decode().split()
         assert state[0] == users["builder"] and state[1].startswith("S") and state[2:] == ["sleep", "600"]
         notes = container.exec_run(["cat", "/workspace/builder-private"], user=users["builder"]).output.decode()
         assert notes == "the builder's notes\n"
-        assert container.exec_run(["grep", "-q", "planted", f"/home/{users['builder']}/.bashrc"], user=users["builder"]).exit_code == 1
+        assert (
+            container.exec_run(
+                ["grep", "-q", "planted", f"/home/{users['builder']}/.bashrc"], user=users["builder"]
+            ).exit_code
+            == 1
+        )
 
         # Say the builder leaked its token into a file anyone may read: from the planner's user
         # the bridge still refuses it.
         leak = "cp ~/token /workspace/leaked-token && chmod 644 /workspace/leaked-token"
-        assert container.exec_run(["sh", "-c", leak], user=users["builder"], environment={"HOME": f"/home/{users['builder']}"}).exit_code == 0
+        assert (
+            container.exec_run(
+                ["sh", "-c", leak], user=users["builder"], environment={"HOME": f"/home/{users['builder']}"}
+            ).exit_code
+            == 0
+        )
         await call(client, "team_message", team_id=team, to="planner", body="try again")
         view = await until(client, team, lambda v: members(v)["planner"]["turns"] == 2 and all_idle(1)(v))
         assert outcomes(members(view)["planner"]["last_output"]) == {"leaked-token": "refused"}
@@ -158,7 +185,9 @@ id -un
 async def test_team_single_vm_dispatch_members_run_each_as_a_user_of_their_own(client) -> None:
     # Both run at once (each sleeps around its look), so each could see the other's processes.
     probe = "sleep 1; id -un; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep '^DOCKYARD_EXEC_ID=' | sort -u | wc -l; sleep 2"
-    sent = await call(client, "dispatch", mode="team_single_vm", rationale="r", task_summary="pair work", members=[probe, probe])
+    sent = await call(
+        client, "dispatch", mode="team_single_vm", rationale="r", task_summary="pair work", members=[probe, probe]
+    )
     done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
     assert done["status"] == "completed", done
     seen = [m["result"].split() for m in done["members"]]

@@ -50,13 +50,20 @@ def sql(store: Store, statement: str, *params: object) -> list[tuple]:
 async def fill(audit: AuditLog, count: int) -> list[AuditEvent]:
     who = [OPERATOR, ALICE, RIVAL]
     return [
-        await audit.append(who[i % 3], f"kind.{i % 2}", target=f"t{i}", outcome="ok", detail={"i": i}, duration_ms=i / 7)
+        await audit.append(
+            who[i % 3], f"kind.{i % 2}", target=f"t{i}", outcome="ok", detail={"i": i}, duration_ms=i / 7
+        )
         for i in range(count)
     ]
 
 
 async def test_an_untouched_chain_verifies_across_batches(audit: AuditLog) -> None:
-    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 0, "intact": True, "first_broken_id": None, "reason": None}
+    assert (await audit.verify()).model_dump(include=VERDICT) == {
+        "rows_checked": 0,
+        "intact": True,
+        "first_broken_id": None,
+        "reason": None,
+    }
     await fill(audit, 10)
     for batch in (1, 3, 10, 1000):
         result = await audit.verify(batch=batch)
@@ -65,8 +72,14 @@ async def test_an_untouched_chain_verifies_across_batches(audit: AuditLog) -> No
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("detail", '{"i": 99}'), ("outcome", "error"), ("user_id", "someone"), ("token_id", "tok_forged"),
-     ("ts", "2000-01-01 00:00:00.000000"), ("duration_ms", 0.5)],
+    [
+        ("detail", '{"i": 99}'),
+        ("outcome", "error"),
+        ("user_id", "someone"),
+        ("token_id", "tok_forged"),
+        ("ts", "2000-01-01 00:00:00.000000"),
+        ("duration_ms", 0.5),
+    ],
 )
 async def test_an_edited_row_is_the_first_broken_one(audit: AuditLog, store: Store, column: str, value: object) -> None:
     rows = await fill(audit, 10)
@@ -129,7 +142,9 @@ async def test_denied_calls_are_rows_with_their_token(audit: AuditLog, store: St
 
 
 def refuse_writes(store: Store) -> None:
-    sql(store, "CREATE TRIGGER refuse BEFORE INSERT ON auditevent BEGIN SELECT RAISE(ABORT, 'audit store is full'); END")
+    sql(
+        store, "CREATE TRIGGER refuse BEFORE INSERT ON auditevent BEGIN SELECT RAISE(ABORT, 'audit store is full'); END"
+    )
 
 
 async def test_an_action_whose_row_cannot_be_written_fails(audit: AuditLog, store: Store) -> None:
@@ -145,7 +160,9 @@ async def test_an_action_whose_row_cannot_be_written_fails(audit: AuditLog, stor
     assert "audit row for this sandbox.exec could not be written (audit store is full)" in message
     assert "reported as failed" in message
 
-    with pytest.raises(AuditWriteError, match=r"sandbox.exec failed \(bad path\) and its audit row could not be written either"):
+    with pytest.raises(
+        AuditWriteError, match=r"sandbox.exec failed \(bad path\) and its audit row could not be written either"
+    ):
         async with audit.record(OPERATOR, "sandbox.exec", "sbx_1"):
             raise InvalidRequestError("bad path")
 
@@ -157,7 +174,12 @@ async def test_an_action_whose_row_cannot_be_written_fails(audit: AuditLog, stor
     assert scope.cancelled_caught
 
     sql(store, "DROP TRIGGER refuse")
-    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 2, "intact": True, "first_broken_id": None, "reason": None}
+    assert (await audit.verify()).model_dump(include=VERDICT) == {
+        "rows_checked": 2,
+        "intact": True,
+        "first_broken_id": None,
+        "reason": None,
+    }
     async with audit.record(OPERATOR, "sandbox.exec", "sbx_1"):
         pass
     assert [r.outcome for r in await audit.query()] == ["ok", "ok", "ok"]
@@ -168,14 +190,21 @@ def swap(store: Store, first: int, second: int) -> None:
     """Exchange two rows' whole content, ids kept: the log's order changed, each row intact."""
     with closing(sqlite3.connect(store.path)) as db:
         names = [c[1] for c in db.execute("PRAGMA table_info(auditevent)") if c[1] != "id"]
-        rows = {i: db.execute(f"SELECT {', '.join(names)} FROM auditevent WHERE id = ?", (i,)).fetchone() for i in (first, second)}
+        rows = {
+            i: db.execute(f"SELECT {', '.join(names)} FROM auditevent WHERE id = ?", (i,)).fetchone()
+            for i in (first, second)
+        }
         for target, source in ((first, second), (second, first)):
-            db.execute(f"UPDATE auditevent SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?", (*rows[source], target))
+            db.execute(
+                f"UPDATE auditevent SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?", (*rows[source], target)
+            )
         db.commit()
 
 
 @pytest.mark.parametrize(("first", "second"), [(0, 1), (2, 5), (6, 7)])
-async def test_two_rows_swapped_are_found_where_the_order_breaks(audit: AuditLog, store: Store, first: int, second: int) -> None:
+async def test_two_rows_swapped_are_found_where_the_order_breaks(
+    audit: AuditLog, store: Store, first: int, second: int
+) -> None:
     rows = await fill(audit, 8)
     swap(store, rows[first].id, rows[second].id)
     result = await audit.verify(batch=3)
@@ -184,7 +213,9 @@ async def test_two_rows_swapped_are_found_where_the_order_breaks(audit: AuditLog
     assert "rows were swapped, moved or replaced" in (result.reason or "")
 
 
-async def test_a_chain_of_every_kind_of_row_verifies_and_links_each_row_to_the_one_before(audit: AuditLog, store: Store) -> None:
+async def test_a_chain_of_every_kind_of_row_verifies_and_links_each_row_to_the_one_before(
+    audit: AuditLog, store: Store
+) -> None:
     rows = await fill(audit, 6)
     async with audit.record(ALICE, "sandbox.exec", "sbx_1", started=True, command="true"):
         pass
@@ -195,4 +226,9 @@ async def test_a_chain_of_every_kind_of_row_verifies_and_links_each_row_to_the_o
     assert [r[0] for r in chain] == list(range(1, len(rows) + 4))
     assert [r[1] for r in chain] == ["0" * 64] + [r[2] for r in chain[:-1]]
     assert all(r[3] for r in chain)  # every row keyed
-    assert (await audit.verify()).model_dump(include=VERDICT) == {"rows_checked": 9, "intact": True, "first_broken_id": None, "reason": None}
+    assert (await audit.verify()).model_dump(include=VERDICT) == {
+        "rows_checked": 9,
+        "intact": True,
+        "first_broken_id": None,
+        "reason": None,
+    }

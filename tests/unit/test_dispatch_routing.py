@@ -26,8 +26,9 @@ _RUNNERS = {
 }
 
 
-def settings_with(tmp_path: Path, *, user_pc: bool = False, host_runners: list[str] | None = None,
-                  workdir: Path | None = None) -> Settings:
+def settings_with(
+    tmp_path: Path, *, user_pc: bool = False, host_runners: list[str] | None = None, workdir: Path | None = None
+) -> Settings:
     host = {"enabled": user_pc, "runners": host_runners or ["script"], "workdir": workdir}
     return load_settings(data_dir=tmp_path / "data", runners=_RUNNERS, dispatch={"user_pc": host})
 
@@ -103,25 +104,74 @@ def test_every_mode_with_what_it_needs_passes(plain: Settings, host_on: Settings
 @pytest.mark.parametrize(
     ("mode", "runner", "prompt", "sandbox_id", "members", "message"),
     [
-        ("cloud", "script", "x", None, None,
-         "unknown mode 'cloud'; allowed: local, remote, team_single_vm, team_multi_vm, user_pc"),
-        ("user_pc", "script", "x", None, None,
-         "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime"),
-        ("team_multi_vm", "script", None, None, None,
-         "mode 'team_multi_vm' needs members: one prompt (for the script runner, a script) per member"),
-        ("team_single_vm", "script", None, None, [],
-         "mode 'team_single_vm' needs members: one prompt (for the script runner, a script) per member"),
-        ("team_multi_vm", "script", None, None, ["x"] * (MAX_MEMBERS + 1), f"at most {MAX_MEMBERS} members; got {MAX_MEMBERS + 1}"),
+        (
+            "cloud",
+            "script",
+            "x",
+            None,
+            None,
+            "unknown mode 'cloud'; allowed: local, remote, team_single_vm, team_multi_vm, user_pc",
+        ),
+        (
+            "user_pc",
+            "script",
+            "x",
+            None,
+            None,
+            "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime",
+        ),
+        (
+            "team_multi_vm",
+            "script",
+            None,
+            None,
+            None,
+            "mode 'team_multi_vm' needs members: one prompt (for the script runner, a script) per member",
+        ),
+        (
+            "team_single_vm",
+            "script",
+            None,
+            None,
+            [],
+            "mode 'team_single_vm' needs members: one prompt (for the script runner, a script) per member",
+        ),
+        (
+            "team_multi_vm",
+            "script",
+            None,
+            None,
+            ["x"] * (MAX_MEMBERS + 1),
+            f"at most {MAX_MEMBERS} members; got {MAX_MEMBERS + 1}",
+        ),
         ("remote", "gpt", "x", None, None, "unknown runner 'gpt'; allowed: cmd, model, script"),
-        ("remote", "script", None, None, None,
-         "runner 'script' needs a prompt: the script to run, or the task for the command"),
-        ("remote", "cmd", "  \n", None, None,
-         "runner 'cmd' needs a prompt: the script to run, or the task for the command"),
+        (
+            "remote",
+            "script",
+            None,
+            None,
+            None,
+            "runner 'script' needs a prompt: the script to run, or the task for the command",
+        ),
+        (
+            "remote",
+            "cmd",
+            "  \n",
+            None,
+            None,
+            "runner 'cmd' needs a prompt: the script to run, or the task for the command",
+        ),
         ("local", "script", "x", None, None, "mode 'local' runs in your current sandbox: give its sandbox_id"),
     ],
 )
 def test_a_request_that_cannot_run_is_refused_with_what_is_allowed(
-    plain: Settings, mode: str, runner: str, prompt: str | None, sandbox_id: str | None, members: list[str] | None, message: str
+    plain: Settings,
+    mode: str,
+    runner: str,
+    prompt: str | None,
+    sandbox_id: str | None,
+    members: list[str] | None,
+    message: str,
 ) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check(plain, mode, runner, prompt, sandbox_id, members)
@@ -164,7 +214,9 @@ def test_a_runner_config_does_not_allow_on_the_host_is_refused(tmp_path: Path) -
         ("yes please", "it was not confirmed by the user"),
     ],
 )
-def test_anything_but_the_users_confirmation_refuses_a_host_run(host_on: Settings, consent: str | None, why: str) -> None:
+def test_anything_but_the_users_confirmation_refuses_a_host_run(
+    host_on: Settings, consent: str | None, why: str
+) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_host(host_on, HOST_CALLER, "script", consent)
     assert str(refused.value) == f"mode 'user_pc' did not run: {why}; use 'remote' for an isolated runtime"
@@ -173,10 +225,14 @@ def test_anything_but_the_users_confirmation_refuses_a_host_run(host_on: Setting
 # -- consent_question and host_dir --------------------------------------------------------
 
 
-def test_the_user_is_asked_about_a_host_run_with_its_task_runner_and_directory(host_on: Settings, tmp_path: Path) -> None:
+def test_the_user_is_asked_about_a_host_run_with_its_task_runner_and_directory(
+    host_on: Settings, tmp_path: Path
+) -> None:
     question = consent_question(host_on, HOST_CALLER, "user_pc", "list files", "ls -la", None)
     assert question is not None
-    assert question.startswith(f"Run a task on this computer, outside any sandbox, as the user dockyard runs as, in {tmp_path}?")
+    assert question.startswith(
+        f"Run a task on this computer, outside any sandbox, as the user dockyard runs as, in {tmp_path}?"
+    )
     assert "Task: list files\nRunner: script\n---\nls -la" in question
 
 
@@ -187,13 +243,17 @@ def test_the_question_shows_at_most_2000_characters_of_the_prompt(host_on: Setti
 
 def test_no_question_is_asked_for_what_would_not_run_on_the_host(plain: Settings, host_on: Settings) -> None:
     assert consent_question(host_on, HOST_CALLER, "remote", "t", "ls", None) is None
-    assert consent_question(host_on, HOST_CALLER, "user_pc", "in a clean environment", "ls", None) is None  # a hint moves it
+    assert (
+        consent_question(host_on, HOST_CALLER, "user_pc", "in a clean environment", "ls", None) is None
+    )  # a hint moves it
     assert consent_question(plain, HOST_CALLER, "user_pc", "t", "ls", None) is None  # the mode is off
     assert consent_question(host_on, Identity(scopes=["dispatch:create"]), "user_pc", "t", "ls", None) is None
     assert consent_question(host_on, HOST_CALLER, "user_pc", "t", "ls", "model") is None
     assert consent_question(host_on, HOST_CALLER, "user_pc", "t", None, None) is None  # nothing to run
 
 
-def test_host_runs_start_in_the_configured_directory_or_the_home(plain: Settings, host_on: Settings, tmp_path: Path) -> None:
+def test_host_runs_start_in_the_configured_directory_or_the_home(
+    plain: Settings, host_on: Settings, tmp_path: Path
+) -> None:
     assert host_dir(host_on) == tmp_path
     assert host_dir(plain) == Path.home()

@@ -35,8 +35,19 @@ ALLOWED = {
 
 
 def dispatch(status: str = QUEUED, dispatch_id: str = "dsp_1") -> Dispatch:
-    return Dispatch(id=dispatch_id, mode="remote", requested_mode="remote", runner="script", rationale="r",
-                    task_summary="t", prompt="true", workspace_id="w", project_id="p", user_id="u", status=status)
+    return Dispatch(
+        id=dispatch_id,
+        mode="remote",
+        requested_mode="remote",
+        runner="script",
+        rationale="r",
+        task_summary="t",
+        prompt="true",
+        workspace_id="w",
+        project_id="p",
+        user_id="u",
+        status=status,
+    )
 
 
 def test_the_stored_values_stay_the_strings_they_always_were() -> None:
@@ -48,12 +59,19 @@ def test_the_stored_values_stay_the_strings_they_always_were() -> None:
 def test_the_moves_are_the_ones_the_lifecycle_draws() -> None:
     assert {m.name: set(m.only_from) for m in MOVES} == ALLOWED
     assert {m.name: m.to for m in MOVES} == {
-        "start": RUNNING, "complete": COMPLETED, "fail": FAILED, "cancel": CANCELLED, "interrupt": INTERRUPTED,
+        "start": RUNNING,
+        "complete": COMPLETED,
+        "fail": FAILED,
+        "cancel": CANCELLED,
+        "interrupt": INTERRUPTED,
     }
 
 
-@pytest.mark.parametrize(("to", "state"), [(m, s) for m, s in product(MOVES, DispatchStatus) if s in ALLOWED[m.name]],
-                         ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize(
+    ("to", "state"),
+    [(m, s) for m, s in product(MOVES, DispatchStatus) if s in ALLOWED[m.name]],
+    ids=lambda v: getattr(v, "name", v),
+)
 def test_an_allowed_move_sets_the_new_state_and_its_values(to: Move, state: DispatchStatus) -> None:
     row = dispatch(state)
     now = utcnow()
@@ -62,8 +80,11 @@ def test_an_allowed_move_sets_the_new_state_and_its_values(to: Move, state: Disp
     assert type(row.status) is str  # stored as the plain string
 
 
-@pytest.mark.parametrize(("to", "state"), [(m, s) for m, s in product(MOVES, DispatchStatus) if s not in ALLOWED[m.name]],
-                         ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize(
+    ("to", "state"),
+    [(m, s) for m, s in product(MOVES, DispatchStatus) if s not in ALLOWED[m.name]],
+    ids=lambda v: getattr(v, "name", v),
+)
 def test_a_refused_move_raises_and_leaves_the_row_as_it_was(to: Move, state: DispatchStatus) -> None:
     row = dispatch(state)
     with pytest.raises(StateError) as refused:

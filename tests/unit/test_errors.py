@@ -46,9 +46,7 @@ def test_every_error_class_is_a_dockyard_error() -> None:
 
 
 def test_every_error_class_is_drawn_under_its_parent_in_the_docstring() -> None:
-    actual = {
-        name: (None if cls is DockyardError else cls.__bases__[0].__name__) for name, cls in _classes().items()
-    }
+    actual = {name: (None if cls is DockyardError else cls.__bases__[0].__name__) for name, cls in _classes().items()}
     assert _drawn_parents() == actual
 
 

@@ -19,18 +19,34 @@ SCRIPT = RunnerProfile(kind="script")
 
 
 def job(
-    tmp_path: Path, prompt: str, *, profile: RunnerProfile = SCRIPT, env: dict[str, str] | None = None,
+    tmp_path: Path,
+    prompt: str,
+    *,
+    profile: RunnerProfile = SCRIPT,
+    env: dict[str, str] | None = None,
     on_output: OutputCallback | None = None,
 ) -> Job:
     return Job(profile, prompt, Identity(), OnHost(tmp_path), 10, env=env or {}, on_output=on_output)
 
 
-async def test_a_script_runs_in_its_directory_with_the_jobs_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_script_runs_in_its_directory_with_the_jobs_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKYARD_ADMIN_KEY", "server-secret")
     ran = await HostRunner(cap=1 << 16).run(
-        job(tmp_path, 'pwd; echo "$DOCKYARD_RUN_ID ${DOCKYARD_ADMIN_KEY:-unset}"; echo oops >&2; exit 3', env={"DOCKYARD_RUN_ID": "dsp_1"})
+        job(
+            tmp_path,
+            'pwd; echo "$DOCKYARD_RUN_ID ${DOCKYARD_ADMIN_KEY:-unset}"; echo oops >&2; exit 3',
+            env={"DOCKYARD_RUN_ID": "dsp_1"},
+        )
     )
-    assert (ran.output, ran.stderr, ran.exit_code, ran.timed_out, ran.is_ok) == (f"{tmp_path}\ndsp_1 unset\n", "oops\n", 3, False, False)
+    assert (ran.output, ran.stderr, ran.exit_code, ran.timed_out, ran.is_ok) == (
+        f"{tmp_path}\ndsp_1 unset\n",
+        "oops\n",
+        3,
+        False,
+        False,
+    )
 
 
 async def test_a_command_profile_gets_the_prompt_as_one_argument_never_as_shell_text(tmp_path: Path) -> None:

@@ -39,10 +39,18 @@ def _bind_into(bound: list[str]) -> Callable[[Session, Runtime], None]:
 
 # Each step of the pool manager, as it calls it, and the states it may move a runtime from.
 STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
-    "ready": (lambda rid, bound: transition(rid, S.WARM, "ready", only_from=(S.PROVISIONING,)), (S.PROVISIONING,), S.WARM),
+    "ready": (
+        lambda rid, bound: transition(rid, S.WARM, "ready", only_from=(S.PROVISIONING,)),
+        (S.PROVISIONING,),
+        S.WARM,
+    ),
     "claimed warm": (lambda rid, bound: claim_warm(rid, _bind_into(bound)), (S.WARM,), S.CLAIMED),
     "released": (lambda rid, bound: drain(rid, _bind_into(bound), "released"), (S.CLAIMED,), S.DRAINING),
-    "recycled": (lambda rid, bound: transition(rid, S.WARM, "recycled", only_from=(S.DRAINING,)), (S.DRAINING,), S.WARM),
+    "recycled": (
+        lambda rid, bound: transition(rid, S.WARM, "recycled", only_from=(S.DRAINING,)),
+        (S.DRAINING,),
+        S.WARM,
+    ),
     "destroying": (lambda rid, bound: transition(rid, S.DESTROYING, "gone", only_from=S.LIVE), S.LIVE, S.DESTROYING),
     "destroyed": (lambda rid, bound: transition(rid, S.DESTROYED, "gone", only_from=S.LIVE), S.LIVE, S.DESTROYED),
     "lost": (lambda rid, bound: transition(rid, S.LOST, "vanished", only_from=S.LIVE), S.LIVE, S.LOST),
@@ -68,8 +76,17 @@ def run(db: SqlEngine, step: Callable[[Session], Any]) -> Any:
 
 
 def runtime_in(db: SqlEngine, state: str, **fields: Any) -> Runtime:
-    row = Runtime(id=f"rt_{next(_ids)}", template="default", image="img", container_name="c", network="none",
-                  cpus=1.0, memory_mb=512, state=state, **fields)
+    row = Runtime(
+        id=f"rt_{next(_ids)}",
+        template="default",
+        image="img",
+        container_name="c",
+        network="none",
+        cpus=1.0,
+        memory_mb=512,
+        state=state,
+        **fields,
+    )
     return run(db, lambda s: (s.add(row), row)[1])
 
 
@@ -85,7 +102,9 @@ def events(db: SqlEngine, runtime_id: str) -> list[tuple[str | None, str, str]]:
 
 
 @pytest.mark.parametrize("name", list(STEPS))
-def test_each_step_moves_a_runtime_from_the_states_that_allow_it_and_refuses_every_other(db: SqlEngine, name: str) -> None:
+def test_each_step_moves_a_runtime_from_the_states_that_allow_it_and_refuses_every_other(
+    db: SqlEngine, name: str
+) -> None:
     make, allowed, to = STEPS[name]
     for state in STATES:
         row = runtime_in(db, state, sandbox_id="sbx_1" if state == S.CLAIMED else None)
@@ -147,13 +166,17 @@ def test_a_released_runtime_drains_owned_by_nobody(db: SqlEngine) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(walk=st.lists(st.sampled_from(sorted(STEPS)), max_size=8))
-def test_any_sequence_of_steps_follows_the_lifecycle_and_its_events_tell_the_whole_path(db: SqlEngine, walk: list[str]) -> None:
+def test_any_sequence_of_steps_follows_the_lifecycle_and_its_events_tell_the_whole_path(
+    db: SqlEngine, walk: list[str]
+) -> None:
     row = runtime_in(db, S.PROVISIONING)
     for name in walk:
         run(db, STEPS[name][0](row.id, []))
     path = events(db, row.id)
     assert all((from_state, to) in EDGES for from_state, to, _ in path)
-    assert [to for _, to, _ in path[:-1]] == [from_state for from_state, _, _ in path[1:]]  # each move starts where the last ended
+    assert [to for _, to, _ in path[:-1]] == [
+        from_state for from_state, _, _ in path[1:]
+    ]  # each move starts where the last ended
     assert row_of(db, row.id).state == (path[-1][1] if path else S.PROVISIONING)
 
 

@@ -14,7 +14,9 @@ from dockyard.runtime.substrate.settings import Settings, load_settings
 
 def test_user_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path, monkeypatch) -> None:
     user_file = tmp_path / "dockyard.toml"
-    user_file.write_text('[sandbox]\noutput_cap_bytes = 2048\nexec_default_timeout_s = 5\n[templates.big]\nmemory_mb = 4096\n')
+    user_file.write_text(
+        "[sandbox]\noutput_cap_bytes = 2048\nexec_default_timeout_s = 5\n[templates.big]\nmemory_mb = 4096\n"
+    )
     monkeypatch.setenv("DOCKYARD_SANDBOX__EXEC_DEFAULT_TIMEOUT_S", "9")
     monkeypatch.setenv("DOCKYARD_DATA_DIR", str(tmp_path / "data"))
     settings = load_settings(user_file)
@@ -46,8 +48,6 @@ def test_a_missing_config_file_is_an_error_not_a_silent_default(tmp_path: Path) 
         load_settings(tmp_path / "nope.toml")
 
 
-
-
 def test_the_shipped_config_is_the_first_layer_over_the_classes_own_defaults(tmp_path: Path) -> None:
     """The classes alone keep no computer template and no warm sandbox; the shipped file adds both."""
     bare = Settings.model_fields["templates"].default_factory()  # type: ignore[misc]  # the class default, no file read
@@ -71,7 +71,12 @@ def test_the_shipped_config_is_the_first_layer_over_the_classes_own_defaults(tmp
     ],
 )
 def test_each_layer_overrides_the_ones_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_file: int | None, in_env: int | None, passed: int | None, expected: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_file: int | None,
+    in_env: int | None,
+    passed: int | None,
+    expected: int,
 ) -> None:
     user_file = tmp_path / "dockyard.toml"
     user_file.write_text(f"[sandbox]\noutput_cap_bytes = {in_file}\n" if in_file is not None else "")
@@ -99,7 +104,9 @@ def test_a_layer_that_sets_one_key_of_a_table_keeps_the_others_of_every_layer_be
     assert "computer" in settings.templates  # a table the user's file does not name survives whole
 
 
-def test_pool_variables_override_the_users_file_for_the_default_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_variables_override_the_users_file_for_the_default_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     user_file = tmp_path / "dockyard.toml"
     user_file.write_text("[templates.default.pool]\nmin = 1\nmax = 5\n")
     assert load_settings(user_file, data_dir=tmp_path).templates["default"].pool.max == 5
@@ -115,7 +122,9 @@ def test_an_unknown_table_in_the_users_file_is_refused_not_ignored(tmp_path: Pat
         load_settings(user_file, data_dir=tmp_path)
 
 
-def test_a_default_template_the_templates_do_not_hold_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_default_template_the_templates_do_not_hold_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKYARD_SANDBOX__DEFAULT_TEMPLATE", "gpu")
     with pytest.raises(ValidationError, match=r"sandbox\.default_template 'gpu' is not among the templates"):
         load_settings(data_dir=tmp_path)

@@ -135,7 +135,12 @@ async def test_a_reply_reaches_the_server_as_a_result_of_its_request(ends: Ends)
             tg.start_soon(ends.host.serve, None, tg)
             answer = await frames.receive()
             tg.cancel_scope.cancel()
-    assert (answer.kind, answer.obj["id"], answer.obj["ok"], answer.body) == (protocol.RESULT, request_id, True, b"contents")
+    assert (answer.kind, answer.obj["id"], answer.obj["ok"], answer.body) == (
+        protocol.RESULT,
+        request_id,
+        True,
+        b"contents",
+    )
 
 
 # -- limits ----------------------------------------------------------------------------------
@@ -171,7 +176,10 @@ async def test_a_header_over_a_limit_ends_the_connection_on_both_sides_before_it
     ends: Ends, sizes: tuple[int, int]
 ) -> None:
     header = protocol.HEADER.pack(*sizes)
-    assert protocol.sizes(protocol.HEADER.pack(protocol.MAX_OBJECT, protocol.MAX_BODY)) == (protocol.MAX_OBJECT, protocol.MAX_BODY)
+    assert protocol.sizes(protocol.HEADER.pack(protocol.MAX_OBJECT, protocol.MAX_BODY)) == (
+        protocol.MAX_OBJECT,
+        protocol.MAX_BODY,
+    )
     with pytest.raises(protocol.FrameError):
         protocol.sizes(header)
     await ends.host._stream.send(header)
@@ -243,8 +251,12 @@ async def test_a_frame_of_an_unknown_kind_is_passed_over_and_the_link_keeps_serv
 
 def _is_frame_kind(node: ast.expr) -> bool:
     """`frame.kind` (or `hello.kind`, `ready.kind`): a received frame's kind, not a template's."""
-    return (isinstance(node, ast.Attribute) and node.attr == "kind" and isinstance(node.value, ast.Name)
-            and node.value.id in ("frame", "hello", "ready"))
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "kind"
+        and isinstance(node.value, ast.Name)
+        and node.value.id in ("frame", "hello", "ready")
+    )
 
 
 def _kind_literals(path: Path) -> set[str]:
@@ -261,8 +273,13 @@ def _kind_literals(path: Path) -> set[str]:
 
 
 def test_every_kind_either_end_writes_out_is_one_the_protocol_defines() -> None:
-    ends = [*(ROOT / "config/images/sandbox").glob("*.py"), ROOT / "runtime/runtimes/supervisor.py", ROOT / "runtime/runtimes/commands.py",
-            ROOT / "runtime/runtimes/files.py", ROOT / "runtime/runtimes/provision.py"]
+    ends = [
+        *(ROOT / "config/images/sandbox").glob("*.py"),
+        ROOT / "runtime/runtimes/supervisor.py",
+        ROOT / "runtime/runtimes/commands.py",
+        ROOT / "runtime/runtimes/files.py",
+        ROOT / "runtime/runtimes/provision.py",
+    ]
     written = {path.name: _kind_literals(path) - protocol.KINDS for path in ends}
     assert {name: kinds for name, kinds in written.items() if kinds} == {}
 
@@ -307,7 +324,12 @@ async def test_the_handshake_is_refused_by_a_supervisor_that_cannot_read_its_key
 
 
 def test_the_proofs_of_the_two_roles_differ_and_depend_on_key_and_nonce() -> None:
-    proofs = {protocol.proof(key, role, nonce) for key in (b"a", b"b") for role in ("server", "supervisor") for nonce in ("1", "2")}
+    proofs = {
+        protocol.proof(key, role, nonce)
+        for key in (b"a", b"b")
+        for role in ("server", "supervisor")
+        for nonce in ("1", "2")
+    }
     assert len(proofs) == 8
 
 
@@ -321,8 +343,15 @@ def test_the_token_line_the_bridge_sends_is_the_token_the_server_reads(token: st
 
 @pytest.mark.parametrize(
     "line",
-    [None, "", '{"jsonrpc": "2.0", "id": 1, "method": "initialize"}', '{"dockyard_token": 5}',
-     '{"dockyard_token": "dyt_x", "more": 1}', "not json", '["dockyard_token"]'],
+    [
+        None,
+        "",
+        '{"jsonrpc": "2.0", "id": 1, "method": "initialize"}',
+        '{"dockyard_token": 5}',
+        '{"dockyard_token": "dyt_x", "more": 1}',
+        "not json",
+        '["dockyard_token"]',
+    ],
 )
 def test_any_other_first_line_presents_no_token(line: str | None) -> None:
     assert protocol.presented_token(line) is None

@@ -51,7 +51,9 @@ async def parent_with(tokens: TokenService, scopes: set[str], **attribution: str
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(held=scope_sets, asked=scope_sets)
-async def test_a_token_mints_exactly_the_subsets_of_its_own_scopes(tokens: TokenService, held: set[str], asked: set[str]) -> None:
+async def test_a_token_mints_exactly_the_subsets_of_its_own_scopes(
+    tokens: TokenService, held: set[str], asked: set[str]
+) -> None:
     parent = await parent_with(tokens, held)
     if asked <= held | {"token:mint"}:
         child = (await tokens.mint(parent, scopes=sorted(asked))).identity
@@ -93,8 +95,15 @@ async def test_a_run_binding_is_passed_on_but_never_named_by_the_minter(tokens: 
     parent = await parent_with(tokens, {"sandbox:exec", "dispatch:create"})
     with pytest.raises(AccessDeniedError, match="cannot be named: your token is bound to no run"):
         await tokens.mint(parent, scopes=["sandbox:exec"], run_id="run_1")
-    run = (await tokens.mint_for_run(parent, "run_1", ["sandbox:exec", "audit:read", "token:mint"], parent_expiry(tokens, parent),
-                                     sandbox_id="sbx_1")).identity
+    run = (
+        await tokens.mint_for_run(
+            parent,
+            "run_1",
+            ["sandbox:exec", "audit:read", "token:mint"],
+            parent_expiry(tokens, parent),
+            sandbox_id="sbx_1",
+        )
+    ).identity
     assert set(run.scopes) == {"sandbox:exec", "token:mint"}  # what the run asked for, cut to what its caller holds
     child = (await tokens.mint(run, scopes=["sandbox:exec"])).identity
     assert (child.run_id, child.sandbox_id) == ("run_1", "sbx_1")
@@ -128,7 +137,9 @@ async def test_a_token_without_the_mint_scope_mints_nothing(tokens: TokenService
         await tokens.mint(holder, scopes=["sandbox:exec"])
 
 
-async def test_revoking_a_token_revokes_everything_minted_from_it_and_nothing_more_is_minted(tokens: TokenService) -> None:
+async def test_revoking_a_token_revokes_everything_minted_from_it_and_nothing_more_is_minted(
+    tokens: TokenService,
+) -> None:
     parent = await parent_with(tokens, {"sandbox:exec"})
     child = (await tokens.mint(parent, scopes=["sandbox:exec", "token:mint"])).identity
     grandchild = await tokens.mint(child, scopes=["sandbox:exec"])

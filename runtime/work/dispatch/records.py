@@ -18,7 +18,17 @@ from dockyard.runtime.substrate.settings import Identity
 from dockyard.runtime.substrate.store import Dispatch, DispatchStatus, Store, utcnow
 from dockyard.runtime.work.dispatch.states import Move, step
 
-__all__ = ["INTERRUPTED", "RESULT_CAP", "RUN_SCOPES", "Board", "Running", "info", "runner_env", "runner_identity", "within_rate"]
+__all__ = [
+    "INTERRUPTED",
+    "RESULT_CAP",
+    "RUN_SCOPES",
+    "Board",
+    "Running",
+    "info",
+    "runner_env",
+    "runner_identity",
+    "within_rate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +106,9 @@ def info(row: Dispatch, hint: str | None) -> DispatchInfo:
         error=row.error,
         sandbox_id=row.sandbox_id,
         members=row.member_results,
-        next_steps=None if final else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
+        next_steps=None
+        if final
+        else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
     )
 
 
@@ -106,7 +118,9 @@ def within_rate(session: Session, workspace_id: str, per_minute: int) -> None:
         return
     since = utcnow() - timedelta(seconds=60)
     started = session.exec(
-        select(func.count()).select_from(Dispatch).where(Dispatch.workspace_id == workspace_id, col(Dispatch.created_at) >= since)
+        select(func.count())
+        .select_from(Dispatch)
+        .where(Dispatch.workspace_id == workspace_id, col(Dispatch.created_at) >= since)
     ).one()
     if started >= per_minute:
         raise QuotaExceededError(

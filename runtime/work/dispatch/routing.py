@@ -18,7 +18,19 @@ from dockyard.runtime.substrate.actions import Scope
 from dockyard.runtime.substrate.errors import InvalidRequestError
 from dockyard.runtime.substrate.settings import Identity, Settings
 
-__all__ = ["MAX_MEMBERS", "MODES", "TEAM_MODES", "Consent", "Mode", "Route", "check", "check_host", "consent_question", "host_dir", "route"]
+__all__ = [
+    "MAX_MEMBERS",
+    "MODES",
+    "TEAM_MODES",
+    "Consent",
+    "Mode",
+    "Route",
+    "check",
+    "check_host",
+    "consent_question",
+    "host_dir",
+    "route",
+]
 
 
 class Mode(StrEnum):
@@ -85,7 +97,9 @@ def check(
             "mode 'user_pc' (the machine dockyard runs on) is off on this server; use 'remote' for an isolated runtime"
         )
     if mode in TEAM_MODES and not members:
-        raise InvalidRequestError(f"mode '{mode}' needs members: one prompt (for the script runner, a script) per member")
+        raise InvalidRequestError(
+            f"mode '{mode}' needs members: one prompt (for the script runner, a script) per member"
+        )
     if members and len(members) > MAX_MEMBERS:
         raise InvalidRequestError(f"at most {MAX_MEMBERS} members; got {len(members)}")
     profiles = settings.runners
@@ -107,7 +121,9 @@ def check_host(settings: Settings, who: Identity, runner: str, consent: str | No
         )
     if runner not in host.runners or settings.runners[runner].kind == "llm":
         allowed = [name for name in host.runners if name in settings.runners and settings.runners[name].kind != "llm"]
-        raise InvalidRequestError(f"runner '{runner}' may not run on the host; allowed there: {', '.join(allowed) or 'none'}")
+        raise InvalidRequestError(
+            f"runner '{runner}' may not run on the host; allowed there: {', '.join(allowed) or 'none'}"
+        )
     if consent != Consent.CONFIRMED:
         why = _REFUSED_CONSENT.get(consent or "", "it was not confirmed by the user")
         raise InvalidRequestError(f"mode 'user_pc' did not run: {why}; use 'remote' for an isolated runtime")

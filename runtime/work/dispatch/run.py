@@ -72,7 +72,11 @@ class Ended:
         if ran.timed_out:
             return cls(DispatchStatus.FAILED, result, f"the runner timed out after {timeout_s} s")
         if ran.exit_code != 0:
-            return cls(DispatchStatus.FAILED, result, f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}")
+            return cls(
+                DispatchStatus.FAILED,
+                result,
+                f"the runner exited with code {ran.exit_code}: {ran.stderr.strip()[-2000:]}",
+            )
         return cls(DispatchStatus.COMPLETED, result)
 
 
@@ -111,11 +115,20 @@ class DispatchRun:
         with running.scope:
             try:
                 # On the record before it runs: if dockyard dies mid-run, the next start marks it interrupted.
-                begun = (await self._audit.append(owner, Action.DISPATCH_RUN, target=row.id, outcome="started",
-                                                  detail={"mode": row.mode, "runner": row.runner})).id
+                begun = (
+                    await self._audit.append(
+                        owner,
+                        Action.DISPATCH_RUN,
+                        target=row.id,
+                        outcome="started",
+                        detail={"mode": row.mode, "runner": row.runner},
+                    )
+                ).id
                 ended = await self._work(row, owner, made)
             except TimeoutError:
-                ended = Ended(DispatchStatus.FAILED, error=f"the runner did not finish within {self._profile(row).timeout_s} s")
+                ended = Ended(
+                    DispatchStatus.FAILED, error=f"the runner did not finish within {self._profile(row).timeout_s} s"
+                )
             except DockyardError as exc:
                 ended = Ended(DispatchStatus.FAILED, error=str(exc))
             except anyio.get_cancelled_exc_class():
@@ -160,7 +173,14 @@ class DispatchRun:
         assert row.prompt is not None
         profile = self._profile(row)
         token = await self._run_token(row, owner, [Scope.DISPATCH_READ], profile.timeout_s, None)
-        job = Job(profile, row.prompt, owner, OnHost(host_dir(self._settings)), profile.timeout_s, env=runner_env(row, token.token))
+        job = Job(
+            profile,
+            row.prompt,
+            owner,
+            OnHost(host_dir(self._settings)),
+            profile.timeout_s,
+            env=runner_env(row, token.token),
+        )
         return Ended.of(await self._runners.run(job), profile.timeout_s)
 
     async def _team(self, row: Dispatch, owner: Identity, made: list[str]) -> Ended:
@@ -186,12 +206,19 @@ class DispatchRun:
                     made.append(sandbox_id)
                 ran = await self._runners.run(Job(profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout))
                 by_member[index] = {
-                    "member": index, "sandbox_id": sandbox_id, "status": "completed" if ran.is_ok else "failed",
+                    "member": index,
+                    "sandbox_id": sandbox_id,
+                    "status": "completed" if ran.is_ok else "failed",
                     "result": ran.output[-RESULT_CAP:],
                     "error": None if ran.is_ok else f"exit code {ran.exit_code}: {ran.stderr.strip()[-500:]}",
                 }
             except (DockyardError, TimeoutError) as exc:
-                by_member[index] = {"member": index, "status": "failed", "result": None, "error": str(exc) or "timed out"}
+                by_member[index] = {
+                    "member": index,
+                    "status": "failed",
+                    "result": None,
+                    "error": str(exc) or "timed out",
+                }
 
         async with anyio.create_task_group() as tg:
             for index, prompt in enumerate(row.members):
@@ -216,11 +243,17 @@ class DispatchRun:
         for sandbox_id in made:
             await self._give_back(owner, row.id, sandbox_id)
         await self._board.move(row.id, ended.status, finished_at=utcnow())
-        await self._audit.append(owner, Action.DISPATCH_FINISH, target=row.id,
-                                 outcome="ok" if ended.status == DispatchStatus.COMPLETED else "error",
-                                 detail={"status": ended.status, "error": ended.error, "started_id": begun})
+        await self._audit.append(
+            owner,
+            Action.DISPATCH_FINISH,
+            target=row.id,
+            outcome="ok" if ended.status == DispatchStatus.COMPLETED else "error",
+            detail={"status": ended.status, "error": ended.error, "started_id": begun},
+        )
 
-    async def _run_token(self, row: Dispatch, owner: Identity, scopes: Sequence[Scope], timeout_s: int, sandbox_id: str | None) -> Minted:
+    async def _run_token(
+        self, row: Dispatch, owner: Identity, scopes: Sequence[Scope], timeout_s: int, sandbox_id: str | None
+    ) -> Minted:
         """The run's own token, minted from the token that created the dispatch (revoking that
         one revokes this), and recorded as the only proof `submit` accepts for this dispatch."""
         token = await self._tokens.mint_for_run(

@@ -59,7 +59,13 @@ class DispatchService:
     """Creates, waits on, cancels and lists dispatches; their runs are `DispatchRun`'s."""
 
     def __init__(
-        self, settings: Settings, store: Store, audit: AuditLog, sandboxes: SandboxService, tokens: TokenService, runners: Runners
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditLog,
+        sandboxes: SandboxService,
+        tokens: TokenService,
+        runners: Runners,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -91,9 +97,17 @@ class DispatchService:
             # Sandboxes a finished dispatch made and still holds (dockyard stopped before they were
             # given back: its remote sandbox, the shared or each member's of a team): they go
             # back to the pool now. A local dispatch's sandbox is its caller's and stays.
-            held = select(Dispatch, Sandbox.id).join(
-                Sandbox, or_(col(Sandbox.id) == col(Dispatch.sandbox_id), col(Sandbox.run_id) == col(Dispatch.id))
-            ).where(col(Dispatch.status).in_(DispatchStatus.FINAL), Dispatch.mode != Mode.LOCAL, Sandbox.status == SandboxStatus.RUNNING)
+            held = (
+                select(Dispatch, Sandbox.id)
+                .join(
+                    Sandbox, or_(col(Sandbox.id) == col(Dispatch.sandbox_id), col(Sandbox.run_id) == col(Dispatch.id))
+                )
+                .where(
+                    col(Dispatch.status).in_(DispatchStatus.FINAL),
+                    Dispatch.mode != Mode.LOCAL,
+                    Sandbox.status == SandboxStatus.RUNNING,
+                )
+            )
             interrupted = list(session.exec(held).all())
             queued = list(session.exec(select(Dispatch).where(Dispatch.status == DispatchStatus.QUEUED)).all())
             return interrupted, queued
@@ -143,7 +157,10 @@ class DispatchService:
             hint=hint,
             rationale=rationale,
             task_summary=task_summary,
-            pool={p.template: {"warm": p.warm, "claimed": p.claimed, "max": p.max} for p in await pool_status(self._store, self._settings)},
+            pool={
+                p.template: {"warm": p.warm, "claimed": p.claimed, "max": p.max}
+                for p in await pool_status(self._store, self._settings)
+            },
             workspace_id=who.workspace_id,
             project_id=who.project_id,
             user_id=who.user_id,
@@ -156,9 +173,19 @@ class DispatchService:
         async def refuse(exc: DockyardError) -> None:
             decision.reason = str(exc)
             await self._store.add(decision)
-            await self._audit.append(who, Action.DISPATCH_CREATE, target=None, outcome="error",
-                                     detail={"mode": mode, "used_mode": used, "error": str(exc), "token_id": who.token_id,
-                                         "consent": consent})
+            await self._audit.append(
+                who,
+                Action.DISPATCH_CREATE,
+                target=None,
+                outcome="error",
+                detail={
+                    "mode": mode,
+                    "used_mode": used,
+                    "error": str(exc),
+                    "token_id": who.token_id,
+                    "consent": consent,
+                },
+            )
 
         try:
             check(self._settings, used, runner, prompt, sandbox_id, members)
@@ -201,13 +228,26 @@ class DispatchService:
             decision.dispatch_id, decision.outcome = None, "refused"
             await refuse(exc)
             raise
-        await self._audit.append(who, Action.DISPATCH_CREATE, target=row.id, outcome="ok",
-                                 detail={"mode": used, "requested_mode": mode, "runner": runner, "hint": hint, "token_id": who.token_id,
-                                         "consent": consent})
+        await self._audit.append(
+            who,
+            Action.DISPATCH_CREATE,
+            target=row.id,
+            outcome="ok",
+            detail={
+                "mode": used,
+                "requested_mode": mode,
+                "runner": runner,
+                "hint": hint,
+                "token_id": who.token_id,
+                "consent": consent,
+            },
+        )
         self._start(row)
         return info(row, hint)
 
-    def consent_question(self, who: Identity, mode: str, task_summary: str, prompt: str | None, runner: str | None) -> str | None:
+    def consent_question(
+        self, who: Identity, mode: str, task_summary: str, prompt: str | None, runner: str | None
+    ) -> str | None:
         """What to ask the user before a `user_pc` dispatch, or None when it will not run on
         the host anyway (another mode, the mode off, or a caller or runner it refuses)."""
         return consent_question(self._settings, who, mode, task_summary, prompt, runner)
@@ -231,14 +271,20 @@ class DispatchService:
         try:
             runner = await self._tokens.verify(proof)
         except DockyardError as exc:
-            raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, f"the proof is not this run's token: {exc}", dispatch_id) from exc
+            raise await self._tokens.deny(
+                who, Action.DISPATCH_SUBMIT, f"the proof is not this run's token: {exc}", dispatch_id
+            ) from exc
         row = await self._store.get(Dispatch, dispatch_id)
         if row is None or row.workspace_id != who.workspace_id:
             await self._tokens.deny(who, Action.DISPATCH_SUBMIT, "no such dispatch in the caller's reach", dispatch_id)
             raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
         if not hmac.compare_digest((row.run_token_id or "").encode(), (runner.token_id or "-").encode()):
-            raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, "the proof is not the token dockyard minted for this dispatch's run",
-                                          dispatch_id)
+            raise await self._tokens.deny(
+                who,
+                Action.DISPATCH_SUBMIT,
+                "the proof is not the token dockyard minted for this dispatch's run",
+                dispatch_id,
+            )
 
         def accept(session: Session) -> None:
             row = session.get(Dispatch, dispatch_id)
@@ -251,8 +297,13 @@ class DispatchService:
             await self._store.run(accept)
         except StateError as exc:
             raise await self._tokens.deny(who, Action.DISPATCH_SUBMIT, str(exc), dispatch_id) from exc
-        await self._audit.append(runner, Action.DISPATCH_SUBMIT, target=dispatch_id, outcome="ok",
-                                 detail={"size": len(result), "token_id": runner.token_id})
+        await self._audit.append(
+            runner,
+            Action.DISPATCH_SUBMIT,
+            target=dispatch_id,
+            outcome="ok",
+            detail={"size": len(result), "token_id": runner.token_id},
+        )
         row = await self._store.get(Dispatch, dispatch_id)
         assert row is not None
         return info(row, None)
@@ -299,8 +350,13 @@ class DispatchService:
                         await anyio.sleep(0.05)
             else:
                 row = await self._board.move(dispatch_id, CANCEL, error="cancelled by its owner", finished_at=utcnow())
-        await self._audit.append(who, Action.DISPATCH_CANCEL, target=dispatch_id, outcome="ok",
-                                 detail={"status": row.status, "token_id": who.token_id})
+        await self._audit.append(
+            who,
+            Action.DISPATCH_CANCEL,
+            target=dispatch_id,
+            outcome="ok",
+            detail={"status": row.status, "token_id": who.token_id},
+        )
         return info(row, None)
 
     async def _owned(self, who: Identity, dispatch_id: str) -> Dispatch:

@@ -17,7 +17,17 @@ from typing import Any, Protocol
 from dockyard.runtime.runtimes.commands import TIMEOUT_EXIT_CODE, OutputCallback
 from dockyard.runtime.substrate.settings import Identity, RunnerProfile
 
-__all__ = ["InSandbox", "Job", "LlmTools", "OnHost", "OutputCallback", "RunResult", "Runner", "SandboxTools", "command_argv"]
+__all__ = [
+    "InSandbox",
+    "Job",
+    "LlmTools",
+    "OnHost",
+    "OutputCallback",
+    "RunResult",
+    "Runner",
+    "SandboxTools",
+    "command_argv",
+]
 
 # What a tool call of the `llm` runner does: (name, arguments) -> text for the model.
 SandboxTools = Callable[[str, dict[str, Any]], Awaitable[str]]

@@ -41,8 +41,9 @@ class HostRunner:
         if job.profile.kind == "llm":
             raise InvalidRequestError("an llm runner's tools act in a sandbox; it cannot run on the host")
         argv = ["bash", "-c", job.prompt] if job.profile.kind == "script" else command_argv(job.profile, job.prompt)
-        ran = await run_on_host(argv, cwd=job.where.cwd, env=job.env, timeout_s=job.timeout_s, cap=self._cap,
-                                on_output=job.on_output)
+        ran = await run_on_host(
+            argv, cwd=job.where.cwd, env=job.env, timeout_s=job.timeout_s, cap=self._cap, on_output=job.on_output
+        )
         return RunResult(output=ran.stdout, exit_code=ran.exit_code, stderr=ran.stderr, timed_out=ran.timed_out)
 
 
@@ -57,15 +58,19 @@ class HostRun:
 
 
 async def run_on_host(
-    argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: float, cap: int, on_output: OutputCallback | None = None
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    cap: int,
+    on_output: OutputCallback | None = None,
 ) -> HostRun:
     """Run `argv` in `cwd` with the inherited basics plus `env`. On timeout or cancel its whole
     session is killed; a run that exits by itself keeps its background children, as in a
     sandbox. Each stream keeps its last `cap` bytes; `on_output` hears each chunk as it comes."""
     environment = {key: os.environ[key] for key in _INHERITED if key in os.environ} | env
-    process = await anyio.open_process(
-        argv, cwd=cwd, env=environment, stdin=None, start_new_session=True
-    )
+    process = await anyio.open_process(argv, cwd=cwd, env=environment, stdin=None, start_new_session=True)
     outputs: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
     finished = False
     try:

@@ -72,7 +72,9 @@ class LlmRunner:
             raise InvalidRequestError("an llm runner's tools act in a sandbox; it cannot run on the host")
         sandbox = sandbox_tools(self._sandboxes, job.owner, job.where.sandbox_id, job.env, job.where.run_as)
         conversation = job.conversation if job.conversation is not None else opening(job.prompt, job.system or SYSTEM)
-        specs, carry_out = (TOOLS, sandbox) if job.tools is None else ([*TOOLS, *job.tools.specs], job.tools.carry_out(sandbox))
+        specs, carry_out = (
+            (TOOLS, sandbox) if job.tools is None else ([*TOOLS, *job.tools.specs], job.tools.carry_out(sandbox))
+        )
         answer = ""
         with anyio.move_on_after(job.timeout_s) as limit:
             answer = await run_llm(job.profile, conversation, carry_out, specs)
@@ -91,11 +93,15 @@ def sandbox_tools(
 
     async def carry_out(name: str, arguments: dict[str, Any]) -> str:
         if name == "exec":
-            ran = await sandboxes.exec(owner, sandbox_id, str(arguments.get("command", "")), runner_env=env, run_as=run_as)
+            ran = await sandboxes.exec(
+                owner, sandbox_id, str(arguments.get("command", "")), runner_env=env, run_as=run_as
+            )
             return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
         if name == "read_file":
             return (await sandboxes.read_file(owner, sandbox_id, str(arguments.get("path", "")), "utf-8", None)).content
-        written = await sandboxes.write_file(owner, sandbox_id, str(arguments.get("path", "")), str(arguments.get("content", "")), "utf-8")
+        written = await sandboxes.write_file(
+            owner, sandbox_id, str(arguments.get("path", "")), str(arguments.get("content", "")), "utf-8"
+        )
         return f"wrote {written.size} bytes to {written.path}"
 
     return carry_out
@@ -127,7 +133,13 @@ async def run_llm(
             if not calls:
                 return str(message.get("content") or "")
             for call in calls:
-                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": await _carry_out(call, tools, names)})
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call.get("id", ""),
+                        "content": await _carry_out(call, tools, names),
+                    }
+                )
     raise LlmRunnerError(f"the model did not finish within {profile.max_steps} turns")
 
 

@@ -47,7 +47,13 @@ __all__ = ["MemberLoop"]
 log = logging.getLogger(__name__)
 
 # A member's token: the team tools, work in its own sandbox, and helpers it may dispatch.
-_MEMBER_SCOPES = [Scope.TEAM_MEMBER, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES, Scope.DISPATCH_CREATE, Scope.DISPATCH_READ]
+_MEMBER_SCOPES = [
+    Scope.TEAM_MEMBER,
+    Scope.SANDBOX_EXEC,
+    Scope.SANDBOX_FILES,
+    Scope.DISPATCH_CREATE,
+    Scope.DISPATCH_READ,
+]
 # Until the lead approves its plan, a member in plan mode may only use the team tools.
 _PLANNING_SCOPES = [Scope.TEAM_MEMBER]
 _OUTPUT_CAP = 64 * 1024
@@ -191,7 +197,10 @@ class MemberLoop:
         if team.lead_token_id is not None:
             token = await self._store.get(Token, team.lead_token_id)
             lead = token.scopes if token is not None else []
-        return [Scope.TEAM_MEMBER, *(s for s in _MEMBER_SCOPES if s != Scope.TEAM_MEMBER and ("*" in lead or s in lead))]
+        return [
+            Scope.TEAM_MEMBER,
+            *(s for s in _MEMBER_SCOPES if s != Scope.TEAM_MEMBER and ("*" in lead or s in lead)),
+        ]
 
     async def _sandbox_for(self, member: Member) -> str:
         team = await self._access.team_row(member.team_id)
@@ -243,7 +252,11 @@ class MemberLoop:
         env = _member_env(member, team, live, turn)
         # On the record before it runs: if dockyard dies mid-turn, the next start marks it interrupted.
         begun = await self._audit.append(
-            owner, Action.TEAM_TURN, target=member.team_id, outcome="started", detail={"member": member.role, "turn": turn}
+            owner,
+            Action.TEAM_TURN,
+            target=member.team_id,
+            outcome="started",
+            detail={"member": member.role, "turn": turn},
         )
         try:
             output, error = await self._run(member, owner, env, text, messages, turn)

@@ -45,7 +45,9 @@ class TaskList:
 
     async def add(self, who: Identity, team_id: str, tasks: list[tuple[str, str | None]]) -> TasksAdded:
         """Add open tasks to the shared list."""
-        async with self._audit.record(who, Action.TEAM_ADD_TASKS, team_id, count=len(tasks), token_id=who.token_id) as rec:
+        async with self._audit.record(
+            who, Action.TEAM_ADD_TASKS, team_id, count=len(tasks), token_id=who.token_id
+        ) as rec:
             team = await self._access.team(who, team_id, Action.TEAM_ADD_TASKS)
             author = await self._access.party(who, team, Action.TEAM_ADD_TASKS)
             if not tasks or any(not title.strip() for title, _ in tasks):
