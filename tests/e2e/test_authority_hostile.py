@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 import time
+from contextlib import closing
 from typing import Any
 
 import anyio
@@ -44,6 +46,16 @@ async def finished(client: Any, dispatch_id: str) -> dict[str, Any]:
     state = await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=120)
     assert state["status"] in ("completed", "failed"), state
     return state
+
+
+async def run_token_minted(served: Served, dispatch_id: str) -> None:
+    """Wait until the dispatch's run holds its own token (minted just before its runner starts)."""
+    with anyio.fail_after(60):
+        while True:
+            with closing(sqlite3.connect(served.data_dir / "dockyard.db")) as db:
+                if db.execute("SELECT 1 FROM token WHERE run_id = ?", (dispatch_id,)).fetchone():
+                    return
+            await anyio.sleep(0.1)
 
 
 def http_status(served: Served, token: str) -> int:
@@ -167,7 +179,7 @@ async def test_a_run_token_dies_with_its_run_and_with_the_token_that_started_it(
         starter = await call(client, "token_mint", scopes=[*DISPATCH])
     async with connect(served, starter["token"]) as client:
         running = await dispatched(client, 'echo "$DOCKYARD_TOKEN" > /workspace/t; sleep 6; echo done')
-        await anyio.sleep(2.5)
+        await run_token_minted(served, running["dispatch_id"])
     async with connect(served, ann["token"]) as client:
         await call(client, "token_revoke", token_id=starter["token_id"])
     async with connect(served, served.admin_key) as admin:

@@ -36,6 +36,7 @@ from tests.tools.fuzzing import Ids, arguments
 
 EXAMPLES = int(os.environ.get("DOCKYARD_FUZZ_EXAMPLES", "200"))
 CALL_BUDGET_S = 120.0
+RELEASE_WAIT_S = 30.0
 # Files a tenant might leave in its sandbox for the file tools to trip over.
 ODD_FILES = (
     "echo hello > hello.txt && mkdir -p dir/sub && echo deep > dir/sub/f && "
@@ -107,7 +108,19 @@ class World:
     # -- the deep state ---------------------------------------------------------------
 
     async def sandbox(self) -> None:
-        sandbox_id = (await self.must("sandbox_create"))["sandbox_id"]
+        # A case may have just ended something that held a runtime (a cancelled dispatch, a team
+        # shut down): its runtime is given back a moment later, so a full share is waited out.
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while not (made := await self.call("sandbox_create", {}))[0] and "quota" in made[1]:
+            if time.monotonic() > deadline:
+                held = await self.must("sandbox_list")
+                raise AssertionError(
+                    f"sandbox_create failed while setting up: {made[1]}; the workspace holds "
+                    f"{[(s['sandbox_id'], s['created_at'], s['expires_at']) for s in held['sandboxes']]}, the live objects are {self.live}"
+                )
+            await anyio.sleep(0.5)
+        assert made[0], f"sandbox_create failed while setting up: {made[1]}"
+        sandbox_id = made[1]["sandbox_id"]
         await self.must("sandbox_exec", sandbox_id=sandbox_id, command=ODD_FILES, timeout_s=30)
         self.live["sandbox"] = sandbox_id
 
