@@ -13,6 +13,10 @@ this machine's services (dockyard's own port included) or a cloud metadata addre
 A computer is never reused: when it is destroyed, its container goes, and the pool starts a
 fresh one, so no cookie, storage or history outlives its owner. Each computer is its own
 browser; parallel agents never share one.
+
+This module holds a computer's lifecycle (claim, list, ownership, expiry, end); the
+connections to the browsers and their request filter are in `browsers.py`, the actions on a
+page in `pages.py`.
 """
 
 from __future__ import annotations
