@@ -18,7 +18,7 @@ from dockyard.runtime.substrate.runs import tree_limit
 from dockyard.runtime.substrate.settings import Identity, QuotaSettings
 from dockyard.runtime.substrate.store import Computer, Sandbox, SandboxStatus
 
-__all__ = ["computer_quota", "running_limits", "sandbox_quota"]
+__all__ = ["computer_quota", "sandbox_quota"]
 
 
 def sandbox_quota(quotas: QuotaSettings, who: Identity) -> Callable[[Session], None]:
@@ -31,7 +31,7 @@ def sandbox_quota(quotas: QuotaSettings, who: Identity) -> Callable[[Session], N
         ("user_sandboxes", quotas.user_sandboxes, same_workspace & (Sandbox.user_id == who.user_id)),
     ]
     return _both(
-        running_limits(Sandbox, limits, "sandboxes"),
+        _running_limits(Sandbox, limits, "sandboxes"),
         tree_limit(Sandbox, "run_sandboxes", quotas.run_sandboxes, who, "sandboxes"),
     )
 
@@ -46,12 +46,12 @@ def computer_quota(quotas: QuotaSettings, who: Identity) -> Callable[[Session], 
         ("user_computers", quotas.user_computers, same_workspace & (Computer.user_id == who.user_id)),
     ]
     return _both(
-        running_limits(Computer, limits, "computers"),
+        _running_limits(Computer, limits, "computers"),
         tree_limit(Computer, "run_computers", quotas.run_computers, who, "computers"),
     )
 
 
-def running_limits(model: Any, limits: list[tuple[str, int, Any]], noun: str) -> Callable[[Session], None]:
+def _running_limits(model: Any, limits: list[tuple[str, int, Any]], noun: str) -> Callable[[Session], None]:
     """A check that refuses one more running `model` row (a sandbox, a computer) past any of
     `limits`: (quota name, limit or 0 for none, the rows it counts or None for all)."""
 
