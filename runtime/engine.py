@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 import anyio
 
+from dockyard.runtime.runtimes.browsers import PlaywrightBrowsers
 from dockyard.runtime.runtimes.computers import ComputerService
 from dockyard.runtime.runtimes.images import ImageService
+from dockyard.runtime.runtimes.pages import PageService
 from dockyard.runtime.runtimes.pool import PoolManager
 from dockyard.runtime.runtimes.poolstatus import pool_status
 from dockyard.runtime.runtimes.provision import Provisioner
+from dockyard.runtime.runtimes.sandboxaccess import SandboxAccess
 from dockyard.runtime.runtimes.sandboxes import SandboxService
+from dockyard.runtime.runtimes.snapshots import SnapshotService
 from dockyard.runtime.runtimes.supervisor import Supervisors
 from dockyard.runtime.runtimes.upkeep import PoolUpkeep
 from dockyard.runtime.substrate.audit import AuditLog
@@ -56,12 +60,14 @@ class Engine:
     provisioner: Provisioner
     pools: PoolManager
     sandboxes: SandboxService
+    snapshots: SnapshotService
     supervisors: Supervisors
     tokens: TokenService
     runners: Runners
     dispatches: DispatchService
     teams: TeamService
     computers: ComputerService
+    pages: PageService
 
     @property
     def operator(self) -> Identity:
@@ -87,7 +93,11 @@ class Engine:
         supervisors = Supervisors(settings.data_dir / "control", docker)
         provisioner = Provisioner(settings, instance, docker, images, supervisors)
         pools = PoolManager(settings, store, provisioner)
-        sandboxes = SandboxService(settings, store, audit, docker, pools, supervisors, tokens)
+        access = SandboxAccess(store, audit, docker, tokens)
+        snapshots = SnapshotService(settings, store, audit, docker, tokens, access)
+        sandboxes = SandboxService(settings, store, audit, docker, pools, supervisors, tokens, access, snapshots)
+        browsers = PlaywrightBrowsers(settings.computers, store, provisioner, sandboxes.ports)
+        computers = ComputerService(settings, store, audit, pools, browsers, tokens)
         runners = Runners(sandboxes, settings.sandbox.output_cap_bytes)
         engine = cls(
             settings=settings,
@@ -99,14 +109,16 @@ class Engine:
             provisioner=provisioner,
             pools=pools,
             sandboxes=sandboxes,
+            snapshots=snapshots,
             supervisors=supervisors,
             tokens=tokens,
             runners=runners,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens, runners),
             teams=TeamService(settings, store, audit, sandboxes, tokens, runners),
-            computers=ComputerService(settings, store, audit, pools, provisioner, sandboxes, tokens),
+            computers=computers,
+            pages=PageService(settings, audit, computers, browsers, sandboxes),
         )
-        await sandboxes.sweep_partial_snapshots()
+        await snapshots.sweep_partial_snapshots()
         try:
             async with anyio.create_task_group() as tg:
                 images.attach(tg)
@@ -121,7 +133,7 @@ class Engine:
                 tg.start_soon(upkeep.run)
                 await tg.start(engine.dispatches.run)
                 await tg.start(engine.teams.run)
-                await tg.start(engine.computers.run)
+                await tg.start(browsers.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine

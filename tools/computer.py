@@ -66,7 +66,7 @@ async def computer_navigate(
     """Open a URL and wait for it to load; returns the page's URL and title. Other hosts,
     file:// and other schemes are refused."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_NAVIGATE, computer_id)
-    return await engine(ctx).computers.navigate(who, computer_id, url)
+    return await engine(ctx).pages.navigate(who, computer_id, url)
 
 
 @tool_errors
@@ -75,14 +75,14 @@ async def computer_snapshot(ctx: EngineContext, computer_id: ComputerId) -> Page
     screenshot. Each element you can act on has a ref such as [ref=e12]: pass it to
     computer_click or computer_type. Refs go stale when the page changes: snapshot again."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SNAPSHOT, computer_id)
-    return await engine(ctx).computers.snapshot(who, computer_id)
+    return await engine(ctx).pages.snapshot(who, computer_id)
 
 
 @tool_errors
 async def computer_click(ctx: EngineContext, computer_id: ComputerId, ref: Ref) -> PageState:
     """Click an element by its ref from computer_snapshot; waits briefly for a page it opens."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_CLICK, computer_id)
-    return await engine(ctx).computers.click(who, computer_id, ref)
+    return await engine(ctx).pages.click(who, computer_id, ref)
 
 
 @tool_errors
@@ -96,7 +96,7 @@ async def computer_type(
     """Type into a field by its ref (its content is replaced). Text typed into a password field
     is masked in the audit log."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_TYPE, computer_id)
-    return await engine(ctx).computers.type(who, computer_id, ref, text, submit)
+    return await engine(ctx).pages.type(who, computer_id, ref, text, submit)
 
 
 @tool_errors
@@ -109,7 +109,7 @@ async def computer_press(
 ) -> PageState:
     """Press a key (or a combination) in the page."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_PRESS, computer_id)
-    return await engine(ctx).computers.press(who, computer_id, key)
+    return await engine(ctx).pages.press(who, computer_id, key)
 
 
 @tool_errors
@@ -122,7 +122,7 @@ async def computer_scroll(
 ) -> PageState:
     """Scroll the page by pixels, or bring an element into view."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SCROLL, computer_id)
-    return await engine(ctx).computers.scroll(who, computer_id, dx, dy, ref)
+    return await engine(ctx).pages.scroll(who, computer_id, dx, dy, ref)
 
 
 @tool_errors
@@ -134,7 +134,7 @@ async def computer_wait_for(
 ) -> PageState:
     """Wait until some text shows on the page (after an action that loads something)."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_WAIT_FOR, computer_id)
-    return await engine(ctx).computers.wait_for(who, computer_id, text, timeout_s)
+    return await engine(ctx).pages.wait_for(who, computer_id, text, timeout_s)
 
 
 @tool_errors
@@ -149,7 +149,7 @@ async def computer_upload(
     the browser's file dialog."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_UPLOAD, computer_id)
     await authorized(ctx, Scope.SANDBOX_FILES, Action.COMPUTER_UPLOAD, sandbox_id)
-    return await engine(ctx).computers.upload(who, computer_id, ref, sandbox_id, path)
+    return await engine(ctx).pages.upload(who, computer_id, ref, sandbox_id, path)
 
 
 @tool_errors
@@ -160,7 +160,7 @@ async def computer_screenshot(
 ) -> Image:
     """A PNG screenshot of the page, as an image."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SCREENSHOT, computer_id)
-    return Image(data=await engine(ctx).computers.screenshot(who, computer_id, full_page), format="png")
+    return Image(data=await engine(ctx).pages.screenshot(who, computer_id, full_page), format="png")
 
 
 @tool_errors

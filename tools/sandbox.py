@@ -205,7 +205,7 @@ async def sandbox_snapshot(
     running afterwards.
     """
     who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_SNAPSHOT, sandbox_id)
-    return await engine(ctx).sandboxes.snapshot(who, sandbox_id, label)
+    return await engine(ctx).snapshots.take(who, sandbox_id, label)
 
 
 @tool_errors
@@ -230,7 +230,7 @@ async def snapshot_delete(
 ) -> SnapshotDeleted:
     """Delete a snapshot for good, giving its space back to the workspace's snapshot quota."""
     who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SNAPSHOT_DELETE, snapshot_id)
-    await engine(ctx).sandboxes.delete_snapshot(who, snapshot_id)
+    await engine(ctx).snapshots.delete(who, snapshot_id)
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 

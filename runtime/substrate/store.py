@@ -63,8 +63,13 @@ class RuntimeState:
     LIVE = (PROVISIONING, WARM, CLAIMED, DRAINING, DESTROYING)
 
 
-class SandboxStatus:
-    """A sandbox (one claim of a runtime) is running until destroyed, expired or lost."""
+class SandboxStatus(StrEnum):
+    r"""A sandbox or a computer (one claim of a runtime) is running until destroyed, expired or
+    lost (stored as these strings).
+
+    running --destroy or ttl expired--> destroyed
+       \-----container died or vanished--> lost
+    """
 
     RUNNING = "running"
     DESTROYED = "destroyed"

@@ -31,13 +31,13 @@ async def test_another_workspace_cannot_see_or_touch_a_sandbox(engine: Engine) -
     for attempt in (
         engine.sandboxes.exec(BOB, box.sandbox_id, "true"),
         engine.sandboxes.read_file(BOB, box.sandbox_id, "x", None, None),
-        engine.sandboxes.snapshot(BOB, box.sandbox_id, None),
+        engine.snapshots.take(BOB, box.sandbox_id, None),
         engine.sandboxes.destroy(BOB, box.sandbox_id),
     ):
         with pytest.raises(SandboxNotFoundError):
             await attempt
     assert [s.sandbox_id for s in await engine.sandboxes.list(ALICE)] == [box.sandbox_id]
-    snap = await engine.sandboxes.snapshot(ALICE, box.sandbox_id, None)
+    snap = await engine.snapshots.take(ALICE, box.sandbox_id, None)
     with pytest.raises(Exception, match="unknown snapshot"):
         await engine.sandboxes.create(BOB, from_snapshot=snap.snapshot_id)
 

@@ -267,20 +267,18 @@ async def test_a_computer_reaches_only_its_workspaces_previews(
             }
             for url, why in refused.items():
                 with pytest.raises(Exception) as caught:
-                    await engine.computers.navigate(mine, computer, url)
+                    await engine.pages.navigate(mine, computer, url)
                 assert why in str(caught.value), (url, caught.value)
 
             # A page of the workspace's own preview cannot reach past it either: its requests to
             # this machine's service and to another workspace's preview are refused in flight.
             for target in (f"http://127.0.0.1:{host_port}/", other_url):
-                await engine.computers.navigate(
-                    mine, computer, f"{own_url}&probe={target}"
-                )  # own_url has a query: its key
-                await engine.computers.wait_for(mine, computer, "blocked", 10)
+                await engine.pages.navigate(mine, computer, f"{own_url}&probe={target}")  # own_url has a query: its key
+                await engine.pages.wait_for(mine, computer, "blocked", 10)
             assert hits == []
             # Another workspace cannot drive this computer at all.
             with pytest.raises(Exception, match="unknown computer"):
-                await engine.computers.snapshot(theirs, computer)
+                await engine.pages.snapshot(theirs, computer)
             denied = [a for a in await engine.audit.query(workspace_id="team-b") if a.kind == "computer.snapshot"]
             assert [a.outcome for a in denied] == ["denied"]
     finally:
