@@ -45,7 +45,7 @@ class PoolClaims:
         timeout_s: float | None = None,
         notify: Callable[[BuildState], Awaitable[None]] | None = None,
     ) -> Lease:
-        """Hand one runtime of `template` to a new owner; `bind` records the owner in the same transaction."""
+        """Hand one runtime of `pool` to a new owner; `bind` records the owner in the same transaction."""
         started = time.perf_counter()
         deadline = time.monotonic() + (timeout_s or self._settings.claim_timeout_s)
         needs_cold = network != pool.network or network != "none"  # a network is the workspace's own
