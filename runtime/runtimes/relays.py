@@ -1,7 +1,7 @@
 """Host-side relays: loopback listeners that let a connection through only once its first
 request head proves it holds the endpoint's secret.
 
-Exposed sandbox ports (`ports.py`) and a computer's DevTools endpoint (`computers.py`) are
+Exposed sandbox ports (`ports.py`) and a computer's DevTools endpoint (`browsers.py`) are
 served on 127.0.0.1 of this machine, where any local user or process can connect. So each
 connection starts at a gate: its first HTTP request head is read (bounded in size and time)
 and judged; a refused one gets a short HTTP answer and is closed before a byte reaches the

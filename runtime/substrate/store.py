@@ -44,8 +44,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class RuntimeState:
-    r"""Where a runtime (one container) is in its pool's lifecycle.
+class RuntimeState(StrEnum):
+    r"""Where a runtime (one container) is in its pool's lifecycle (stored as these strings).
 
     provisioning -> warm -> claimed -> draining -> warm        (recycled, verified clean)
                                                \-> destroying -> destroyed
@@ -60,7 +60,7 @@ class RuntimeState:
     DESTROYED = "destroyed"
     LOST = "lost"
 
-    LIVE = (PROVISIONING, WARM, CLAIMED, DRAINING, DESTROYING)
+    LIVE = nonmember((PROVISIONING, WARM, CLAIMED, DRAINING, DESTROYING))
 
 
 class SandboxStatus(StrEnum):
