@@ -16,9 +16,13 @@ valid computer_create is refused at once instead of building Chromium.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+from collections import deque
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -74,6 +78,8 @@ class World:
     live: dict[str, str] = field(default_factory=dict)
     dead: list[str] = field(default_factory=list)
     instance: str = ""
+    store: Path | None = None
+    history: deque[str] = field(default_factory=lambda: deque(maxlen=40))
 
     def ids(self) -> Ids:
         """The same number of ids for every case (hypothesis replays choices by position)."""
@@ -96,6 +102,8 @@ class World:
         """(True, structured result) or (False, the error text)."""
         with anyio.fail_after(CALL_BUDGET_S):
             result = await self.client.call_tool(tool, args)
+        said = result.content[0].text if result.is_error and result.content else result.structured_content
+        self.history.append(f"{tool}({str(args)[:160]}) -> {'error' if result.is_error else 'ok'}: {str(said)[:160]}")
         if result.is_error:
             return False, result.content[0].text if result.content else ""
         return True, result.structured_content
@@ -113,16 +121,30 @@ class World:
         deadline = time.monotonic() + RELEASE_WAIT_S
         while not (made := await self.call("sandbox_create", {}))[0] and "quota" in made[1]:
             if time.monotonic() > deadline:
-                held = await self.must("sandbox_list")
                 raise AssertionError(
-                    f"sandbox_create failed while setting up: {made[1]}; the workspace holds "
-                    f"{[(s['sandbox_id'], s['created_at'], s['expires_at']) for s in held['sandboxes']]}, the live objects are {self.live}"
+                    f"sandbox_create failed while setting up: {made[1]}\nthe live objects: {self.live}\n"
+                    f"the sandboxes held, and the runs holding them:\n{self.holders()}\nthe last calls:\n"
+                    + "\n".join(self.history)
                 )
             await anyio.sleep(0.5)
         assert made[0], f"sandbox_create failed while setting up: {made[1]}"
         sandbox_id = made[1]["sandbox_id"]
         await self.must("sandbox_exec", sandbox_id=sandbox_id, command=ODD_FILES, timeout_s=30)
         self.live["sandbox"] = sandbox_id
+
+    def holders(self) -> str:
+        """Each running sandbox with the run that holds it (a dispatch or a member) and its state."""
+        assert self.store is not None
+        with closing(sqlite3.connect(self.store)) as db:
+            rows = db.execute("SELECT id, run_id, created_at FROM sandbox WHERE status = 'running'").fetchall()
+            found = []
+            for sandbox_id, run_id, created in rows:
+                run = db.execute("SELECT mode, status, error FROM dispatch WHERE id = ?", (run_id,)).fetchone()
+                run = (
+                    run or db.execute("SELECT 'member', status, team_id FROM member WHERE id = ?", (run_id,)).fetchone()
+                )
+                found.append(f"  {sandbox_id} created {created} by run {run_id}: {run}")
+        return "\n".join(found)
 
     async def dispatch(self) -> None:
         started = await self.must(
@@ -206,8 +228,9 @@ def world(
         with start_blocking_portal() as portal:
             with portal.wrap_async_context_manager(Client(build_server(fuzz_settings))) as client:
                 world = World(client, portal)
-                portal.call(world.setup)
                 world.instance = instance_id(fuzz_settings)
+                world.store = fuzz_settings.store_path
+                portal.call(world.setup)
                 yield world
     finally:
         remove_instance(docker_client, fuzz_settings)
