@@ -18,10 +18,11 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))  # protocol.py lies beside this file
-from protocol import BRIDGE_SOCKET as SOCKET, CHUNK, token_line  # noqa: E402
+from protocol import BRIDGE_SOCKET as SOCKET
+from protocol import CHUNK, token_line
 
 
-def upstream(conn):
+def upstream(conn: socket.socket) -> None:
     """stdin -> supervisor; EOF on stdin ends the session."""
     try:
         while True:
@@ -38,7 +39,7 @@ def upstream(conn):
             pass
 
 
-def main():
+def main() -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(SOCKET)
@@ -63,7 +64,7 @@ def main():
         answered = True
         view = memoryview(data)
         while view:
-            view = view[os.write(1, view):]
+            view = view[os.write(1, view) :]
 
 
 if __name__ == "__main__":

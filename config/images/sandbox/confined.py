@@ -25,6 +25,7 @@ import os
 import secrets
 import stat
 import unicodedata
+from typing import Any
 
 ROOT = "/workspace"
 MAX_LINKS = 40  # as the kernel's own limit on symlinks in one lookup
@@ -45,12 +46,12 @@ _SPECIAL = {"fifo": "a FIFO (named pipe)", "socket": "a socket", "device": "a de
 class Refused(Exception):
     """A file operation refused; `code` tells the server which error it is."""
 
-    def __init__(self, code, message):
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def shown(name):
+def shown(name: str) -> tuple[str, bool]:
     """A name (str, undecodable bytes as surrogates) as printable text, and whether it is one
     the file tools can address: each byte that is not UTF-8 becomes \\xNN, each control
     character \\xNN (or \\uNNNN)."""
@@ -67,11 +68,11 @@ def shown(name):
     return text, text == name
 
 
-def kind_of(mode):
+def kind_of(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "other")
 
 
-def _name_ok(name, path):
+def _name_ok(name: str, path: str) -> None:
     text, ok = shown(name)
     if not ok:
         raise Refused(
@@ -81,7 +82,7 @@ def _name_ok(name, path):
         )
 
 
-def _parts(path):
+def _parts(path: str) -> list[str]:
     """The caller's path as names under /workspace (the server has cleaned it; checked again)."""
     _name_ok(path, path)
     rel = path[len(ROOT) :] if path == ROOT or path.startswith(ROOT + "/") else path
@@ -93,13 +94,11 @@ def _parts(path):
     return parts
 
 
-def _link_parts(target, path):
+def _link_parts(target: str, path: str) -> tuple[bool, list[str]]:
     """A symlink's target as names to walk: absolute ones restart at /workspace."""
     if target.startswith("/"):
         if target != ROOT and not target.startswith(ROOT + "/"):
-            raise Refused(
-                "outside", f"'{path}' leads through a symlink to {shown(target)[0]}, outside /workspace"
-            )
+            raise Refused("outside", f"'{path}' leads through a symlink to {shown(target)[0]}, outside /workspace")
         return True, [part for part in target[len(ROOT) :].split("/") if part not in ("", ".")]
     return False, [part for part in target.split("/") if part not in ("", ".")]
 
@@ -107,12 +106,13 @@ def _link_parts(target, path):
 class _Walk:
     """The directories held open on the way to a path's last name."""
 
-    def __init__(self, path, make_dirs=False):
+    def __init__(self, path: str, make_dirs: bool = False) -> None:
         self.path = path
         self.fds = [os.open(ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)]
-        self.names = []
-        self.leaf = None  # the last name, in self.dir; None when the path ends at a directory held (/workspace, or a link to '.')
-        self.info = None  # its lstat, None when it does not exist
+        self.names: list[str] = []
+        # The last name, in self.dir; None when the path ends at a directory held (/workspace, or a link to '.').
+        self.leaf: str | None = None
+        self.info: os.stat_result | None = None  # its lstat, None when it does not exist
         try:
             self._walk(_parts(path), make_dirs)
         except BaseException:
@@ -120,31 +120,31 @@ class _Walk:
             raise
 
     @property
-    def dir(self):
+    def dir(self) -> int:
         return self.fds[-1]
 
     @property
-    def relative(self):
+    def relative(self) -> str:
         return "/".join(self.names + ([self.leaf] if self.leaf is not None else [])) or "."
 
-    def close(self):
+    def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
 
-    def __enter__(self):
+    def __enter__(self) -> "_Walk":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _up(self):
+    def _up(self) -> None:
         if not self.names:
             raise Refused("outside", f"'{self.path}' leads through a symlink to a place outside /workspace")
         os.close(self.fds.pop())
         self.names.pop()
 
-    def _walk(self, todo, make_dirs):
+    def _walk(self, todo: list[str], make_dirs: bool) -> None:
         links = 0
         while todo:
             name = todo.pop(0)
@@ -190,13 +190,16 @@ class _Walk:
                 self.names.append(name)
             else:
                 os.close(fd)
-                where = "/".join(self.names + [name])
+                where = "/".join([*self.names, name])
                 raise Refused("not_dir", f"'{self.path}': '{where}' is {kind_of(info.st_mode)}, not a directory")
 
-    def open(self, flags, want):
+    def open(self, flags: int, want: str) -> tuple[int, os.stat_result]:
         """The last name opened with `flags`, checked to be the file the walk found."""
+        leaf, found = self.leaf, self.info
+        if leaf is None or found is None:  # the callers open only a name the walk found
+            raise Refused("missing", f"'{self.path}' does not exist")
         try:
-            fd = os.open(self.leaf, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=self.dir)
+            fd = os.open(leaf, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=self.dir)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise Refused("changed", f"'{self.path}' changed while it was being opened; try again") from exc
         except OSError as exc:
@@ -204,13 +207,13 @@ class _Walk:
                 raise
             raise Refused("changed", f"'{self.path}' changed while it was being opened; try again") from exc
         info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != (self.info.st_dev, self.info.st_ino) or kind_of(info.st_mode) != want:
+        if (info.st_dev, info.st_ino) != (found.st_dev, found.st_ino) or kind_of(info.st_mode) != want:
             os.close(fd)
             raise Refused("changed", f"'{self.path}' changed while it was being opened; try again")
         return fd, info
 
 
-def _refuse_kind(path, info, want):
+def _refuse_kind(path: str, info: os.stat_result, want: str) -> None:
     kind = kind_of(info.st_mode)
     if kind == "dir":
         raise Refused("not_file", f"'{path}' is a directory; call sandbox_list_files to see what it holds")
@@ -221,7 +224,7 @@ def _refuse_kind(path, info, want):
         )
 
 
-def read_file(path, max_bytes):
+def read_file(path: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     """Up to `max_bytes` of a regular file: (answer, bytes)."""
     with _Walk(path) as walk:
         if walk.leaf is None:
@@ -245,7 +248,7 @@ def read_file(path, max_bytes):
         return answer, data
 
 
-def write_file(path, mode, data):
+def write_file(path: str, mode: str, data: bytes) -> dict[str, Any]:
     """Write `data` to `path` atomically (a temp file renamed over it); returns the answer."""
     with _Walk(path, make_dirs=True) as walk:
         if walk.leaf is None:
@@ -268,7 +271,7 @@ def write_file(path, mode, data):
         return {"ok": True, "path": walk.relative, "size": len(data)}
 
 
-def list_files(path, recursive, max_entries):
+def list_files(path: str, recursive: bool, max_entries: int) -> dict[str, Any]:
     """Entries under a directory, breadth first and sorted by name, at most `max_entries`."""
     limit = int(max_entries)
     with _Walk(path) as walk:
@@ -281,7 +284,8 @@ def list_files(path, recursive, max_entries):
         else:
             top, _ = walk.open(os.O_RDONLY | os.O_DIRECTORY, "dir")
         where = walk.relative
-    entries, truncated = [], False
+    entries: list[dict[str, Any]] = []
+    truncated = False
     queue = [(top, "" if where == "." else where + "/", True)]
     try:
         while queue and not truncated:
@@ -296,7 +300,14 @@ def list_files(path, recursive, max_entries):
     return {"ok": True, "path": where, "entries": entries, "truncated": truncated}
 
 
-def _list_one(fd, prefix, addressable, entries, limit, queue):
+def _list_one(
+    fd: int,
+    prefix: str,
+    addressable: bool,
+    entries: list[dict[str, Any]],
+    limit: int,
+    queue: list[tuple[int, str, bool]] | None,
+) -> bool:
     """Add one directory's entries; queue its subdirectories (opened, never through a symlink).
     Returns True when the limit cut the listing short."""
     with os.scandir(fd) as found:
@@ -310,8 +321,15 @@ def _list_one(fd, prefix, addressable, entries, limit, queue):
             return True
         text, ok = shown(entry.name)
         kind = kind_of(info.st_mode)
-        entries.append({"path": prefix + text, "type": kind, "size": info.st_size, "mtime": info.st_mtime,
-                        "is_addressable": addressable and ok})
+        entries.append(
+            {
+                "path": prefix + text,
+                "type": kind,
+                "size": info.st_size,
+                "mtime": info.st_mtime,
+                "is_addressable": addressable and ok,
+            }
+        )
         if queue is not None and kind == "dir":
             try:
                 sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
@@ -321,10 +339,12 @@ def _list_one(fd, prefix, addressable, entries, limit, queue):
     return False
 
 
-def refusal(exc):
+def refusal(exc: Refused | OSError) -> dict[str, Any]:
     """The JSON answer for a refused or failed file operation."""
     if isinstance(exc, Refused):
         return {"ok": False, "error": exc.code, "message": str(exc)}
     name = exc.filename
-    where = f" ({shown(os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name))[0]})" if name is not None else ""
+    where = (
+        f" ({shown(os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name))[0]})" if name is not None else ""
+    )
     return {"ok": False, "error": "io", "message": f"{exc.strerror or exc}{where}"}

@@ -21,6 +21,8 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 VERSION = 1
 ROOT = "/workspace"
@@ -29,13 +31,13 @@ SKEL = "/etc/skel"
 SCRATCH = ("/workspace", "/tmp", "/dev/shm", "/dev/mqueue")
 
 
-def answer(**fields):
+def answer(**fields: Any) -> None:
     sys.stdout.write(json.dumps({"ok": True, **fields}))
 
 
-def processes():
+def processes() -> dict[int, tuple[int, int, str, int, str]]:
     """{pid: (ppid, start time, state, uid, command)} of every process this helper can see."""
-    found = {}
+    found: dict[int, tuple[int, int, str, int, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -52,7 +54,9 @@ def processes():
     return found
 
 
-def strays(found):
+def strays(
+    found: dict[int, tuple[int, int, str, int, str]],
+) -> tuple[int | None, dict[int, tuple[int, int, str, int, str]]]:
     """Live processes that are neither PID 1, nor the container's command, nor this helper."""
     children_of_init = [(info[1], pid) for pid, info in found.items() if info[0] == 1]
     keeper = min(children_of_init)[1] if children_of_init else None
@@ -60,10 +64,10 @@ def strays(found):
     return keeper, {pid: info for pid, info in found.items() if pid not in spare and info[2] != "Z"}
 
 
-def empty(path):
+def empty(path: str) -> None:
     """Remove everything inside `path`, also what its owner made read-only."""
 
-    def writable_again(func, target, _exc):
+    def writable_again(func: Callable[[str], object], target: str, _exc: object) -> None:
         os.chmod(os.path.dirname(target), 0o700)
         if os.path.isdir(target) and not os.path.islink(target):
             os.chmod(target, 0o700)
@@ -80,7 +84,7 @@ def empty(path):
             os.unlink(full)
 
 
-def kill_mine():
+def kill_mine() -> None:
     """Kill every stray process of this user (frozen first, so none can fork)."""
     me = os.getuid()
     for _ in range(50):
@@ -95,15 +99,16 @@ def kill_mine():
                 except OSError:
                     pass
         time.sleep(0.01)
-    if shutil.which("ipcrm"):
-        os.spawnv(os.P_WAIT, shutil.which("ipcrm"), ["ipcrm", "--all"])
+    ipcrm = shutil.which("ipcrm")
+    if ipcrm:
+        os.spawnv(os.P_WAIT, ipcrm, ["ipcrm", "--all"])
 
 
 # What a fresh runtime's own places look like: the modes the image gives them (its Dockerfile).
 FRESH_MODES = {ROOT: 0o2775, HOME: 0o700}
 
 
-def place_print(path):
+def place_print(path: str) -> dict[str, Any]:
     """What an owner may change on a place itself (not its content): mode, owner, group and
     extended attributes, ACLs included (their values hashed; '?' where unreadable)."""
     st = os.lstat(path)
@@ -111,7 +116,7 @@ def place_print(path):
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         names = []
-    xattrs = {}
+    xattrs: dict[str, str] = {}
     for name in sorted(names):
         try:
             xattrs[name] = hashlib.sha256(os.getxattr(path, name, follow_symlinks=False)).hexdigest()[:16]
@@ -120,7 +125,7 @@ def place_print(path):
     return {"mode": oct(stat.S_IMODE(st.st_mode)), "uid": st.st_uid, "gid": st.st_gid, "xattrs": xattrs}
 
 
-def make_fresh(path, mode):
+def make_fresh(path: str, mode: int) -> None:
     """Undo what its owner may have changed on a place itself: every extended attribute (a
     default or access ACL too) goes, the mode is the image's again."""
     if not os.path.isdir(path) or os.stat(path).st_uid != os.getuid():
@@ -137,7 +142,7 @@ def make_fresh(path, mode):
     os.chmod(path, mode)
 
 
-def cmd_reset():
+def cmd_reset() -> None:
     """Kill every stray process (frozen first, so none can fork), then empty the writable places
     and make the places themselves as the image made them."""
     kill_mine()
@@ -150,7 +155,7 @@ def cmd_reset():
     answer()
 
 
-def open_and_remove(root):
+def open_and_remove(root: str) -> None:
     """Open every directory this user owns under `root` to all (mode 0777, sticky bit gone), so
     whoever comes next can empty it; then remove every entry it may remove, deepest first."""
     me = os.getuid()
@@ -184,7 +189,7 @@ def open_and_remove(root):
                 pass
 
 
-def cmd_release():
+def cmd_release() -> None:
     """A member's user leaving a shared sandbox: its processes, its files, a fresh home."""
     kill_mine()
     for path in SCRATCH:
@@ -197,7 +202,7 @@ def cmd_release():
     answer()
 
 
-def same_tree(left, right):
+def same_tree(left: str, right: str) -> list[str]:
     """Paths under `left` that differ from, or are missing in, `right` (and the other way)."""
     differ = []
     for base, other in ((left, right), (right, left)):
@@ -214,7 +219,7 @@ def same_tree(left, right):
     return sorted(set(differ))
 
 
-def cmd_verify():
+def cmd_verify() -> None:
     """Report anything a previous owner could have left behind; nothing means clean."""
     leftovers = []
     keeper, found = strays(processes())
@@ -235,12 +240,12 @@ def cmd_verify():
     answer(leftovers=leftovers)
 
 
-def cmd_connect(port):
+def cmd_connect(port: str) -> None:
     """Relay stdin/stdout to 127.0.0.1:<port>, for previews of sandboxes without a network."""
     conn = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
     conn.settimeout(None)
 
-    def upstream():
+    def upstream() -> None:
         while True:
             data = os.read(0, 65536)
             if not data:
@@ -256,7 +261,7 @@ def cmd_connect(port):
         os.write(1, data)
 
 
-VERBS = {
+VERBS: dict[str, Callable[..., None]] = {
     "connect": cmd_connect,
     "reset": cmd_reset,
     "release": cmd_release,
@@ -264,7 +269,7 @@ VERBS = {
 }
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] not in VERBS:
         if len(argv) > 1 and argv[1] == "version":
             print(VERSION)

@@ -199,7 +199,7 @@ async def accept(conn: Connection, read_key: Callable[[], bytes]) -> bool:
     await conn.send({"t": HELLO, "protocol": VERSION, "nonce": nonce})
     try:
         obj, _ = await asyncio.wait_for(conn.receive(), HANDSHAKE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     try:
         key = read_key()
@@ -212,6 +212,12 @@ async def accept(conn: Connection, read_key: Callable[[], bytes]) -> bool:
     if not hmac.compare_digest(str(obj.get("proof", "")), proof(key, "server", nonce)):
         await conn.send({"t": REFUSED, "message": "bad proof"})
         return False
-    await conn.send({"t": READY, "protocol": VERSION, "pid": os.getpid(),
-                     "proof": proof(key, "supervisor", str(obj.get("nonce", "")))})
+    await conn.send(
+        {
+            "t": READY,
+            "protocol": VERSION,
+            "pid": os.getpid(),
+            "proof": proof(key, "supervisor", str(obj.get("nonce", ""))),
+        }
+    )
     return True

@@ -17,13 +17,14 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterable
 
 SUPERVISOR_OOM_SCORE = -1000  # never chosen, where the container lets the supervisor ask for it
 KILL_LIMIT_S = 10  # a kill gives up after this long (a process stuck in the kernel, say)
 _KILL_PAUSE_S = 0.002  # between rounds, for the killed to become zombies
 
 
-def _write_score(score):
+def _write_score(score: int) -> None:
     try:
         with open("/proc/self/oom_score_adj", "w") as fh:
             fh.write(str(score))
@@ -31,7 +32,7 @@ def _write_score(score):
         pass  # lower than the container allows: keep what it gives
 
 
-def protect_supervisor():
+def protect_supervisor() -> int | None:
     """Give the supervisor the lowest OOM score the container allows; returns the score
     (None where the kernel has no such knob)."""
     _write_score(SUPERVISOR_OOM_SCORE)
@@ -42,9 +43,9 @@ def protect_supervisor():
         return None
 
 
-def processes():
+def processes() -> dict[int, tuple[int, str, int]]:
     """{pid: (ppid, state, uid)} of every process in the sandbox."""
-    found = {}
+    found: dict[int, tuple[int, str, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -58,12 +59,12 @@ def processes():
     return found
 
 
-def descendants(table, roots):
+def descendants(table: dict[int, tuple[int, str, int]], roots: Iterable[int]) -> set[int]:
     """The live (not yet zombie) processes below any of `roots` in `table`."""
-    children = {}
+    children: dict[int, list[int]] = {}
     for pid, (ppid, _state, _uid) in table.items():
         children.setdefault(ppid, []).append(pid)
-    found = set()
+    found: set[int] = set()
     todo = list(roots)
     while todo:
         for child in children.get(todo.pop(), ()):
@@ -73,15 +74,15 @@ def descendants(table, roots):
     return {pid for pid in found if table[pid][1] not in "ZX"}
 
 
-async def kill_tree(root):
+async def kill_tree(root: int) -> int:
     """Freeze, then kill, every process below the reaper `root`, round after round until
     none is left; returns how many were killed. The reaper is held stopped meanwhile."""
     _signal(root, signal.SIGSTOP)
-    killed = set()
+    killed: set[int] = set()
     try:
         deadline = time.monotonic() + KILL_LIMIT_S
         while time.monotonic() < deadline:
-            frozen = set()
+            frozen: set[int] = set()
             while True:  # freeze until a look finds nothing new: then nothing can fork
                 alive = descendants(processes(), [root])
                 fresh = alive - frozen
@@ -101,16 +102,19 @@ async def kill_tree(root):
     return len(killed)
 
 
-def _signal(pid, sig):
+def _signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
     except OSError:
         pass
 
 
-def oom_kills():
+def oom_kills() -> int | None:
     """How many processes the kernel has killed in this sandbox for memory (None if unknown)."""
-    for path, key in (("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"), ("/sys/fs/cgroup/memory.events", "oom_kill")):
+    for path, key in (
+        ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
+        ("/sys/fs/cgroup/memory.events", "oom_kill"),
+    ):
         try:
             with open(path) as fh:
                 for line in fh:
@@ -122,7 +126,7 @@ def oom_kills():
     return None
 
 
-def memory_limit_mb():
+def memory_limit_mb() -> int | None:
     """The sandbox's memory limit in MiB (None if unknown or unlimited)."""
     for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
         try:

@@ -71,18 +71,20 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import signal
+import socket
 import struct
 import sys
 import time
+from collections.abc import Coroutine, Iterable, Iterator
+from typing import Any
 
 sys.path.insert(0, "/usr/local/lib/dockyard")
-import confined  # noqa: E402
-import helper  # noqa: E402
-import protocol  # noqa: E402
-import reaper  # noqa: E402
-from protocol import BRIDGE_SOCKET, CHUNK, CONTROL_DIR, Closed  # noqa: E402
+import confined
+import helper
+import protocol
+import reaper
+from protocol import BRIDGE_SOCKET, CHUNK, CONTROL_DIR, Closed
 
 HELPER = "/usr/local/lib/dockyard/helper.py"
 REAPER = "/usr/local/lib/dockyard/reaper"  # reaper.c, compiled when the image is built
@@ -99,10 +101,10 @@ MEMBERS = {p.pw_name: p for p in pwd.getpwall() if re.fullmatch(r"m[0-9]+", p.pw
 USERS = {USER: AGENT, **MEMBERS}
 UIDS = {p.pw_uid for p in USERS.values()}
 # Member users that ran something since the last reset: each removes what it owns at the next.
-USED = set()
+USED: set[str] = set()
 
 
-def user_of(request):
+def user_of(request: dict[str, Any]) -> pwd.struct_passwd | None:
     """The sandbox user a request names (`agent` when it names none); None for any other."""
     name = request.get("user") or USER
     found = USERS.get(name) if isinstance(name, str) else None
@@ -112,7 +114,7 @@ def user_of(request):
 
 
 @contextlib.contextmanager
-def as_user(user):
+def as_user(user: pwd.struct_passwd) -> Iterator[None]:
     """Act with a sandbox user's file rights for a moment (no await may happen inside)."""
     os.setegid(user.pw_gid)
     os.seteuid(user.pw_uid)
@@ -123,31 +125,31 @@ def as_user(user):
         os.setegid(0)
 
 
-def user_env(user):
+def user_env(user: pwd.struct_passwd) -> dict[str, str]:
     return {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
 
 
 class Connection(protocol.Connection):
     """One framed connection to the server, and the commands it started."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super().__init__(reader, writer)
-        self.commands = {}
+        self.commands: dict[Any, Command] = {}
 
 
 class Pipes(asyncio.SubprocessProtocol):
     """Hands a command's output and exit to it as they happen."""
 
-    def __init__(self, command):
+    def __init__(self, command: "Command") -> None:
         self.command = command
 
-    def pipe_data_received(self, fd, data):
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.command.output(fd, data)
 
-    def pipe_connection_lost(self, fd, exc):
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         self.command.pipe_closed(fd)
 
-    def process_exited(self):
+    def process_exited(self) -> None:
         self.command.exited.set()
 
 
@@ -159,45 +161,62 @@ class Command:
     a moment, then the pipes are closed).
     """
 
-    def __init__(self, conn, request):
+    def __init__(self, conn: Connection, request: dict[str, Any]) -> None:
         self.conn = conn
         self.id = request["id"]
         self.request = request
-        self.transport = None
+        self.transport: asyncio.SubprocessTransport | None = None
         self.killed = False
         self.cap = int(request.get("cap_bytes") or (1 << 20))
         self.sent = [0, 0]
         self.dropped = [0, 0]
         self.token = request.get("token") or secrets.token_hex(12)
         self.user = user_of(request)
-        self.outbox = asyncio.Queue()
+        self.outbox: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
         self.exited = asyncio.Event()
         self.open_pipes = {1, 2}
         self.pipes_closed = asyncio.Event()
-        self.early_stdin = []
+        self.early_stdin: list[bytes] = []
         self.kill_lock = asyncio.Lock()
 
-    async def run(self):
+    async def run(self) -> None:
         try:
             await self._run()
         except Closed:
             await self.kill()
-        except Exception as exc:  # the server must hear of it rather than wait
+        except Exception as exc:  # noqa: BLE001 - the server hears of it in the exit frame rather than wait
             await self.kill()
             with contextlib.suppress(Closed):
-                await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False,
-                                      "dropped": self.dropped, "error": f"supervisor failure: {exc!r}"})
+                await self.conn.send(
+                    {
+                        "t": "exit",
+                        "id": self.id,
+                        "code": 126,
+                        "timed_out": False,
+                        "dropped": self.dropped,
+                        "error": f"supervisor failure: {exc!r}",
+                    }
+                )
         finally:
             self.conn.commands.pop(self.id, None)
             if self.transport is not None:
                 RUNNING.discard(self.transport.get_pid())
                 self.transport.close()
 
-    async def _run(self):
+    async def _run(self) -> None:
         req = self.request
         if self.user is None:
-            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False, "dropped": [0, 0],
-                                  "refused": "user", "error": f"no sandbox user {req.get('user')!r}"})
+            await self.conn.send(
+                {
+                    "t": "exit",
+                    "id": self.id,
+                    "code": 126,
+                    "timed_out": False,
+                    "dropped": [0, 0],
+                    "refused": "user",
+                    "error": f"no sandbox user {req.get('user')!r}",
+                }
+            )
             return
         env = {**BASE_ENV, **user_env(self.user), **{str(k): str(v) for k, v in req.get("env", {}).items()}}
         env["DOCKYARD_EXEC_ID"] = self.token
@@ -215,8 +234,17 @@ class Command:
                 finally:
                     os.chdir("/")
         except OSError as exc:
-            await self.conn.send({"t": "exit", "id": self.id, "code": 126, "timed_out": False, "dropped": [0, 0],
-                                  "refused": "cwd", "error": f"cannot enter {req.get('cwd')}: {exc.strerror}"})
+            await self.conn.send(
+                {
+                    "t": "exit",
+                    "id": self.id,
+                    "code": 126,
+                    "timed_out": False,
+                    "dropped": [0, 0],
+                    "refused": "cwd",
+                    "error": f"cannot enter {req.get('cwd')}: {exc.strerror}",
+                }
+            )
             return
         loop = asyncio.get_running_loop()
         oom_before = reaper.oom_kills()
@@ -224,7 +252,11 @@ class Command:
         try:
             self.transport, _ = await loop.subprocess_exec(
                 lambda: Pipes(self),
-                REAPER, str(status_w), str(self.user.pw_uid), str(self.user.pw_gid), *req["argv"],
+                REAPER,
+                str(status_w),
+                str(self.user.pw_uid),
+                str(self.user.pw_gid),
+                *req["argv"],
                 stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -254,7 +286,7 @@ class Command:
         timed_out = False
         try:
             await asyncio.wait_for(self.exited.wait(), req.get("timeout_s"))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             await self.kill()
             await asyncio.wait_for(self.exited.wait(), KILL_WAIT_S)
@@ -265,25 +297,32 @@ class Command:
         self.outbox.put_nowait(None)
         await sender
         code = self.transport.get_returncode()
-        ended = {"t": "exit", "id": self.id, "code": code if code >= 0 else 128 - code,
-                 "timed_out": timed_out, "dropped": self.dropped}
+        if code is None:  # `exited` is set once the process ended, and its status with it
+            raise RuntimeError("the command's process ended without an exit status")
+        ended = {
+            "t": "exit",
+            "id": self.id,
+            "code": code if code >= 0 else 128 - code,
+            "timed_out": timed_out,
+            "dropped": self.dropped,
+        }
         oom_after = reaper.oom_kills()
         if oom_before is not None and oom_after is not None and oom_after > oom_before:
             ended.update(oom_kills=oom_after - oom_before, memory_mb=reaper.memory_limit_mb())
         await self.conn.send(ended)
 
-    async def not_started(self, exc):
+    async def not_started(self, exc: OSError) -> None:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         why = f"could not start the command: {exc.strerror}"
         if exc.errno == errno.EAGAIN:
             why += "; no process could be started: the sandbox is out of process slots"
             if stopped := stop_background():
-                why += (f", so the {stopped} background processes earlier commands left behind were stopped: "
-                        "try again")
-        await self.conn.send({"t": "exit", "id": self.id, "code": code, "timed_out": False,
-                              "dropped": [0, 0], "error": why})
+                why += f", so the {stopped} background processes earlier commands left behind were stopped: try again"
+        await self.conn.send(
+            {"t": "exit", "id": self.id, "code": code, "timed_out": False, "dropped": [0, 0], "error": why}
+        )
 
-    def output(self, fd, data):
+    def output(self, fd: int, data: bytes) -> None:
         index = 0 if fd == 1 else 1
         keep = data[: max(self.cap - self.sent[index], 0)]
         self.sent[index] += len(keep)
@@ -291,33 +330,33 @@ class Command:
         if keep:
             self.outbox.put_nowait((fd, keep))
 
-    def pipe_closed(self, fd):
+    def pipe_closed(self, fd: int) -> None:
         self.open_pipes.discard(fd)
         if not self.open_pipes:
             self.pipes_closed.set()
 
-    async def send_output(self):
+    async def send_output(self) -> None:
         while (item := await self.outbox.get()) is not None:
             fd, data = item
             await self.conn.send({"t": "out", "id": self.id, "fd": fd}, data)
 
-    async def feed(self, body):
+    async def feed(self, body: bytes) -> None:
         """Bytes for the command's stdin (an empty body closes it); kept until it starts."""
         if self.transport is None:
             self.early_stdin.append(body)
         else:
             self.write_stdin(body)
 
-    def write_stdin(self, body):
-        pipe = self.transport.get_pipe_transport(0)
-        if pipe is None or pipe.is_closing():
+    def write_stdin(self, body: bytes) -> None:
+        pipe = self.transport.get_pipe_transport(0) if self.transport is not None else None
+        if not isinstance(pipe, asyncio.WriteTransport) or pipe.is_closing():  # none, or closed
             return
         if body:
             pipe.write(body)
         else:
             pipe.close()
 
-    async def kill(self):
+    async def kill(self) -> None:
         """Freeze and kill every process below the command's reaper (never the supervisor's)."""
         self.killed = True
         if self.transport is None or self.transport.get_returncode() is not None:
@@ -326,29 +365,32 @@ class Command:
             await reaper.kill_tree(self.transport.get_pid())
 
 
-TASKS = set()
+TASKS: set[asyncio.Task[None]] = set()
 # The reapers of the commands running now: everything of the sandbox users' not below one of
 # them is background left by earlier commands (a server started with nohup, say), which may
 # keep running.
-RUNNING = set()
+RUNNING: set[int] = set()
 
 
-def stop_background():
+def stop_background() -> int:
     """The sandbox is out of process slots: freeze, then kill, every process of the sandbox
     users that no running command owns (a fork bomb that backgrounded itself, say). Needs no
     new process, so it works when nothing else can start. Returns how many were stopped."""
     return stop_processes(RUNNING)
 
 
-def stop_processes(spare=frozenset()):
+def stop_processes(spare: Iterable[int] = frozenset()) -> int:
     """Freeze, then kill, every process of the sandbox's users not below the reapers `spare`."""
-    frozen = set()
+    frozen: set[int] = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         table = reaper.processes()
         spared = reaper.descendants(table, spare)
-        fresh = {pid for pid, (_ppid, state, uid) in table.items()
-                 if uid in UIDS and state not in "ZX" and pid not in spared and pid not in frozen}
+        fresh = {
+            pid
+            for pid, (_ppid, state, uid) in table.items()
+            if uid in UIDS and state not in "ZX" and pid not in spared and pid not in frozen
+        }
         if not fresh:
             break
         for pid in fresh:
@@ -361,14 +403,14 @@ def stop_processes(spare=frozenset()):
     return len(frozen)
 
 
-async def start_error(status_r):
+async def start_error(status_r: int) -> OSError | None:
     """Why the reaper could not start a command (an OSError), from the errno it wrote in its
     status pipe; None once the pipe ends empty: the command's program is running."""
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()
     written = bytearray()
 
-    def readable():
+    def readable() -> None:
         try:
             chunk = os.read(status_r, 64)
         except BlockingIOError:
@@ -392,7 +434,7 @@ async def start_error(status_r):
     return OSError(number or errno.EIO, os.strerror(number or errno.EIO))
 
 
-def spawn(coro):
+def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run a coroutine in the background, holding a reference until it ends."""
     task = asyncio.ensure_future(coro)
     TASKS.add(task)
@@ -401,16 +443,16 @@ def spawn(coro):
 
 
 class Supervisor:
-    def __init__(self):
-        self.primary = None
-        self.bridges = {}
+    def __init__(self) -> None:
+        self.primary: Connection | None = None
+        self.bridges: dict[int, asyncio.StreamWriter] = {}
         self.next_bridge = 0
 
-    def key(self):
+    def key(self) -> bytes:
         with open(os.path.join(CONTROL_DIR, protocol.KEY), "rb") as fh:
             return fh.read().strip()
 
-    async def serve_control(self, reader, writer):
+    async def serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(reader, writer)
         try:
             if await self.handshake(conn):
@@ -427,17 +469,17 @@ class Supervisor:
                     self.close_bridge(bid)
             writer.close()
 
-    async def handshake(self, conn):
+    async def handshake(self, conn: Connection) -> bool:
         return await protocol.accept(conn, self.key)
 
-    async def requests(self, conn):
+    async def requests(self, conn: Connection) -> None:
         while True:
             obj, body = await conn.receive()
             kind = obj.get("t")
             if kind == protocol.EXEC:
-                command = Command(conn, obj)
-                conn.commands[command.id] = command
-                spawn(command.run())
+                started = Command(conn, obj)
+                conn.commands[started.id] = started
+                spawn(started.run())
             elif kind == protocol.STDIN:
                 command = conn.commands.get(obj.get("id"))
                 if command is not None:
@@ -459,8 +501,9 @@ class Supervisor:
             else:
                 await conn.refuse(obj, protocol.UNKNOWN, f"unknown request type {kind!r}")
 
-    async def file_op(self, conn, kind, obj, body):
+    async def file_op(self, conn: Connection, kind: str, obj: dict[str, Any], body: bytes) -> None:
         data = b""
+        answer: dict[str, Any]
         user = user_of(obj)
         if user is None:
             await conn.refuse(obj, protocol.INVALID, f"no sandbox user {obj.get('user')!r}")
@@ -477,11 +520,15 @@ class Supervisor:
             answer = confined.refusal(exc)
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": protocol.INVALID, "message": f"bad {kind} request: {exc}"}
-        except Exception as exc:  # a bug in one operation must not take the control channel down
-            answer = {"ok": False, "error": "io", "message": f"the {kind} failed inside the sandbox ({type(exc).__name__})"}
+        except Exception as exc:  # noqa: BLE001 - a bug in one operation must not take the control channel down; answered as io
+            answer = {
+                "ok": False,
+                "error": "io",
+                "message": f"the {kind} failed inside the sandbox ({type(exc).__name__})",
+            }
         await conn.send({"t": protocol.RESULT, "id": obj.get("id"), **answer}, data)
 
-    async def run_helper(self, conn, verb, obj):
+    async def run_helper(self, conn: Connection, verb: str, obj: dict[str, Any]) -> None:
         if verb == protocol.RESET:
             answer = await self.reset()
         else:
@@ -491,7 +538,7 @@ class Supervisor:
         with contextlib.suppress(Closed):
             await conn.send({"t": protocol.RESULT, "id": obj.get("id"), **answer})
 
-    async def reset(self):
+    async def reset(self) -> dict[str, Any]:
         """Stop every process of the sandbox's users, have each member user that ran anything
         remove what it owns (twice, for what one left inside another's), then reset as `agent`."""
         stop_processes()
@@ -508,7 +555,7 @@ class Supervisor:
 
     # -- bridge ---------------------------------------------------------------------------
 
-    async def serve_bridge(self, reader, writer):
+    async def serve_bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = self.primary
         if conn is None:
             writer.close()
@@ -533,7 +580,7 @@ class Supervisor:
                 with contextlib.suppress(Closed):
                     await conn.send({"t": protocol.BRIDGE_CLOSE, "bid": bid})
 
-    async def to_bridge(self, bid, body):
+    async def to_bridge(self, bid: Any, body: bytes) -> None:  # the frame's bid, as sent
         writer = self.bridges.get(bid)
         if writer is None:
             return
@@ -543,34 +590,44 @@ class Supervisor:
         except (ConnectionError, OSError):
             self.close_bridge(bid)
 
-    def close_bridge(self, bid):
+    def close_bridge(self, bid: Any) -> None:  # the frame's bid, as sent
         writer = self.bridges.pop(bid, None)
         if writer is not None:
             writer.close()
 
 
-async def helper_as(user, verb):
+async def helper_as(user: pwd.struct_passwd, verb: str) -> dict[str, Any]:
     """Run `dockyard-helper <verb>` as a sandbox user; its JSON answer."""
     try:
         process = await asyncio.create_subprocess_exec(
-            "/usr/bin/python3", "-I", HELPER, verb,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**BASE_ENV, **user_env(user)}, cwd="/", user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+            "/usr/bin/python3",
+            "-I",
+            HELPER,
+            verb,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**BASE_ENV, **user_env(user)},
+            cwd="/",
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
             umask=UMASK,
         )
         out, err = await process.communicate()
     except OSError as exc:  # e.g. no pid to spare
         return {"ok": False, "error": "io", "message": f"could not run the helper: {exc.strerror}"}
     try:
-        return json.loads(out)
+        answer: dict[str, Any] = json.loads(out)
+        return answer
     except ValueError:
         why = (err or out).decode(errors="replace").strip()[-300:]
         return {"ok": False, "error": "io", "message": f"helper {verb} as {user.pw_name} failed: {why}"}
 
 
-def member_leftovers():
+def member_leftovers() -> list[str]:
     """Member homes that differ from a fresh one (each looked at with its owner's rights)."""
-    found = []
+    found: list[str] = []
     for user in sorted(MEMBERS.values(), key=lambda member: member.pw_uid):
         try:
             with as_user(user):
@@ -581,10 +638,10 @@ def member_leftovers():
     return found
 
 
-def place_prints():
+def place_prints() -> dict[str, dict[str, Any]]:
     """{place: what its owner may change on it}, each looked at with its owner's rights: the
     writable places, the sandbox user's home and every member's."""
-    prints = {}
+    prints: dict[str, dict[str, Any]] = {}
     for user, places in ((AGENT, (*helper.SCRATCH, AGENT.pw_dir)), *((m, (m.pw_dir,)) for m in MEMBERS.values())):
         for place in places:
             try:
@@ -596,10 +653,10 @@ def place_prints():
 
 
 # The places as this runtime had them before its first owner: what `verify` compares against.
-FRESH = {}
+FRESH: dict[str, dict[str, Any]] = {}
 
 
-def place_leftovers():
+def place_leftovers() -> list[str]:
     """Places whose mode, owner or extended attributes differ from this runtime's fresh ones."""
     now = place_prints()
     return [
@@ -609,25 +666,27 @@ def place_leftovers():
     ]
 
 
-def peer_uid(writer):
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
     """The uid of the process at the other end of a unix socket connection (None if unknown)."""
     sock = writer.get_extra_info("socket")
     try:
-        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        _pid, uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
     except (OSError, AttributeError):
         return None
-    return uid
+    return int(uid)
 
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_SUPERVISOR")}
 BASE_ENV.setdefault("HOME", AGENT.pw_dir)
 
 
-async def main():
+async def main() -> None:
     # No thread per child: a sandbox at its pids limit must not stop the supervisor noticing exits.
     try:
         os.close(os.pidfd_open(os.getpid()))
-        watcher = asyncio.PidfdChildWatcher()
+        watcher: asyncio.AbstractChildWatcher = asyncio.PidfdChildWatcher()
     except OSError:  # a kernel without pidfds (gVisor's, say): one thread per child instead
         watcher = asyncio.ThreadedChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
