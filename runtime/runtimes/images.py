@@ -105,7 +105,14 @@ class ImageService:
         """A digest of the recipe's files and the base it builds on."""
         digest = hashlib.sha256(self.base_tag.encode())
         root = self._recipe_dir(recipe)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        # Python's and the checkers' caches are not the recipe: a checkout that ran the tests
+        # must not rebuild what a fresh one would not.
+        files = (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not {"__pycache__", ".mypy_cache"} & set(p.relative_to(root).parts)
+        )
+        for path in sorted(files):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
         return digest.hexdigest()[:16]
 
