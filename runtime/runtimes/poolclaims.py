@@ -58,7 +58,10 @@ class PoolClaims:
                     continue  # it died a moment ago and was evicted: take the next turn
             else:
                 row = await self._claim_cold(pool, grant.runtime_id, timed, network, workspace_id, notify)
-            await self._life.replenish(pool)
+            # The runtime is the new owner's from here on: a cancel must not land before the
+            # caller holds its lease, or nobody would give it back.
+            with anyio.CancelScope(shield=True):
+                await self._life.replenish(pool)
             return Lease(row, grant.warm, (time.perf_counter() - started) * 1000)
 
     async def _turn(self, pool: Pool, workspace_id: str, needs_cold: bool, deadline: float) -> Grant:

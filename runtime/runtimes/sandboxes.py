@@ -146,6 +146,7 @@ class SandboxService:
                         await self._snapshots.restore(lease.runtime.container_id or "", checked)
                     expires = utcnow() + timedelta(seconds=ttl) if ttl else None
                     await self._tokens.mint_for_sandbox(who, sandbox_id, expires)
+                    row = await self._store.get(Sandbox, sandbox_id)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await self._tokens.revoke_sandbox(sandbox_id, "its creation failed")
@@ -155,8 +156,8 @@ class SandboxService:
                     raise
             finally:
                 if checked is not None:
-                    await anyio.to_thread.run_sync(shutil.rmtree, checked, True)
-            row = await self._store.get(Sandbox, sandbox_id)
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(shutil.rmtree, checked, True)
             assert row is not None
             rec.detail.update(
                 network=spec_network,
