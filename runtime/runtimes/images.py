@@ -11,6 +11,7 @@ into `wheels/` of a copy of the recipe, which the Dockerfile installs from witho
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -34,6 +35,7 @@ from dockyard.runtime.substrate.settings import ImageSettings
 __all__ = ["BuildState", "ImageService", "ImageStatus", "packaged_recipes", "recipe_names"]
 
 _HASH_LABEL = "dockyard.recipe-hash"
+_NOT_RECIPE = ("__pycache__", ".mypy_cache")  # caches Python and the checkers may leave beside a recipe
 _WHEELS = "wheels.txt"
 _PYTHON = re.compile(r"^#\s*python:\s*(\d+\.\d+)\s*$")
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
@@ -107,11 +109,7 @@ class ImageService:
         root = self._recipe_dir(recipe)
         # Python's and the checkers' caches are not the recipe: a checkout that ran the tests
         # must not rebuild what a fresh one would not.
-        files = (
-            p
-            for p in root.rglob("*")
-            if p.is_file() and not {"__pycache__", ".mypy_cache"} & set(p.relative_to(root).parts)
-        )
+        files = (p for p in root.rglob("*") if p.is_file() and not set(_NOT_RECIPE) & set(p.relative_to(root).parts))
         for path in sorted(files):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
         return digest.hexdigest()[:16]
@@ -255,14 +253,16 @@ class ImageService:
         # The hash is of the recipe as written (wheels.txt included), never of downloaded wheels.
         labels = {_HASH_LABEL: self.recipe_hash(recipe), "dockyard.recipe": recipe}
         source = self._recipe_dir(recipe)
-        if not (source / _WHEELS).is_file():
-            await self._build_context(recipe, source, labels, state)
-            return
         self._work_dir.mkdir(parents=True, exist_ok=True)
         context = self._work_dir / f"recipe-{recipe}-{secrets.token_hex(4)}"
         try:
-            await anyio.to_thread.run_sync(shutil.copytree, source, context)
-            await self._download_wheels(recipe, context, state)
+            # Always a copy, with links followed: an editable install's recipe files are links
+            # into the checkout, which a build context would carry as dangling links.
+            await anyio.to_thread.run_sync(
+                functools.partial(shutil.copytree, source, context, ignore=shutil.ignore_patterns(*_NOT_RECIPE))
+            )
+            if (context / _WHEELS).is_file():
+                await self._download_wheels(recipe, context, state)
             await self._build_context(recipe, context, labels, state)
         finally:
             with anyio.CancelScope(shield=True):

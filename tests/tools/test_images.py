@@ -102,3 +102,33 @@ async def test_a_template_naming_no_recipe_is_refused_at_once_not_reported_as_bu
                 assert "no image recipe 'no-such-recipe'" in message and "still being built" not in message, message
     finally:
         remove_instance(docker_client, settings)
+
+
+async def test_a_recipe_whose_files_are_links_builds_and_caches_do_not_change_its_hash(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    """An editable install's recipes are links into the checkout: the build must follow them."""
+    recipe = f"linked-{secrets.token_hex(3)}"
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM {sandbox_image}\nCOPY note /note\n")
+    (checkout / "note").write_text("linked\n")
+    folder = tmp_path / "recipes" / recipe
+    folder.mkdir(parents=True)
+    for name in ("Dockerfile", "note"):
+        (folder / name).symlink_to(checkout / name)
+    settings = make_settings(tmp_path / "data", images={"recipes_dir": str(tmp_path / "recipes")})
+    docker_backend = DockerBackend(settings.docker_host, settings.docker_timeout_s)
+    images = ImageService(settings.images, docker_backend, tmp_path / "build")
+    try:
+        before = images.recipe_hash(recipe)
+        (folder / "__pycache__").mkdir()
+        (folder / "__pycache__" / "x.pyc").write_bytes(b"cache")
+        assert images.recipe_hash(recipe) == before
+        tag = await images.ensure(recipe)
+        ran = docker_client.containers.run(tag, ["cat", "/note"], remove=True, network_disabled=True)
+        assert ran == b"linked\n"
+    finally:
+        await docker_backend.close()
+        for image in docker_client.images.list(name=tag.rsplit(":", 1)[0]) if "tag" in locals() else []:
+            docker_client.images.remove(image.id, force=True)
