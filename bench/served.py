@@ -28,7 +28,7 @@ __all__ = ["Served", "ToolCallError", "child_pid", "serve", "serve_http", "stdio
 T = TypeVar("T")
 DOCKYARD = Path(sys.executable).parent / "dockyard"
 Mode = Literal["legacy", "auto"]
-_PASSED_ON = ("DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
+_PASSED_ON = ("DOCKYARD_IMAGES__PREFIX", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
 
 
 class ToolCallError(RuntimeError):

@@ -144,9 +144,9 @@ class AuditLog:
         with anyio.CancelScope(shield=True):  # the head must follow a committed row
             async with self._lock:
                 try:
-                    row = await self._store.run(append)
-                    if advance:
-                        await anyio.to_thread.run_sync(self.anchor.write_head, *advance[0])
+                    row = await self._store.run(
+                        append, then=lambda _row: advance and self.anchor.write_head(*advance[0])
+                    )
                 finally:
                     if locked:
                         self.anchor.unlock(locked[0])

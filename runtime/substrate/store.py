@@ -477,15 +477,22 @@ class Store:
             await anyio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
             self._engine = None
 
-    async def run(self, fn: Callable[[Session], T]) -> T:
-        """Run `fn` in one transaction; it commits if `fn` returns, rolls back if it raises."""
+    async def run(self, fn: Callable[[Session], T], *, then: Callable[[T], object] | None = None) -> T:
+        """Run `fn` in one transaction; it commits if `fn` returns, rolls back if it raises.
+
+        `then`, if given, is called with the result in the same worker thread once the commit
+        succeeded (one thread hop for a write and what must follow it).
+        """
         engine = self._engine
         if engine is None:
             raise NotRunningError("the store")
 
         def call() -> T:
             with Session(engine, expire_on_commit=False) as session, session.begin():
-                return fn(session)
+                result = fn(session)
+            if then is not None:
+                then(result)
+            return result
 
         with anyio.CancelScope(shield=True):  # a started write always finishes
             result = await anyio.to_thread.run_sync(call, limiter=self._limiter)
