@@ -141,12 +141,14 @@ class AuditLog:
                 advance.append((key, Head(rows, row.id, row.hash, head.keyed_from, row.ts.isoformat())))
             return row
 
+        def advance_head(_row: AuditEvent) -> None:
+            if advance:
+                self.anchor.write_head(*advance[0])
+
         with anyio.CancelScope(shield=True):  # the head must follow a committed row
             async with self._lock:
                 try:
-                    row = await self._store.run(
-                        append, then=lambda _row: advance and self.anchor.write_head(*advance[0])
-                    )
+                    row = await self._store.run(append, then=advance_head)
                 finally:
                     if locked:
                         self.anchor.unlock(locked[0])
