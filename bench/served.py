@@ -23,11 +23,12 @@ from mcp.types import CallToolResult
 
 from bench.run import Run
 
-__all__ = ["Served", "ToolCallError", "child_pid", "serve", "serve_http", "stdio", "timed"]
+__all__ = ["EVERY_TOOLSET", "Served", "ToolCallError", "child_pid", "serve", "serve_http", "stdio", "timed"]
 
 T = TypeVar("T")
 DOCKYARD = Path(sys.executable).parent / "dockyard"
 Mode = Literal["legacy", "auto"]
+EVERY_TOOLSET = "sandbox,computer,dispatch,team,admin"
 _PASSED_ON = ("DOCKYARD_IMAGES__PREFIX", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
 
 
@@ -138,7 +139,14 @@ def checked(tool: str, result: CallToolResult) -> dict[str, Any]:
 
 @asynccontextmanager
 async def serve(
-    run: Run, name: str, *, pool_min: int, pool_max: int, mode: Mode = "auto", computers: tuple[int, int] = (0, 1)
+    run: Run,
+    name: str,
+    *,
+    pool_min: int,
+    pool_max: int,
+    mode: Mode = "auto",
+    computers: tuple[int, int] = (0, 1),
+    toolsets: str | None = EVERY_TOOLSET,
 ) -> AsyncIterator[Served]:
     """`dockyard serve` with a fresh data dir, the default template's pool at (pool_min, pool_max)
     and the computer pool at `computers` (none warm unless a section asks: a browser would
@@ -147,6 +155,8 @@ async def serve(
     The server's containers are removed on the way out: warm runtimes outlive their server by design.
     `mode` is the client's protocol negotiation: 'auto' (the SDK's default) takes the newest
     protocol both sides speak; 'legacy' is the initialize handshake (2025-11-25), which has ping.
+    `toolsets` is `serve --toolsets` (every one by default: the sections read the pools and drive
+    computers); None serves the shipped default.
     """
     data_dir = run.data_dir(name)
     env = {key: os.environ[key] for key in _PASSED_ON if key in os.environ}
@@ -162,7 +172,8 @@ async def serve(
         "DOCKYARD_QUOTAS__WORKSPACE_POOL_SHARE": "1.0",
         "DOCKYARD_QUOTAS__DISPATCHES_PER_MINUTE": "0",
     }
-    params = StdioServerParameters(command=str(DOCKYARD), args=["serve"], env=env)
+    args = ["serve"] if toolsets is None else ["serve", "--toolsets", toolsets]
+    params = StdioServerParameters(command=str(DOCKYARD), args=args, env=env)
     try:
         async with stdio(params, run.root / f"{name}.log", mode) as (client, pid):
             yield Served(client, pid, data_dir)

@@ -2,44 +2,104 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib.metadata import version
+from typing import Any
 
+from mcp.server import ServerRequestContext
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
+from mcp.types import CallToolResult, DiscoverResult, InputRequiredResult, RequestParams, Tool
+from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.substrate.actions import Scope
+from dockyard.runtime.substrate.actions import Scope, Toolset
 from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.bus import WorkspaceBus
 from dockyard.server.eventloop import without_cancelled_reader_reports
 from dockyard.server.transports import BearerTokens
 from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
+from dockyard.tools._context import caller_as
+from dockyard.tools._toolbox import Toolbox
 
-__all__ = ["build_server"]
+__all__ = ["DockyardServer", "build_server"]
 
-INSTRUCTIONS = """\
+# What the server tells a client's model, one paragraph per toolset it offers.
+INSTRUCTIONS = {
+    Toolset.SANDBOX: """\
 dockyard gives you isolated Linux sandboxes (Docker containers, no network by default).
 Create one with sandbox_create, run commands with sandbox_exec, move files with
 sandbox_write_file / sandbox_read_file, and destroy it with sandbox_destroy when done.
 Paths are relative to /workspace. Snapshots (sandbox_snapshot) can seed new sandboxes.
-Sandboxes come from a warm pool, so creating one is fast; pool_status shows its capacity.
-To hand a task off, dispatch it (remote, local, team modes) and collect it with await_dispatch.
+Sandboxes come from a warm pool, so creating one is fast.""",
+    Toolset.DISPATCH: "To hand a task off, dispatch it (remote, local, team modes) and collect it with await_dispatch.",
+    Toolset.TEAM: """\
 For several agents working together, team_create a team, team_spawn members, and follow it
-with team_tasks; members message each other and claim tasks from the shared list.
+with team_tasks; members message each other and claim tasks from the shared list.""",
+    Toolset.COMPUTER: """\
 To look at what a sandbox serves, expose its port and open the URL in a computer (a headless
-browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...)."""
+browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...).""",
+    Toolset.ADMIN: "pool_status shows the warm pools' capacity; tokens and the audit log have tools of their own.",
+}
 
 
-def build_server(settings: Settings, *, http_url: str | None = None, admin_key: str | None = None) -> MCPServer[Engine]:
+class DockyardServer(MCPServer[Engine]):
+    """The SDK's server, with its tools kept in a `Toolbox`: listed per caller, checked strictly."""
+
+    def __init__(self, toolbox: Toolbox, **options: Any) -> None:
+        super().__init__(**options)
+        self.toolbox = toolbox
+
+    async def list_tools(self) -> list[Tool]:
+        """The tools of the offered toolsets that the caller's scopes allow."""
+        return self.toolbox.listed(caller_as(self.toolbox.settings.operator))
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Engine, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        return await self.toolbox.call(name, arguments, context or Context(mcp_server=self))
+
+    def add_tool(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("add a dockyard tool with Toolbox.add, which declares its toolset, title and scopes")
+
+
+def _honest_capabilities(server: MCPServer[Engine]) -> None:
+    """Advertise no prompts (there are none) and a tool list that never changes within a session:
+    a session's caller, its scopes and the offered toolsets are fixed when it starts."""
+    lowlevel = server._lowlevel_server  # noqa: SLF001 - the SDK derives capabilities from its handlers
+    for method in ("prompts/list", "prompts/get"):
+        lowlevel._request_handlers.pop(method, None)  # noqa: SLF001 - the SDK has no way to unregister
+
+    async def discover(ctx: ServerRequestContext[Engine, Any], params: RequestParams | None) -> DiscoverResult:
+        capabilities = lowlevel.get_capabilities(protocol_version=ctx.protocol_version)
+        if capabilities.tools is not None:
+            tools = capabilities.tools.model_copy(update={"list_changed": False})
+            capabilities = capabilities.model_copy(update={"tools": tools})
+        return DiscoverResult(
+            supported_versions=list(MODERN_PROTOCOL_VERSIONS),
+            capabilities=capabilities,
+            instructions=lowlevel.instructions,
+        )
+
+    lowlevel.add_request_handler("server/discover", RequestParams, discover)
+
+
+def build_server(
+    settings: Settings,
+    *,
+    http_url: str | None = None,
+    admin_key: str | None = None,
+    toolsets: Sequence[Toolset] | None = None,
+) -> DockyardServer:
     """An MCP server whose lifespan opens one engine for these settings.
 
     With `http_url` (http://host:port) it verifies bearer tokens for the streamable HTTP
-    transport; `admin_key` is the key that mints the first tokens.
+    transport; `admin_key` is the key that mints the first tokens. `toolsets` replaces the
+    transport's toolsets from the settings.
     """
     verifier = BearerTokens() if http_url else None
     bus = WorkspaceBus(settings.operator)
@@ -62,10 +122,13 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
                     verifier.tokens = engine.tokens
                 yield engine
 
-    server: MCPServer[Engine] = MCPServer(
-        "dockyard",
+    offered = toolsets if toolsets is not None else settings.toolsets.http if http_url else settings.toolsets.stdio
+    tools = Toolbox(settings, offered)
+    server = DockyardServer(
+        tools,
+        name="dockyard",
         title="dockyard",
-        instructions=INSTRUCTIONS,
+        instructions="\n".join(text for toolset, text in INSTRUCTIONS.items() if toolset in tools.offered),
         version=version("dockyard"),
         lifespan=lifespan,
         log_level=settings.log_level,
@@ -75,11 +138,8 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
         if http_url
         else None,
     )
-    sandbox.register(server)
-    pool.register(server)
-    token.register(server)
-    audit.register(server)
-    dispatch.register(server)
-    team.register(server)
-    computer.register(server)
+    _honest_capabilities(server)
+    for family in (sandbox, pool, token, audit, dispatch, team, computer):
+        family.register(tools)
+    dispatch.register_resources(server)
     return server

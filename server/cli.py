@@ -13,6 +13,7 @@ import anyio
 import typer
 from rich.console import Console
 
+from dockyard.runtime.substrate.actions import Toolset
 from dockyard.runtime.substrate.errors import DockyardError
 from dockyard.runtime.substrate.settings import Settings, load_settings
 from dockyard.server import checks, transports
@@ -52,6 +53,16 @@ def _logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Docker API request is noise
 
 
+def _toolsets(names: str | None) -> list[Toolset] | None:
+    if names is None:
+        return None
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    if unknown := [name for name in chosen if name not in list(Toolset)]:
+        err.print(f"[red]unknown toolset {', '.join(unknown)}[/red]; choose from {', '.join(Toolset)}")
+        raise typer.Exit(2)
+    return [Toolset(name) for name in chosen]
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -63,13 +74,23 @@ def serve(
             help="Serve streamable HTTP with bearer tokens at http://HOST:PORT/mcp instead of stdio.",
         ),
     ] = None,
+    toolsets: Annotated[
+        str | None,
+        typer.Option(
+            "--toolsets",
+            metavar="NAMES",
+            help=f"Comma-separated toolsets to offer ({', '.join(Toolset)}); default: [toolsets] in the config "
+            "(stdio: sandbox,dispatch; HTTP: all, each caller seeing what its token's scopes allow).",
+        ),
+    ] = None,
 ) -> None:
     """Run the MCP server: on stdio for the local operator (Claude Desktop, Claude Code, Cursor,
     VS Code...), or with --http for clients holding tokens."""
     settings = _settings(config)
     _logging(settings.log_level)
+    offered = _toolsets(toolsets)
     if http is None:
-        anyio.run(transports.run_stdio, build_server(settings))
+        anyio.run(transports.run_stdio, build_server(settings, toolsets=offered))
         return
     host, _, port = http.rpartition(":")
     if not host or not port.isdigit():
@@ -84,7 +105,9 @@ def serve(
     elif path is not None:
         Console(stderr=True).print(f"dockyard: the admin key is in {path}")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    anyio.run(transports.run_http, build_server(settings, http_url=url, admin_key=key), host, int(port))
+    anyio.run(
+        transports.run_http, build_server(settings, http_url=url, admin_key=key, toolsets=offered), host, int(port)
+    )
 
 
 @images_app.command("build")

@@ -23,6 +23,7 @@ from dockyard.runtime.engine import Engine, instance_id
 from dockyard.runtime.runtimes.disks import release_all
 from dockyard.runtime.runtimes.images import ImageService
 from dockyard.runtime.runtimes.netguard import remove_rules
+from dockyard.runtime.substrate.actions import Toolset
 from dockyard.runtime.substrate.docker import DockerBackend
 from dockyard.runtime.substrate.settings import Settings, load_settings
 from dockyard.runtime.substrate.store import Runtime, Sandbox
@@ -79,8 +80,10 @@ def computer_image(docker_client: docker.DockerClient) -> str:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for one test: its own data dir, fast loops, a small default pool (min 1, max 8)
-    and no warm computer (`computer_pool` gives one; `templates` replaces the default's)."""
+    """Settings for one test: its own data dir, fast loops, a small default pool (min 1, max 8),
+    no warm computer (`computer_pool` gives one; `templates` replaces the default's) and every
+    toolset on stdio (`toolsets={}` keeps the shipped ones)."""
+    overrides.setdefault("toolsets", {"stdio": list(Toolset)})
     sandbox = {"reaper_interval_s": 0.5, **overrides.pop("sandbox", {})}
     pool = {"health_interval_s": 2.0, "claim_timeout_s": 30.0, **overrides.pop("pool", {})}
     default_pool = {"min": 1, "max": 8, **overrides.pop("default_pool", {})}

@@ -23,6 +23,7 @@ __all__ = [
     "authorized",
     "build_progress",
     "caller",
+    "caller_as",
     "current",
     "engine",
 ]
@@ -47,12 +48,17 @@ class CallerToken(AccessToken):
 
 def caller(ctx: EngineContext) -> Identity:
     """Who is calling: a bridge session's sandbox, an HTTP request's token, else the operator."""
+    return caller_as(engine(ctx).operator)
+
+
+def caller_as(operator: Identity) -> Identity:
+    """Who the request being served comes from, where `operator` is the local operator."""
     if (bridged := acting_as.get()) is not None:
         return bridged
     token = get_access_token()
     if isinstance(token, CallerToken):
         return token.identity
-    return engine(ctx).operator
+    return operator
 
 
 async def current(

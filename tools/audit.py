@@ -5,15 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.audit import audit_entry
 from dockyard.runtime.substrate.models import AuditEntry, AuditVerification
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -85,7 +85,7 @@ async def audit_verify(ctx: EngineContext) -> AuditVerification:
     return await engine(ctx).audit.verify()
 
 
-def register(server: MCPServer) -> None:
-    """Add the audit tools to a server."""
-    server.add_tool(audit_query, annotations=READ_ONLY)
-    server.add_tool(audit_verify, annotations=READ_ONLY)
+def register(tools: Toolbox) -> None:
+    """Add the audit tools."""
+    tools.add(audit_query, Toolset.ADMIN, "Read the audit log", READ_ONLY, [Scope.AUDIT_READ])
+    tools.add(audit_verify, Toolset.ADMIN, "Verify the audit log", READ_ONLY, [Scope.AUDIT_READ])

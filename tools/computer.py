@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.models import ComputerInfo, ComputerList, PageState
-from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -171,17 +171,18 @@ async def computer_destroy(ctx: EngineContext, computer_id: ComputerId) -> Destr
     return Destroyed(computer_id=computer_id)
 
 
-def register(server: MCPServer) -> None:
-    """Add the computer tools to a server."""
-    server.add_tool(computer_create, annotations=ADDITIVE)
-    server.add_tool(computer_navigate, annotations=ADDITIVE)
-    server.add_tool(computer_click, annotations=ADDITIVE)
-    server.add_tool(computer_type, annotations=ADDITIVE)
-    server.add_tool(computer_press, annotations=ADDITIVE)
-    server.add_tool(computer_scroll, annotations=ADDITIVE)
-    server.add_tool(computer_upload, annotations=ADDITIVE)
-    server.add_tool(computer_list, annotations=READ_ONLY)
-    server.add_tool(computer_snapshot, annotations=READ_ONLY)
-    server.add_tool(computer_wait_for, annotations=READ_ONLY)
-    server.add_tool(computer_screenshot, annotations=READ_ONLY)
-    server.add_tool(computer_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)
+def register(tools: Toolbox) -> None:
+    """Add the computer tools. Acting on a page can do whatever the page does (delete, submit)."""
+    C, use, web = Toolset.COMPUTER, [Scope.COMPUTER_USE], Reach.WEB_PAGES
+    tools.add(computer_create, C, "Start a browser", ADDITIVE, use)
+    tools.add(computer_navigate, C, "Open a URL", ADDITIVE, use, reach=web)
+    tools.add(computer_click, C, "Click an element", DESTRUCTIVE, use, reach=web)
+    tools.add(computer_type, C, "Type into a field", DESTRUCTIVE, use, reach=web)
+    tools.add(computer_press, C, "Press a key", DESTRUCTIVE, use, reach=web)
+    tools.add(computer_scroll, C, "Scroll the page", ADDITIVE, use)
+    tools.add(computer_upload, C, "Upload a file", DESTRUCTIVE, use, reach=web)
+    tools.add(computer_list, C, "List browsers", READ_ONLY, use)
+    tools.add(computer_snapshot, C, "Read the page", READ_ONLY, use)
+    tools.add(computer_wait_for, C, "Wait for text", READ_ONLY, use)
+    tools.add(computer_screenshot, C, "Screenshot the page", READ_ONLY, use)
+    tools.add(computer_destroy, C, "End a browser", DESTRUCTIVE_IDEMPOTENT, use)

@@ -10,12 +10,13 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
 from dockyard.runtime.substrate.models import DispatchInfo
-from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, authorized, caller, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -160,10 +161,15 @@ async def dispatch_submit(
 DISPATCH_URI = "dockyard://dispatches/{dispatch_id}"
 
 
-def register(server: MCPServer) -> None:
-    """Add the dispatch tools, and the dispatch resource, to a server."""
+def register(tools: Toolbox) -> None:
+    """Add the dispatch tools. dispatch_submit needs no scope, only its run's token as proof."""
+    D = Toolset.DISPATCH
+    tools.add(dispatch, D, "Dispatch a task", DESTRUCTIVE, [Scope.DISPATCH_CREATE], reach=Reach.RUNNERS)
+    tools.add(await_dispatch, D, "Wait for a dispatch", READ_ONLY, [Scope.DISPATCH_READ])
+    tools.add(dispatch_submit, D, "Submit a run's result", ADDITIVE, [])
+    tools.add(cancel_dispatch, D, "Cancel a dispatch", DESTRUCTIVE_IDEMPOTENT, [Scope.DISPATCH_CREATE])
+
+
+def register_resources(server: MCPServer) -> None:
+    """Add the dispatch resource to a server."""
     server.resource(DISPATCH_URI, name="dispatch", mime_type="application/json")(dispatch_resource)
-    server.add_tool(dispatch, annotations=ADDITIVE)
-    server.add_tool(await_dispatch, annotations=READ_ONLY)
-    server.add_tool(dispatch_submit, annotations=ADDITIVE)
-    server.add_tool(cancel_dispatch, annotations=DESTRUCTIVE_IDEMPOTENT)

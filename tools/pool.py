@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.models import PoolInfo
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -29,6 +29,6 @@ async def pool_status(ctx: EngineContext) -> PoolStatusResult:
     return PoolStatusResult(pools=await engine(ctx).pool_status())
 
 
-def register(server: MCPServer) -> None:
-    """Add the pool tools to a server."""
-    server.add_tool(pool_status, annotations=READ_ONLY)
+def register(tools: Toolbox) -> None:
+    """Add the pool tools."""
+    tools.add(pool_status, Toolset.ADMIN, "Warm pool status", READ_ONLY, [Scope.POOL_READ])

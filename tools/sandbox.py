@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
@@ -17,9 +16,10 @@ from dockyard.runtime.substrate.models import (
     SandboxInfo,
     SnapshotInfo,
 )
-from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -234,15 +234,17 @@ async def snapshot_delete(
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 
-def register(server: MCPServer) -> None:
-    """Add the sandbox tools to a server."""
-    server.add_tool(sandbox_create, annotations=ADDITIVE)
-    server.add_tool(sandbox_exec, annotations=DESTRUCTIVE)
-    server.add_tool(sandbox_write_file, annotations=DESTRUCTIVE_IDEMPOTENT)
-    server.add_tool(sandbox_read_file, annotations=READ_ONLY)
-    server.add_tool(sandbox_list_files, annotations=READ_ONLY)
-    server.add_tool(sandbox_expose_port, annotations=IDEMPOTENT)
-    server.add_tool(sandbox_snapshot, annotations=ADDITIVE)
-    server.add_tool(snapshot_delete, annotations=DESTRUCTIVE)
-    server.add_tool(sandbox_list, annotations=READ_ONLY)
-    server.add_tool(sandbox_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)
+def register(tools: Toolbox) -> None:
+    """Add the sandbox tools."""
+    S = Toolset.SANDBOX
+    any_sandbox = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
+    tools.add(sandbox_create, S, "Create a sandbox", ADDITIVE, [Scope.SANDBOX_CREATE])
+    tools.add(sandbox_exec, S, "Run a command", DESTRUCTIVE, [Scope.SANDBOX_EXEC], reach=Reach.SANDBOX_NETWORK)
+    tools.add(sandbox_write_file, S, "Write a file", DESTRUCTIVE_IDEMPOTENT, [Scope.SANDBOX_FILES])
+    tools.add(sandbox_read_file, S, "Read a file", READ_ONLY, [Scope.SANDBOX_FILES])
+    tools.add(sandbox_list_files, S, "List files", READ_ONLY, [Scope.SANDBOX_FILES])
+    tools.add(sandbox_expose_port, S, "Expose a port", IDEMPOTENT, [Scope.SANDBOX_CREATE])
+    tools.add(sandbox_snapshot, S, "Snapshot a sandbox", ADDITIVE, [Scope.SANDBOX_CREATE])
+    tools.add(snapshot_delete, S, "Delete a snapshot", DESTRUCTIVE, [Scope.SANDBOX_CREATE])
+    tools.add(sandbox_list, S, "List sandboxes", READ_ONLY, any_sandbox)
+    tools.add(sandbox_destroy, S, "Destroy a sandbox", DESTRUCTIVE_IDEMPOTENT, [Scope.SANDBOX_CREATE])

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from mcp.server.mcpserver import MCPServer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -24,9 +23,10 @@ from dockyard.runtime.substrate.models import (
 )
 from dockyard.runtime.substrate.settings import Identity
 from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
-from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
+from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -38,6 +38,10 @@ _TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
 
 
 class NewTask(BaseModel):
+    """A task to add: its title and, if it needs one, its detail."""
+
+    model_config = ConfigDict(extra="forbid")
+
     title: str = Field(min_length=1, max_length=500)
     detail: str | None = Field(None, max_length=10_000)
 
@@ -207,19 +211,20 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
     return await engine(ctx).teams.cleanup(who, team_id)
 
 
-def register(server: MCPServer) -> None:
-    """Add the team tools to a server."""
-    server.add_tool(team_create, annotations=ADDITIVE)
-    server.add_tool(team_spawn, annotations=ADDITIVE)
-    server.add_tool(team_message, annotations=ADDITIVE)
-    server.add_tool(team_broadcast, annotations=ADDITIVE)
-    server.add_tool(team_tasks, annotations=READ_ONLY)
+def register(tools: Toolbox) -> None:
+    """Add the team tools. A message or a plan's answer wakes a member, whose turn runs code."""
+    T, lead, anyone, wakes = Toolset.TEAM, [Scope.TEAM_LEAD], _TEAM, Reach.RUNNERS
+    tools.add(team_create, T, "Create a team", ADDITIVE, lead)
+    tools.add(team_spawn, T, "Start a teammate", DESTRUCTIVE, lead, reach=wakes)
+    tools.add(team_message, T, "Message a teammate", DESTRUCTIVE, anyone, reach=wakes)
+    tools.add(team_broadcast, T, "Message the whole team", DESTRUCTIVE, anyone, reach=wakes)
+    tools.add(team_tasks, T, "Team status and tasks", READ_ONLY, anyone)
     # Reading is the lead's receipt for what it received: not read-only, but repeatable.
-    server.add_tool(team_read, annotations=IDEMPOTENT)
-    server.add_tool(team_add_tasks, annotations=ADDITIVE)
-    server.add_tool(team_claim, annotations=ADDITIVE)
-    server.add_tool(team_complete, annotations=ADDITIVE)
-    server.add_tool(team_propose_plan, annotations=ADDITIVE)
-    server.add_tool(team_approve_plan, annotations=ADDITIVE)
-    server.add_tool(team_shutdown, annotations=DESTRUCTIVE_IDEMPOTENT)
-    server.add_tool(team_cleanup, annotations=DESTRUCTIVE_IDEMPOTENT)
+    tools.add(team_read, T, "Read team messages", IDEMPOTENT, anyone)
+    tools.add(team_add_tasks, T, "Add team tasks", ADDITIVE, anyone)
+    tools.add(team_claim, T, "Claim a team task", ADDITIVE, anyone)
+    tools.add(team_complete, T, "Finish a team task", ADDITIVE, anyone)
+    tools.add(team_propose_plan, T, "Propose a plan", ADDITIVE, anyone)
+    tools.add(team_approve_plan, T, "Approve or reject a plan", DESTRUCTIVE, lead, reach=wakes)
+    tools.add(team_shutdown, T, "Shut a team down", DESTRUCTIVE_IDEMPOTENT, lead)
+    tools.add(team_cleanup, T, "Forget a team", DESTRUCTIVE_IDEMPOTENT, lead)

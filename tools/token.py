@@ -5,15 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
-from dockyard.runtime.substrate.actions import Action
+from dockyard.runtime.substrate.actions import Action, Scope, Toolset
 from dockyard.runtime.substrate.settings import Identity
 from dockyard.runtime.substrate.tokens import SCOPES
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, caller, current, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
@@ -96,8 +96,8 @@ async def token_revoke(
     return Revoked(token_id=row.id, reason=row.revoked_reason)
 
 
-def register(server: MCPServer) -> None:
-    """Add the token tools to a server."""
-    server.add_tool(whoami, annotations=READ_ONLY)
-    server.add_tool(token_mint, annotations=ADDITIVE)
-    server.add_tool(token_revoke, annotations=DESTRUCTIVE_IDEMPOTENT)
+def register(tools: Toolbox) -> None:
+    """Add the token tools."""
+    tools.add(whoami, Toolset.SANDBOX, "Who am I", READ_ONLY, [])  # listed to every caller
+    tools.add(token_mint, Toolset.ADMIN, "Mint a token", ADDITIVE, [Scope.TOKEN_MINT])
+    tools.add(token_revoke, Toolset.ADMIN, "Revoke a token", DESTRUCTIVE_IDEMPOTENT, [Scope.TOKEN_MINT])

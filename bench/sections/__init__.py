@@ -6,13 +6,14 @@ from collections.abc import Awaitable, Callable
 
 from bench.figures import Figure
 from bench.run import Options, Run
-from bench.sections import claims, computers, dispatch, memory, noop, sandbox_exec, snapshot
+from bench.sections import claims, computers, dispatch, memory, noop, sandbox_exec, snapshot, toollist
 
 __all__ = ["SECTIONS", "Section"]
 
 Section = Callable[[Run, Options], Awaitable[list[Figure]]]
 
 SECTIONS: dict[str, Section] = {
+    "tools": toollist.measure,
     "noop": noop.measure,
     "exec": sandbox_exec.measure,
     "claims": claims.measure,

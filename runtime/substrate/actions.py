@@ -1,5 +1,6 @@
 """The names of what a caller may do, declared once: `Action` is what the audit log records in a
-row's `kind` (and what a refusal is recorded under), `Scope` is what a token may hold.
+row's `kind` (and what a refusal is recorded under), `Scope` is what a token may hold, and
+`Toolset` is a family of tools a server may offer (config `[toolsets]`, `serve --toolsets`).
 
 Both are `StrEnum`s, so a member is the very string that is stored, audited and shown to a
 client: `Action.SANDBOX_EXEC == "sandbox.exec"`, `Scope.SANDBOX_EXEC == "sandbox:exec"`. An
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Action", "Scope"]
+__all__ = ["Action", "Scope", "Toolset"]
 
 
 class Action(StrEnum):
@@ -98,3 +99,13 @@ class Scope(StrEnum):
     TOKEN_MINT = "token:mint"  # mint and revoke tokens, never wider than one's own
     AUDIT_READ = "audit:read"
     WORKSPACE_ADMIN = "workspace:admin"  # end what another user of the workspace made
+
+
+class Toolset(StrEnum):
+    """A family of tools a server offers or leaves out; each tool belongs to exactly one."""
+
+    SANDBOX = "sandbox"  # sandboxes, their files, ports and snapshots; whoami
+    COMPUTER = "computer"  # headless browsers
+    DISPATCH = "dispatch"  # handing tasks off and collecting their results
+    TEAM = "team"  # agent teams: members, messages, tasks, plans
+    ADMIN = "admin"  # tokens, the audit log, the pools

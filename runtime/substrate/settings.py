@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dockyard.runtime.substrate.actions import Toolset
+
 __all__ = [
     "DEFAULT_CONFIG",
     "Identity",
@@ -30,6 +32,7 @@ __all__ = [
     "SandboxSettings",
     "Settings",
     "TemplateSettings",
+    "ToolsetSettings",
     "load_settings",
 ]
 
@@ -172,6 +175,21 @@ class DispatchSettings(BaseModel):
     user_pc: UserPcSettings = Field(default_factory=UserPcSettings)
 
 
+class ToolsetSettings(BaseModel):
+    """Which families of tools each transport offers; a tool outside them is neither listed nor
+    callable. Over HTTP each caller also sees only the tools its token's scopes allow. `dockyard
+    serve --toolsets` replaces the list of the transport it serves."""
+
+    stdio: list[Toolset] = Field(
+        default_factory=lambda: [Toolset.SANDBOX, Toolset.DISPATCH],
+        description="For the local operator (and programs in its sandboxes); kept small, as every tool "
+        "costs the client's model context on every turn.",
+    )
+    http: list[Toolset] = Field(
+        default_factory=lambda: list(Toolset), description="For HTTP clients, each narrowed to its token's scopes."
+    )
+
+
 class QuotaSettings(BaseModel):
     """Limits on what callers hold at once; 0 means no limit. A refusal names the quota.
 
@@ -296,6 +314,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     teams: TeamSettings = Field(default_factory=TeamSettings)
     computers: ComputerSettings = Field(default_factory=ComputerSettings)
+    toolsets: ToolsetSettings = Field(default_factory=ToolsetSettings)
 
     @field_validator("data_dir")
     @classmethod

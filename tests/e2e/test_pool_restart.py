@@ -25,6 +25,7 @@ pytestmark = pytest.mark.anyio
 
 BIN = Path(sys.executable).parent
 # No warm computer: these tests count sandboxes, and a browser would only slow them.
+TOOLSETS = json.dumps(["sandbox", "admin"])  # pool_status is an admin tool
 POOL = {"POOL_MIN": "3", "POOL_MAX": "6", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
 
 
@@ -36,7 +37,7 @@ def data_dir(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerCli
 
 
 def environment(data_dir: Path) -> dict[str, str]:
-    return {"DOCKYARD_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", **POOL}
+    return {"DOCKYARD_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "DOCKYARD_TOOLSETS__STDIO": TOOLSETS, **POOL}
 
 
 def killable(data_dir: Path, pid_file: Path) -> Client:

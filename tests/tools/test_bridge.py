@@ -74,7 +74,9 @@ async def test_official_client_in_a_networkless_sandbox_uses_dockyard_through_th
     result = await sh(client, sandbox_id, command, timeout_s=120)
     assert result["exit_code"] == 0, result["stderr"][-2000:]
     answer = json.loads(result["stdout"])
-    assert {"whoami", "sandbox_exec", "sandbox_create", "token_mint"} <= set(answer["tools"])
+    # Listed: what the sandbox's own token may do; the rest is refused when called anyway (below).
+    assert {"whoami", "sandbox_exec", "sandbox_read_file", "dispatch_submit"} <= set(answer["tools"])
+    assert not {"sandbox_create", "token_mint", "audit_query"} & set(answer["tools"])
     # The bridge acts with the sandbox's own token: its owner's attribution, that sandbox only.
     who = answer["whoami"]
     assert (who["workspace_id"], who["user_id"], who["sandbox_id"]) == ("local", "operator", sandbox_id)

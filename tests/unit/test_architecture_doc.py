@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dockyard.runtime.engine import Engine
+from dockyard.runtime.substrate.actions import Toolset
 from dockyard.runtime.substrate.settings import load_settings
 from dockyard.server.app import build_server
 
@@ -72,7 +73,7 @@ def tool_function(module: str, name: str) -> ast.AST:
 
 
 async def test_every_tool_the_server_registers_has_a_row_in_the_tool_table(tmp_path: Path) -> None:
-    server = build_server(load_settings(data_dir=tmp_path))
+    server = build_server(load_settings(data_dir=tmp_path), toolsets=list(Toolset))
     registered = {tool.name for tool in await server.list_tools()}
     missing = sorted(registered - table_rows().keys())
     assert not missing, f"ARCHITECTURE.md's tool table has no row for {', '.join(missing)}"

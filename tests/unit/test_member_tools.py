@@ -7,20 +7,22 @@ member never names its team).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp.server.mcpserver import MCPServer
 
+from dockyard.runtime.substrate.actions import Toolset
+from dockyard.runtime.substrate.settings import load_settings
 from dockyard.runtime.work.teams.membertools import MEMBER_TOOLS, TEAM_TOOLS
-from dockyard.tools import team
+from dockyard.server.app import build_server
+from dockyard.tools._schemas import trimmed_input
 
 pytestmark = pytest.mark.anyio
 
 
-async def _mcp_team_tools() -> dict[str, dict[str, Any]]:
-    server: MCPServer = MCPServer("team tools")
-    team.register(server)
+async def _mcp_team_tools(data_dir: Path) -> dict[str, dict[str, Any]]:
+    server = build_server(load_settings(data_dir=data_dir), toolsets=[Toolset.TEAM])
     return {tool.name: tool.input_schema for tool in await server.list_tools()}
 
 
@@ -29,12 +31,12 @@ def _without_team_id(schema: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
     return properties, set(schema.get("required", [])) - {"team_id"}
 
 
-async def test_each_llm_team_tool_takes_the_parameters_of_the_mcp_tool_of_its_name() -> None:
-    mcp_tools = await _mcp_team_tools()
+async def test_each_llm_team_tool_takes_the_parameters_of_the_mcp_tool_of_its_name(tmp_path: Path) -> None:
+    mcp_tools = await _mcp_team_tools(tmp_path)
     for spec in TEAM_TOOLS:
         name = spec["function"]["name"]
         assert name in mcp_tools, f"the llm member's tool {name} has no MCP tool of that name"
-        parameters = spec["function"]["parameters"]
+        parameters = trimmed_input(spec["function"]["parameters"])  # as the tool list carries a schema
         assert (parameters.get("properties", {}), set(parameters.get("required", []))) == _without_team_id(
             mcp_tools[name]
         ), f"{name}: the llm member's parameters differ from the MCP tool's"
