@@ -83,11 +83,6 @@ class Toolbox:
         )
         self._entries[tool.name] = _Entry(tool, toolset, tuple(scopes), strict, listed)
 
-    def toolset_of(self, name: str) -> Toolset | None:
-        """The toolset a registered tool belongs to, offered or not."""
-        entry = self._entries.get(name)
-        return entry.toolset if entry is not None else None
-
     def listed(self, who: Identity) -> list[ListedTool]:
         """The tools `who` sees: those of the offered toolsets that one of its scopes allows."""
         return [
