@@ -37,6 +37,8 @@ from dockyard.tools._schemas import trimmed_input, trimmed_output
 
 __all__ = ["Toolbox"]
 
+_MAX_SHOWN = 5  # problems named in one refusal; a flood of bad arguments gets a short answer
+_MAX_NAME = 40
 _SHOULD = re.compile(r"^(Input|String|Value|List|Dictionary|Object|Tuple|Set|Decimal) should ")
 
 
@@ -155,30 +157,38 @@ def _shown(value: Any) -> str:
 
 
 def _explain(entry: _Entry, errors: list[ErrorDetails]) -> str:
-    """What was wrong with a call's arguments, and what the tool takes."""
+    """What was wrong with a call's arguments (the first few things), and what the tool takes."""
     name = entry.tool.name
     properties: dict[str, Any] = entry.listed.input_schema.get("properties", {})
     unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
     problems = []
     if unknown:
-        guesses = [m for u in unknown for m in difflib.get_close_matches(u, properties, n=1, cutoff=0.6)]
+        shown = unknown[:_MAX_SHOWN]
+        guesses = [m for u in shown for m in difflib.get_close_matches(u[:_MAX_NAME], properties, n=1, cutoff=0.6)]
         hint = f" (did you mean {', '.join(repr(g) for g in guesses)}?)" if guesses else ""
-        quoted = ", ".join(repr(u) for u in unknown)
-        problems.append(f"unknown argument{'s' if len(unknown) > 1 else ''} {quoted}{hint}")
+        more = f" and {len(unknown) - len(shown)} more" if len(unknown) > len(shown) else ""
+        quoted = ", ".join(_quoted(u) for u in shown)
+        problems.append(f"unknown argument{'s' if len(unknown) > 1 else ''} {quoted}{more}{hint}")
     described: list[str] = []
-    for error in errors:
-        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
-            continue
-        where = _where(error["loc"])
+    others = [e for e in errors if not (e["type"] == "extra_forbidden" and len(e["loc"]) == 1)]
+    for error in others[:_MAX_SHOWN]:
+        where = _quoted(_where(error["loc"]))
         if error["type"] == "missing":
-            problems.append(f"'{where}' is missing")
+            problems.append(f"{where} is missing")
         elif error["type"] == "extra_forbidden":
-            problems.append(f"'{where}' is not a field it takes")
+            problems.append(f"{where} is not a field it takes")
         else:
-            problems.append(f"'{where}' {_SHOULD.sub('must ', error['msg'])}, not {_shown(error['input'])}")
+            problems.append(f"{where} {_SHOULD.sub('must ', error['msg'])}, not {_shown(error['input'])}")
         top = str(error["loc"][0]) if error["loc"] else ""
         if top in properties and top not in described and "description" in properties[top]:
             described.append(top)
+    if len(others) > _MAX_SHOWN:
+        problems.append(f"{len(others) - _MAX_SHOWN} more problems")
     about = "".join(f" {arg}: {properties[arg]['description']}" for arg in described)
     takes = ", ".join(properties) or "no arguments"
     return f"{name}: {'; '.join(problems)}. It takes: {takes}.{about}"
+
+
+def _quoted(name: str) -> str:
+    """A name the caller sent, quoted, and cut if it is long."""
+    return repr(name[:_MAX_NAME] + "...") if len(name) > _MAX_NAME else repr(name)

@@ -133,12 +133,17 @@ async def test_annotations_are_honest_about_running_code_and_reaching_the_web(
     assert exec_online.annotations is not None and exec_online.annotations.open_world_hint
 
 
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_no_prompts_are_advertised_and_the_tool_list_never_changes_within_a_session(
-    every_toolset: Client,
+    quiet: Settings, cleanup: None, mode: Any
 ) -> None:
-    capabilities = every_toolset.server_capabilities
-    assert capabilities.prompts is None
-    assert capabilities.tools is not None and not capabilities.tools.list_changed
+    """On the initialize handshake (2025-11-25) and on server/discover (2026-07-28) alike."""
+    async with Client(build_server(quiet, toolsets=list(Toolset)), mode=mode) as client:
+        capabilities = client.server_capabilities
+        assert (mode == "legacy") == (client.protocol_version == "2025-11-25"), client.protocol_version
+        assert capabilities.prompts is None
+        assert capabilities.tools is not None and not capabilities.tools.list_changed
+        assert capabilities.resources is not None  # the dispatch resource is still there
 
 
 async def test_a_misspelled_argument_is_refused_naming_the_one_it_meant_and_nothing_runs(client: Client) -> None:
@@ -146,6 +151,16 @@ async def test_a_misspelled_argument_is_refused_naming_the_one_it_meant_and_noth
     error = await call_error(client, "sandbox_exec", sandbox_id=sid, command="touch ran", timeout=5)
     assert "unknown argument 'timeout'" in error
     assert "timeout_s" in error and "sandbox_id, command, cwd, env, timeout_s, stdin" in error
+    assert (await sh(client, sid, "ls"))["stdout"] == ""
+
+
+async def test_a_client_flooding_a_call_with_unknown_arguments_gets_a_short_refusal_and_nothing_runs(
+    client: Client,
+) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    flood = {f"arg{n}_" + "x" * 500: n for n in range(2000)}
+    error = await call_error(client, "sandbox_exec", sandbox_id=sid, command="touch ran", **flood)
+    assert "and 1995 more" in error and len(error) < 1500, error[:300]
     assert (await sh(client, sid, "ls"))["stdout"] == ""
 
 
