@@ -25,7 +25,9 @@ pytestmark = pytest.mark.anyio
 
 BIN = Path(sys.executable).parent
 # No warm computer: these tests count sandboxes, and a browser would only slow them.
-TOOLSETS = json.dumps(["sandbox", "admin"])  # pool_status is an admin tool
+TOOLSETS = json.dumps(
+    ["sandbox", "computer", "dispatch", "team", "admin"]
+)  # these tests read pools, dispatch, lead teams
 POOL = {"POOL_MIN": "3", "POOL_MAX": "6", "DOCKYARD_TEMPLATES__COMPUTER__POOL__MIN": "0"}
 
 
