@@ -4,8 +4,10 @@ tokens for everyone else."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
+import anyio
 import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import MCPServer
@@ -53,8 +55,20 @@ class BearerTokens:
 
 
 async def run_stdio(server: MCPServer) -> None:
-    """Serve one client over stdin/stdout until it disconnects."""
-    await server.run_stdio_async()
+    """Serve one client over stdin/stdout until it disconnects (stdin closes) or the process is
+    asked to stop (SIGTERM, SIGINT, SIGHUP): either way the engine closes as on any exit."""
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("%s received: stopping", signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(stop_on_signal)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
 
 
 def _security(host: str, port: int) -> TransportSecuritySettings:

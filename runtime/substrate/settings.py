@@ -223,6 +223,12 @@ class PoolSettings(BaseModel):
     health_interval_s: float = Field(30.0, gt=0)
     claim_timeout_s: float = Field(60.0, gt=0, description="How long a claim waits in a full pool's queue.")
     recycle: bool = Field(True, description="Wipe and reuse released runtimes; false destroys them instead.")
+    keep_warm_after_exit: bool = Field(
+        False,
+        description="Leave warm runtimes running when the server exits (adopted at the next start); "
+        "by default a graceful exit stops them, and only claimed sandboxes and computers stay.",
+    )
+    exit_grace_s: float = Field(30.0, gt=0, description="How long a graceful exit may spend stopping warm runtimes.")
     default_min: int | None = Field(None, ge=0, description="Set from POOL_MIN; overrides the default template's min.")
     default_max: int | None = Field(None, ge=1, description="Set from POOL_MAX; overrides the default template's max.")
 
