@@ -17,6 +17,7 @@ from mcp.shared.exceptions import MCPError
 
 from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
+from dockyard.server.bus import MAX_SESSION_SUBSCRIPTIONS
 from tests.conftest import call
 
 pytestmark = [
@@ -163,3 +164,21 @@ async def test_the_2026_listen_path_hears_sandboxes_and_has_no_resources_subscri
     assert (await read(client, uri))["status"] == "destroyed"
     with pytest.raises(MCPError, match="Method not found"):
         await client.subscribe_resource(uri)
+
+
+async def test_a_flood_of_subscriptions_is_capped_per_session_with_a_message_saying_what_to_do(
+    settings: Settings, cleanup: None
+) -> None:
+    async with legacy(settings) as (client, _):
+        uris: list[str] = []
+        while len(uris) <= MAX_SESSION_SUBSCRIPTIONS:
+            team = (await call(client, "team_create", name=f"t{len(uris)}"))["team_id"]
+            uris += [f"dockyard://teams/{team}", f"dockyard://teams/{team}/inbox"]
+        for uri in uris[:MAX_SESSION_SUBSCRIPTIONS]:
+            await client.subscribe_resource(uri)
+        with pytest.raises(MCPError, match=f"already holds {MAX_SESSION_SUBSCRIPTIONS} subscriptions.*unsubscribe"):
+            await client.subscribe_resource(uris[MAX_SESSION_SUBSCRIPTIONS])
+        await client.unsubscribe_resource(uris[0])
+        await client.subscribe_resource(uris[MAX_SESSION_SUBSCRIPTIONS])  # room again
+    async with legacy(settings) as (client, _):  # another session holds none of the first's
+        await client.subscribe_resource(uris[0])
