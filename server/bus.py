@@ -11,7 +11,8 @@ Two kinds of subscriber hear the same events:
   most `MAX_SESSION_SUBSCRIPTIONS`, and what it holds is dropped when it closes.
 
 A workspace's event reaches only subscribers of that workspace whose identity may read the
-resource (`may_read`) and whose token has not been revoked since. Events without tenant data
+resource (`may_read`) and whose token has not been revoked since (nor, for a 2025
+subscription, expired). Events without tenant data
 (list changes) reach every listen stream. Each 2025 session has a sender of its own: an event
 marks its URI pending and wakes the sender, so a client that stops reading holds up neither
 the publisher nor other sessions, and a burst of changes of one resource is sent once.
@@ -20,6 +21,7 @@ the publisher nor other sessions, and a burst of changes of one resource is sent
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,12 +59,23 @@ class _Stream:
     live: bool = True
 
 
+@dataclass(frozen=True)
+class _Subscriber:
+    """Who made a subscription, and until when its token holds (None: no expiry)."""
+
+    who: Identity
+    until: float | None
+
+    def hears(self, may_read: MayRead) -> bool:
+        return (self.until is None or time.time() < self.until) and may_read(self.who)
+
+
 @dataclass
 class _Session:
     """One 2025-era session's `resources/subscribe` subscriptions and its sender's state."""
 
     connection: Connection
-    uris: dict[str, Identity] = field(default_factory=dict)  # each subscription, as who made it
+    uris: dict[str, _Subscriber] = field(default_factory=dict)  # each subscription, as who made it
     pending: dict[str, None] = field(default_factory=dict)  # changed since the sender last ran
     wake: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -103,7 +116,8 @@ class WorkspaceBus:
     # -- resources/subscribe (2024-11-05 .. 2025-11-25) ---------------------------------
 
     def add(self, connection: Connection, who: Identity, uri: str) -> None:
-        """Subscribe a session to `uri` as `who` (who may read it: the caller checked)."""
+        """Subscribe a session to `uri` as `who` (who may read it: the caller checked); it
+        hears nothing once the token it was made with expires."""
         session = self._sessions.get(connection)
         if session is None:
             if self._tg is None:
@@ -116,7 +130,8 @@ class WorkspaceBus:
                 f"this session already holds {MAX_SESSION_SUBSCRIPTIONS} subscriptions, the most one session "
                 "may; unsubscribe (resources/unsubscribe) from some first"
             )
-        session.uris[uri] = who
+        token = get_access_token()
+        session.uris[uri] = _Subscriber(who, float(token.expires_at) if token and token.expires_at else None)
 
     def remove(self, connection: Connection, uri: str) -> bool:
         """Unsubscribe a session from `uri`; False if it was not subscribed."""
@@ -163,8 +178,8 @@ class WorkspaceBus:
         self._deliver(event, allowed)
         if isinstance(event, ResourceUpdated):
             for session in self._sessions.values():
-                who = session.uris.get(event.uri)
-                if who is not None and allowed(who):
+                subscriber = session.uris.get(event.uri)
+                if subscriber is not None and subscriber.hears(allowed):
                     session.pending[event.uri] = None
                     session.wake.set()
         await anyio.lowlevel.checkpoint()
@@ -175,8 +190,8 @@ class WorkspaceBus:
             if stream.who.token_id in token_ids:
                 stream.live = False
         for session in self._sessions.values():
-            for uri, who in list(session.uris.items()):
-                if who.token_id in token_ids:
+            for uri, subscriber in list(session.uris.items()):
+                if subscriber.who.token_id in token_ids:
                     del session.uris[uri]
 
     def _deliver(self, event: ServerEvent, may_read: MayRead) -> None:

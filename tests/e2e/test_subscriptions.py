@@ -195,3 +195,20 @@ async def test_workspace_b_cannot_subscribe_to_a_team_of_a_or_its_inbox(served: 
         await call(client_a, "team_add_tasks", team_id=team_id, tasks=[{"title": "a secret plan"}])
         await heard_a.next(f"dockyard://teams/{team_id}", 30)  # the lead hears it
         assert await heard_b.quiet(f"dockyard://teams/{team_id}", 1) and heard_b.uris == []
+
+
+async def test_a_subscription_hears_nothing_once_its_token_has_expired(served: Served) -> None:
+    ann = await mint(served, scopes=DISPATCH, workspace_id="a")
+    async with legacy(served, ann["token"]) as (client, heard):
+        uri = await dispatched(client, "sleep 8; echo late")
+        dispatch_id = uri.rsplit("/", 1)[1]
+        with anyio.fail_after(60):
+            while (await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=0))["status"] != "running":
+                await anyio.sleep(0.2)
+        await client.subscribe_resource(uri)
+        brief = await mint(served, scopes=["dispatch:read"], workspace_id="a", ttl_s=2)
+        async with legacy(served, brief["token"]) as (short_client, short_heard):
+            await short_client.subscribe_resource(uri)
+            await heard.next(uri, 60)  # completed, after the brief token expired
+            assert (await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=0))["status"] == "completed"
+            assert await short_heard.quiet(uri, 1) and short_heard.uris == []
