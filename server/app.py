@@ -12,13 +12,15 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.substrate.actions import Scope
 from dockyard.runtime.substrate.settings import Settings
+from dockyard.runtime.work.teams.access import INBOX
 from dockyard.server.bridge import serve_bridge
 from dockyard.server.bus import WorkspaceBus
 from dockyard.server.eventloop import without_cancelled_reader_reports
+from dockyard.server.subscribe import serve_subscriptions
 from dockyard.server.transports import BearerTokens
-from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
+from dockyard.tools import audit, computer, dispatch, pool, resources, sandbox, team, token
+from dockyard.tools.resources import watched
 
 __all__ = ["build_server"]
 
@@ -44,17 +46,28 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     verifier = BearerTokens() if http_url else None
     bus = WorkspaceBus(settings.operator)
 
+    async def changed(uri: str, workspace_id: str) -> None:
+        target = watched(uri)
+        assert target is not None, uri
+        await bus.publish_to(workspace_id, target.may_hear, ResourceUpdated(uri=uri))
+
     async def dispatch_changed(dispatch_id: str, workspace_id: str) -> None:
-        await bus.publish_to(
-            workspace_id, Scope.DISPATCH_READ, ResourceUpdated(uri=f"dockyard://dispatches/{dispatch_id}")
-        )
+        await changed(resources.DISPATCH.format(dispatch_id), workspace_id)
+
+    async def team_changed(team_id: str, workspace_id: str, part: str) -> None:
+        await changed((resources.INBOX if part == INBOX else resources.TEAM).format(team_id), workspace_id)
+
+    async def sandbox_changed(sandbox_id: str, workspace_id: str) -> None:
+        await changed(resources.SANDBOX.format(sandbox_id), workspace_id)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Engine]) -> AsyncIterator[Engine]:
         with without_cancelled_reader_reports():
-            async with Engine.open(settings) as engine:
+            async with Engine.open(settings) as engine, bus.serving():
                 engine.supervisors.on_bridge = partial(serve_bridge, server, engine)
                 engine.dispatches.on_change = dispatch_changed
+                engine.teams.on_change = team_changed
+                engine.sandboxes.on_change = sandbox_changed
                 engine.tokens.on_revoke = bus.revoked
                 if admin_key:
                     engine.tokens.set_admin_key(admin_key)
@@ -82,4 +95,6 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
     dispatch.register(server)
     team.register(server)
     computer.register(server)
+    resources.register(server)
+    serve_subscriptions(server, bus)
     return server

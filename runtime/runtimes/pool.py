@@ -114,6 +114,15 @@ class PoolManager:
         """A claimed runtime's container died or vanished: its sandbox or computer is lost, its place freed."""
         await self._life.lose(pool, runtime_id, reason)
 
+    @property
+    def on_sandbox_lost(self) -> Callable[[str, str], Awaitable[None]] | None:
+        """Told the id and workspace of each sandbox that a lost runtime took with it."""
+        return self._life.on_sandbox_lost
+
+    @on_sandbox_lost.setter
+    def on_sandbox_lost(self, callback: Callable[[str, str], Awaitable[None]] | None) -> None:
+        self._life.on_sandbox_lost = callback
+
     async def note(self, pool: Pool, runtime_id: str, reason: str) -> None:
         """Record something about a runtime that changes nothing of its state (it stays where it is)."""
         await self._life.note(pool, runtime_id, reason)

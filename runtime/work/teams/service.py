@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -40,7 +41,7 @@ from dockyard.runtime.substrate.store import (
 )
 from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.runtime.work.runners import Runners
-from dockyard.runtime.work.teams.access import TeamAccess, owner, team_owner
+from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, owner, team_owner
 from dockyard.runtime.work.teams.members import MemberLoop
 from dockyard.runtime.work.teams.messaging import Messaging
 from dockyard.runtime.work.teams.states import INTERRUPT_MEMBER, SHUT_DOWN_TEAM, STOP_MEMBER
@@ -185,8 +186,24 @@ class TeamService:
                 link_run(session, member.id, who.run_id)  # a child of the lead's run: counted in its tree
 
             await self._store.run(insert)
+        await self._access.changed(team, TEAM)
         self._loop.start(member, wait_first=False)
         return member_info(member)
+
+    @property
+    def on_change(self) -> Callable[[str, str, str], Awaitable[None]] | None:
+        """Told the id and workspace of a team that changed, and what: "team" (members, tasks,
+        plans, status) or "inbox" (messages sent, taken or delivered)."""
+        return self._access.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[str, str, str], Awaitable[None]] | None) -> None:
+        self._access.on_change = callback
+
+    async def may_read(self, who: Identity, team_id: str, action: Action) -> None:
+        """Raise (and audit) unless the caller is the team's lead or one of its members."""
+        team = await self._access.team(who, team_id, action)
+        await self._access.party(who, team, action)
 
     async def approve_plan(
         self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None
@@ -230,6 +247,7 @@ class TeamService:
             counts = await self._store.run(forget)
             rec.detail.update(counts)
         self._loop.forget_team(team.id)
+        await self._access.changed(team, TEAM, INBOX)  # it is gone: a read now says so
         return TeamForgotten(
             team_id=team.id, members=counts["members"], messages=counts["messages"], tasks=counts["tasks"]
         )
@@ -318,6 +336,7 @@ class TeamService:
             assert sandbox.run_id is not None
             await self._give_back(runs[sandbox.run_id], sandbox.id)
         await self._store.run(lambda s: _shut_down(s, team.id))
+        await self._access.changed(team, TEAM)
 
     async def _give_back(self, owner: Identity, sandbox_id: str) -> None:
         try:
