@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import docker
 import pytest
 from mcp import Client
 
 from dockyard.runtime.substrate.settings import Settings
-from tests.conftest import call, make_settings
+from dockyard.server.app import build_server
+from tests.conftest import call, make_settings, remove_instance
+from tests.scripted_llm import scripted_model, tool_call
 from tests.served import Served, connect, mint
 
 pytestmark = pytest.mark.anyio
@@ -137,6 +141,55 @@ async def test_a_flood_is_coalesced_and_the_result_is_still_whole(client: Client
     assert len(heard.notes) <= (returned - began) * 20 + 3, (len(heard.notes), returned - began)
     assert heard.output.startswith("y\ny\n") and heard.output.rstrip().endswith("[stderr] done")
     assert heard.strictly_increasing()
+
+
+async def test_a_create_waiting_for_a_full_pool_sends_heartbeats_until_it_is_served(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", default_pool={"min": 1, "max": 1}, progress={"heartbeat_s": HEARTBEAT_S}
+    )
+    try:
+        async with Client(build_server(settings)) as client:
+            held = (await call(client, "sandbox_create"))["sandbox_id"]
+            outcome: dict[str, Any] = {}
+
+            async def second() -> None:
+                outcome["result"], outcome["heard"], _ = await run(client, "sandbox_create")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                await anyio.sleep(2.5)
+                await call(client, "sandbox_destroy", sandbox_id=held)  # its runtime serves the waiting claim
+    finally:
+        remove_instance(docker_client, settings)
+    assert outcome["result"]["sandbox_id"] != held
+    beats = [m for m in outcome["heard"].messages if m.startswith("[dockyard] running for ")]
+    assert beats and beats[0] == "[dockyard] running for 1 s; no output yet", outcome["heard"].messages
+
+
+async def test_await_dispatch_streams_what_an_llm_runner_says_and_the_commands_it_runs(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    with_text = tool_call("exec", command="echo from-the-tool; sleep 1.5")
+    with_text["content"] = "Let me look."
+    turns = [lambda _: with_text, lambda _: {"role": "assistant", "content": "all done"}]
+    async with scripted_model(turns) as model:
+        profile = {"kind": "llm", "url": model.url, "model": "scripted", "api_key": model.key}
+        settings = make_settings(tmp_path / "data", runners={"script": {"kind": "script"}, "agent": profile})
+        try:
+            async with Client(build_server(settings)) as client:
+                sent = await call(
+                    client, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="hi", runner="agent"
+                )
+                result, heard, returned = await run(
+                    client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120
+                )
+        finally:
+            remove_instance(docker_client, settings)
+    assert result["status"] == "completed" and result["result"] == "all done"
+    assert 'Let me look.\n-> exec {"command": "echo from-the-tool; sleep 1.5"}\nfrom-the-tool\nall done' in heard.output
+    assert returned - heard.first("from-the-tool")[0] > 1, "the command's output arrives while it runs"
 
 
 @pytest.fixture
