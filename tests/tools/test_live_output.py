@@ -5,6 +5,7 @@ it is awaited, and a flood that is coalesced instead of drowning the client."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,7 +97,7 @@ async def test_a_quiet_command_sends_heartbeats_naming_the_elapsed_time(client: 
     beats = [(at, m) for at, _, m in heard.notes if m.startswith("[dockyard] running for ")]
     assert len(beats) >= 2, heard.messages
     assert all(at < returned for at, _ in beats)
-    assert any(m.startswith("[dockyard] running for 2 s") for _, m in beats), beats
+    assert any(re.match(r"\[dockyard\] running for [23] s", m) for _, m in beats), beats
     assert beats[-1][1].endswith("last output: warming up\n"), beats
     assert heard.strictly_increasing()
 
@@ -165,7 +166,7 @@ async def test_a_create_waiting_for_a_full_pool_sends_heartbeats_until_it_is_ser
         remove_instance(docker_client, settings)
     assert outcome["result"]["sandbox_id"] != held
     beats = [m for m in outcome["heard"].messages if m.startswith("[dockyard] running for ")]
-    assert beats and beats[0] == "[dockyard] running for 1 s; no output yet", outcome["heard"].messages
+    assert beats and re.fullmatch(r"\[dockyard\] running for [12] s; no output yet", beats[0]), beats
 
 
 async def test_await_dispatch_streams_what_an_llm_runner_says_and_the_commands_it_runs(
