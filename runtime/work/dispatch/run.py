@@ -214,7 +214,7 @@ class DispatchRun:
                     sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
                     made.append(sandbox_id)
                 job = Job(
-                    profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout, on_output=labelled(running, index)
+                    profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout, on_output=_labelled(running, index)
                 )
                 ran = await self._runners.run(job)
                 by_member[index] = {
@@ -284,7 +284,7 @@ class DispatchRun:
         return self._settings.runners[row.runner]
 
 
-def labelled(running: Running, member: int) -> OutputCallback:
+def _labelled(running: Running, member: int) -> OutputCallback:
     """A team member's output for the dispatch's listeners, each of its lines led by `[member N] `."""
     line_start = {"stdout": True, "stderr": True}
 
