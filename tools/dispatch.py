@@ -16,6 +16,7 @@ from dockyard.runtime.substrate.models import DispatchInfo
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, caller, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import live
 
 __all__ = ["register"]
 
@@ -111,16 +112,22 @@ async def await_dispatch(
     """Wait for a dispatch to finish, up to timeout_s, and return its status (queued, running,
     completed, failed, cancelled, interrupted) with its result or error. If it is still
     running at the timeout, call again: the same dispatch goes on. A dispatch that was running
-    when dockyard restarted is 'interrupted' and is not re-run."""
+    when dockyard restarted is 'interrupted' and is not re-run.
+
+    While it waits, progress notifications (if you pass a progress token) stream the run's
+    output as sandbox_exec does (the latest few KiB first, then each line within 50 ms; a team
+    member's lines start with `[member N] `, an llm runner's text and tool calls are shown),
+    each status change as `[dockyard] dispatch ... is <status>`, and a heartbeat every few
+    seconds while it is quiet."""
     who = await authorized(ctx, Scope.DISPATCH_READ, Action.DISPATCH_AWAIT, dispatch_id)
-    steps = 0
+    async with live(ctx) as progress:
 
-    async def progress(status: str) -> None:
-        nonlocal steps
-        steps += 1
-        await ctx.report_progress(steps, None, f"dispatch {dispatch_id} is {status}")
+        async def status(now: str) -> None:
+            await progress.note(f"dispatch {dispatch_id} is {now}")
 
-    return await engine(ctx).dispatches.wait(who, dispatch_id, timeout_s, on_status=progress)
+        return await engine(ctx).dispatches.wait(
+            who, dispatch_id, timeout_s, on_status=status, on_output=progress.output
+        )
 
 
 async def dispatch_resource(dispatch_id: str, ctx: EngineContext) -> str:

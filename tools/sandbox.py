@@ -18,8 +18,9 @@ from dockyard.runtime.substrate.models import (
     SnapshotInfo,
 )
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
-from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
+from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import build_notes, live
 
 __all__ = ["register"]
 
@@ -74,17 +75,19 @@ async def sandbox_create(
     network unless you ask for one. Pass from_snapshot to start from a saved sandbox. Destroy
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
     """
-    return await engine(ctx).sandboxes.create(
-        await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE),
-        template=template,
-        network=network,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        env=env,
-        ttl_s=ttl_s,
-        from_snapshot=from_snapshot,
-        notify=build_progress(ctx),
-    )
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE)
+    async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
+        return await engine(ctx).sandboxes.create(
+            who,
+            template=template,
+            network=network,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            ttl_s=ttl_s,
+            from_snapshot=from_snapshot,
+            notify=build_notes(progress),
+        )
 
 
 @tool_errors
@@ -101,24 +104,20 @@ async def sandbox_exec(
 ) -> ExecResult:
     """Run a bash command in a sandbox and return its exit code, stdout and stderr.
 
-    Output streams as progress notifications while the command runs. Each stream is capped
-    (64 KiB by default) with a visible marker; redirect large output to a file and read it with
-    sandbox_read_file. At timeout_s the command and the processes it started are killed, and
-    the result says timed_out with exit code 124. Start long-lived servers with nohup and
-    redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
+    While it runs, its output streams as progress notifications (if you pass a progress token):
+    each line within 50 ms, stdout and stderr in order, stderr lines marked `[stderr] `; a quiet
+    command sends a `[dockyard] running for N s` heartbeat every few seconds with the tail of
+    its output. Each stream is capped (64 KiB by default) with a visible marker; redirect large
+    output to a file and read it with sandbox_read_file. At timeout_s the command and the
+    processes it started are killed, and the result says timed_out with exit code 124. Start
+    long-lived servers with nohup and redirected output (`nohup cmd > log 2>&1 &`) so the call
+    returns.
     """
-
-    sent = 0
-
-    async def stream(name: str, text: str) -> None:
-        nonlocal sent
-        sent += len(text)  # progress must grow with every notification: count characters streamed
-        await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
-
     who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
-    return await engine(ctx).sandboxes.exec(
-        who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
-    )
+    async with live(ctx) as progress:
+        return await engine(ctx).sandboxes.exec(
+            who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=progress.output
+        )
 
 
 @tool_errors

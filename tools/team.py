@@ -27,6 +27,7 @@ from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, P
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import live
 
 __all__ = ["register"]
 
@@ -196,7 +197,8 @@ async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
     """For the lead: stop every member (a running turn is killed), revoke their tokens and give
     their sandboxes back to the pool. The team's messages and tasks stay readable."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SHUTDOWN, team_id)
-    return await engine(ctx).teams.shutdown(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop
+        return await engine(ctx).teams.shutdown(who, team_id)
 
 
 @tool_errors
@@ -204,7 +206,8 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
     """For the lead: shut the team down if needed, then forget it: members, inboxes, tasks.
     The audit log keeps the record of everything it did."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CLEANUP, team_id)
-    return await engine(ctx).teams.cleanup(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop and their sandboxes go
+        return await engine(ctx).teams.cleanup(who, team_id)
 
 
 def register(server: MCPServer) -> None:

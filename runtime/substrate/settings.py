@@ -27,6 +27,7 @@ __all__ = [
     "NetworkMode",
     "PoolSettings",
     "PoolShape",
+    "ProgressSettings",
     "SandboxSettings",
     "Settings",
     "TemplateSettings",
@@ -273,6 +274,17 @@ class ImageSettings(BaseModel):
     )
 
 
+class ProgressSettings(BaseModel):
+    """How a running tool call keeps its client informed (progress notifications)."""
+
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        le=10,
+        description="A call that has sent nothing for this long sends a heartbeat (elapsed time, tail of output).",
+    )
+
+
 class Settings(BaseSettings):
     """Everything dockyard is configured with, loaded once by `load_settings`."""
 
@@ -302,6 +314,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     teams: TeamSettings = Field(default_factory=TeamSettings)
     computers: ComputerSettings = Field(default_factory=ComputerSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
 
     @field_validator("data_dir")
     @classmethod

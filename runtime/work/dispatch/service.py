@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 from sqlmodel import Session, col, or_, select
 
+from dockyard.runtime.runtimes.commands import OutputCallback
 from dockyard.runtime.runtimes.poolstatus import pool_status
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
@@ -318,22 +319,32 @@ class DispatchService:
         dispatch_id: str,
         timeout_s: float,
         on_status: Callable[[str], Awaitable[None]] | None = None,
+        on_output: OutputCallback | None = None,
     ) -> DispatchInfo:
         """The dispatch's state once it is final or `timeout_s` has passed (it keeps running);
-        `on_status` hears each status it passes through meanwhile."""
+        `on_status` hears each status it passes through meanwhile, `on_output` its runner's
+        output (the latest few KiB first, then each chunk as it comes)."""
         row = await self._owned(who, dispatch_id)
         seen = row.status
-        with anyio.move_on_after(timeout_s):
-            while row.status not in DispatchStatus.FINAL:
-                running = self._board.running.get(dispatch_id)
-                if running is None:
-                    await anyio.sleep(0.05)  # between the row's insert and its task's start
-                else:
-                    await running.changed.wait()
-                row = await self._owned(who, dispatch_id)
-                if on_status is not None and row.status != seen:
-                    seen = row.status
-                    await on_status(seen)
+        heard: Running | None = None
+        try:
+            with anyio.move_on_after(timeout_s):
+                while row.status not in DispatchStatus.FINAL:
+                    running = self._board.running.get(dispatch_id)
+                    if running is not None and on_output is not None and running is not heard:
+                        heard = running
+                        await running.listen(on_output)
+                    if running is None:
+                        await anyio.sleep(0.05)  # between the row's insert and its task's start
+                    else:
+                        await running.changed.wait()
+                    row = await self._owned(who, dispatch_id)
+                    if on_status is not None and row.status != seen:
+                        seen = row.status
+                        await on_status(seen)
+        finally:
+            if heard is not None and on_output is not None:
+                heard.listeners.discard(on_output)
         return info(await self._owned(who, dispatch_id), None)
 
     async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:
