@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib.metadata import version
 
-from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.subscriptions import ResourceUpdated
 
@@ -35,13 +34,15 @@ To look at what a sandbox serves, expose its port and open the URL in a computer
 browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...)."""
 
 
-def build_server(settings: Settings, *, http_url: str | None = None, admin_key: str | None = None) -> MCPServer[Engine]:
+def build_server(
+    settings: Settings, *, bearer: BearerTokens | None = None, admin_key: str | None = None
+) -> MCPServer[Engine]:
     """An MCP server whose lifespan opens one engine for these settings.
 
-    With `http_url` (http://host:port) it verifies bearer tokens for the streamable HTTP
-    transport; `admin_key` is the key that mints the first tokens.
+    For the streamable HTTP transport, `bearer` is the verifier its gate asks (it is handed
+    the engine's tokens once the engine is open); `admin_key` is the key that mints the first
+    tokens.
     """
-    verifier = BearerTokens() if http_url else None
     bus = WorkspaceBus(settings.operator)
 
     async def dispatch_changed(dispatch_id: str, workspace_id: str) -> None:
@@ -58,8 +59,8 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
                 engine.tokens.on_revoke = bus.revoked
                 if admin_key:
                     engine.tokens.set_admin_key(admin_key)
-                if verifier is not None:
-                    verifier.tokens = engine.tokens
+                if bearer is not None:
+                    bearer.tokens = engine.tokens
                 yield engine
 
     server: MCPServer[Engine] = MCPServer(
@@ -69,11 +70,7 @@ def build_server(settings: Settings, *, http_url: str | None = None, admin_key: 
         version=version("dockyard"),
         lifespan=lifespan,
         log_level=settings.log_level,
-        token_verifier=verifier,
         subscriptions=bus,
-        auth=AuthSettings(issuer_url=http_url, resource_server_url=f"{http_url}/mcp", validate_token_resource=False)
-        if http_url
-        else None,
     )
     sandbox.register(server)
     pool.register(server)
