@@ -17,7 +17,7 @@ from dockyard.server.bridge import serve_bridge
 from dockyard.server.bus import WorkspaceBus
 from dockyard.server.eventloop import without_cancelled_reader_reports
 from dockyard.server.transports import BearerTokens
-from dockyard.tools import audit, computer, dispatch, pool, sandbox, team, token
+from dockyard.tools import audit, computer, discovery, dispatch, pool, sandbox, team, token
 
 __all__ = ["build_server"]
 
@@ -31,7 +31,10 @@ To hand a task off, dispatch it (remote, local, team modes) and collect it with 
 For several agents working together, team_create a team, team_spawn members, and follow it
 with team_tasks; members message each other and claim tasks from the shared list.
 To look at what a sandbox serves, expose its port and open the URL in a computer (a headless
-browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...)."""
+browser: computer_create, computer_navigate, computer_snapshot, computer_click, ...).
+capabilities shows the modes, runners, templates and quotas open to you; dispatch_list,
+team_list and snapshot_list find what you started before. Programs inside a sandbox call
+these tools through dockyard-bridge (MCP on stdio) or dockyard-call, with no network."""
 
 
 def build_server(
@@ -79,4 +82,5 @@ def build_server(
     dispatch.register(server)
     team.register(server)
     computer.register(server)
+    discovery.register(server)
     return server
