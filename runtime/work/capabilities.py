@@ -8,6 +8,7 @@ its limit but not its use, which would count other workspaces.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -251,7 +252,8 @@ def _in_tree(session: Session, model: type[Sandbox] | type[Computer], who: Ident
     return session.exec(stmt).one()
 
 
-def _quotas(settings: Settings, who: Identity) -> Any:
+def _quotas(settings: Settings, who: Identity) -> Callable[[Session], list[QuotaInfo]]:
+    """A store step counting the caller's use of each quota its scopes reach."""
     quotas = settings.quotas
 
     def count(session: Session) -> list[QuotaInfo]:
