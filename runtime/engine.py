@@ -29,6 +29,7 @@ from dockyard.runtime.substrate.models import PoolInfo
 from dockyard.runtime.substrate.settings import Identity, Settings
 from dockyard.runtime.substrate.store import Store
 from dockyard.runtime.substrate.tokens import TokenService
+from dockyard.runtime.work.capabilities import Capabilities, capabilities
 from dockyard.runtime.work.dispatch import DispatchService
 from dockyard.runtime.work.runners import Runners
 from dockyard.runtime.work.teams import TeamService
@@ -146,6 +147,10 @@ class Engine:
                 await provisioner.guard.close(networks_left=await _networks_left(docker, provisioner))
                 await docker.close()
                 await store.close()
+
+    async def capabilities(self, who: Identity) -> Capabilities:
+        """What this server offers `who` (as its scopes let it see) and its use of each quota."""
+        return await capabilities(self.settings, self.store, who)
 
     async def pool_status(self) -> list[PoolInfo]:
         """Every pool's shape, state counts, queue and claim figures."""

@@ -84,8 +84,8 @@ def serve(
         )
     elif path is not None:
         Console(stderr=True).print(f"dockyard: the admin key is in {path}")
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    anyio.run(transports.run_http, build_server(settings, http_url=url, admin_key=key), host, int(port))
+    bearer = transports.BearerTokens()
+    anyio.run(transports.run_http, build_server(settings, bearer=bearer, admin_key=key), bearer, host, int(port))
 
 
 @images_app.command("build")

@@ -8,6 +8,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, SnapshotPage
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
@@ -27,6 +28,8 @@ __all__ = ["register"]
 SandboxId = Annotated[
     str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)
 ]
+SNAPSHOT_LIST_TITLE = "List snapshots"
+_SANDBOX_SCOPES = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
 WorkspacePath = Annotated[
     str, Field(description="A path relative to /workspace, or an absolute path under /workspace.", max_length=4096)
 ]
@@ -66,7 +69,9 @@ async def sandbox_create(
     memory_mb: Annotated[int | None, Field(ge=64, le=65536, description="Memory (and swap) limit in MiB.")] = None,
     env: Annotated[dict[str, str] | None, Field(description="Environment variables for every command.")] = None,
     ttl_s: Annotated[int | None, Field(ge=1, description="Destroy automatically after this many seconds.")] = None,
-    from_snapshot: Annotated[str | None, Field(description="Start from a snapshot id (snp_...).")] = None,
+    from_snapshot: Annotated[
+        str | None, Field(description="Start from a snapshot id (snp_...), from sandbox_snapshot or snapshot_list.")
+    ] = None,
 ) -> SandboxInfo:
     """Create an isolated Linux sandbox (Debian with python3, git, curl and build tools) and return its id.
 
@@ -74,6 +79,9 @@ async def sandbox_create(
     rest of the filesystem is read-only apart from /tmp and the home directory. There is no
     network unless you ask for one. Pass from_snapshot to start from a saved sandbox. Destroy
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
+    capabilities lists the templates and their limits. Programs inside the sandbox can call
+    dockyard's tools with dockyard-bridge (MCP on stdio) or dockyard-call, acting as the
+    sandbox's own token.
     """
     who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE)
     async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
@@ -210,7 +218,7 @@ async def sandbox_snapshot(
 @tool_errors
 async def sandbox_list(ctx: EngineContext) -> SandboxList:
     """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
-    who = await any_of(ctx, [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_LIST)
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SANDBOX_LIST)
     return SandboxList(sandboxes=await engine(ctx).sandboxes.list(who))
 
 
@@ -233,6 +241,24 @@ async def snapshot_delete(
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 
+@tool_errors
+async def snapshot_list(
+    ctx: EngineContext,
+    sandbox_id: Annotated[
+        str | None, Field(max_length=64, description="Only the snapshots of this sandbox; default all of yours.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> SnapshotPage:
+    """List your workspace's snapshots, newest first (id, sandbox, label, size, time), also of
+    sandboxes that are gone; page with next_cursor. Restore one with
+    sandbox_create(from_snapshot=...)."""
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SNAPSHOT_LIST)
+    return await engine(ctx).snapshots.list_page(who, sandbox_id, limit, cursor)
+
+
 def register(server: MCPServer) -> None:
     """Add the sandbox tools to a server."""
     server.add_tool(sandbox_create, annotations=ADDITIVE)
@@ -245,3 +271,8 @@ def register(server: MCPServer) -> None:
     server.add_tool(snapshot_delete, annotations=DESTRUCTIVE)
     server.add_tool(sandbox_list, annotations=READ_ONLY)
     server.add_tool(sandbox_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(
+        snapshot_list,
+        title=SNAPSHOT_LIST_TITLE,
+        annotations=READ_ONLY.model_copy(update={"title": SNAPSHOT_LIST_TITLE}),
+    )

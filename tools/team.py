@@ -12,6 +12,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, TeamPage
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -23,6 +24,7 @@ from dockyard.runtime.substrate.models import (
     TeamView,
 )
 from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import TeamStatus
 from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
@@ -33,9 +35,13 @@ __all__ = ["register"]
 
 TeamId = Annotated[
     str,
-    Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64),
+    Field(
+        description="A team id (team_...) from team_create or team_list; members find theirs in DOCKYARD_TEAM_ID.",
+        max_length=64,
+    ),
 ]
 _TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
+TEAM_LIST_TITLE = "List teams"
 
 
 class NewTask(BaseModel):
@@ -70,11 +76,17 @@ async def team_spawn(
         Field(
             min_length=1,
             max_length=100_000,
-            description="Its first task (for the script runner: the script it runs on every turn).",
+            description="Its first task: for a 'script' runner the bash script it runs on every turn (messages on "
+            "stdin); for a 'command' runner the text handed to its agent CLI; for an 'llm' runner the model's task.",
         ),
     ],
     runner: Annotated[
-        str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")
+        str | None,
+        Field(
+            max_length=64,
+            description="A runner profile from config (script, command or llm kind); default 'script'. "
+            "capabilities lists them.",
+        ),
     ] = None,
     isolation: Annotated[
         str,
@@ -94,6 +106,24 @@ async def team_spawn(
     return await engine(ctx).teams.spawn(
         who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode
     )
+
+
+@tool_errors
+async def team_list(
+    ctx: EngineContext,
+    status: Annotated[
+        list[TeamStatus] | None, Field(max_length=2, description="Only teams in these states; default all.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> TeamPage:
+    """List your workspace's teams, newest first, one compact row each (id, name, status, lead,
+    member count, open tasks); a member sees its own team. Filter by status and page with
+    next_cursor; team_tasks shows one team in full."""
+    who = await _anyone(ctx, Action.TEAM_LIST)
+    return await engine(ctx).teams.list_page(who, [str(s) for s in status or []], limit, cursor)
 
 
 @tool_errors
@@ -226,3 +256,6 @@ def register(server: MCPServer) -> None:
     server.add_tool(team_approve_plan, annotations=ADDITIVE)
     server.add_tool(team_shutdown, annotations=DESTRUCTIVE_IDEMPOTENT)
     server.add_tool(team_cleanup, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(
+        team_list, title=TEAM_LIST_TITLE, annotations=READ_ONLY.model_copy(update={"title": TEAM_LIST_TITLE})
+    )

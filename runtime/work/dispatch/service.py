@@ -24,6 +24,7 @@ from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.errors import DockyardError, NotFoundError, QuotaExceededError, StateError
+from dockyard.runtime.substrate.listings import DispatchPage, DispatchRow, Window, clip
 from dockyard.runtime.substrate.models import DispatchInfo
 from dockyard.runtime.substrate.runs import link_run
 from dockyard.runtime.substrate.settings import Identity, Settings
@@ -31,6 +32,7 @@ from dockyard.runtime.substrate.store import (
     Dispatch,
     DispatchDecision,
     DispatchStatus,
+    RunLink,
     Sandbox,
     SandboxStatus,
     Store,
@@ -375,6 +377,46 @@ class DispatchService:
         if row is None or row.workspace_id != who.workspace_id:
             raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
         return row
+
+    async def list_page(
+        self, who: Identity, statuses: list[str] | None, limit: int, cursor: str | None
+    ) -> DispatchPage:
+        """A page of the dispatches in the caller's reach, newest first: its workspace's, or for
+        a token bound to a sandbox (a runner, a member, a program in a sandbox) those of its own
+        run and every run it started, else those that ran in that sandbox."""
+        window = Window("dispatch_list", who, limit, cursor)
+
+        def query(session: Session) -> list[Dispatch]:
+            stmt = select(Dispatch).where(Dispatch.workspace_id == who.workspace_id)
+            if who.sandbox_id is not None and who.run_id is not None:
+                below = select(RunLink.run_id).where(RunLink.ancestor_id == who.run_id)
+                stmt = stmt.where(or_(col(Dispatch.id) == who.run_id, col(Dispatch.id).in_(below)))
+            elif who.sandbox_id is not None:
+                stmt = stmt.where(
+                    or_(Dispatch.sandbox_id == who.sandbox_id, Dispatch.caller_sandbox_id == who.sandbox_id)
+                )
+            if statuses:
+                stmt = stmt.where(col(Dispatch.status).in_(statuses))
+            return list(session.exec(window.apply(stmt, Dispatch)).all())
+
+        rows, next_cursor = window.cut(await self._store.run(query))
+        return DispatchPage(
+            dispatches=[
+                DispatchRow(
+                    dispatch_id=row.id,
+                    status=row.status,
+                    mode=row.mode,
+                    runner=row.runner,
+                    task_summary=clip(row.task_summary),
+                    user_id=row.user_id,
+                    sandbox_id=row.sandbox_id or row.caller_sandbox_id,
+                    created_at=row.created_at,
+                    finished_at=row.finished_at,
+                )
+                for row in rows
+            ],
+            next_cursor=next_cursor,
+        )
 
     async def decisions(self, who: Identity) -> list[DispatchDecision]:
         """The caller's workspace's dispatch decisions, oldest first."""

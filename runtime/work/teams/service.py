@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 from sqlalchemy import delete
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.errors import DockyardError, InvalidRequestError
+from dockyard.runtime.substrate.listings import TeamPage, TeamRow, Window
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -32,16 +33,18 @@ from dockyard.runtime.substrate.store import (
     Member,
     MemberStatus,
     Message,
+    RunLink,
     Sandbox,
     SandboxStatus,
     Store,
+    TaskStatus,
     Team,
     TeamStatus,
     TeamTask,
 )
 from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.runtime.work.runners import Runners
-from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, owner, team_owner
+from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, is_member, owner, team_owner
 from dockyard.runtime.work.teams.members import MemberLoop
 from dockyard.runtime.work.teams.messaging import Messaging
 from dockyard.runtime.work.teams.states import INTERRUPT_MEMBER, SHUT_DOWN_TEAM, STOP_MEMBER
@@ -254,6 +257,43 @@ class TeamService:
 
     # -- everyone's tools -----------------------------------------------------------------
 
+    async def list_page(self, who: Identity, statuses: list[str] | None, limit: int, cursor: str | None) -> TeamPage:
+        """A page of the teams in the caller's reach, newest first: a member sees its own team;
+        a lead its workspace's, or with a token bound to a sandbox, the teams its run started."""
+        window = Window("team_list", who, limit, cursor)
+        member = await self._store.get(Member, who.run_id) if is_member(who) and who.run_id else None
+
+        def query(session: Session) -> list[tuple[Team, int, int]]:
+            stmt = select(Team).where(Team.workspace_id == who.workspace_id)
+            if is_member(who):
+                stmt = stmt.where(Team.id == (member.team_id if member is not None else None))
+            elif who.sandbox_id is not None:
+                below = select(RunLink.run_id).where(RunLink.ancestor_id == (who.run_id or who.sandbox_id))
+                stmt = stmt.where(col(Team.id).in_(below))
+            if statuses:
+                stmt = stmt.where(col(Team.status).in_(statuses))
+            teams = list(session.exec(window.apply(stmt, Team)).all())
+            return [(team, *_counts(session, team.id)) for team in teams]
+
+        found = await self._store.run(query)
+        page, next_cursor = window.cut([team for team, _, _ in found])
+        counts = {team.id: (members, open_tasks) for team, members, open_tasks in found}
+        return TeamPage(
+            teams=[
+                TeamRow(
+                    team_id=team.id,
+                    name=team.name,
+                    status=team.status,
+                    lead_user_id=team.user_id,
+                    members=counts[team.id][0],
+                    open_tasks=counts[team.id][1],
+                    created_at=team.created_at,
+                )
+                for team in page
+            ],
+            next_cursor=next_cursor,
+        )
+
     async def view(self, who: Identity, team_id: str) -> TeamView:
         """Every member's status and the shared task list."""
         team = await self._access.team(who, team_id, Action.TEAM_TASKS)
@@ -343,6 +383,17 @@ class TeamService:
             await self._sandboxes.destroy(owner, sandbox_id)
         except DockyardError as exc:
             log.info("sandbox %s of a team: %s", sandbox_id, exc)
+
+
+def _counts(session: Session, team_id: str) -> tuple[int, int]:
+    """A team's members, and its tasks nobody has claimed yet."""
+    members = session.exec(select(func.count()).select_from(Member).where(Member.team_id == team_id)).one()
+    open_tasks = session.exec(
+        select(func.count())
+        .select_from(TeamTask)
+        .where(TeamTask.team_id == team_id, TeamTask.status == TaskStatus.OPEN)
+    ).one()
+    return members, open_tasks
 
 
 def _stop_members(session: Session, team_id: str) -> None:
