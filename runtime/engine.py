@@ -29,6 +29,7 @@ from dockyard.runtime.substrate.models import PoolInfo
 from dockyard.runtime.substrate.settings import Identity, Settings
 from dockyard.runtime.substrate.store import Store
 from dockyard.runtime.substrate.tokens import TokenService
+from dockyard.runtime.work.calltasks import CallTaskService
 from dockyard.runtime.work.capabilities import Capabilities, capabilities
 from dockyard.runtime.work.dispatch import DispatchService
 from dockyard.runtime.work.runners import Runners
@@ -66,6 +67,7 @@ class Engine:
     tokens: TokenService
     runners: Runners
     dispatches: DispatchService
+    calltasks: CallTaskService
     teams: TeamService
     computers: ComputerService
     pages: PageService
@@ -115,6 +117,7 @@ class Engine:
             tokens=tokens,
             runners=runners,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens, runners),
+            calltasks=CallTaskService(store),
             teams=TeamService(settings, store, audit, sandboxes, tokens, runners),
             computers=computers,
             pages=PageService(settings, audit, computers, browsers, sandboxes),
@@ -133,6 +136,7 @@ class Engine:
                     await pools.replenish(pool)
                 tg.start_soon(upkeep.run)
                 await tg.start(engine.dispatches.run)
+                await tg.start(engine.calltasks.run)
                 await tg.start(engine.teams.run)
                 await tg.start(browsers.run)
                 tg.start_soon(engine._reap_loop)

@@ -20,6 +20,7 @@ from dockyard.server.subscribe import serve_subscriptions
 from dockyard.server.transports import BearerTokens
 from dockyard.tools import audit, computer, discovery, dispatch, pool, resources, sandbox, team, token
 from dockyard.tools.resources import watched
+from dockyard.tools.tasks import TasksExtension
 
 __all__ = ["build_server"]
 
@@ -87,6 +88,7 @@ def build_server(
         lifespan=lifespan,
         log_level=settings.log_level,
         subscriptions=bus,
+        extensions=[TasksExtension()],
     )
     sandbox.register(server)
     pool.register(server)

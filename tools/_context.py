@@ -21,6 +21,7 @@ __all__ = [
     "any_of",
     "authorized",
     "caller",
+    "calling",
     "current",
     "engine",
 ]
@@ -45,12 +46,18 @@ class CallerToken(AccessToken):
 
 def caller(ctx: EngineContext) -> Identity:
     """Who is calling: a bridge session's sandbox, an HTTP request's token, else the operator."""
+    return calling(engine(ctx))
+
+
+def calling(opened: Engine) -> Identity:
+    """Who is calling, for a handler that has the engine but no tool context (a request
+    method of an extension): the same answer as `caller`."""
     if (bridged := acting_as.get()) is not None:
         return bridged
     token = get_access_token()
     if isinstance(token, CallerToken):
         return token.identity
-    return engine(ctx).operator
+    return opened.operator
 
 
 async def current(

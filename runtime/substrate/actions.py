@@ -58,6 +58,11 @@ class Action(StrEnum):
     DISPATCH_RUN = "dispatch.run"  # dockyard starts a dispatch's run (a `started` row)
     DISPATCH_FINISH = "dispatch.finish"  # a dispatch's run ended, however it ended
 
+    # Long calls handed back as tasks (the MCP Tasks extension).
+    TASK_GET = "task.get"  # tasks/get: a task's state, and its result once done
+    TASK_UPDATE = "task.update"  # tasks/update: input for a task (none of dockyard's asks for any)
+    TASK_CANCEL = "task.cancel"  # tasks/cancel: stop a task's call
+
     # Teams.
     TEAM_CREATE = "team.create"
     TEAM_SPAWN = "team.spawn"
