@@ -86,9 +86,10 @@ class TasksExtension(Extension):
         who = calling(opened)
         if params.name == "dispatch":
             result = await call_next(ctx)
-            if not isinstance(result, CallToolResult) or result.is_error or not result.structured_content:
+            made = result.structured_content if isinstance(result, CallToolResult) and not result.is_error else None
+            if not made or not isinstance(made.get("dispatch_id"), str):
                 return result  # refused at once (or asking for input first): no task
-            row = await opened.calltasks.create(who, "dispatch", result.structured_content["dispatch_id"])
+            row = await opened.calltasks.create(who, "dispatch", made["dispatch_id"])
             return {"resultType": "task", **_task(row, CallTaskStatus.WORKING, row.status_message)}
 
         async def work() -> tuple[object, CallOutcome]:
