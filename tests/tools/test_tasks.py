@@ -4,8 +4,10 @@ client that declares it, the ordinary answers for one that does not, cancel, and
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
+import docker
 import pytest
 from mcp import Client, MCPError
 from mcp.types import CallToolResult
@@ -14,7 +16,7 @@ from sqlmodel import Session, create_engine, select
 from dockyard.runtime.substrate.settings import Settings
 from dockyard.runtime.substrate.store import CallTask
 from dockyard.server.app import build_server
-from tests.conftest import call, sh
+from tests.conftest import call, make_settings, remove_instance, sh
 from tests.tasks_client import TaskHandle, TasksClient, cancel, get, handle, until_done, update
 
 pytestmark = pytest.mark.anyio
@@ -157,3 +159,31 @@ async def test_after_a_restart_a_dispatch_task_says_interrupted_and_an_exec_task
         assert "restarted" in (after.status_message or "")
         cut = await get(second.session, ran.task_id)
         assert cut.status == "failed" and cut.error is not None and "restarted" in cut.error["message"]
+
+
+async def test_a_create_waiting_for_the_pool_is_a_task_that_ends_with_the_sandbox(
+    tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient
+) -> None:
+    settings = make_settings(tmp_path / "data", default_pool={"min": 0, "max": 1})
+    try:
+        async with Client(build_server(settings), extensions=[TasksClient()]) as tasks:
+            first = (await call(tasks, "sandbox_create"))["sandbox_id"]
+            waiting = await handle(tasks, "sandbox_create")
+            assert isinstance(waiting, TaskHandle), "the second create should wait for the only runtime"
+            assert (await get(tasks.session, waiting.task_id)).status == "working"
+            await call(tasks, "sandbox_destroy", sandbox_id=first)
+            done = await until_done(tasks.session, waiting.task_id)
+            assert done.status == "completed" and done.result is not None
+            second = done.result["structuredContent"]["sandbox_id"]
+            assert second != first
+            assert (await sh(tasks, second, "echo works"))["stdout"] == "works\n"
+            # A waiting create that is cancelled never gets a sandbox, even once the runtime is free.
+            given_up = await handle(tasks, "sandbox_create")
+            assert isinstance(given_up, TaskHandle)
+            await cancel(tasks.session, given_up.task_id)
+            assert (await get(tasks.session, given_up.task_id)).status == "cancelled"
+            await call(tasks, "sandbox_destroy", sandbox_id=second)
+            await anyio.sleep(2)
+            assert (await call(tasks, "sandbox_list"))["sandboxes"] == []
+    finally:
+        remove_instance(docker_client, settings)
