@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from mcp import Client, MCPError
@@ -16,7 +18,7 @@ from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.substrate.store import CallTask
 from tests.conftest import call
-from tests.served import Served, connect, mint
+from tests.served import Served, connect, mint, stop
 from tests.tasks_client import TaskHandle, TasksClient, cancel, get, handle, until_done, update
 
 pytestmark = pytest.mark.anyio
@@ -101,3 +103,47 @@ async def test_a_client_that_does_not_declare_the_extension_gets_no_task_over_ht
         with pytest.raises(MCPError) as missing:
             await get(plain.session, "tsk_whatever")
         assert missing.value.error.code == -32021
+
+
+async def test_a_revoked_token_can_no_longer_read_or_cancel_its_own_task(served: Served) -> None:
+    ann = await mint(served, scopes=[*WORK, "token:mint"], workspace_id="w", user_id="ann")
+    async with declaring(served, ann["token"]) as parent:
+        child = await call(parent, "token_mint", scopes=["dispatch:create", "dispatch:read"])
+        async with declaring(served, child["token"]) as holder:
+            made = await handle(
+                holder, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="sleep 3; echo kept"
+            )
+            assert isinstance(made, TaskHandle)
+            await call(parent, "token_revoke", token_id=child["token_id"])
+            for attempt in (get, cancel):  # refused at the door: HTTP takes no revoked token
+                with pytest.raises(MCPError):
+                    await attempt(holder.session, made.task_id)
+        # The revoked holder's cancel was not a cancel (the run ends by the revocation of the
+        # token that started it, which revokes the run's token too).
+        dispatch_id = task_row(served, made.task_id).dispatch_id
+        done = await call(parent, "await_dispatch", dispatch_id=dispatch_id, timeout_s=120)
+        assert done["status"] in ("completed", "failed"), done
+        rows = (await call(parent, "audit_query", kind="dispatch.cancel"))["rows"]
+        assert [row for row in rows if row["outcome"] == "ok"] == []
+
+
+async def test_after_a_crash_a_dispatch_task_is_still_its_tokens_alone_and_says_interrupted(serve_http: Any) -> None:
+    served = serve_http()
+    ann = await mint(served, scopes=WORK, workspace_id="w", user_id="ann")
+    eve = await mint(served, scopes=WORK, workspace_id="other", user_id="eve")
+    async with declaring(served, ann["token"]) as owner:
+        made = await handle(owner, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="sleep 300")
+        assert isinstance(made, TaskHandle)
+        with anyio.fail_after(60):
+            while "running" not in ((await get(owner.session, made.task_id)).status_message or ""):
+                await anyio.sleep(0.1)
+    stop(served, kill=True)
+    again = serve_http()  # the same data dir: the store, its tokens and tasks
+    assert again.data_dir == served.data_dir
+    async with declaring(again, eve["token"]) as attacker:
+        await refused(attacker, made.task_id)
+    async with declaring(again, ann["token"]) as owner:
+        after = await get(owner.session, made.task_id)
+        assert after.status == "completed" and after.result is not None
+        assert after.result["structuredContent"]["status"] == "interrupted"
+        assert "not re-run" in (after.status_message or "")
