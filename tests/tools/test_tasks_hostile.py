@@ -5,6 +5,7 @@ same "task not found": none can read a task's state or result, or cancel it."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +17,9 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from sqlmodel import Session, create_engine, select
 
+from dockyard.runtime.substrate.settings import Settings
 from dockyard.runtime.substrate.store import CallTask
+from dockyard.server.app import build_server
 from tests.conftest import call
 from tests.served import Served, connect, mint, stop
 from tests.tasks_client import TaskHandle, TasksClient, cancel, get, handle, until_done, update
@@ -147,3 +150,27 @@ async def test_after_a_crash_a_dispatch_task_is_still_its_tokens_alone_and_says_
         assert after.status == "completed" and after.result is not None
         assert after.result["structuredContent"]["status"] == "interrupted"
         assert "not re-run" in (after.status_message or "")
+
+
+async def test_a_flood_of_forged_task_ids_finds_nothing_and_leaves_the_audit_chain_whole(
+    settings: Settings, cleanup: None
+) -> None:
+    async with Client(build_server(settings), extensions=[TasksClient()]) as client:
+        made = await handle(client, "dispatch", mode="remote", rationale="r", task_summary="t", prompt="echo real")
+        assert isinstance(made, TaskHandle)
+        misses: list[str] = []
+
+        async def guess(n: int) -> None:
+            forged = f"tsk_{secrets.token_urlsafe(32)}" if n % 2 else made.task_id[: 4 + n % 40]
+            try:
+                await get(client.session, forged)
+            except MCPError as exc:
+                misses.append(exc.error.message)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(200):
+                tg.start_soon(guess, n)
+        assert len(misses) == 200 and all("not found" in message for message in misses)
+        assert (await until_done(client.session, made.task_id)).status == "completed"
+        verified = await call(client, "audit_verify")
+        assert verified["intact"] is True and verified["rows_checked"] >= 200, verified
