@@ -14,6 +14,8 @@ A task is bound to the token that made it: any other token, or another workspace
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -25,7 +27,7 @@ from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver import require_client_extension
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolRequestParams, CallToolResult, RequestParams
-from mcp_types import INVALID_PARAMS, INVALID_REQUEST
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
@@ -39,6 +41,8 @@ from dockyard.tools import dispatch as dispatch_tools
 from dockyard.tools._context import calling
 
 __all__ = ["ANSWER_WITHIN_S", "TASKS", "TasksExtension"]
+
+log = logging.getLogger("dockyard.tools")
 
 TASKS = "io.modelcontextprotocol/tasks"
 ANSWER_WITHIN_S = 1.0  # a long call that ends sooner is answered directly, not with a task
@@ -97,6 +101,14 @@ class TasksExtension(Extension):
                 value = await call_next(ctx)
             except MCPError as exc:
                 return exc, CallOutcome(CallTaskStatus.FAILED, exc.error.model_dump(mode="json", exclude_none=True))
+            except Exception as exc:  # the SDK's chain raised past the tool: a protocol-level failure
+                ref = secrets.token_hex(4)
+                log.exception("tools/call %s as a task failed (ref %s)", params.name, ref)
+                error = {
+                    "code": INTERNAL_ERROR,
+                    "message": f"internal error (ref {ref}); the server log has the details",
+                }
+                return exc, CallOutcome(CallTaskStatus.FAILED, error)
             if isinstance(value, dict):
                 return value, CallOutcome(CallTaskStatus.COMPLETED, dict(value))
             dumped = value.model_dump(by_alias=True, mode="json", exclude_none=True) if value is not None else {}
