@@ -55,6 +55,7 @@ async def test_a_declaring_client_gets_a_dispatch_as_a_task_and_polls_it_to_the_
     assert finished.structured_content["dispatch_id"] == row.dispatch_id
     # The same dispatch, read the ordinary way, says the same.
     awaited = await call(tasks, "await_dispatch", dispatch_id=row.dispatch_id)
+    assert set(awaited) == set(finished.structured_content)  # the shape dispatch's results have
     assert {k: awaited[k] for k in ("status", "result", "mode")} == {
         k: finished.structured_content[k] for k in ("status", "result", "mode")
     }
