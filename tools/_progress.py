@@ -5,7 +5,7 @@ What a client sees in `notifications/progress` (`progress` counts the call's not
 
 - output: the text as the program wrote it, stdout and stderr in the order they arrived; each
   line of stderr starts with `[stderr] `. One notification holds what arrived since the last
-  (at most `MESSAGE_CAP` characters; the rest of that batch is named, and the result has it).
+  (at most `MESSAGE_CAP` characters: its head and tail, with what was left out named between; the result has it all).
 - a status change: `[dockyard] ` and a sentence (`[dockyard] dispatch dsp_... is completed`,
   `[dockyard] building image 'sandbox' (12 s): step 3/9: ...`).
 - a heartbeat, when the call has sent nothing for `heartbeat_s`:
@@ -126,8 +126,10 @@ class Progress:
         queue, self._queue = self._queue, []
         for is_output, text in queue:
             if is_output and len(text) > MESSAGE_CAP:
-                cut = len(text) - MESSAGE_CAP
-                text = text[:MESSAGE_CAP] + f"\n{NOTE}{cut} more characters not streamed; the result has them\n"
+                # Head and tail: the end of a batch (an error, the last line) matters most.
+                cut, half = len(text) - MESSAGE_CAP, MESSAGE_CAP // 2
+                note = f"\n{NOTE}{cut} more characters not streamed; the result has them\n"
+                text = text[:half] + note + text[-half:]
             await self._emit(text)
 
     async def _beat(self) -> None:

@@ -106,7 +106,8 @@ async def test_output_before_an_error_is_sent_and_the_error_comes_out_unwrapped(
 async def test_one_notification_holds_at_most_the_cap_and_names_what_it_left_out() -> None:
     heard = Heard()
     async with Progress(heard.send, heartbeat_s=10).pacing() as progress:
-        await progress.output("stdout", "y\n" * MESSAGE_CAP)
+        await progress.output("stdout", "y\n" * MESSAGE_CAP + "the end\n")
     assert len(heard.notes) == 1
     assert len(heard.messages[0]) < MESSAGE_CAP + 200
-    assert f"{MESSAGE_CAP} more characters not streamed" in heard.messages[0]
+    assert f"{MESSAGE_CAP + len('the end') + 1} more characters not streamed" in heard.messages[0]
+    assert heard.messages[0].startswith("y\ny\n") and heard.messages[0].endswith("y\nthe end\n")  # the tail is kept
