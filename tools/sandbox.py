@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.runtimes.outputs import EXEC_OUTPUT_URI
 from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
@@ -101,8 +104,11 @@ async def sandbox_exec(
 ) -> ExecResult:
     """Run a bash command in a sandbox and return its exit code, stdout and stderr.
 
-    Output streams as progress notifications while the command runs. Each stream is capped
-    (64 KiB by default) with a visible marker; redirect large output to a file and read it with
+    Output streams as progress notifications while the command runs. The result keeps the head
+    and the tail of each stream within the result budget (about 16 KB), with a marker saying how
+    many bytes were left out in the middle; a cut stream's whole output (up to the 64 KiB cap per
+    stream, its head and tail) is the resource named in stdout_uri / stderr_uri, kept for the
+    sandbox's last 20 commands. For more, redirect output to a file and page it with
     sandbox_read_file. At timeout_s the command and the processes it started are killed, and
     the result says timed_out with exit code 124. Start long-lived servers with nohup and
     redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
@@ -117,8 +123,28 @@ async def sandbox_exec(
 
     who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
     return await engine(ctx).sandboxes.exec(
-        who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
+        who,
+        sandbox_id,
+        command,
+        cwd=cwd,
+        env=env,
+        timeout_s=timeout_s,
+        stdin=stdin,
+        on_output=stream,
+        fit=True,
     )
+
+
+async def exec_output(sandbox_id: str, n: int, stream: Literal["stdout", "stderr"], ctx: EngineContext) -> str:
+    """All of one stream of a command run with sandbox_exec (up to the output cap), as the
+    result's stdout_uri / stderr_uri name it. A sandbox keeps its last 20; they go with it."""
+    try:
+        who = await any_of(ctx, [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_READ_OUTPUT)
+        return await engine(ctx).sandboxes.read_output(who, sandbox_id, n, stream)
+    except NotFoundError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    except DockyardError as exc:
+        raise ResourceError(str(exc)) from exc
 
 
 @tool_errors
@@ -235,7 +261,8 @@ async def snapshot_delete(
 
 
 def register(server: MCPServer) -> None:
-    """Add the sandbox tools to a server."""
+    """Add the sandbox tools, and the command output resource, to a server."""
+    server.resource(EXEC_OUTPUT_URI, name="exec_output", mime_type="text/plain")(exec_output)
     server.add_tool(sandbox_create, annotations=ADDITIVE)
     server.add_tool(sandbox_exec, annotations=DESTRUCTIVE)
     server.add_tool(sandbox_write_file, annotations=DESTRUCTIVE_IDEMPOTENT)

@@ -47,6 +47,13 @@ class ExecResult(BaseModel):
     timed_out: bool
     truncated: bool = Field(description="True when stdout or stderr was cut at the output cap.")
     duration_ms: float
+    exec_n: int | None = Field(None, description="The command's number in its sandbox, for its output resources.")
+    stdout_uri: str | None = Field(
+        None, description="Set when stdout here was cut to fit the result: the resource holding all of it."
+    )
+    stderr_uri: str | None = Field(
+        None, description="Set when stderr here was cut to fit the result: the resource holding all of it."
+    )
 
 
 class FileWritten(BaseModel):

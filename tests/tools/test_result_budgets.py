@@ -1,0 +1,145 @@
+"""Results that fit a context window: every tool result within the result budget, with the rest
+reachable (an exec's full output as a resource, a file's next page, an audit cursor).
+
+Sizes are measured as the client receives them: the JSON of the structured result."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from mcp import Client
+from mcp.types import TextResourceContents
+
+from dockyard.runtime.substrate.settings import Settings
+from dockyard.server.app import build_server
+from tests.conftest import call, make_settings, remove_instance, sh
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = 16000
+OVERHEAD = 1500  # the result's other fields and JSON escaping
+
+
+def size(result: dict[str, Any]) -> int:
+    return len(json.dumps(result))
+
+
+async def read_text(client: Client, uri: str) -> str:
+    read = await client.read_resource(uri)
+    assert isinstance(read.contents[0], TextResourceContents)
+    return read.contents[0].text
+
+
+async def test_a_200_kb_output_keeps_head_and_tail_within_the_budget_and_links_the_full_output(
+    client: Client,
+) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    ran = await sh(client, sid, "for i in $(seq 1 20000); do echo line-$i-xxxxx; done; echo THE-LAST-LINE")
+    assert size(ran) <= BUDGET + OVERHEAD
+    assert ran["stdout"].startswith("line-1-xxxxx\n")
+    assert ran["stdout"].rstrip("\n").endswith("THE-LAST-LINE")
+    assert " bytes omitted " in ran["stdout"]
+    assert ran["stdout_uri"] == f"dockyard://sandboxes/{sid}/execs/{ran['exec_n']}/stdout"
+    assert ran["stderr_uri"] is None  # nothing of stderr was cut
+
+    full = await read_text(client, ran["stdout_uri"])
+    assert 60_000 < len(full.encode()) <= 65536 + 200  # the output cap, head and tail
+    assert full.startswith("line-1-xxxxx\n") and full.rstrip("\n").endswith("THE-LAST-LINE")
+    assert "over the 65536-byte output cap" in full
+
+
+async def test_stdout_and_stderr_share_the_budget_and_errors_at_the_tail_survive(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    ran = await sh(
+        client, sid, "seq 1 30000; for i in $(seq 1 5000); do echo warn-$i >&2; done; echo 'Error: it broke' >&2"
+    )
+    assert size(ran) <= BUDGET + OVERHEAD
+    assert ran["stdout"].rstrip().endswith("30000") and ran["stderr"].rstrip().endswith("Error: it broke")
+    assert ran["stdout_uri"] and ran["stderr_uri"]
+    assert (await read_text(client, ran["stderr_uri"])).rstrip().endswith("Error: it broke")
+
+
+@pytest.fixture
+def few_kept(tmp_path: Path, sandbox_image: str, docker_client: docker.DockerClient) -> Iterator[Settings]:
+    settings = make_settings(tmp_path / "few", sandbox={"exec_outputs_kept": 3})
+    yield settings
+    remove_instance(docker_client, settings)
+
+
+async def test_outputs_are_numbered_per_sandbox_and_only_the_newest_are_kept(few_kept: Settings) -> None:
+    async with Client(build_server(few_kept)) as client:
+        sid = (await call(client, "sandbox_create"))["sandbox_id"]
+        numbers = [(await sh(client, sid, f"echo run-{i}"))["exec_n"] for i in range(5)]
+        assert numbers == [1, 2, 3, 4, 5]
+        assert await read_text(client, f"dockyard://sandboxes/{sid}/execs/5/stdout") == "run-4\n"
+        assert await read_text(client, f"dockyard://sandboxes/{sid}/execs/3/stdout") == "run-2\n"
+        with pytest.raises(Exception, match="keeps no output 2"):
+            await client.read_resource(f"dockyard://sandboxes/{sid}/execs/2/stdout")
+        await call(client, "sandbox_destroy", sandbox_id=sid)
+
+
+async def test_a_destroyed_sandboxs_outputs_are_gone(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    ran = await sh(client, sid, "echo secret-output")
+    uri = f"dockyard://sandboxes/{sid}/execs/{ran['exec_n']}/stdout"
+    assert await read_text(client, uri) == "secret-output\n"
+    await call(client, "sandbox_destroy", sandbox_id=sid)
+    with pytest.raises(Exception, match="unknown sandbox"):
+        await client.read_resource(uri)
+
+
+async def test_guessing_the_number_of_another_sandboxs_output_reads_nothing(client: Client) -> None:
+    one = (await call(client, "sandbox_create"))["sandbox_id"]
+    two = (await call(client, "sandbox_create"))["sandbox_id"]
+    for _ in range(3):
+        await sh(client, one, "echo only-in-one")
+    assert (await sh(client, two, "echo in-two"))["exec_n"] == 1
+    with pytest.raises(Exception, match="keeps no output 3"):
+        await client.read_resource(f"dockyard://sandboxes/{two}/execs/3/stdout")
+    with pytest.raises(Exception, match="unknown sandbox"):
+        await client.read_resource("dockyard://sandboxes/sbx_0000000000000000/execs/1/stdout")
+
+
+async def test_a_small_output_is_whole_and_links_nothing(client: Client, settings: Settings) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    ran = await sh(client, sid, "echo hi; echo there >&2")
+    assert (ran["stdout"], ran["stderr"], ran["stdout_uri"], ran["stderr_uri"]) == ("hi\n", "there\n", None, None)
+    assert settings.results.budget_chars == BUDGET
+
+
+PEEK = """
+import sys
+import anyio
+from mcp import Client, StdioServerParameters
+
+async def main(uri):
+    async with Client(StdioServerParameters(command="dockyard-bridge")) as client:
+        try:
+            read = await client.read_resource(uri)
+            print("READ", read.contents[0].text)
+        except Exception as exc:
+            print("REFUSED", exc)
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+async def test_a_command_in_one_sandbox_cannot_read_the_outputs_of_another_through_the_bridge(
+    client: Client,
+) -> None:
+    """The attacker is a program in sandbox `two`, holding that sandbox's own token."""
+    one = (await call(client, "sandbox_create"))["sandbox_id"]
+    two = (await call(client, "sandbox_create"))["sandbox_id"]
+    ran = await sh(client, one, "echo secret-of-one")
+    await call(client, "sandbox_write_file", sandbox_id=two, path="peek.py", content=PEEK)
+    uri = f"dockyard://sandboxes/{one}/execs/{ran['exec_n']}/stdout"
+    peek = await sh(client, two, f"/opt/dockyard/client/bin/python peek.py {uri}", timeout_s=120)
+    assert peek["stdout"].startswith("REFUSED") and "unknown sandbox" in peek["stdout"], peek
+    assert "secret-of-one" not in peek["stdout"]
+    own = await sh(client, two, f"/opt/dockyard/client/bin/python peek.py {uri.replace(one, two)}", timeout_s=120)
+    assert own["stdout"].startswith("READ"), own  # its own sandbox's outputs it may read
