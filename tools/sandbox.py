@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from base64 import b64encode
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.types import BlobResourceContents, CallToolResult, ContentBlock, EmbeddedResource, TextContent
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.runtimes.outputs import EXEC_OUTPUT_URI
@@ -13,8 +16,8 @@ from dockyard.runtime.substrate.actions import Action, Scope
 from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
 from dockyard.runtime.substrate.models import (
     ExecResult,
-    FileContent,
     FileListing,
+    FileReadResult,
     FileWritten,
     PortInfo,
     SandboxInfo,
@@ -169,20 +172,32 @@ async def sandbox_read_file(
     ctx: EngineContext,
     sandbox_id: SandboxId,
     path: WorkspacePath,
+    offset: Annotated[int, Field(ge=0, description="Start at this byte (a page's next_offset).")] = 0,
+    length: Annotated[
+        int | None, Field(gt=0, description="Read at most this many bytes (default: what fits the result budget).")
+    ] = None,
     encoding: Annotated[
-        Literal["utf-8", "base64"] | None, Field(description="Default: utf-8 text, or base64 if the file is binary.")
+        Literal["utf-8", "base64"] | None,
+        Field(
+            description="Default: text if the page is UTF-8, else binary. 'utf-8' refuses binary; 'base64' forces binary."
+        ),
     ] = None,
-    max_bytes: Annotated[
-        int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")
-    ] = None,
-) -> FileContent:
-    """Read a file under /workspace in a sandbox.
+) -> Annotated[CallToolResult, FileReadResult]:
+    """Read a page of a file under /workspace in a sandbox.
 
-    Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
-    Files larger than max_bytes are cut, and the result says truncated with the full size.
+    A page fits the result budget (about 16 KB): the result gives the file's size, whether more
+    remains, and next_offset to read on with. Text comes back in content. Binary files are not
+    sent as base64 text: the page's bytes (about 11 KB at most) come as an embedded resource
+    (a blob) of the result, and content is empty.
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_READ_FILE, sandbox_id)
-    return await engine(ctx).sandboxes.read_file(who, sandbox_id, path, encoding, max_bytes)
+    page, data = await engine(ctx).sandboxes.read_page(who, sandbox_id, path, encoding, offset, length)
+    blocks: list[ContentBlock] = [TextContent(text=page.model_dump_json())]
+    if page.encoding == "binary":
+        uri = f"dockyard://sandboxes/{sandbox_id}/files/{quote(page.path)}?offset={page.offset}&length={page.length}"
+        blob = BlobResourceContents(uri=uri, mime_type="application/octet-stream", blob=b64encode(data).decode())
+        blocks.append(EmbeddedResource(resource=blob))
+    return CallToolResult(content=blocks, structured_content=page.model_dump(mode="json"))
 
 
 @tool_errors

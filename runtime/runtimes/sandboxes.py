@@ -36,6 +36,7 @@ from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
     FileListing,
+    FileReadResult,
     FileWritten,
     PortInfo,
     SandboxInfo,
@@ -298,6 +299,28 @@ class SandboxService:
             )
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
+
+    async def read_page(
+        self, who: Identity, sandbox_id: str, path: str, encoding: str | None, offset: int, length: int | None
+    ) -> tuple[FileReadResult, bytes]:
+        """A page of a file, within the result budget (see `FileOps.read_page`); returns it and its bytes."""
+        row = await self._access.owned(who, sandbox_id, Action.SANDBOX_READ_FILE)
+        cap = self._limits.read_cap_bytes
+        if length is not None and length > cap:
+            raise InvalidRequestError(f"length {length} is over the read cap; allowed: 1..{cap}")
+        budget = self._settings.results.budget_chars
+        async with self._audit.record(who, Action.SANDBOX_READ_FILE, sandbox_id, path=path, offset=offset) as rec:
+            page, data = await self._files.read_page(
+                row.container_id,
+                path,
+                offset,
+                length or min(budget, cap),
+                encoding,
+                budget,
+                await self._access.member_user(who, sandbox_id),
+            )
+            rec.detail.update(size=page.size, length=page.length)
+        return page, data
 
     async def list_files(
         self, who: Identity, sandbox_id: str, path: str, recursive: bool, max_entries: int | None

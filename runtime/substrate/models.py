@@ -15,6 +15,7 @@ __all__ = [
     "FileContent",
     "FileEntry",
     "FileListing",
+    "FileReadResult",
     "FileWritten",
     "PoolInfo",
     "PortInfo",
@@ -71,6 +72,22 @@ class FileContent(BaseModel):
     content: str
     size: int = Field(description="The file's full size in bytes.")
     truncated: bool = Field(description="True when only the first max_bytes were returned.")
+
+
+class FileReadResult(BaseModel):
+    """One page of a file read from /workspace: text here, or binary bytes as an embedded resource."""
+
+    path: str
+    encoding: Literal["utf-8", "binary"] = Field(
+        description="utf-8: the page is in content; binary: content is empty and the page's bytes are the "
+        "embedded resource (a blob) of this result."
+    )
+    content: str
+    size: int = Field(description="The file's full size in bytes.")
+    offset: int = Field(description="Where this page starts, in bytes.")
+    length: int = Field(description="How many bytes of the file this page holds.")
+    has_more: bool = Field(description="True when the file goes on after this page.")
+    next_offset: int | None = Field(None, description="The offset of the next page, when there is one.")
 
 
 class FileEntry(BaseModel):

@@ -5,6 +5,7 @@ Sizes are measured as the client receives them: the JSON of the structured resul
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,11 @@ from typing import Any
 import docker
 import pytest
 from mcp import Client
-from mcp.types import TextResourceContents
+from mcp.types import BlobResourceContents, CallToolResult, EmbeddedResource, TextContent, TextResourceContents
 
 from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
-from tests.conftest import call, make_settings, remove_instance, sh
+from tests.conftest import call, call_error, make_settings, remove_instance, sh
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,7 @@ OVERHEAD = 1500  # the result's other fields and JSON escaping
 
 
 def size(result: dict[str, Any]) -> int:
-    return len(json.dumps(result))
+    return len(json.dumps(result, ensure_ascii=False))  # as the wire carries it: UTF-8, not \\u escapes
 
 
 async def read_text(client: Client, uri: str) -> str:
@@ -143,3 +144,66 @@ async def test_a_command_in_one_sandbox_cannot_read_the_outputs_of_another_throu
     assert "secret-of-one" not in peek["stdout"]
     own = await sh(client, two, f"/opt/dockyard/client/bin/python peek.py {uri.replace(one, two)}", timeout_s=120)
     assert own["stdout"].startswith("READ"), own  # its own sandbox's outputs it may read
+
+
+def wire_size(result: CallToolResult) -> int:
+    """The whole result as the client received it: every content block and the structured part."""
+    return len(result.model_dump_json(by_alias=True, exclude_none=True))
+
+
+async def test_a_3_mib_binary_file_reads_in_pages_of_embedded_blobs_within_the_budget(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await sh(client, sid, "head -c 3145728 /dev/urandom > big.bin && sha256sum big.bin > big.sum")
+    first = await client.call_tool("sandbox_read_file", {"sandbox_id": sid, "path": "big.bin"})
+    assert not first.is_error and wire_size(first) <= BUDGET + OVERHEAD
+    page = first.structured_content
+    assert page is not None
+    assert (page["encoding"], page["content"], page["size"], page["has_more"]) == ("binary", "", 3145728, True)
+    assert not any(isinstance(block, TextContent) and len(block.text) > 2000 for block in first.content)
+    [embedded] = [block for block in first.content if isinstance(block, EmbeddedResource)]
+    assert isinstance(embedded.resource, BlobResourceContents)
+    assert len(base64.b64decode(embedded.resource.blob)) == page["length"] == page["next_offset"] > 8000
+
+    # a page far into the file is the file's bytes at that offset
+    far = await client.call_tool(
+        "sandbox_read_file", {"sandbox_id": sid, "path": "big.bin", "offset": 3145728 - 100, "length": 4096}
+    )
+    assert far.structured_content is not None and wire_size(far) <= BUDGET + OVERHEAD
+    assert (far.structured_content["length"], far.structured_content["has_more"]) == (100, False)
+    [embedded] = [block for block in far.content if isinstance(block, EmbeddedResource)]
+    assert isinstance(embedded.resource, BlobResourceContents)
+    tail = (await sh(client, sid, "tail -c 100 big.bin | base64 -w0"))["stdout"]
+    assert base64.b64decode(embedded.resource.blob) == base64.b64decode(tail)
+
+
+async def test_a_large_text_file_pages_through_whole_within_the_budget(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await sh(client, sid, 'for i in $(seq 1 12000); do echo "ligne-$i é \\"quoted\\""; done > big.txt')
+    expected = (await sh(client, sid, "wc -c < big.txt"))["stdout"].strip()
+    pages, offset, text = 0, 0, ""
+    while True:
+        result = await client.call_tool("sandbox_read_file", {"sandbox_id": sid, "path": "big.txt", "offset": offset})
+        assert not result.is_error
+        page = result.structured_content
+        assert page is not None and size(page) <= BUDGET + OVERHEAD and page["encoding"] == "utf-8"
+        text += page["content"]
+        pages += 1
+        if not page["has_more"]:
+            break
+        offset = page["next_offset"]
+    assert len(text.encode()) == int(expected) == page["size"] and pages > 5
+    lines = text.splitlines()
+    assert lines[0] == 'ligne-1 é "quoted"' and lines[-1] == 'ligne-12000 é "quoted"' and len(lines) == 12000
+
+
+async def test_bad_pages_are_refused_with_what_is_allowed(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await sh(client, sid, "printf 'abc\\0def' > nul.bin; echo text > t.txt")
+    assert "read cap" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="t.txt", length=1 << 30)
+    reach = await call_error(client, "sandbox_read_file", sandbox_id=sid, path="t.txt", offset=1 << 30)
+    assert "sandbox_exec" in reach
+    assert "not UTF-8" in await call_error(
+        client, "sandbox_read_file", sandbox_id=sid, path="nul.bin", encoding="utf-8"
+    )
+    past = await call(client, "sandbox_read_file", sandbox_id=sid, path="t.txt", offset=100)
+    assert (past["content"], past["length"], past["has_more"], past["size"]) == ("", 0, False, 5)
