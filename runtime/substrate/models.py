@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 __all__ = [
     "AuditEntry",
     "AuditFinding",
+    "AuditPage",
     "AuditVerification",
     "ExecResult",
     "FileContent",
@@ -174,8 +175,19 @@ class AuditEntry(BaseModel):
         "followed by its ending row, whose detail names it in started_id) or interrupted (the "
         "server stopped before the started action ended)."
     )
-    detail: dict[str, Any]
+    detail: dict[str, Any] | None = Field(
+        description="What the action was given and how it went (a command, a path, an exit code...); "
+        "null unless details=true was asked for."
+    )
     duration_ms: float
+
+
+class AuditPage(BaseModel):
+    """Audit rows, newest first, as many as fit the result budget."""
+
+    rows: list[AuditEntry]
+    more: bool = Field(description="True when more rows match: pass next_cursor to read on.")
+    next_cursor: str | None = Field(None, description="Where the next page starts; opaque, for this query only.")
 
 
 class AuditFinding(BaseModel):

@@ -207,3 +207,48 @@ async def test_bad_pages_are_refused_with_what_is_allowed(client: Client) -> Non
     )
     past = await call(client, "sandbox_read_file", sandbox_id=sid, path="t.txt", offset=100)
     assert (past["content"], past["length"], past["has_more"], past["size"]) == ("", 0, False, 5)
+
+
+async def test_audit_query_after_many_execs_fits_the_budget_and_pages_through_everything(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    body = "x" * 900  # a long command body, as real commands are
+    for i in range(120):
+        await sh(client, sid, f"echo {i} # {body}")
+    everything = await call(client, "audit_query", limit=1000)
+    assert size(everything) <= BUDGET + OVERHEAD and everything["more"] and everything["next_cursor"]
+    assert all(row["detail"] is None for row in everything["rows"])
+
+    ids: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = await call(client, "audit_query", limit=1000, details=True, **({"cursor": cursor} if cursor else {}))
+        assert size(page) <= BUDGET + OVERHEAD
+        ids += [row["id"] for row in page["rows"]]
+        pages += 1
+        if not page["more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert pages > 5 and ids == sorted(ids, reverse=True) and len(ids) == len(set(ids))
+    assert sorted(ids) == list(range(1, ids[0] + 1))  # nothing lost on the way
+    execs = [r for r in (await call(client, "audit_query", kind="sandbox.exec", details=True, limit=3))["rows"]]
+    assert body in execs[0]["detail"]["command"]
+
+
+async def test_a_forged_or_foreign_cursor_is_refused_cleanly(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    for _ in range(3):
+        await sh(client, sid, "true")
+    page = await call(client, "audit_query", limit=2)
+    cursor = page["next_cursor"]
+    assert cursor
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    forged = base64.urlsafe_b64encode(raw[:16] + b'{"b": 999999}').decode().rstrip("=")
+    for bad in (forged, "not-a-cursor", cursor[:-2] + "AA", "%%%"):
+        message = await call_error(client, "audit_query", limit=2, cursor=bad)
+        assert "cursor is not one this server gave" in message and "leave cursor out" in message, bad
+    # the cursor of one query does not carry over to other filters
+    message = await call_error(client, "audit_query", limit=2, cursor=cursor, kind="sandbox.exec")
+    assert "cursor is not one this server gave" in message
+    assert (await call(client, "audit_query", limit=2, cursor=cursor))["rows"][0]["id"] < page["rows"][-1]["id"] + 1
