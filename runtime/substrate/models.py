@@ -311,6 +311,23 @@ class TeamView(BaseModel):
     notice: str | None = None
 
 
+class TeamTasksPage(BaseModel):
+    """A team's members and a page of its task list, within the result budget."""
+
+    team: TeamInfo
+    members: list[MemberInfo] = Field(
+        description="Every member; its plan, last output and last error cut (head and tail) to share half the budget."
+    )
+    tasks: list[TaskInfo] = Field(
+        description="Tasks from offset, oldest first: without detail, a summary (title, status, owner, a preview of "
+        "the result); with detail (or a task_id), their detail and result too, cut only to fit."
+    )
+    notice: str | None = None
+    offset: int = Field(0, description="The place in the task list of the first task here.")
+    has_more: bool = Field(False, description="True when more tasks follow: pass next_offset as offset.")
+    next_offset: int | None = None
+
+
 class Inbox(BaseModel):
     """The caller's side of a team's messages."""
 
@@ -355,6 +372,10 @@ class PageState(BaseModel):
         None,
         description="The page's accessibility tree; elements carry refs such as [ref=e5] for computer_click and computer_type.",
     )
+    snapshot_chars: int | None = Field(None, description="The whole snapshot's length, in characters.")
+    offset: int | None = Field(None, description="Where in the whole snapshot this part starts.")
+    has_more: bool | None = Field(None, description="True when the snapshot was cut: pass next_offset as offset.")
+    next_offset: int | None = None
 
 
 class ComputerList(BaseModel):

@@ -19,6 +19,7 @@ from mcp.types import BlobResourceContents, CallToolResult, EmbeddedResource, Te
 from dockyard.runtime.substrate.settings import Settings
 from dockyard.server.app import build_server
 from tests.conftest import call, call_error, make_settings, remove_instance, sh
+from tests.tools.test_teams import all_idle, in_sandbox, members, until
 
 pytestmark = pytest.mark.anyio
 
@@ -252,3 +253,51 @@ async def test_a_forged_or_foreign_cursor_is_refused_cleanly(client: Client) -> 
     message = await call_error(client, "audit_query", limit=2, cursor=cursor, kind="sandbox.exec")
     assert "cursor is not one this server gave" in message
     assert (await call(client, "audit_query", limit=2, cursor=cursor))["rows"][0]["id"] < page["rows"][-1]["id"] + 1
+
+
+FINISHER = in_sandbox("""
+for n in range(30):
+    task = (await attempt(client, "team_claim", team_id=TEAM))["task_id"]
+    await attempt(client, "team_complete", team_id=TEAM, task_id=task, result=f"R{n}-" + "y" * 6000 + "-END")
+print("finished")
+""")
+
+
+async def test_team_tasks_is_a_summary_by_default_and_pages_details_within_the_budget(client: Client) -> None:
+    team = (await call(client, "team_create", name="budget"))["team_id"]
+    tasks = [{"title": f"task {n}", "detail": "d" * 3000} for n in range(120)]
+    await call(client, "team_add_tasks", team_id=team, tasks=tasks)
+    await call(client, "team_spawn", team_id=team, role="finisher", prompt=FINISHER)
+    view = await until(client, team, all_idle(1), timeout_s=240)
+    assert members(view)["finisher"]["last_output"].strip() == "finished"
+
+    seen: list[str] = []
+    offset = 0
+    while True:
+        page = await call(client, "team_tasks", team_id=team, offset=offset)
+        assert size(page) <= BUDGET + OVERHEAD
+        for task in page["tasks"]:
+            assert task["detail"] is None and len(task["result"] or "") <= 200
+            seen.append(task["task_id"])
+        if not page["has_more"]:
+            break
+        offset = page["next_offset"]
+    assert len(seen) == len(set(seen)) == 120
+    done = [t for t in (await call(client, "team_tasks", team_id=team))["tasks"] if t["status"] == "done"]
+    assert done and done[0]["result"].startswith("R") and done[0]["result"].endswith("-END")  # head and tail
+
+    full = await call(client, "team_tasks", team_id=team, task_id=done[0]["task_id"])
+    [one] = full["tasks"]
+    assert size(full) <= BUDGET + OVERHEAD and one["detail"] == "d" * 3000
+    assert one["result"].startswith("R") and one["result"].endswith("-END") and len(one["result"]) > 4000
+
+    detailed, offset = 0, 0
+    while True:
+        page = await call(client, "team_tasks", team_id=team, detail=True, offset=offset)
+        assert size(page) <= BUDGET + OVERHEAD and all(t["detail"] for t in page["tasks"])
+        detailed += len(page["tasks"])
+        if not page["has_more"]:
+            break
+        offset = page["next_offset"]
+    assert detailed == 120
+    assert "has no task" in await call_error(client, "team_tasks", team_id=team, task_id="task_nope")
