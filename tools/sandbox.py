@@ -210,7 +210,8 @@ async def sandbox_list_files(
 ) -> FileListing:
     """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times.
 
-    Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
+    The listing stops at max_entries or at the result budget (about 16 KB), and then says
+    truncated: list a subdirectory to see more. Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
     escapes and is_addressable false: the file tools cannot name it (rename it with sandbox_exec).
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_LIST_FILES, sandbox_id)

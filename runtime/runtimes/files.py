@@ -27,7 +27,7 @@ from dockyard.runtime.substrate.errors import (
 )
 from dockyard.runtime.substrate.models import FileContent, FileEntry, FileListing, FileReadResult, FileWritten
 
-__all__ = ["WORKSPACE", "FileOps", "decode_content", "shown", "workspace_path"]
+__all__ = ["WORKSPACE", "FileOps", "decode_content", "fit_listing", "shown", "workspace_path"]
 
 WORKSPACE = "/workspace"
 _DEADLINE_S = 60.0
@@ -79,6 +79,16 @@ def decode_content(content: str, encoding: str, cap: int) -> bytes:
     if len(data) > cap:
         raise SizeLimitError(f"content is {len(data)} bytes, over the {cap}-byte write cap; split it into parts")
     return data
+
+
+def fit_listing(listing: FileListing, budget_chars: int) -> FileListing:
+    """`listing` with as many entries as fit `budget_chars`; truncated when some were left out."""
+    used = 200
+    for kept, entry in enumerate(listing.entries):
+        used += len(entry.model_dump_json()) + 1
+        if used > budget_chars:
+            return listing.model_copy(update={"entries": listing.entries[:kept], "truncated": True})
+    return listing
 
 
 class FileOps:

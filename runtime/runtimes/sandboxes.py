@@ -17,7 +17,7 @@ import anyio
 from sqlmodel import Session, col, select
 
 from dockyard.runtime.runtimes.commands import OutputCallback, run_command
-from dockyard.runtime.runtimes.files import WORKSPACE, FileOps, decode_content, workspace_path
+from dockyard.runtime.runtimes.files import WORKSPACE, FileOps, decode_content, fit_listing, workspace_path
 from dockyard.runtime.runtimes.images import BuildState
 from dockyard.runtime.runtimes.outputs import ExecOutputs, Stream, fit_exec
 from dockyard.runtime.runtimes.pool import Bind, PoolManager
@@ -328,9 +328,10 @@ class SandboxService:
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_LIST_FILES)
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, Action.SANDBOX_LIST_FILES, sandbox_id, path=path, recursive=recursive):
-            return await self._files.list(
+            listing = await self._files.list(
                 row.container_id, path, recursive, limit, await self._access.member_user(who, sandbox_id)
             )
+        return fit_listing(listing, self._settings.results.budget_chars)
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_EXPOSE_PORT)

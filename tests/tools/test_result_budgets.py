@@ -301,3 +301,33 @@ async def test_team_tasks_is_a_summary_by_default_and_pages_details_within_the_b
         offset = page["next_offset"]
     assert detailed == 120
     assert "has no task" in await call_error(client, "team_tasks", team_id=team, task_id="task_nope")
+
+
+async def test_await_dispatch_cuts_a_long_result_and_the_dispatch_resource_holds_all_of_it(client: Client) -> None:
+    sent = await call(
+        client,
+        "dispatch",
+        mode="remote",
+        rationale="test",
+        task_summary="a long result",
+        prompt="for i in $(seq 1 8000); do echo result-line-$i; done; echo FINAL-LINE",
+    )
+    done = await call(client, "await_dispatch", dispatch_id=sent["dispatch_id"], timeout_s=120)
+    assert done["status"] == "completed" and size(done) <= BUDGET + OVERHEAD
+    assert done["result"].rstrip().endswith("FINAL-LINE")
+    uri = f"dockyard://dispatches/{sent['dispatch_id']}"
+    assert f"(all of it: {uri})" in done["result"]
+    whole = json.loads(await read_text(client, uri))["result"]
+    assert len(whole) > 2 * BUDGET and whole.rstrip().endswith("result-line-8000\nFINAL-LINE")
+    assert whole.startswith(done["result"][:1000])  # the head shown is the head of the whole
+
+
+async def test_a_listing_of_many_files_fits_the_budget_and_says_it_was_cut(client: Client) -> None:
+    sid = (await call(client, "sandbox_create"))["sandbox_id"]
+    await sh(
+        client, sid, "mkdir many && cd many && for i in $(seq 1 900); do touch file-with-a-longish-name-$i.txt; done"
+    )
+    listing = await call(client, "sandbox_list_files", sandbox_id=sid, path="many")
+    assert size(listing) <= BUDGET + OVERHEAD and listing["truncated"] is True and 50 < len(listing["entries"]) < 900
+    few = await call(client, "sandbox_list_files", sandbox_id=sid, path="many", max_entries=5)
+    assert len(few["entries"]) == 5
