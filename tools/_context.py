@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -11,7 +11,6 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.runtimes.images import BuildState
 from dockyard.runtime.substrate.actions import Action, Scope
 from dockyard.runtime.substrate.settings import Identity
 
@@ -21,7 +20,6 @@ __all__ = [
     "acting_as",
     "any_of",
     "authorized",
-    "build_progress",
     "caller",
     "current",
     "engine",
@@ -72,18 +70,6 @@ async def authorized(
 ) -> Identity:
     """The caller, if their token is live and holds `scope`; else the refusal is audited and raised."""
     return await engine(ctx).tokens.require(caller(ctx), scope, action, target)
-
-
-def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]]:
-    """A callback that reports an image build as progress notifications."""
-    ticks = 0
-
-    async def notify(state: BuildState) -> None:
-        nonlocal ticks
-        ticks += 1
-        await ctx.report_progress(ticks, None, f"building image '{state.recipe}': {state.describe()}")
-
-    return notify
 
 
 async def any_of(

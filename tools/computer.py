@@ -14,6 +14,7 @@ from dockyard.runtime.substrate.models import ComputerInfo, ComputerList, PageSt
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import build_notes, live
 
 __all__ = ["register"]
 
@@ -45,7 +46,10 @@ async def computer_create(
     sandbox_expose_port gives) and nothing else. Drive it with computer_navigate,
     computer_snapshot, computer_click, computer_type and computer_screenshot."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_CREATE)
-    return await engine(ctx).computers.create(who, template=template, width=width, height=height, ttl_s=ttl_s)
+    async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
+        return await engine(ctx).computers.create(
+            who, template=template, width=width, height=height, ttl_s=ttl_s, notify=build_notes(progress)
+        )
 
 
 @tool_errors
@@ -146,7 +150,8 @@ async def computer_wait_for(
 ) -> PageState:
     """Wait until some text shows on the page (after an action that loads something)."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_WAIT_FOR, computer_id)
-    return await engine(ctx).pages.wait_for(who, computer_id, text, timeout_s)
+    async with live(ctx):
+        return await engine(ctx).pages.wait_for(who, computer_id, text, timeout_s)
 
 
 @tool_errors

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from dockyard.runtime.runtimes.outputs import EXEC_OUTPUT_URI
 from dockyard.runtime.substrate.actions import Action, Scope
 from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, SnapshotPage
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileListing,
@@ -24,14 +25,17 @@ from dockyard.runtime.substrate.models import (
     SnapshotInfo,
 )
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
-from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
+from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import build_notes, live
 
 __all__ = ["register"]
 
 SandboxId = Annotated[
     str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)
 ]
+SNAPSHOT_LIST_TITLE = "List snapshots"
+_SANDBOX_SCOPES = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
 WorkspacePath = Annotated[
     str, Field(description="A path relative to /workspace, or an absolute path under /workspace.", max_length=4096)
 ]
@@ -71,7 +75,9 @@ async def sandbox_create(
     memory_mb: Annotated[int | None, Field(ge=64, le=65536, description="Memory (and swap) limit in MiB.")] = None,
     env: Annotated[dict[str, str] | None, Field(description="Environment variables for every command.")] = None,
     ttl_s: Annotated[int | None, Field(ge=1, description="Destroy automatically after this many seconds.")] = None,
-    from_snapshot: Annotated[str | None, Field(description="Start from a snapshot id (snp_...).")] = None,
+    from_snapshot: Annotated[
+        str | None, Field(description="Start from a snapshot id (snp_...), from sandbox_snapshot or snapshot_list.")
+    ] = None,
 ) -> SandboxInfo:
     """Create an isolated Linux sandbox (Debian with python3, git, curl and build tools) and return its id.
 
@@ -79,18 +85,23 @@ async def sandbox_create(
     rest of the filesystem is read-only apart from /tmp and the home directory. There is no
     network unless you ask for one. Pass from_snapshot to start from a saved sandbox. Destroy
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
+    capabilities lists the templates and their limits. Programs inside the sandbox can call
+    dockyard's tools with dockyard-bridge (MCP on stdio) or dockyard-call, acting as the
+    sandbox's own token.
     """
-    return await engine(ctx).sandboxes.create(
-        await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE),
-        template=template,
-        network=network,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        env=env,
-        ttl_s=ttl_s,
-        from_snapshot=from_snapshot,
-        notify=build_progress(ctx),
-    )
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE)
+    async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
+        return await engine(ctx).sandboxes.create(
+            who,
+            template=template,
+            network=network,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            ttl_s=ttl_s,
+            from_snapshot=from_snapshot,
+            notify=build_notes(progress),
+        )
 
 
 @tool_errors
@@ -107,35 +118,31 @@ async def sandbox_exec(
 ) -> ExecResult:
     """Run a bash command in a sandbox and return its exit code, stdout and stderr.
 
-    Output streams as progress notifications while the command runs. The result keeps the head
-    and the tail of each stream within the result budget (about 16 KB), with a marker saying how
-    many bytes were left out in the middle; a cut stream's whole output (up to the 64 KiB cap per
-    stream, its head and tail) is the resource named in stdout_uri / stderr_uri, kept for the
-    sandbox's last 20 commands. For more, redirect output to a file and page it with
-    sandbox_read_file. At timeout_s the command and the processes it started are killed, and
-    the result says timed_out with exit code 124. Start long-lived servers with nohup and
-    redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
+    While it runs, its output streams as progress notifications (if you pass a progress token):
+    each line within 50 ms, stdout and stderr in order, stderr lines marked `[stderr] `; a quiet
+    command sends a `[dockyard] running for N s` heartbeat every few seconds with the tail of
+    its output. The result keeps the head and the tail of each stream within the result budget
+    (about 16 KB), with a marker saying how many bytes were left out in the middle; a cut
+    stream's whole output (up to the 64 KiB cap per stream, its head and tail) is the resource
+    named in stdout_uri / stderr_uri, kept for the sandbox's last 20 commands. For more,
+    redirect output to a file and page it with sandbox_read_file. At timeout_s the command and
+    the processes it started are killed, and the result says timed_out with exit code 124.
+    Start long-lived servers with nohup and redirected output (`nohup cmd > log 2>&1 &`) so the
+    call returns.
     """
-
-    sent = 0
-
-    async def stream(name: str, text: str) -> None:
-        nonlocal sent
-        sent += len(text)  # progress must grow with every notification: count characters streamed
-        await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
-
     who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
-    return await engine(ctx).sandboxes.exec(
-        who,
-        sandbox_id,
-        command,
-        cwd=cwd,
-        env=env,
-        timeout_s=timeout_s,
-        stdin=stdin,
-        on_output=stream,
-        fit=True,
-    )
+    async with live(ctx) as progress:
+        return await engine(ctx).sandboxes.exec(
+            who,
+            sandbox_id,
+            command,
+            cwd=cwd,
+            env=env,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            on_output=progress.output,
+            fit=True,
+        )
 
 
 async def exec_output(sandbox_id: str, n: int, stream: Literal["stdout", "stderr"], ctx: EngineContext) -> str:
@@ -253,7 +260,7 @@ async def sandbox_snapshot(
 @tool_errors
 async def sandbox_list(ctx: EngineContext) -> SandboxList:
     """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
-    who = await any_of(ctx, [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_LIST)
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SANDBOX_LIST)
     return SandboxList(sandboxes=await engine(ctx).sandboxes.list(who))
 
 
@@ -276,6 +283,24 @@ async def snapshot_delete(
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 
+@tool_errors
+async def snapshot_list(
+    ctx: EngineContext,
+    sandbox_id: Annotated[
+        str | None, Field(max_length=64, description="Only the snapshots of this sandbox; default all of yours.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> SnapshotPage:
+    """List your workspace's snapshots, newest first (id, sandbox, label, size, time), also of
+    sandboxes that are gone; page with next_cursor. Restore one with
+    sandbox_create(from_snapshot=...)."""
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SNAPSHOT_LIST)
+    return await engine(ctx).snapshots.list_page(who, sandbox_id, limit, cursor)
+
+
 def register(server: MCPServer) -> None:
     """Add the sandbox tools, and the command output resource, to a server."""
     server.resource(EXEC_OUTPUT_URI, name="exec_output", mime_type="text/plain")(exec_output)
@@ -289,3 +314,8 @@ def register(server: MCPServer) -> None:
     server.add_tool(snapshot_delete, annotations=DESTRUCTIVE)
     server.add_tool(sandbox_list, annotations=READ_ONLY)
     server.add_tool(sandbox_destroy, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(
+        snapshot_list,
+        title=SNAPSHOT_LIST_TITLE,
+        annotations=READ_ONLY.model_copy(update={"title": SNAPSHOT_LIST_TITLE}),
+    )

@@ -12,6 +12,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
 from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, TeamPage
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -24,6 +25,7 @@ from dockyard.runtime.substrate.models import (
     TeamView,
 )
 from dockyard.runtime.substrate.settings import Identity
+from dockyard.runtime.substrate.store import TeamStatus
 from dockyard.runtime.work.teams.membertools import (
     Body,
     ClaimTaskId,
@@ -39,14 +41,19 @@ from dockyard.runtime.work.teams.membertools import (
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import live
 
 __all__ = ["register"]
 
 TeamId = Annotated[
     str,
-    Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64),
+    Field(
+        description="A team id (team_...) from team_create or team_list; members find theirs in DOCKYARD_TEAM_ID.",
+        max_length=64,
+    ),
 ]
 _TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
+TEAM_LIST_TITLE = "List teams"
 
 
 class NewTask(BaseModel):
@@ -81,11 +88,17 @@ async def team_spawn(
         Field(
             min_length=1,
             max_length=100_000,
-            description="Its first task (for the script runner: the script it runs on every turn).",
+            description="Its first task: for a 'script' runner the bash script it runs on every turn (messages on "
+            "stdin); for a 'command' runner the text handed to its agent CLI; for an 'llm' runner the model's task.",
         ),
     ],
     runner: Annotated[
-        str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")
+        str | None,
+        Field(
+            max_length=64,
+            description="A runner profile from config (script, command or llm kind); default 'script'. "
+            "capabilities lists them.",
+        ),
     ] = None,
     isolation: Annotated[
         str,
@@ -105,6 +118,24 @@ async def team_spawn(
     return await engine(ctx).teams.spawn(
         who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode
     )
+
+
+@tool_errors
+async def team_list(
+    ctx: EngineContext,
+    status: Annotated[
+        list[TeamStatus] | None, Field(max_length=2, description="Only teams in these states; default all.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> TeamPage:
+    """List your workspace's teams, newest first, one compact row each (id, name, status, lead,
+    member count, open tasks); a member sees its own team. Filter by status and page with
+    next_cursor; team_tasks shows one team in full."""
+    who = await _anyone(ctx, Action.TEAM_LIST)
+    return await engine(ctx).teams.list_page(who, [str(s) for s in status or []], limit, cursor)
 
 
 @tool_errors
@@ -216,7 +247,8 @@ async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
     """For the lead: stop every member (a running turn is killed), revoke their tokens and give
     their sandboxes back to the pool. The team's messages and tasks stay readable."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SHUTDOWN, team_id)
-    return await engine(ctx).teams.shutdown(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop
+        return await engine(ctx).teams.shutdown(who, team_id)
 
 
 @tool_errors
@@ -224,7 +256,8 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
     """For the lead: shut the team down if needed, then forget it: members, inboxes, tasks.
     The audit log keeps the record of everything it did."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CLEANUP, team_id)
-    return await engine(ctx).teams.cleanup(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop and their sandboxes go
+        return await engine(ctx).teams.cleanup(who, team_id)
 
 
 def register(server: MCPServer) -> None:
@@ -243,3 +276,6 @@ def register(server: MCPServer) -> None:
     server.add_tool(team_approve_plan, annotations=ADDITIVE)
     server.add_tool(team_shutdown, annotations=DESTRUCTIVE_IDEMPOTENT)
     server.add_tool(team_cleanup, annotations=DESTRUCTIVE_IDEMPOTENT)
+    server.add_tool(
+        team_list, title=TEAM_LIST_TITLE, annotations=READ_ONLY.model_copy(update={"title": TEAM_LIST_TITLE})
+    )

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.figures import Figure
 from bench.run import Options, Run
-from bench.sections import claims, computers, dispatch, memory, noop, sandbox_exec, snapshot
+from bench.sections import claims, computers, dispatch, memory, noop, progress, sandbox_exec, snapshot
 
 __all__ = ["SECTIONS", "Section"]
 
@@ -15,6 +15,7 @@ Section = Callable[[Run, Options], Awaitable[list[Figure]]]
 SECTIONS: dict[str, Section] = {
     "noop": noop.measure,
     "exec": sandbox_exec.measure,
+    "progress": progress.measure,
     "claims": claims.measure,
     "dispatch": dispatch.measure,
     "computers": computers.measure,

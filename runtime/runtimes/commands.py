@@ -27,7 +27,6 @@ __all__ = ["TIMEOUT_EXIT_CODE", "OutputCallback", "run_command"]
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 TIMEOUT_EXIT_CODE = 124
-_FLUSH_EVERY_S = 0.1
 _STDIN_CHUNK = 1 << 20
 # The supervisor enforces the timeout; the server gives up this much later if it never hears.
 _LATE_S = 15.0
@@ -81,28 +80,23 @@ class _Capture:
 
 
 class _Streamer:
-    """Coalesces output into at most one callback per stream every 100 ms."""
+    """Hands each chunk of output on as it arrives, decoded, in the order the streams wrote it
+    (pacing them for a client is the caller's business)."""
 
     def __init__(self, callback: OutputCallback | None) -> None:
         self._callback = callback
         self._decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
-        self._pending = {"stdout": "", "stderr": ""}
-        self._last = time.monotonic()
 
     async def add(self, name: str, data: bytes) -> None:
-        if self._callback is None or not data:
-            return
-        self._pending[name] += self._decoders[name].decode(data)
-        if time.monotonic() - self._last >= _FLUSH_EVERY_S:
-            await self.flush()
+        if self._callback is not None and data and (text := self._decoders[name].decode(data)):
+            await self._callback(name, text)
 
     async def flush(self) -> None:
+        """What is left of a character cut at the end of the output."""
         if self._callback is None:
             return
-        self._last = time.monotonic()
-        for name, text in self._pending.items():
-            if text:
-                self._pending[name] = ""
+        for name, decoder in self._decoders.items():
+            if text := decoder.decode(b"", final=True):
                 await self._callback(name, text)
 
 

@@ -8,6 +8,7 @@ concurrent-sandbox quotas in `quotas.py`.
 from __future__ import annotations
 
 import builtins
+import logging
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from dockyard.runtime.runtimes.supervisor import Supervisors
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.docker import DockerBackend
-from dockyard.runtime.substrate.errors import InvalidRequestError, NotFoundError
+from dockyard.runtime.substrate.errors import InvalidRequestError, NotFoundError, SandboxNotFoundError
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
@@ -46,6 +47,8 @@ from dockyard.runtime.substrate.store import Runtime, Sandbox, SandboxStatus, St
 from dockyard.runtime.substrate.tokens import TokenService
 
 __all__ = ["SandboxService"]
+
+log = logging.getLogger(__name__)
 
 BuildNotify = Callable[[BuildState], Awaitable[None]]
 
@@ -78,6 +81,10 @@ class SandboxService:
         self._files = FileOps(supervisors)
         self.ports = PortForwarder(docker, USER)
         self._outputs = ExecOutputs(self._limits.exec_outputs_kept)
+        # Told the id and workspace of a sandbox whose status changed: created, destroyed,
+        # expired or lost (the server wakes that workspace's subscribers with it).
+        self.on_change: Callable[[str, str], Awaitable[None]] | None = None
+        pools.on_sandbox_lost = self._tell
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -168,6 +175,7 @@ class SandboxService:
                 served="warm" if lease.warm else "cold",
                 claim_ms=round(lease.claim_ms, 2),
             )
+        await self._tell(sandbox_id, who.workspace_id)
         return self._info(row)
 
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
@@ -177,6 +185,14 @@ class SandboxService:
         await self._tokens.may_end(who, row.user_id, Action.SANDBOX_DESTROY, sandbox_id, "sandbox")
         async with self._audit.record(who, Action.SANDBOX_DESTROY, sandbox_id):
             await self._end(row, "destroyed by its owner")
+
+    async def get(self, who: Identity, sandbox_id: str) -> SandboxInfo:
+        """One sandbox of the caller's reach in whatever state it is (running, destroyed, lost);
+        another workspace's is as unknown as one that never was."""
+        row = await self._store.get(Sandbox, sandbox_id)
+        if row is None or row.workspace_id != who.workspace_id or who.sandbox_id not in (None, sandbox_id):
+            raise SandboxNotFoundError(sandbox_id)
+        return self._info(row)
 
     async def list(self, who: Identity) -> list[SandboxInfo]:
         def query(session: Session) -> list[Sandbox]:
@@ -370,6 +386,14 @@ class SandboxService:
         self._outputs.forget(row.id)
         await self._tokens.revoke_sandbox(row.id, reason)
         await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
+        await self._tell(row.id, row.workspace_id)
+
+    async def _tell(self, sandbox_id: str, workspace_id: str) -> None:
+        if self.on_change is not None:
+            try:
+                await self.on_change(sandbox_id, workspace_id)
+            except Exception:  # a subscriber's trouble must not stop the sandbox's lifecycle
+                log.exception("sandbox %s: change notification failed", sandbox_id)
 
     def _info(self, row: Sandbox) -> SandboxInfo:
         ports = self.ports.ports(row.container_id)

@@ -30,6 +30,7 @@ class Action(StrEnum):
     SANDBOX_DESTROY = "sandbox.destroy"
     SANDBOX_EXPIRE = "sandbox.expire"  # dockyard destroys a sandbox whose ttl ran out
     SNAPSHOT_DELETE = "snapshot.delete"
+    SNAPSHOT_LIST = "snapshot.list"
 
     # Computers (headless browsers).
     COMPUTER_CREATE = "computer.create"
@@ -53,6 +54,7 @@ class Action(StrEnum):
     DISPATCH_AWAIT = "dispatch.await"
     DISPATCH_READ = "dispatch.read"  # reading a dispatch's resource (dockyard://dispatches/...)
     DISPATCH_CANCEL = "dispatch.cancel"
+    DISPATCH_LIST = "dispatch.list"
     DISPATCH_SUBMIT = "dispatch.submit"  # a run hands in its result, with its own token as proof
     DISPATCH_RUN = "dispatch.run"  # dockyard starts a dispatch's run (a `started` row)
     DISPATCH_FINISH = "dispatch.finish"  # a dispatch's run ended, however it ended
@@ -71,10 +73,12 @@ class Action(StrEnum):
     TEAM_APPROVE_PLAN = "team.approve_plan"
     TEAM_SHUTDOWN = "team.shutdown"
     TEAM_CLEANUP = "team.cleanup"
+    TEAM_LIST = "team.list"
     TEAM_TURN = "team.turn"  # one turn of a member's runner, from its wake-up to its answer
 
     # Tokens and the audit log.
     WHOAMI = "whoami"
+    CAPABILITIES_READ = "capabilities.read"  # what the server offers the caller, and its use of each quota
     TOKEN_MINT = "token.mint"
     TOKEN_REVOKE = "token.revoke"
     AUDIT_QUERY = "audit.query"

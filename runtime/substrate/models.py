@@ -225,7 +225,11 @@ class DispatchInfo(BaseModel):
     hint: str | None = Field(None, description="Set when a phrase in the task overrode the requested mode.")
     runner: str
     status: str = Field(description="queued, running, completed, failed, cancelled or interrupted.")
-    result: str | None = Field(None, description="The runner's result (the script's stdout), once completed.")
+    result: str | None = Field(
+        None,
+        description="The runner's output (a script's stdout, an agent's answer), or what it handed in with "
+        "dispatch_submit; team modes: each member's as a '[member N] ...' line.",
+    )
     error: str | None = None
     sandbox_id: str | None = Field(None, description="The sandbox the work runs in.")
     members: list[dict] | None = Field(None, description="Team modes: each member's status and result.")

@@ -27,6 +27,7 @@ __all__ = [
     "NetworkMode",
     "PoolSettings",
     "PoolShape",
+    "ProgressSettings",
     "SandboxSettings",
     "Settings",
     "TemplateSettings",
@@ -223,6 +224,12 @@ class PoolSettings(BaseModel):
     health_interval_s: float = Field(30.0, gt=0)
     claim_timeout_s: float = Field(60.0, gt=0, description="How long a claim waits in a full pool's queue.")
     recycle: bool = Field(True, description="Wipe and reuse released runtimes; false destroys them instead.")
+    keep_warm_after_exit: bool = Field(
+        False,
+        description="Leave warm runtimes running when the server exits (adopted at the next start); "
+        "by default a graceful exit stops them, and only claimed sandboxes and computers stay.",
+    )
+    exit_grace_s: float = Field(30.0, gt=0, description="How long a graceful exit may spend stopping warm runtimes.")
     default_min: int | None = Field(None, ge=0, description="Set from POOL_MIN; overrides the default template's min.")
     default_max: int | None = Field(None, ge=1, description="Set from POOL_MAX; overrides the default template's max.")
 
@@ -284,6 +291,17 @@ class ImageSettings(BaseModel):
     )
 
 
+class ProgressSettings(BaseModel):
+    """How a running tool call keeps its client informed (progress notifications)."""
+
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        le=10,
+        description="A call that has sent nothing for this long sends a heartbeat (elapsed time, tail of output).",
+    )
+
+
 class Settings(BaseSettings):
     """Everything dockyard is configured with, loaded once by `load_settings`."""
 
@@ -314,6 +332,7 @@ class Settings(BaseSettings):
     teams: TeamSettings = Field(default_factory=TeamSettings)
     computers: ComputerSettings = Field(default_factory=ComputerSettings)
     results: ResultSettings = Field(default_factory=ResultSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
 
     @field_validator("data_dir")
     @classmethod

@@ -4,6 +4,7 @@ to a dispatch's row is written and told, and how a row is shown and whom its run
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -11,6 +12,7 @@ from datetime import timedelta
 import anyio
 from sqlmodel import Session, col, func, select
 
+from dockyard.runtime.runtimes.commands import OutputCallback
 from dockyard.runtime.runtimes.outputs import head_tail
 from dockyard.runtime.substrate.actions import Scope
 from dockyard.runtime.substrate.errors import QuotaExceededError
@@ -37,14 +39,34 @@ log = logging.getLogger(__name__)
 RUN_SCOPES = [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES, Scope.DISPATCH_READ]
 RESULT_CAP = 64 * 1024
 INTERRUPTED = "dockyard stopped while it ran; it was not re-run (dispatch it again if you want it)"
+# How much of a run's latest output a waiter that joins late hears first.
+OUTPUT_KEPT = 4096
 
 
 @dataclass
 class Running:
-    """A dispatch's background task, for cancel and for waiters."""
+    """A dispatch's background task, for cancel and for waiters, and its output as it comes."""
 
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     changed: anyio.Event = field(default_factory=anyio.Event)
+    listeners: set[OutputCallback] = field(default_factory=set)
+    latest: deque[tuple[str, str]] = field(default_factory=deque)  # (stream, text), about OUTPUT_KEPT characters
+    _kept: int = 0
+
+    async def output(self, stream: str, text: str) -> None:
+        """Output of the run's runner (or of a member, labelled): kept, and told to every listener."""
+        self.latest.append((stream, text))
+        self._kept += len(text)
+        while self._kept - len(self.latest[0][1]) >= OUTPUT_KEPT:
+            self._kept -= len(self.latest.popleft()[1])
+        for listener in list(self.listeners):
+            await listener(stream, text)
+
+    async def listen(self, listener: OutputCallback) -> None:
+        """Tell `listener` the latest output (up to OUTPUT_KEPT characters), then everything new."""
+        for stream, text in list(self.latest):
+            await listener(stream, text)
+        self.listeners.add(listener)
 
 
 class Board:
