@@ -23,6 +23,7 @@ from dockyard.runtime.runtimes.snapshots import SnapshotService
 from dockyard.runtime.runtimes.supervisor import Supervisors
 from dockyard.runtime.runtimes.upkeep import PoolUpkeep
 from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.auditpages import AuditPages
 from dockyard.runtime.substrate.docker import DockerBackend
 from dockyard.runtime.substrate.errors import BackendError, DockyardError
 from dockyard.runtime.substrate.models import PoolInfo
@@ -57,6 +58,7 @@ class Engine:
     instance: str
     store: Store
     audit: AuditLog
+    audit_pages: AuditPages
     docker: DockerBackend
     images: ImageService
     provisioner: Provisioner
@@ -107,6 +109,7 @@ class Engine:
             instance=instance,
             store=store,
             audit=audit,
+            audit_pages=AuditPages(audit, settings.results.budget_chars),
             docker=docker,
             images=images,
             provisioner=provisioner,

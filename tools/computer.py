@@ -74,12 +74,24 @@ async def computer_navigate(
 
 
 @tool_errors
-async def computer_snapshot(ctx: EngineContext, computer_id: ComputerId) -> PageState:
+async def computer_snapshot(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    ref: Annotated[
+        str | None, Field(max_length=40, description="Only the subtree of this element (a ref such as e12).")
+    ] = None,
+    budget: Annotated[
+        int | None, Field(ge=500, description="At most this many characters (default and cap: the result budget).")
+    ] = None,
+    offset: Annotated[int, Field(ge=0, description="Start here (a previous snapshot's next_offset).")] = 0,
+) -> PageState:
     """Read the page as an accessibility tree (roles, names, text, values), far cheaper than a
     screenshot. Each element you can act on has a ref such as [ref=e12]: pass it to
-    computer_click or computer_type. Refs go stale when the page changes: snapshot again."""
+    computer_click or computer_type. Refs go stale when the page changes: snapshot again.
+    A long tree is cut at a whole line within the budget (about 16 KB) and says so (has_more,
+    next_offset, a marker line): read on with offset, or pass ref to read one element's subtree."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SNAPSHOT, computer_id)
-    return await engine(ctx).pages.snapshot(who, computer_id)
+    return await engine(ctx).pages.snapshot(who, computer_id, ref=ref, offset=offset, budget=budget)
 
 
 @tool_errors

@@ -173,10 +173,11 @@ async def dispatch_list(
 
 
 async def dispatch_resource(dispatch_id: str, ctx: EngineContext) -> str:
-    """A dispatch's status and result, as JSON. Subscribe to be told when it changes."""
+    """A dispatch's status and whole result (await_dispatch cuts it to the result budget), as JSON.
+    Subscribe to be told when it changes."""
     try:
         who = await authorized(ctx, Scope.DISPATCH_READ, Action.DISPATCH_READ, dispatch_id)
-        return (await engine(ctx).dispatches.get(who, dispatch_id)).model_dump_json()
+        return (await engine(ctx).dispatches.get(who, dispatch_id, whole=True)).model_dump_json()
     except NotFoundError as exc:
         raise ResourceNotFoundError(str(exc)) from exc
     except DockyardError as exc:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from base64 import b64encode
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.types import BlobResourceContents, CallToolResult, ContentBlock, EmbeddedResource, TextContent
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.runtimes.outputs import EXEC_OUTPUT_URI
 from dockyard.runtime.substrate.actions import Action, Scope
+from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
 from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, SnapshotPage
 from dockyard.runtime.substrate.models import (
     ExecResult,
-    FileContent,
     FileListing,
+    FileReadResult,
     FileWritten,
     PortInfo,
     SandboxInfo,
@@ -115,17 +121,40 @@ async def sandbox_exec(
     While it runs, its output streams as progress notifications (if you pass a progress token):
     each line within 50 ms, stdout and stderr in order, stderr lines marked `[stderr] `; a quiet
     command sends a `[dockyard] running for N s` heartbeat every few seconds with the tail of
-    its output. Each stream is capped (64 KiB by default) with a visible marker; redirect large
-    output to a file and read it with sandbox_read_file. At timeout_s the command and the
-    processes it started are killed, and the result says timed_out with exit code 124. Start
-    long-lived servers with nohup and redirected output (`nohup cmd > log 2>&1 &`) so the call
-    returns.
+    its output. The result keeps the head and the tail of each stream within the result budget
+    (about 16 KB), with a marker saying how many bytes were left out in the middle; a cut
+    stream's whole output (up to the 64 KiB cap per stream, its head and tail) is the resource
+    named in stdout_uri / stderr_uri, kept for the sandbox's last 20 commands. For more,
+    redirect output to a file and page it with sandbox_read_file. At timeout_s the command and
+    the processes it started are killed, and the result says timed_out with exit code 124.
+    Start long-lived servers with nohup and redirected output (`nohup cmd > log 2>&1 &`) so the
+    call returns.
     """
     who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
     async with live(ctx) as progress:
         return await engine(ctx).sandboxes.exec(
-            who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=progress.output
+            who,
+            sandbox_id,
+            command,
+            cwd=cwd,
+            env=env,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            on_output=progress.output,
+            fit=True,
         )
+
+
+async def exec_output(sandbox_id: str, n: int, stream: Literal["stdout", "stderr"], ctx: EngineContext) -> str:
+    """All of one stream of a command run with sandbox_exec (up to the output cap), as the
+    result's stdout_uri / stderr_uri name it. A sandbox keeps its last 20; they go with it."""
+    try:
+        who = await any_of(ctx, [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_READ_OUTPUT)
+        return await engine(ctx).sandboxes.read_output(who, sandbox_id, n, stream)
+    except NotFoundError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    except DockyardError as exc:
+        raise ResourceError(str(exc)) from exc
 
 
 @tool_errors
@@ -150,20 +179,32 @@ async def sandbox_read_file(
     ctx: EngineContext,
     sandbox_id: SandboxId,
     path: WorkspacePath,
+    offset: Annotated[int, Field(ge=0, description="Start at this byte (a page's next_offset).")] = 0,
+    length: Annotated[
+        int | None, Field(gt=0, description="Read at most this many bytes (default: what fits the result budget).")
+    ] = None,
     encoding: Annotated[
-        Literal["utf-8", "base64"] | None, Field(description="Default: utf-8 text, or base64 if the file is binary.")
+        Literal["utf-8", "base64"] | None,
+        Field(
+            description="Default: text if the page is UTF-8, else binary. 'utf-8' refuses binary; 'base64' forces binary."
+        ),
     ] = None,
-    max_bytes: Annotated[
-        int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")
-    ] = None,
-) -> FileContent:
-    """Read a file under /workspace in a sandbox.
+) -> Annotated[CallToolResult, FileReadResult]:
+    """Read a page of a file under /workspace in a sandbox.
 
-    Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
-    Files larger than max_bytes are cut, and the result says truncated with the full size.
+    A page fits the result budget (about 16 KB): the result gives the file's size, whether more
+    remains, and next_offset to read on with. Text comes back in content. Binary files are not
+    sent as base64 text: the page's bytes (about 11 KB at most) come as an embedded resource
+    (a blob) of the result, and content is empty.
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_READ_FILE, sandbox_id)
-    return await engine(ctx).sandboxes.read_file(who, sandbox_id, path, encoding, max_bytes)
+    page, data = await engine(ctx).sandboxes.read_page(who, sandbox_id, path, encoding, offset, length)
+    blocks: list[ContentBlock] = [TextContent(text=page.model_dump_json())]
+    if page.encoding == "binary":
+        uri = f"dockyard://sandboxes/{sandbox_id}/files/{quote(page.path)}?offset={page.offset}&length={page.length}"
+        blob = BlobResourceContents(uri=uri, mime_type="application/octet-stream", blob=b64encode(data).decode())
+        blocks.append(EmbeddedResource(resource=blob))
+    return CallToolResult(content=blocks, structured_content=page.model_dump(mode="json"))
 
 
 @tool_errors
@@ -176,7 +217,8 @@ async def sandbox_list_files(
 ) -> FileListing:
     """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times.
 
-    Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
+    The listing stops at max_entries or at the result budget (about 16 KB), and then says
+    truncated: list a subdirectory to see more. Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
     escapes and is_addressable false: the file tools cannot name it (rename it with sandbox_exec).
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_LIST_FILES, sandbox_id)
@@ -260,7 +302,8 @@ async def snapshot_list(
 
 
 def register(server: MCPServer) -> None:
-    """Add the sandbox tools to a server."""
+    """Add the sandbox tools, and the command output resource, to a server."""
+    server.resource(EXEC_OUTPUT_URI, name="exec_output", mime_type="text/plain")(exec_output)
     server.add_tool(sandbox_create, annotations=ADDITIVE)
     server.add_tool(sandbox_exec, annotations=DESTRUCTIVE)
     server.add_tool(sandbox_write_file, annotations=DESTRUCTIVE_IDEMPOTENT)

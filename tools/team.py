@@ -21,11 +21,23 @@ from dockyard.runtime.substrate.models import (
     TasksAdded,
     TeamForgotten,
     TeamInfo,
+    TeamTasksPage,
     TeamView,
 )
 from dockyard.runtime.substrate.settings import Identity
 from dockyard.runtime.substrate.store import TeamStatus
-from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
+from dockyard.runtime.work.teams.membertools import (
+    Body,
+    ClaimTaskId,
+    Detail,
+    Failed,
+    OneTask,
+    Plan,
+    Recipient,
+    Result,
+    TaskId,
+    TaskOffset,
+)
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
@@ -148,12 +160,20 @@ async def team_broadcast(ctx: EngineContext, team_id: TeamId, body: Body) -> Mes
 
 
 @tool_errors
-async def team_tasks(ctx: EngineContext, team_id: TeamId) -> TeamView:
-    """The team at a glance: every member's status (busy, idle, ready, ...), plan and last
-    output, and the shared task list with owners and results. After a server restart it tells
-    the lead which members were interrupted."""
+async def team_tasks(
+    ctx: EngineContext,
+    team_id: TeamId,
+    detail: Detail = False,
+    task_id: OneTask = None,
+    offset: TaskOffset = 0,
+) -> TeamTasksPage:
+    """The team at a glance: every member's status (busy, idle, ready, ...), and the shared
+    task list with status and owner. By default a summary: results, plans and outputs are
+    previews of 200 characters; ask detail=true for the full text, or task_id for one task.
+    A page fits the result budget (about 16 KB): when has_more, pass next_offset as offset.
+    After a server restart it tells the lead which members were interrupted."""
     who = await _anyone(ctx, Action.TEAM_TASKS)
-    return await engine(ctx).teams.view(who, team_id)
+    return await engine(ctx).teams.tasks_page(who, team_id, detail=detail, task_id=task_id, offset=offset)
 
 
 @tool_errors

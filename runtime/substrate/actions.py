@@ -22,6 +22,7 @@ class Action(StrEnum):
     SANDBOX_EXEC = "sandbox.exec"
     SANDBOX_WRITE_FILE = "sandbox.write_file"
     SANDBOX_READ_FILE = "sandbox.read_file"
+    SANDBOX_READ_OUTPUT = "sandbox.read_output"  # reading a command's full output (dockyard://sandboxes/.../execs/...)
     SANDBOX_LIST_FILES = "sandbox.list_files"
     SANDBOX_EXPOSE_PORT = "sandbox.expose_port"
     SANDBOX_SNAPSHOT = "sandbox.snapshot"

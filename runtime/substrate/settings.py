@@ -245,7 +245,15 @@ class SandboxSettings(BaseModel):
     max_memory_mb: int = Field(8192, ge=64)
     exec_default_timeout_s: int = Field(60, ge=1)
     exec_max_timeout_s: int = Field(3600, ge=1)
-    output_cap_bytes: int = Field(65536, ge=1024)
+    output_cap_bytes: int = Field(
+        65536, ge=1024, description="Per stream, per exec: what is kept of the output (its head and its tail)."
+    )
+    output_scan_bytes: int = Field(
+        64 << 20, ge=1024, description="Per stream, per exec: how much output is read to find its tail."
+    )
+    exec_outputs_kept: int = Field(
+        20, ge=1, le=1000, description="Full outputs kept per sandbox for reading as resources (the newest)."
+    )
     read_cap_bytes: int = Field(1 << 20, ge=1024)
     write_cap_bytes: int = Field(10 << 20, ge=1024)
     list_max_entries: int = Field(1000, ge=1)
@@ -256,6 +264,15 @@ class SandboxSettings(BaseModel):
         600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on."
     )
     reaper_interval_s: float = Field(5.0, gt=0)
+
+
+class ResultSettings(BaseModel):
+    """How large a tool result may grow: every tool keeps its result's text within the budget and
+    says where the rest is (an exec's full output as a resource, a file's next page, a cursor)."""
+
+    budget_chars: int = Field(
+        16000, ge=2000, le=1_000_000, description="Characters of text one tool result carries, at most (about)."
+    )
 
 
 class ImageSettings(BaseModel):
@@ -314,6 +331,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     teams: TeamSettings = Field(default_factory=TeamSettings)
     computers: ComputerSettings = Field(default_factory=ComputerSettings)
+    results: ResultSettings = Field(default_factory=ResultSettings)
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
 
     @field_validator("data_dir")

@@ -13,6 +13,7 @@ import anyio
 from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.runtimes.commands import OutputCallback
+from dockyard.runtime.runtimes.outputs import head_tail
 from dockyard.runtime.substrate.actions import Scope
 from dockyard.runtime.substrate.errors import QuotaExceededError
 from dockyard.runtime.substrate.models import DispatchInfo
@@ -114,10 +115,11 @@ class Board:
                 log.exception("dispatch %s: change notification failed", row.id)
 
 
-def info(row: Dispatch, hint: str | None) -> DispatchInfo:
-    """A dispatch as its caller sees it."""
+def info(row: Dispatch, hint: str | None, budget_chars: int | None = None) -> DispatchInfo:
+    """A dispatch as its caller sees it: with `budget_chars`, its result, error and members'
+    results cut (head and tail) to fit, the whole left to its resource."""
     final = row.status in DispatchStatus.FINAL
-    return DispatchInfo(
+    whole = DispatchInfo(
         dispatch_id=row.id,
         mode=row.mode,
         requested_mode=row.requested_mode,
@@ -131,6 +133,28 @@ def info(row: Dispatch, hint: str | None) -> DispatchInfo:
         next_steps=None
         if final
         else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
+    )
+    return whole if budget_chars is None else _fitted(whole, budget_chars)
+
+
+def _fitted(whole: DispatchInfo, budget_chars: int) -> DispatchInfo:
+    where = f"dockyard://dispatches/{whole.dispatch_id}"
+    members = whole.members or []
+    share = max(budget_chars // 4 // max(len(members), 1), 200)
+
+    def cut(text: str | None, limit: int) -> str | None:
+        return None if text is None else head_tail(text, limit, where)[0]
+
+    return whole.model_copy(
+        update={
+            "result": cut(whole.result, budget_chars // 2),
+            "error": cut(whole.error, budget_chars // 8),
+            "members": [
+                {k: cut(v, share) if isinstance(v, str) else v for k, v in member.items()} for member in members
+            ]
+            if whole.members is not None
+            else None,
+        }
     )
 
 

@@ -71,6 +71,7 @@ class DispatchService:
         runners: Runners,
     ) -> None:
         self._settings = settings
+        self._budget = settings.results.budget_chars
         self._store = store
         self._audit = audit
         self._sandboxes = sandboxes
@@ -246,7 +247,7 @@ class DispatchService:
             },
         )
         self._start(row)
-        return info(row, hint)
+        return info(row, hint, self._budget)
 
     def consent_question(
         self, who: Identity, mode: str, task_summary: str, prompt: str | None, runner: str | None
@@ -309,11 +310,11 @@ class DispatchService:
         )
         row = await self._store.get(Dispatch, dispatch_id)
         assert row is not None
-        return info(row, None)
+        return info(row, None, self._budget)
 
-    async def get(self, who: Identity, dispatch_id: str) -> DispatchInfo:
-        """The dispatch's state now."""
-        return info(await self._owned(who, dispatch_id), None)
+    async def get(self, who: Identity, dispatch_id: str, *, whole: bool = False) -> DispatchInfo:
+        """The dispatch's state now: its texts cut to the result budget unless `whole`."""
+        return info(await self._owned(who, dispatch_id), None, None if whole else self._budget)
 
     async def wait(
         self,
@@ -347,7 +348,7 @@ class DispatchService:
         finally:
             if heard is not None and on_output is not None:
                 heard.listeners.discard(on_output)
-        return info(await self._owned(who, dispatch_id), None)
+        return info(await self._owned(who, dispatch_id), None, self._budget)
 
     async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:
         """Stop a dispatch's runner and free its runtime; a finished one stays as it ended.
@@ -370,7 +371,7 @@ class DispatchService:
             outcome="ok",
             detail={"status": row.status, "token_id": who.token_id},
         )
-        return info(row, None)
+        return info(row, None, self._budget)
 
     async def _owned(self, who: Identity, dispatch_id: str) -> Dispatch:
         row = await self._store.get(Dispatch, dispatch_id)

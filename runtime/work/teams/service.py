@@ -25,6 +25,7 @@ from dockyard.runtime.substrate.models import (
     TasksAdded,
     TeamForgotten,
     TeamInfo,
+    TeamTasksPage,
     TeamView,
 )
 from dockyard.runtime.substrate.runs import link_run
@@ -47,6 +48,7 @@ from dockyard.runtime.work.runners import Runners
 from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, is_member, owner, team_owner
 from dockyard.runtime.work.teams.members import MemberLoop
 from dockyard.runtime.work.teams.messaging import Messaging
+from dockyard.runtime.work.teams.pages import fitted
 from dockyard.runtime.work.teams.states import INTERRUPT_MEMBER, SHUT_DOWN_TEAM, STOP_MEMBER
 from dockyard.runtime.work.teams.tasks import Plans, TaskList
 from dockyard.runtime.work.teams.views import LEAD, interrupted_notice, member_info, task_info, team_info
@@ -321,6 +323,13 @@ class TeamService:
             tasks=[task_info(t, roles) for t in tasks],
             notice=notice,
         )
+
+    async def tasks_page(
+        self, who: Identity, team_id: str, *, detail: bool, task_id: str | None, offset: int
+    ) -> TeamTasksPage:
+        """`view` within the result budget: summaries by default, the full text on request."""
+        view = await self.view(who, team_id)
+        return fitted(view, self._settings.results.budget_chars, detail=detail, task_id=task_id, offset=offset)
 
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> MessagesSent:
         """Append a message to one inbox (a member's by role, or the lead's) and wake its owner."""
