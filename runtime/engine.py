@@ -23,12 +23,15 @@ from dockyard.runtime.runtimes.snapshots import SnapshotService
 from dockyard.runtime.runtimes.supervisor import Supervisors
 from dockyard.runtime.runtimes.upkeep import PoolUpkeep
 from dockyard.runtime.substrate.audit import AuditLog
+from dockyard.runtime.substrate.auditpages import AuditPages
 from dockyard.runtime.substrate.docker import DockerBackend
 from dockyard.runtime.substrate.errors import BackendError, DockyardError
 from dockyard.runtime.substrate.models import PoolInfo
 from dockyard.runtime.substrate.settings import Identity, Settings
 from dockyard.runtime.substrate.store import Store
 from dockyard.runtime.substrate.tokens import TokenService
+from dockyard.runtime.work.calltasks import CallTaskService
+from dockyard.runtime.work.capabilities import Capabilities, capabilities
 from dockyard.runtime.work.dispatch import DispatchService
 from dockyard.runtime.work.runners import Runners
 from dockyard.runtime.work.teams import TeamService
@@ -55,6 +58,7 @@ class Engine:
     instance: str
     store: Store
     audit: AuditLog
+    audit_pages: AuditPages
     docker: DockerBackend
     images: ImageService
     provisioner: Provisioner
@@ -65,6 +69,7 @@ class Engine:
     tokens: TokenService
     runners: Runners
     dispatches: DispatchService
+    calltasks: CallTaskService
     teams: TeamService
     computers: ComputerService
     pages: PageService
@@ -104,6 +109,7 @@ class Engine:
             instance=instance,
             store=store,
             audit=audit,
+            audit_pages=AuditPages(audit, settings.results.budget_chars),
             docker=docker,
             images=images,
             provisioner=provisioner,
@@ -114,6 +120,7 @@ class Engine:
             tokens=tokens,
             runners=runners,
             dispatches=DispatchService(settings, store, audit, sandboxes, tokens, runners),
+            calltasks=CallTaskService(store),
             teams=TeamService(settings, store, audit, sandboxes, tokens, runners),
             computers=computers,
             pages=PageService(settings, audit, computers, browsers, sandboxes),
@@ -132,18 +139,25 @@ class Engine:
                     await pools.replenish(pool)
                 tg.start_soon(upkeep.run)
                 await tg.start(engine.dispatches.run)
+                await tg.start(engine.calltasks.run)
                 await tg.start(engine.teams.run)
                 await tg.start(browsers.run)
                 tg.start_soon(engine._reap_loop)
                 try:
                     yield engine
                 finally:
+                    with anyio.CancelScope(shield=True):
+                        await engine._stop_warm()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await provisioner.guard.close(networks_left=await _networks_left(docker, provisioner))
                 await docker.close()
                 await store.close()
+
+    async def capabilities(self, who: Identity) -> Capabilities:
+        """What this server offers `who` (as its scopes let it see) and its use of each quota."""
+        return await capabilities(self.settings, self.store, who)
 
     async def pool_status(self) -> list[PoolInfo]:
         """Every pool's shape, state counts, queue and claim figures."""
@@ -172,13 +186,33 @@ class Engine:
                 self.images.start(image)
 
     async def _reap_loop(self) -> None:
+        # The first sweep runs at start: what expired while no server ran goes at once.
         while True:
-            await anyio.sleep(self.settings.sandbox.reaper_interval_s)
             try:
                 await self.sandboxes.reap_expired()
                 await self.computers.reap_expired()
             except BackendError as exc:
                 log.warning("expiry sweep failed: %s", exc)
+            await anyio.sleep(self.settings.sandbox.reaper_interval_s)
+
+    async def _stop_warm(self) -> None:
+        """A graceful exit stops the warm runtimes (unless `pool.keep_warm_after_exit`): nothing
+        idles on the host once the client is gone. Claimed sandboxes and computers stay."""
+        if self.settings.pool.keep_warm_after_exit:
+            return
+        with anyio.move_on_after(self.settings.pool.exit_grace_s) as scope:
+            try:
+                stopped = await self.pools.stop_warm("dockyard stopped: warm runtimes are not kept after exit")
+            except DockyardError as exc:
+                log.warning("could not stop the warm runtimes at exit: %s", exc)
+                return
+            if stopped:
+                log.info("stopped %d warm runtimes at exit", stopped)
+        if scope.cancelled_caught:
+            log.warning(
+                "stopping the warm runtimes took over %ss; the rest are adopted at the next start",
+                self.settings.pool.exit_grace_s,
+            )
 
 
 async def _networks_left(docker: DockerBackend, provisioner: Provisioner) -> bool:

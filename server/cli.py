@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -104,9 +105,13 @@ def serve(
         )
     elif path is not None:
         Console(stderr=True).print(f"dockyard: the admin key is in {path}")
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    bearer = transports.BearerTokens()
     anyio.run(
-        transports.run_http, build_server(settings, http_url=url, admin_key=key, toolsets=offered), host, int(port)
+        transports.run_http,
+        build_server(settings, bearer=bearer, admin_key=key, toolsets=offered),
+        bearer,
+        host,
+        int(port),
     )
 
 
@@ -209,7 +214,21 @@ def version() -> None:
     print(package_version("dockyard"))
 
 
+# The host programs dockyard runs (mkfs.ext4, iptables, debootstrap...) live in the sbin folders,
+# which a client starting the server (a desktop app, say) often leaves off PATH.
+_SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def _system_path() -> None:
+    """Append the system's program folders that PATH lacks, for this process and its children."""
+    present = os.environ.get("PATH", "").split(os.pathsep)
+    missing = [folder for folder in _SYSTEM_DIRS if folder not in present]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join([p for p in present if p] + missing)
+
+
 def main() -> None:
+    _system_path()
     app()
 
 

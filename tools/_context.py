@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -11,7 +11,6 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
 
 from dockyard.runtime.engine import Engine
-from dockyard.runtime.runtimes.images import BuildState
 from dockyard.runtime.substrate.actions import Action, Scope
 from dockyard.runtime.substrate.settings import Identity
 
@@ -21,9 +20,9 @@ __all__ = [
     "acting_as",
     "any_of",
     "authorized",
-    "build_progress",
     "caller",
     "caller_as",
+    "calling",
     "current",
     "engine",
 ]
@@ -48,11 +47,18 @@ class CallerToken(AccessToken):
 
 def caller(ctx: EngineContext) -> Identity:
     """Who is calling: a bridge session's sandbox, an HTTP request's token, else the operator."""
-    return caller_as(engine(ctx).operator)
+    return calling(engine(ctx))
+
+
+def calling(opened: Engine) -> Identity:
+    """Who is calling, for a handler that has the engine but no tool context (a request
+    method of an extension): the same answer as `caller`."""
+    return caller_as(opened.operator)
 
 
 def caller_as(operator: Identity) -> Identity:
-    """Who the request being served comes from, where `operator` is the local operator."""
+    """Who the request being served comes from, where `operator` is the local operator (for
+    a tool listing, which has neither a tool context nor the engine)."""
     if (bridged := acting_as.get()) is not None:
         return bridged
     token = get_access_token()
@@ -78,18 +84,6 @@ async def authorized(
 ) -> Identity:
     """The caller, if their token is live and holds `scope`; else the refusal is audited and raised."""
     return await engine(ctx).tokens.require(caller(ctx), scope, action, target)
-
-
-def build_progress(ctx: EngineContext) -> Callable[[BuildState], Awaitable[None]]:
-    """A callback that reports an image build as progress notifications."""
-    ticks = 0
-
-    async def notify(state: BuildState) -> None:
-        nonlocal ticks
-        ticks += 1
-        await ctx.report_progress(ticks, None, f"building image '{state.recipe}': {state.describe()}")
-
-    return notify
 
 
 async def any_of(

@@ -70,7 +70,9 @@ class Toolbox:
         reach: Reach = Reach.NOTHING,
     ) -> None:
         """Register `fn` as a tool of `toolset`, listed to callers holding any of `scopes` (all if none)."""
-        tool = Tool.from_function(fn, title=title, annotations=annotated(preset, reach, self.settings))
+        # The title also in the annotations, where clients of the 2025-03-26 protocol look for it.
+        hints = annotated(preset, reach, self.settings).model_copy(update={"title": title})
+        tool = Tool.from_function(fn, title=title, annotations=hints)
         if tool.name in self._entries:
             raise ValueError(f"tool {tool.name} is registered twice")
         strict = _strict(tool.fn_metadata.arg_model)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from dockyard.runtime.substrate.actions import Action, Scope, Toolset
-from dockyard.runtime.substrate.audit import audit_entry
-from dockyard.runtime.substrate.models import AuditEntry, AuditVerification
+from dockyard.runtime.substrate.models import AuditPage, AuditVerification
 from dockyard.tools._annotations import READ_ONLY
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
@@ -19,13 +18,6 @@ __all__ = ["register"]
 
 ANY_WORKSPACE = "*"
 MAX_ROWS = 1000
-
-
-class AuditRows(BaseModel):
-    """Audit rows, newest first."""
-
-    rows: list[AuditEntry]
-    more: bool = Field(description="True when more rows match than `limit` returned; narrow with since/until.")
 
 
 @tool_errors
@@ -48,13 +40,24 @@ async def audit_query(
     until: Annotated[
         datetime | None, Field(description="Only rows before this time (ISO 8601; UTC if no zone).")
     ] = None,
-    limit: Annotated[int, Field(ge=1, le=MAX_ROWS, description=f"At most this many rows (1-{MAX_ROWS}).")] = 100,
-) -> AuditRows:
+    limit: Annotated[
+        int,
+        Field(ge=1, le=MAX_ROWS, description=f"At most this many rows (1-{MAX_ROWS}); a page also fits the budget."),
+    ] = 100,
+    details: Annotated[
+        bool, Field(description="Include each row's detail (commands, paths, exit codes...); off by default.")
+    ] = False,
+    cursor: Annotated[
+        str | None, Field(description="next_cursor of the previous page, with the same filters.", max_length=200)
+    ] = None,
+) -> AuditPage:
     """Read the audit log, newest first: every action taken in your workspace (sandbox created,
     command run, file written, token minted, call refused...) with who did it (user, run and
     token), what it acted on, when, how it ended (ok, error, denied, cancelled), its details and
     how long it took. Filter by actor (user id), kind, and a time window; you see only your own
-    workspace's rows. Read-only."""
+    workspace's rows. A page fits the result budget (about 16 KB): rows leave out their detail
+    unless details=true, and when more rows match, pass next_cursor back as cursor to read on.
+    Read-only."""
     who = await authorized(ctx, Scope.AUDIT_READ, Action.AUDIT_QUERY)
     if who.workspace_id != ANY_WORKSPACE:
         if workspace_id not in (None, who.workspace_id):
@@ -66,10 +69,16 @@ async def audit_query(
                 target=workspace_id,
             )
         workspace_id = who.workspace_id
-    rows = await engine(ctx).audit.query(
-        workspace_id=workspace_id, actor=actor, kind=kind, since=since, until=until, limit=limit + 1
+    return await engine(ctx).audit_pages.read(
+        workspace_id=workspace_id,
+        actor=actor,
+        kind=kind,
+        since=since,
+        until=until,
+        limit=limit,
+        details=details,
+        cursor=cursor,
     )
-    return AuditRows(rows=[audit_entry(row) for row in rows[:limit]], more=len(rows) > limit)
 
 
 @tool_errors

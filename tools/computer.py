@@ -13,6 +13,7 @@ from dockyard.runtime.substrate.models import ComputerInfo, ComputerList, PageSt
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import build_notes, live
 from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
@@ -45,7 +46,10 @@ async def computer_create(
     sandbox_expose_port gives) and nothing else. Drive it with computer_navigate,
     computer_snapshot, computer_click, computer_type and computer_screenshot."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_CREATE)
-    return await engine(ctx).computers.create(who, template=template, width=width, height=height, ttl_s=ttl_s)
+    async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
+        return await engine(ctx).computers.create(
+            who, template=template, width=width, height=height, ttl_s=ttl_s, notify=build_notes(progress)
+        )
 
 
 @tool_errors
@@ -70,12 +74,24 @@ async def computer_navigate(
 
 
 @tool_errors
-async def computer_snapshot(ctx: EngineContext, computer_id: ComputerId) -> PageState:
+async def computer_snapshot(
+    ctx: EngineContext,
+    computer_id: ComputerId,
+    ref: Annotated[
+        str | None, Field(max_length=40, description="Only the subtree of this element (a ref such as e12).")
+    ] = None,
+    budget: Annotated[
+        int | None, Field(ge=500, description="At most this many characters (default and cap: the result budget).")
+    ] = None,
+    offset: Annotated[int, Field(ge=0, description="Start here (a previous snapshot's next_offset).")] = 0,
+) -> PageState:
     """Read the page as an accessibility tree (roles, names, text, values), far cheaper than a
     screenshot. Each element you can act on has a ref such as [ref=e12]: pass it to
-    computer_click or computer_type. Refs go stale when the page changes: snapshot again."""
+    computer_click or computer_type. Refs go stale when the page changes: snapshot again.
+    A long tree is cut at a whole line within the budget (about 16 KB) and says so (has_more,
+    next_offset, a marker line): read on with offset, or pass ref to read one element's subtree."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_SNAPSHOT, computer_id)
-    return await engine(ctx).pages.snapshot(who, computer_id)
+    return await engine(ctx).pages.snapshot(who, computer_id, ref=ref, offset=offset, budget=budget)
 
 
 @tool_errors
@@ -134,7 +150,8 @@ async def computer_wait_for(
 ) -> PageState:
     """Wait until some text shows on the page (after an action that loads something)."""
     who = await authorized(ctx, Scope.COMPUTER_USE, Action.COMPUTER_WAIT_FOR, computer_id)
-    return await engine(ctx).pages.wait_for(who, computer_id, text, timeout_s)
+    async with live(ctx):
+        return await engine(ctx).pages.wait_for(who, computer_id, text, timeout_s)
 
 
 @tool_errors

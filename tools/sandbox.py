@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from base64 import b64encode
 from typing import Annotated, Literal
+from urllib.parse import quote
 
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.types import BlobResourceContents, CallToolResult, ContentBlock, EmbeddedResource, TextContent
 from pydantic import BaseModel, Field
 
+from dockyard.runtime.runtimes.outputs import EXEC_OUTPUT_URI
 from dockyard.runtime.substrate.actions import Action, Scope, Toolset
+from dockyard.runtime.substrate.errors import DockyardError, NotFoundError
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, SnapshotPage
 from dockyard.runtime.substrate.models import (
     ExecResult,
-    FileContent,
     FileListing,
+    FileReadResult,
     FileWritten,
     PortInfo,
     SandboxInfo,
     SnapshotInfo,
 )
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY, Reach
-from dockyard.tools._context import EngineContext, any_of, authorized, build_progress, engine
+from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import build_notes, live
 from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
@@ -26,6 +35,8 @@ __all__ = ["register"]
 SandboxId = Annotated[
     str, Field(description="A sandbox id (sbx_...) from sandbox_create or sandbox_list.", max_length=64)
 ]
+SNAPSHOT_LIST_TITLE = "List snapshots"
+_SANDBOX_SCOPES = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
 WorkspacePath = Annotated[
     str, Field(description="A path relative to /workspace, or an absolute path under /workspace.", max_length=4096)
 ]
@@ -65,7 +76,9 @@ async def sandbox_create(
     memory_mb: Annotated[int | None, Field(ge=64, le=65536, description="Memory (and swap) limit in MiB.")] = None,
     env: Annotated[dict[str, str] | None, Field(description="Environment variables for every command.")] = None,
     ttl_s: Annotated[int | None, Field(ge=1, description="Destroy automatically after this many seconds.")] = None,
-    from_snapshot: Annotated[str | None, Field(description="Start from a snapshot id (snp_...).")] = None,
+    from_snapshot: Annotated[
+        str | None, Field(description="Start from a snapshot id (snp_...), from sandbox_snapshot or snapshot_list.")
+    ] = None,
 ) -> SandboxInfo:
     """Create an isolated Linux sandbox (Debian with python3, git, curl and build tools) and return its id.
 
@@ -73,18 +86,23 @@ async def sandbox_create(
     rest of the filesystem is read-only apart from /tmp and the home directory. There is no
     network unless you ask for one. Pass from_snapshot to start from a saved sandbox. Destroy
     the sandbox with sandbox_destroy when you are done; it also expires after ttl_s.
+    capabilities lists the templates and their limits. Programs inside the sandbox can call
+    dockyard's tools with dockyard-bridge (MCP on stdio) or dockyard-call, acting as the
+    sandbox's own token.
     """
-    return await engine(ctx).sandboxes.create(
-        await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE),
-        template=template,
-        network=network,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        env=env,
-        ttl_s=ttl_s,
-        from_snapshot=from_snapshot,
-        notify=build_progress(ctx),
-    )
+    who = await authorized(ctx, Scope.SANDBOX_CREATE, Action.SANDBOX_CREATE)
+    async with live(ctx) as progress:  # heartbeats while it waits for an image build or the pool
+        return await engine(ctx).sandboxes.create(
+            who,
+            template=template,
+            network=network,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            env=env,
+            ttl_s=ttl_s,
+            from_snapshot=from_snapshot,
+            notify=build_notes(progress),
+        )
 
 
 @tool_errors
@@ -101,24 +119,43 @@ async def sandbox_exec(
 ) -> ExecResult:
     """Run a bash command in a sandbox and return its exit code, stdout and stderr.
 
-    Output streams as progress notifications while the command runs. Each stream is capped
-    (64 KiB by default) with a visible marker; redirect large output to a file and read it with
-    sandbox_read_file. At timeout_s the command and the processes it started are killed, and
-    the result says timed_out with exit code 124. Start long-lived servers with nohup and
-    redirected output (`nohup cmd > log 2>&1 &`) so the call returns.
+    While it runs, its output streams as progress notifications (if you pass a progress token):
+    each line within 50 ms, stdout and stderr in order, stderr lines marked `[stderr] `; a quiet
+    command sends a `[dockyard] running for N s` heartbeat every few seconds with the tail of
+    its output. The result keeps the head and the tail of each stream within the result budget
+    (about 16 KB), with a marker saying how many bytes were left out in the middle; a cut
+    stream's whole output (up to the 64 KiB cap per stream, its head and tail) is the resource
+    named in stdout_uri / stderr_uri, kept for the sandbox's last 20 commands. For more,
+    redirect output to a file and page it with sandbox_read_file. At timeout_s the command and
+    the processes it started are killed, and the result says timed_out with exit code 124.
+    Start long-lived servers with nohup and redirected output (`nohup cmd > log 2>&1 &`) so the
+    call returns.
     """
-
-    sent = 0
-
-    async def stream(name: str, text: str) -> None:
-        nonlocal sent
-        sent += len(text)  # progress must grow with every notification: count characters streamed
-        await ctx.report_progress(sent, None, text if name == "stdout" else f"[stderr] {text}")
-
     who = await authorized(ctx, Scope.SANDBOX_EXEC, Action.SANDBOX_EXEC, sandbox_id)
-    return await engine(ctx).sandboxes.exec(
-        who, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, on_output=stream
-    )
+    async with live(ctx) as progress:
+        return await engine(ctx).sandboxes.exec(
+            who,
+            sandbox_id,
+            command,
+            cwd=cwd,
+            env=env,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            on_output=progress.output,
+            fit=True,
+        )
+
+
+async def exec_output(sandbox_id: str, n: int, stream: Literal["stdout", "stderr"], ctx: EngineContext) -> str:
+    """All of one stream of a command run with sandbox_exec (up to the output cap), as the
+    result's stdout_uri / stderr_uri name it. A sandbox keeps its last 20; they go with it."""
+    try:
+        who = await any_of(ctx, [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_READ_OUTPUT)
+        return await engine(ctx).sandboxes.read_output(who, sandbox_id, n, stream)
+    except NotFoundError as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+    except DockyardError as exc:
+        raise ResourceError(str(exc)) from exc
 
 
 @tool_errors
@@ -143,20 +180,32 @@ async def sandbox_read_file(
     ctx: EngineContext,
     sandbox_id: SandboxId,
     path: WorkspacePath,
+    offset: Annotated[int, Field(ge=0, description="Start at this byte (a page's next_offset).")] = 0,
+    length: Annotated[
+        int | None, Field(gt=0, description="Read at most this many bytes (default: what fits the result budget).")
+    ] = None,
     encoding: Annotated[
-        Literal["utf-8", "base64"] | None, Field(description="Default: utf-8 text, or base64 if the file is binary.")
+        Literal["utf-8", "base64"] | None,
+        Field(
+            description="Default: text if the page is UTF-8, else binary. 'utf-8' refuses binary; 'base64' forces binary."
+        ),
     ] = None,
-    max_bytes: Annotated[
-        int | None, Field(gt=0, description="Return at most this many bytes (default and cap 1 MiB).")
-    ] = None,
-) -> FileContent:
-    """Read a file under /workspace in a sandbox.
+) -> Annotated[CallToolResult, FileReadResult]:
+    """Read a page of a file under /workspace in a sandbox.
 
-    Text comes back as UTF-8; binary files come back base64-encoded (the result says which).
-    Files larger than max_bytes are cut, and the result says truncated with the full size.
+    A page fits the result budget (about 16 KB): the result gives the file's size, whether more
+    remains, and next_offset to read on with. Text comes back in content. Binary files are not
+    sent as base64 text: the page's bytes (about 11 KB at most) come as an embedded resource
+    (a blob) of the result, and content is empty.
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_READ_FILE, sandbox_id)
-    return await engine(ctx).sandboxes.read_file(who, sandbox_id, path, encoding, max_bytes)
+    page, data = await engine(ctx).sandboxes.read_page(who, sandbox_id, path, encoding, offset, length)
+    blocks: list[ContentBlock] = [TextContent(text=page.model_dump_json())]
+    if page.encoding == "binary":
+        uri = f"dockyard://sandboxes/{sandbox_id}/files/{quote(page.path)}?offset={page.offset}&length={page.length}"
+        blob = BlobResourceContents(uri=uri, mime_type="application/octet-stream", blob=b64encode(data).decode())
+        blocks.append(EmbeddedResource(resource=blob))
+    return CallToolResult(content=blocks, structured_content=page.model_dump(mode="json"))
 
 
 @tool_errors
@@ -169,7 +218,8 @@ async def sandbox_list_files(
 ) -> FileListing:
     """List the files and directories under a path of a sandbox's /workspace, with types, sizes and times.
 
-    Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
+    The listing stops at max_entries or at the result budget (about 16 KB), and then says
+    truncated: list a subdirectory to see more. Symlinks are listed, not entered. A name that is not printable UTF-8 is shown with \\xNN
     escapes and is_addressable false: the file tools cannot name it (rename it with sandbox_exec).
     """
     who = await authorized(ctx, Scope.SANDBOX_FILES, Action.SANDBOX_LIST_FILES, sandbox_id)
@@ -211,7 +261,7 @@ async def sandbox_snapshot(
 @tool_errors
 async def sandbox_list(ctx: EngineContext) -> SandboxList:
     """List your live sandboxes with their templates, limits, exposed ports and expiry times."""
-    who = await any_of(ctx, [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES], Action.SANDBOX_LIST)
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SANDBOX_LIST)
     return SandboxList(sandboxes=await engine(ctx).sandboxes.list(who))
 
 
@@ -234,10 +284,27 @@ async def snapshot_delete(
     return SnapshotDeleted(snapshot_id=snapshot_id)
 
 
+@tool_errors
+async def snapshot_list(
+    ctx: EngineContext,
+    sandbox_id: Annotated[
+        str | None, Field(max_length=64, description="Only the snapshots of this sandbox; default all of yours.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> SnapshotPage:
+    """List your workspace's snapshots, newest first (id, sandbox, label, size, time), also of
+    sandboxes that are gone; page with next_cursor. Restore one with
+    sandbox_create(from_snapshot=...)."""
+    who = await any_of(ctx, _SANDBOX_SCOPES, Action.SNAPSHOT_LIST)
+    return await engine(ctx).snapshots.list_page(who, sandbox_id, limit, cursor)
+
+
 def register(tools: Toolbox) -> None:
     """Add the sandbox tools."""
     S = Toolset.SANDBOX
-    any_sandbox = [Scope.SANDBOX_CREATE, Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES]
     tools.add(sandbox_create, S, "Create a sandbox", ADDITIVE, [Scope.SANDBOX_CREATE])
     tools.add(sandbox_exec, S, "Run a command", DESTRUCTIVE, [Scope.SANDBOX_EXEC], reach=Reach.SANDBOX_NETWORK)
     tools.add(sandbox_write_file, S, "Write a file", DESTRUCTIVE_IDEMPOTENT, [Scope.SANDBOX_FILES])
@@ -246,5 +313,11 @@ def register(tools: Toolbox) -> None:
     tools.add(sandbox_expose_port, S, "Expose a port", IDEMPOTENT, [Scope.SANDBOX_CREATE])
     tools.add(sandbox_snapshot, S, "Snapshot a sandbox", ADDITIVE, [Scope.SANDBOX_CREATE])
     tools.add(snapshot_delete, S, "Delete a snapshot", DESTRUCTIVE, [Scope.SANDBOX_CREATE])
-    tools.add(sandbox_list, S, "List sandboxes", READ_ONLY, any_sandbox)
+    tools.add(sandbox_list, S, "List sandboxes", READ_ONLY, _SANDBOX_SCOPES)
     tools.add(sandbox_destroy, S, "Destroy a sandbox", DESTRUCTIVE_IDEMPOTENT, [Scope.SANDBOX_CREATE])
+    tools.add(snapshot_list, S, SNAPSHOT_LIST_TITLE, READ_ONLY, _SANDBOX_SCOPES)
+
+
+def register_resources(server: MCPServer) -> None:
+    """Add the command output resource to a server."""
+    server.resource(EXEC_OUTPUT_URI, name="exec_output", mime_type="text/plain")(exec_output)

@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from dockyard.runtime.substrate.actions import Action, Scope, Toolset
+from dockyard.runtime.substrate.listings import DEFAULT_LIMIT, MAX_LIMIT, TeamPage
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -19,22 +20,40 @@ from dockyard.runtime.substrate.models import (
     TasksAdded,
     TeamForgotten,
     TeamInfo,
+    TeamTasksPage,
     TeamView,
 )
 from dockyard.runtime.substrate.settings import Identity
-from dockyard.runtime.work.teams.membertools import Body, ClaimTaskId, Failed, Plan, Recipient, Result, TaskId
+from dockyard.runtime.substrate.store import TeamStatus
+from dockyard.runtime.work.teams.membertools import (
+    Body,
+    ClaimTaskId,
+    Detail,
+    Failed,
+    OneTask,
+    Plan,
+    Recipient,
+    Result,
+    TaskId,
+    TaskOffset,
+)
 from dockyard.tools._annotations import ADDITIVE, DESTRUCTIVE, DESTRUCTIVE_IDEMPOTENT, IDEMPOTENT, READ_ONLY, Reach
 from dockyard.tools._context import EngineContext, any_of, authorized, engine
 from dockyard.tools._errors import tool_errors
+from dockyard.tools._progress import live
 from dockyard.tools._toolbox import Toolbox
 
 __all__ = ["register"]
 
 TeamId = Annotated[
     str,
-    Field(description="A team id (team_...) from team_create; members find theirs in DOCKYARD_TEAM_ID.", max_length=64),
+    Field(
+        description="A team id (team_...) from team_create or team_list; members find theirs in DOCKYARD_TEAM_ID.",
+        max_length=64,
+    ),
 ]
 _TEAM = [Scope.TEAM_LEAD, Scope.TEAM_MEMBER]
+TEAM_LIST_TITLE = "List teams"
 
 
 class NewTask(BaseModel):
@@ -73,11 +92,17 @@ async def team_spawn(
         Field(
             min_length=1,
             max_length=100_000,
-            description="Its first task (for the script runner: the script it runs on every turn).",
+            description="Its first task: for a 'script' runner the bash script it runs on every turn (messages on "
+            "stdin); for a 'command' runner the text handed to its agent CLI; for an 'llm' runner the model's task.",
         ),
     ],
     runner: Annotated[
-        str | None, Field(description="Runner profile (script, command or llm kinds); default 'script'.")
+        str | None,
+        Field(
+            max_length=64,
+            description="A runner profile from config (script, command or llm kind); default 'script'. "
+            "capabilities lists them.",
+        ),
     ] = None,
     isolation: Annotated[
         str,
@@ -97,6 +122,24 @@ async def team_spawn(
     return await engine(ctx).teams.spawn(
         who, team_id, role=role, prompt=prompt, runner=runner, isolation=isolation, plan_mode=plan_mode
     )
+
+
+@tool_errors
+async def team_list(
+    ctx: EngineContext,
+    status: Annotated[
+        list[TeamStatus] | None, Field(max_length=2, description="Only teams in these states; default all.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Rows per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None, Field(max_length=2048, description="next_cursor from the page before; omit for the newest.")
+    ] = None,
+) -> TeamPage:
+    """List your workspace's teams, newest first, one compact row each (id, name, status, lead,
+    member count, open tasks); a member sees its own team. Filter by status and page with
+    next_cursor; team_tasks shows one team in full."""
+    who = await _anyone(ctx, Action.TEAM_LIST)
+    return await engine(ctx).teams.list_page(who, [str(s) for s in status or []], limit, cursor)
 
 
 @tool_errors
@@ -121,12 +164,20 @@ async def team_broadcast(ctx: EngineContext, team_id: TeamId, body: Body) -> Mes
 
 
 @tool_errors
-async def team_tasks(ctx: EngineContext, team_id: TeamId) -> TeamView:
-    """The team at a glance: every member's status (busy, idle, ready, ...), plan and last
-    output, and the shared task list with owners and results. After a server restart it tells
-    the lead which members were interrupted."""
+async def team_tasks(
+    ctx: EngineContext,
+    team_id: TeamId,
+    detail: Detail = False,
+    task_id: OneTask = None,
+    offset: TaskOffset = 0,
+) -> TeamTasksPage:
+    """The team at a glance: every member's status (busy, idle, ready, ...), and the shared
+    task list with status and owner. By default a summary: results, plans and outputs are
+    previews of 200 characters; ask detail=true for the full text, or task_id for one task.
+    A page fits the result budget (about 16 KB): when has_more, pass next_offset as offset.
+    After a server restart it tells the lead which members were interrupted."""
     who = await _anyone(ctx, Action.TEAM_TASKS)
-    return await engine(ctx).teams.view(who, team_id)
+    return await engine(ctx).teams.tasks_page(who, team_id, detail=detail, task_id=task_id, offset=offset)
 
 
 @tool_errors
@@ -200,7 +251,8 @@ async def team_shutdown(ctx: EngineContext, team_id: TeamId) -> TeamView:
     """For the lead: stop every member (a running turn is killed), revoke their tokens and give
     their sandboxes back to the pool. The team's messages and tasks stay readable."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_SHUTDOWN, team_id)
-    return await engine(ctx).teams.shutdown(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop
+        return await engine(ctx).teams.shutdown(who, team_id)
 
 
 @tool_errors
@@ -208,7 +260,8 @@ async def team_cleanup(ctx: EngineContext, team_id: TeamId) -> TeamForgotten:
     """For the lead: shut the team down if needed, then forget it: members, inboxes, tasks.
     The audit log keeps the record of everything it did."""
     who = await authorized(ctx, Scope.TEAM_LEAD, Action.TEAM_CLEANUP, team_id)
-    return await engine(ctx).teams.cleanup(who, team_id)
+    async with live(ctx):  # heartbeats while the members stop and their sandboxes go
+        return await engine(ctx).teams.cleanup(who, team_id)
 
 
 def register(tools: Toolbox) -> None:
@@ -228,3 +281,4 @@ def register(tools: Toolbox) -> None:
     tools.add(team_approve_plan, T, "Approve or reject a plan", DESTRUCTIVE, lead, reach=wakes)
     tools.add(team_shutdown, T, "Shut a team down", DESTRUCTIVE_IDEMPOTENT, lead)
     tools.add(team_cleanup, T, "Forget a team", DESTRUCTIVE_IDEMPOTENT, lead)
+    tools.add(team_list, T, TEAM_LIST_TITLE, READ_ONLY, anyone)

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.figures import Figure
 from bench.run import Options, Run
-from bench.sections import claims, computers, dispatch, memory, noop, sandbox_exec, snapshot, toollist
+from bench.sections import claims, computers, dispatch, memory, noop, progress, sandbox_exec, snapshot, toollist
 
 __all__ = ["SECTIONS", "Section"]
 
@@ -16,6 +16,7 @@ SECTIONS: dict[str, Section] = {
     "tools": toollist.measure,
     "noop": noop.measure,
     "exec": sandbox_exec.measure,
+    "progress": progress.measure,
     "claims": claims.measure,
     "dispatch": dispatch.measure,
     "computers": computers.measure,

@@ -27,7 +27,6 @@ __all__ = ["TIMEOUT_EXIT_CODE", "OutputCallback", "run_command"]
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 TIMEOUT_EXIT_CODE = 124
-_FLUSH_EVERY_S = 0.1
 _STDIN_CHUNK = 1 << 20
 # The supervisor enforces the timeout; the server gives up this much later if it never hears.
 _LATE_S = 15.0
@@ -35,52 +34,69 @@ _LATE_S = 15.0
 
 @dataclass
 class _Capture:
-    """One stream's output, kept up to `cap` bytes; the rest is counted, not kept."""
+    """One stream's output: its first and last bytes, `cap` in all; the middle is counted, not kept."""
 
     name: str
     cap: int
-    kept: bytearray = field(default_factory=bytearray)
-    dropped: int = 0
+    head: bytearray = field(default_factory=bytearray)
+    tail: bytearray = field(default_factory=bytearray)
+    omitted: int = 0
+    dropped: int = 0  # never read: past what the sandbox was asked to send
 
     def add(self, chunk: bytes) -> bytes:
-        """Keep what fits under the cap; returns the kept part."""
-        room = max(self.cap - len(self.kept), 0)
-        keep = chunk[:room]
-        self.kept += keep
-        self.dropped += len(chunk) - len(keep)
-        return keep
+        """Keep `chunk` as head or tail; returns the part that went to the head (the part streamed live)."""
+        room = max(self.cap - self.cap // 2 - len(self.head), 0)
+        live = chunk[:room]
+        self.head += live
+        self.tail += chunk[room:]
+        if len(self.tail) > 2 * (self.cap // 2):  # trimmed now and then, not on every chunk
+            self._trim()
+        return live
+
+    def _trim(self) -> None:
+        over = len(self.tail) - self.cap // 2
+        if over > 0:
+            del self.tail[:over]
+            self.omitted += over
 
     def text(self) -> str:
-        """The kept output, with a note of how much was cut."""
-        text = self.kept.decode("utf-8", errors="replace")
+        """The kept output, with a marker where the middle was left out and a note of what was never read."""
+        self._trim()
+        tail = bytes(self.tail)
+        if not self.omitted:
+            text = (bytes(self.head) + tail).decode("utf-8", errors="replace")
+        else:
+            cut = 0
+            while cut < min(3, len(tail)) and 0x80 <= tail[cut] < 0xC0:  # start the tail on a whole character
+                cut += 1
+            text = (
+                bytes(self.head).decode("utf-8", errors="replace")
+                + f"\n... {self.omitted + cut} bytes omitted (over the {self.cap}-byte output cap) ...\n"
+                + tail[cut:].decode("utf-8", errors="replace")
+            )
         if self.dropped:
-            text += f"\n[... {self.dropped} more bytes of {self.name} truncated at the {self.cap}-byte cap]"
+            text += f"\n[... {self.dropped} more bytes of {self.name} were not read]"
         return text
 
 
 class _Streamer:
-    """Coalesces output into at most one callback per stream every 100 ms."""
+    """Hands each chunk of output on as it arrives, decoded, in the order the streams wrote it
+    (pacing them for a client is the caller's business)."""
 
     def __init__(self, callback: OutputCallback | None) -> None:
         self._callback = callback
         self._decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
-        self._pending = {"stdout": "", "stderr": ""}
-        self._last = time.monotonic()
 
     async def add(self, name: str, data: bytes) -> None:
-        if self._callback is None or not data:
-            return
-        self._pending[name] += self._decoders[name].decode(data)
-        if time.monotonic() - self._last >= _FLUSH_EVERY_S:
-            await self.flush()
+        if self._callback is not None and data and (text := self._decoders[name].decode(data)):
+            await self._callback(name, text)
 
     async def flush(self) -> None:
+        """What is left of a character cut at the end of the output."""
         if self._callback is None:
             return
-        self._last = time.monotonic()
-        for name, text in self._pending.items():
-            if text:
-                self._pending[name] = ""
+        for name, decoder in self._decoders.items():
+            if text := decoder.decode(b"", final=True):
                 await self._callback(name, text)
 
 
@@ -106,11 +122,13 @@ async def run_command(
     stdin: bytes | None,
     timeout_s: float,
     cap_bytes: int,
+    scan_bytes: int | None = None,
     on_output: OutputCallback | None = None,
     user: str | None = None,
 ) -> ExecResult:
     """Run `argv` as the sandbox user (or `user`, another of the sandbox's users) to completion
-    or timeout; returns its (capped) output."""
+    or timeout; returns its output, capped at `cap_bytes` per stream (head and tail), of the first
+    `scan_bytes` the sandbox sends (default: `cap_bytes`)."""
     captures = {1: _Capture("stdout", cap_bytes), 2: _Capture("stderr", cap_bytes)}
     streamer = _Streamer(on_output)
     started = time.perf_counter()
@@ -120,7 +138,7 @@ async def run_command(
         "env": env,
         "cwd": workdir,
         "timeout_s": timeout_s,
-        "cap_bytes": cap_bytes,
+        "cap_bytes": max(scan_bytes or cap_bytes, cap_bytes),
         "token": secrets.token_hex(12),
         "stdin": stdin is not None,
     }
@@ -170,6 +188,6 @@ async def run_command(
         stdout=captures[1].text(),
         stderr=captures[2].text() + _memory_note(ended),
         timed_out=timed_out,
-        truncated=any(c.dropped for c in captures.values()),
+        truncated=any(c.dropped or c.omitted for c in captures.values()),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )

@@ -22,12 +22,14 @@ page in `pages.py`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import anyio
 from sqlmodel import Session, col, select
 
 from dockyard.runtime.runtimes.browsers import PlaywrightBrowsers
+from dockyard.runtime.runtimes.images import BuildState
 from dockyard.runtime.runtimes.pool import PoolManager
 from dockyard.runtime.runtimes.quotas import computer_quota
 from dockyard.runtime.substrate.actions import Action
@@ -71,8 +73,10 @@ class ComputerService:
         width: int | None = None,
         height: int | None = None,
         ttl_s: int | None = None,
+        notify: Callable[[BuildState], Awaitable[None]] | None = None,
     ) -> ComputerInfo:
-        """Claim a running browser from the pool and open a blank page in it."""
+        """Claim a running browser from the pool and open a blank page in it (`notify` hears
+        an image build the claim waits for)."""
         name = template or self._limits.default_template
         async with self._audit.record(who, Action.COMPUTER_CREATE, template=name) as rec:
             tpl = self._settings.templates.get(name)
@@ -110,7 +114,7 @@ class ComputerService:
                     )
                 )
 
-            lease = await self._pools.claim(name, who.workspace_id, bind, network=tpl.network)
+            lease = await self._pools.claim(name, who.workspace_id, bind, network=tpl.network, notify=notify)
             row = await self._store.get(Computer, computer_id)
             assert row is not None
             try:

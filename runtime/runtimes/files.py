@@ -16,6 +16,7 @@ import unicodedata
 from typing import Any
 
 from dockyard.config.images.sandbox import protocol
+from dockyard.runtime.runtimes.outputs import json_chars
 from dockyard.runtime.runtimes.supervisor import Frame, Supervisors
 from dockyard.runtime.substrate.errors import (
     EncodingError,
@@ -24,9 +25,9 @@ from dockyard.runtime.substrate.errors import (
     PathOutsideWorkspaceError,
     SizeLimitError,
 )
-from dockyard.runtime.substrate.models import FileContent, FileEntry, FileListing, FileWritten
+from dockyard.runtime.substrate.models import FileContent, FileEntry, FileListing, FileReadResult, FileWritten
 
-__all__ = ["WORKSPACE", "FileOps", "decode_content", "shown", "workspace_path"]
+__all__ = ["WORKSPACE", "FileOps", "decode_content", "fit_listing", "shown", "workspace_path"]
 
 WORKSPACE = "/workspace"
 _DEADLINE_S = 60.0
@@ -80,6 +81,16 @@ def decode_content(content: str, encoding: str, cap: int) -> bytes:
     return data
 
 
+def fit_listing(listing: FileListing, budget_chars: int) -> FileListing:
+    """`listing` with as many entries as fit `budget_chars`; truncated when some were left out."""
+    used = 200
+    for kept, entry in enumerate(listing.entries):
+        used += len(entry.model_dump_json()) + 1
+        if used > budget_chars:
+            return listing.model_copy(update={"entries": listing.entries[:kept], "truncated": True})
+    return listing
+
+
 class FileOps:
     """Reads, writes and lists files in a sandbox through its supervisor."""
 
@@ -120,6 +131,50 @@ class FileOps:
             truncated=reply.obj["truncated"],
         )
 
+    async def read_page(
+        self,
+        container_id: str,
+        path: str,
+        offset: int,
+        length: int,
+        encoding: str | None,
+        budget_chars: int,
+        user: str | None = None,
+    ) -> tuple[FileReadResult, bytes]:
+        """A page of a file: text within `budget_chars` (as JSON counts it), or binary bytes
+        whose base64 fits the budget; returns the page and its bytes."""
+        reach = offset + length
+        if reach > protocol.MAX_BODY:
+            raise InvalidRequestError(
+                f"offset + length is {reach} bytes; sandbox_read_file reaches the first {protocol.MAX_BODY} bytes "
+                "of a file: cut the rest out with sandbox_exec (tail -c, split) and read that"
+            )
+        request = {"t": protocol.READ, "path": workspace_path(path), "max_bytes": reach}
+        reply = await self._ask(container_id, request, path, user=user)
+        size = int(reply.obj["size"])
+        data = reply.body[offset:]
+        text = _text_of(data) if encoding != "base64" else None
+        if text is None and encoding == "utf-8":
+            raise EncodingError(f"'{path}' is not UTF-8 text; leave encoding out to read it as binary")
+        if text is None:
+            data = data[: max((budget_chars - 1000) * 3 // 4, 1)]
+        else:
+            while json_chars(text) > budget_chars:
+                text = text[: len(text) * budget_chars // json_chars(text) - 1]
+            data = text.encode("utf-8")
+        end = offset + len(data)
+        page = FileReadResult(
+            path=reply.obj["path"],
+            encoding="binary" if text is None else "utf-8",
+            content=text or "",
+            size=size,
+            offset=offset,
+            length=len(data),
+            has_more=end < size,
+            next_offset=end if end < size else None,
+        )
+        return page, data
+
     async def list(
         self, container_id: str, path: str, recursive: bool, max_entries: int, user: str | None = None
     ) -> FileListing:
@@ -144,3 +199,17 @@ class FileOps:
                 raise NotFoundError(f"{message}; call sandbox_list_files to see what is there")
             case _:
                 raise InvalidRequestError(message)
+
+
+def _text_of(data: bytes) -> str | None:
+    """`data` as text, if it is UTF-8 without NUL bytes (a character cut at the end is left out
+    for the next page); else None."""
+    for cut in range(4):
+        try:
+            text = data[: len(data) - cut].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(data) - 4:
+                return None
+            continue
+        return None if "\x00" in text else text
+    return None

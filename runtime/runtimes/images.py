@@ -11,6 +11,7 @@ into `wheels/` of a copy of the recipe, which the Dockerfile installs from witho
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import os
@@ -35,10 +36,27 @@ from dockyard.runtime.substrate.settings import ImageSettings
 __all__ = ["BuildState", "ImageService", "ImageStatus", "packaged_recipes", "recipe_names"]
 
 _HASH_LABEL = "dockyard.recipe-hash"
-_NOT_RECIPE = ("__pycache__", ".mypy_cache")  # caches Python and the checkers may leave beside a recipe
+# What Python, the checkers and editors leave beside a recipe: never part of it (a checkout that
+# ran the tests, an installed copy that pip byte-compiled and a fresh clone hash alike).
+_NOT_RECIPE = (
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.pyc",
+    "*.pyo",
+    "*~",
+    ".*.swp",
+    ".DS_Store",
+)
 _WHEELS = "wheels.txt"
 _PYTHON = re.compile(r"^#\s*python:\s*(\d+\.\d+)\s*$")
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
+
+
+def _in_recipe(relative: Path) -> bool:
+    """Whether a file (its path inside the recipe) is part of the recipe rather than a cache."""
+    return not any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in _NOT_RECIPE)
 
 
 def packaged_recipes() -> Path:
@@ -107,9 +125,7 @@ class ImageService:
         """A digest of the recipe's files and the base it builds on."""
         digest = hashlib.sha256(self.base_tag.encode())
         root = self._recipe_dir(recipe)
-        # Python's and the checkers' caches are not the recipe: a checkout that ran the tests
-        # must not rebuild what a fresh one would not.
-        files = (p for p in root.rglob("*") if p.is_file() and not set(_NOT_RECIPE) & set(p.relative_to(root).parts))
+        files = (p for p in root.rglob("*") if p.is_file() and _in_recipe(p.relative_to(root)))
         for path in sorted(files):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
         return digest.hexdigest()[:16]

@@ -21,6 +21,7 @@ from playwright.async_api import Page
 
 from dockyard.runtime.runtimes.browsers import PlaywrightBrowsers, first_line
 from dockyard.runtime.runtimes.computers import ComputerService
+from dockyard.runtime.runtimes.outputs import json_chars
 from dockyard.runtime.runtimes.ports import without_key
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
@@ -78,22 +79,44 @@ class PageService:
                 rec.detail["status"] = response.status if response is not None else None
                 return await _state(page)
 
-    async def snapshot(self, who: Identity, computer_id: str) -> PageState:
-        """The page's accessibility tree with element refs (e.g. [ref=e5]) for click and type."""
+    async def snapshot(
+        self, who: Identity, computer_id: str, *, ref: str | None = None, offset: int = 0, budget: int | None = None
+    ) -> PageState:
+        """The page's accessibility tree (or the subtree of element `ref`) with element refs
+        (e.g. [ref=e5]) for click and type: from `offset`, as many whole lines as fit `budget`
+        characters (at most the result budget)."""
         row = await self._computers.owned(who, computer_id, Action.COMPUTER_SNAPSHOT)
+        limit = min(budget or self._settings.results.budget_chars, self._settings.results.budget_chars)
         async with (
-            self._audit.record(who, Action.COMPUTER_SNAPSHOT, computer_id) as rec,
+            self._audit.record(who, Action.COMPUTER_SNAPSHOT, computer_id, ref=ref, offset=offset) as rec,
             self._browsers.page(row) as page,
         ):
+            scope = page if ref is None else await self._element(page, ref)
             try:
-                text = await page.aria_snapshot(mode="ai", timeout=self._browsers.timeout_ms)
+                text = await scope.aria_snapshot(mode="ai", timeout=self._browsers.timeout_ms)
             except PlaywrightError as exc:
                 raise ComputerActionError(f"could not read the page: {first_line(exc)}") from exc
-            cap = self._limits.snapshot_cap_chars
-            if len(text) > cap:
-                text = text[:cap] + f"\n[... snapshot cut at {cap} characters; scroll or navigate to see the rest]"
+            text = text[: self._limits.snapshot_cap_chars]
+            if offset > len(text):
+                raise InvalidRequestError(f"offset {offset} is past the snapshot's {len(text)} characters")
+            shown = snapshot_page(text, offset, limit)
             rec.detail["chars"] = len(text)
-            return await _state(page, text)
+            state = await _state(page)
+            end = offset + len(shown)
+            return state.model_copy(
+                update={
+                    "snapshot": shown
+                    + (
+                        f"\n[... snapshot cut: {len(text) - end} more characters; pass offset={end}]"
+                        if end < len(text)
+                        else ""
+                    ),
+                    "snapshot_chars": len(text),
+                    "offset": offset,
+                    "has_more": end < len(text),
+                    "next_offset": end if end < len(text) else None,
+                }
+            )
 
     async def click(self, who: Identity, computer_id: str, ref: str) -> PageState:
         row = await self._computers.owned(who, computer_id, Action.COMPUTER_CLICK)
@@ -235,3 +258,15 @@ async def _state(page: Page, snapshot: str | None = None) -> PageState:
     except PlaywrightError:
         title = ""
     return PageState(url=page.url, title=title, snapshot=snapshot)
+
+
+def snapshot_page(text: str, offset: int, limit: int) -> str:
+    """The part of `text` from `offset` that fits `limit` characters as JSON counts them (less
+    the cut marker), ending on a whole line when there is one."""
+    room = max(limit - 100, 100)
+    part = text[offset : offset + room]
+    while json_chars(part) > room:
+        part = part[: len(part) * room // json_chars(part) - 1]
+    if offset + len(part) < len(text) and "\n" in part:
+        part = part[: part.rindex("\n") + 1]
+    return part

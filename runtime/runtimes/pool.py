@@ -94,9 +94,34 @@ class PoolManager:
         """Destroy a warm runtime, unless a claim took it meanwhile; True if it was evicted."""
         return await self._life.evict(pool, runtime_id, reason)
 
+    async def stop_warm(self, reason: str) -> int:
+        """At a graceful exit: refill nothing more and destroy every warm runtime of every pool
+        (claimed ones stay with their owners); returns how many were stopped."""
+        self._life.pause_refills(True)
+        stopped: list[str] = []
+
+        async def stop(pool: Pool, runtime_id: str) -> None:
+            if await self.evict(pool, runtime_id, reason):
+                stopped.append(runtime_id)
+
+        async with anyio.create_task_group() as tg:
+            for pool in [*self._pools.values(), *self._pools_gone.values()]:
+                for runtime_id in list(pool.warm):
+                    tg.start_soon(stop, pool, runtime_id)
+        return len(stopped)
+
     async def lose(self, pool: Pool, runtime_id: str, reason: str) -> None:
         """A claimed runtime's container died or vanished: its sandbox or computer is lost, its place freed."""
         await self._life.lose(pool, runtime_id, reason)
+
+    @property
+    def on_sandbox_lost(self) -> Callable[[str, str], Awaitable[None]] | None:
+        """Told the id and workspace of each sandbox that a lost runtime took with it."""
+        return self._life.on_sandbox_lost
+
+    @on_sandbox_lost.setter
+    def on_sandbox_lost(self, callback: Callable[[str, str], Awaitable[None]] | None) -> None:
+        self._life.on_sandbox_lost = callback
 
     async def note(self, pool: Pool, runtime_id: str, reason: str) -> None:
         """Record something about a runtime that changes nothing of its state (it stays where it is)."""

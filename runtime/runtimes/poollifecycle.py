@@ -64,6 +64,8 @@ class PoolLifecycle:
         self._publish = publish
         self._where: dict[str, tuple[Pool, str]] = {}  # container id -> (pool, runtime id)
         self._tg: anyio.abc.TaskGroup | None = None
+        # Told the id and workspace of each sandbox a lost runtime took with it.
+        self.on_sandbox_lost: Callable[[str, str], Awaitable[None]] | None = None
         self._reconciling = False  # no refills until every surviving runtime is counted
 
     def attach(self, tg: anyio.abc.TaskGroup | None) -> None:
@@ -311,18 +313,25 @@ class PoolLifecycle:
     async def lose(self, pool: Pool, runtime_id: str, reason: str) -> None:
         """A claimed runtime's container died or vanished: its sandbox or computer is lost, its place freed."""
 
-        def end(session: Session) -> None:
+        def end(session: Session) -> list[tuple[str, str]]:
+            lost: list[tuple[str, str]] = []
             for model in (Sandbox, Computer):
                 stmt = select(model).where(model.runtime_id == runtime_id, model.status == SandboxStatus.RUNNING)
                 for claim in session.exec(stmt).all():
                     claim.status, claim.ended_at, claim.end_reason = SandboxStatus.LOST, utcnow(), reason
                     session.add(claim)
+                    if isinstance(claim, Sandbox):
+                        lost.append((claim.id, claim.workspace_id))
+            return lost
 
         row = await self._store.get(Runtime, runtime_id)
         if row is None:
             return
-        await self._store.run(end)
+        lost = await self._store.run(end)
         await self.destroy(pool, row, reason, final=RuntimeState.LOST)
+        for sandbox_id, workspace_id in lost:
+            if self.on_sandbox_lost is not None:
+                await self.on_sandbox_lost(sandbox_id, workspace_id)
 
     async def note(self, pool: Pool, runtime_id: str, reason: str) -> None:
         """Record something about a runtime that changes nothing of its state (it stays where it is)."""

@@ -8,6 +8,7 @@ concurrent-sandbox quotas in `quotas.py`.
 from __future__ import annotations
 
 import builtins
+import logging
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable
@@ -17,8 +18,9 @@ import anyio
 from sqlmodel import Session, col, select
 
 from dockyard.runtime.runtimes.commands import OutputCallback, run_command
-from dockyard.runtime.runtimes.files import WORKSPACE, FileOps, decode_content, workspace_path
+from dockyard.runtime.runtimes.files import WORKSPACE, FileOps, decode_content, fit_listing, workspace_path
 from dockyard.runtime.runtimes.images import BuildState
+from dockyard.runtime.runtimes.outputs import ExecOutputs, Stream, fit_exec
 from dockyard.runtime.runtimes.pool import Bind, PoolManager
 from dockyard.runtime.runtimes.ports import PortForwarder
 from dockyard.runtime.runtimes.provision import USER
@@ -30,13 +32,12 @@ from dockyard.runtime.runtimes.supervisor import Supervisors
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.docker import DockerBackend
-from dockyard.runtime.substrate.errors import (
-    InvalidRequestError,
-)
+from dockyard.runtime.substrate.errors import InvalidRequestError, NotFoundError, SandboxNotFoundError
 from dockyard.runtime.substrate.models import (
     ExecResult,
     FileContent,
     FileListing,
+    FileReadResult,
     FileWritten,
     PortInfo,
     SandboxInfo,
@@ -46,6 +47,8 @@ from dockyard.runtime.substrate.store import Runtime, Sandbox, SandboxStatus, St
 from dockyard.runtime.substrate.tokens import TokenService
 
 __all__ = ["SandboxService"]
+
+log = logging.getLogger(__name__)
 
 BuildNotify = Callable[[BuildState], Awaitable[None]]
 
@@ -77,6 +80,11 @@ class SandboxService:
         self._snapshots = snapshots
         self._files = FileOps(supervisors)
         self.ports = PortForwarder(docker, USER)
+        self._outputs = ExecOutputs(self._limits.exec_outputs_kept)
+        # Told the id and workspace of a sandbox whose status changed: created, destroyed,
+        # expired or lost (the server wakes that workspace's subscribers with it).
+        self.on_change: Callable[[str, str], Awaitable[None]] | None = None
+        pools.on_sandbox_lost = self._tell
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -167,6 +175,7 @@ class SandboxService:
                 served="warm" if lease.warm else "cold",
                 claim_ms=round(lease.claim_ms, 2),
             )
+        await self._tell(sandbox_id, who.workspace_id)
         return self._info(row)
 
     async def destroy(self, who: Identity, sandbox_id: str) -> None:
@@ -176,6 +185,14 @@ class SandboxService:
         await self._tokens.may_end(who, row.user_id, Action.SANDBOX_DESTROY, sandbox_id, "sandbox")
         async with self._audit.record(who, Action.SANDBOX_DESTROY, sandbox_id):
             await self._end(row, "destroyed by its owner")
+
+    async def get(self, who: Identity, sandbox_id: str) -> SandboxInfo:
+        """One sandbox of the caller's reach in whatever state it is (running, destroyed, lost);
+        another workspace's is as unknown as one that never was."""
+        row = await self._store.get(Sandbox, sandbox_id)
+        if row is None or row.workspace_id != who.workspace_id or who.sandbox_id not in (None, sandbox_id):
+            raise SandboxNotFoundError(sandbox_id)
+        return self._info(row)
 
     async def list(self, who: Identity) -> list[SandboxInfo]:
         def query(session: Session) -> list[Sandbox]:
@@ -223,11 +240,13 @@ class SandboxService:
         on_output: OutputCallback | None = None,
         runner_env: dict[str, str] | None = None,
         run_as: str | None = None,
+        fit: bool = False,
     ) -> ExecResult:
         """Run a shell command (a string, for bash) or a program (an argv list, no shell) as the
         sandbox user (a member's own user, see `unix_user`); output is capped, the timeout
         enforced. `runner_env` and `run_as` (one of the image's member users, for a dispatch's
-        member in a shared sandbox) are dockyard's own, never a caller's."""
+        member in a shared sandbox) are dockyard's own, never a caller's. With `fit` the full
+        output is kept (see `read_output`) and the result's streams are cut to fit the result budget."""
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_EXEC)
         user = run_as or await self.unix_user(who, sandbox_id)
         timeout = timeout_s or self._limits.exec_default_timeout_s
@@ -251,11 +270,27 @@ class SandboxService:
                 stdin=stdin.encode() if stdin is not None else None,
                 timeout_s=timeout,
                 cap_bytes=self._limits.output_cap_bytes,
+                scan_bytes=self._limits.output_scan_bytes,
                 on_output=on_output,
                 user=None if user == USER else user,
             )
             rec.detail.update(exit_code=result.exit_code, timed_out=result.timed_out, truncated=result.truncated)
-        return result
+        if not fit:
+            return result
+        n = self._outputs.keep(sandbox_id, result.stdout, result.stderr)
+        return fit_exec(result, self._settings.results.budget_chars, sandbox_id, n)
+
+    async def read_output(self, who: Identity, sandbox_id: str, n: int, stream: Stream) -> str:
+        """All of one kept command output's stream (as far as the output cap kept it)."""
+        await self._access.owned(who, sandbox_id, Action.SANDBOX_READ_OUTPUT)
+        async with self._audit.record(who, Action.SANDBOX_READ_OUTPUT, sandbox_id, n=n, stream=stream):
+            text = self._outputs.get(sandbox_id, n, stream)
+            if text is None:
+                raise NotFoundError(
+                    f"sandbox {sandbox_id} keeps no output {n}: outputs are numbered from 1 per sandbox and only "
+                    f"the newest {self._limits.exec_outputs_kept} are kept"
+                )
+        return text
 
     async def write_file(self, who: Identity, sandbox_id: str, path: str, content: str, encoding: str) -> FileWritten:
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_WRITE_FILE)
@@ -281,15 +316,38 @@ class SandboxService:
             rec.detail.update(size=content.size, truncated=content.truncated)
         return content
 
+    async def read_page(
+        self, who: Identity, sandbox_id: str, path: str, encoding: str | None, offset: int, length: int | None
+    ) -> tuple[FileReadResult, bytes]:
+        """A page of a file, within the result budget (see `FileOps.read_page`); returns it and its bytes."""
+        row = await self._access.owned(who, sandbox_id, Action.SANDBOX_READ_FILE)
+        cap = self._limits.read_cap_bytes
+        if length is not None and length > cap:
+            raise InvalidRequestError(f"length {length} is over the read cap; allowed: 1..{cap}")
+        budget = self._settings.results.budget_chars
+        async with self._audit.record(who, Action.SANDBOX_READ_FILE, sandbox_id, path=path, offset=offset) as rec:
+            page, data = await self._files.read_page(
+                row.container_id,
+                path,
+                offset,
+                length or min(budget, cap),
+                encoding,
+                budget,
+                await self._access.member_user(who, sandbox_id),
+            )
+            rec.detail.update(size=page.size, length=page.length)
+        return page, data
+
     async def list_files(
         self, who: Identity, sandbox_id: str, path: str, recursive: bool, max_entries: int | None
     ) -> FileListing:
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_LIST_FILES)
         limit = min(max_entries or self._limits.list_max_entries, self._limits.list_max_entries)
         async with self._audit.record(who, Action.SANDBOX_LIST_FILES, sandbox_id, path=path, recursive=recursive):
-            return await self._files.list(
+            listing = await self._files.list(
                 row.container_id, path, recursive, limit, await self._access.member_user(who, sandbox_id)
             )
+        return fit_listing(listing, self._settings.results.budget_chars)
 
     async def expose_port(self, who: Identity, sandbox_id: str, port: int) -> PortInfo:
         row = await self._access.owned(who, sandbox_id, Action.SANDBOX_EXPOSE_PORT)
@@ -325,8 +383,17 @@ class SandboxService:
     async def _end(self, row: Sandbox, reason: str) -> None:
         """Close the sandbox and give its runtime back to the pool (which wipes or destroys it)."""
         self.ports.close(row.container_id)
+        self._outputs.forget(row.id)
         await self._tokens.revoke_sandbox(row.id, reason)
         await self._pools.release(row.runtime_id, _ended(row.id, reason), reason)
+        await self._tell(row.id, row.workspace_id)
+
+    async def _tell(self, sandbox_id: str, workspace_id: str) -> None:
+        if self.on_change is not None:
+            try:
+                await self.on_change(sandbox_id, workspace_id)
+            except Exception:  # a subscriber's trouble must not stop the sandbox's lifecycle
+                log.exception("sandbox %s: change notification failed", sandbox_id)
 
     def _info(self, row: Sandbox) -> SandboxInfo:
         ports = self.ports.ports(row.container_id)

@@ -31,6 +31,7 @@ from dockyard.runtime.substrate.errors import (
     SnapshotNotFoundError,
     TimeLimitError,
 )
+from dockyard.runtime.substrate.listings import SnapshotPage, Window
 from dockyard.runtime.substrate.models import SnapshotInfo
 from dockyard.runtime.substrate.settings import Identity, Settings
 from dockyard.runtime.substrate.store import Snapshot, Store
@@ -118,6 +119,32 @@ class SnapshotService:
             await self._store.run(forget)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, snap.path, True)
+
+    async def list_page(self, who: Identity, sandbox_id: str | None, limit: int, cursor: str | None) -> SnapshotPage:
+        """A page of the snapshots in the caller's reach, newest first: its workspace's (of one
+        sandbox, if `sandbox_id` says so), or for a sandbox's own token that sandbox's only."""
+        window = Window("snapshot_list", who, limit, cursor)
+
+        def query(session: Session) -> list[Snapshot]:
+            stmt = select(Snapshot).where(Snapshot.workspace_id == who.workspace_id)
+            for only in {who.sandbox_id, sandbox_id} - {None}:
+                stmt = stmt.where(Snapshot.sandbox_id == only)
+            return list(session.exec(window.apply(stmt, Snapshot)).all())
+
+        rows, next_cursor = window.cut(await self._store.run(query))
+        return SnapshotPage(
+            snapshots=[
+                SnapshotInfo(
+                    snapshot_id=row.id,
+                    sandbox_id=row.sandbox_id,
+                    label=row.label,
+                    size_bytes=row.size_bytes,
+                    created_at=row.created_at,
+                )
+                for row in rows
+            ],
+            next_cursor=next_cursor,
+        )
 
     async def owned(self, who: Identity, snapshot_id: str) -> Snapshot:
         """A snapshot of the caller's workspace whose folder is still there."""

@@ -23,6 +23,7 @@ class Action(StrEnum):
     SANDBOX_EXEC = "sandbox.exec"
     SANDBOX_WRITE_FILE = "sandbox.write_file"
     SANDBOX_READ_FILE = "sandbox.read_file"
+    SANDBOX_READ_OUTPUT = "sandbox.read_output"  # reading a command's full output (dockyard://sandboxes/.../execs/...)
     SANDBOX_LIST_FILES = "sandbox.list_files"
     SANDBOX_EXPOSE_PORT = "sandbox.expose_port"
     SANDBOX_SNAPSHOT = "sandbox.snapshot"
@@ -30,6 +31,7 @@ class Action(StrEnum):
     SANDBOX_DESTROY = "sandbox.destroy"
     SANDBOX_EXPIRE = "sandbox.expire"  # dockyard destroys a sandbox whose ttl ran out
     SNAPSHOT_DELETE = "snapshot.delete"
+    SNAPSHOT_LIST = "snapshot.list"
 
     # Computers (headless browsers).
     COMPUTER_CREATE = "computer.create"
@@ -53,9 +55,15 @@ class Action(StrEnum):
     DISPATCH_AWAIT = "dispatch.await"
     DISPATCH_READ = "dispatch.read"  # reading a dispatch's resource (dockyard://dispatches/...)
     DISPATCH_CANCEL = "dispatch.cancel"
+    DISPATCH_LIST = "dispatch.list"
     DISPATCH_SUBMIT = "dispatch.submit"  # a run hands in its result, with its own token as proof
     DISPATCH_RUN = "dispatch.run"  # dockyard starts a dispatch's run (a `started` row)
     DISPATCH_FINISH = "dispatch.finish"  # a dispatch's run ended, however it ended
+
+    # Long calls handed back as tasks (the MCP Tasks extension).
+    TASK_GET = "task.get"  # tasks/get: a task's state, and its result once done
+    TASK_UPDATE = "task.update"  # tasks/update: input for a task (none of dockyard's asks for any)
+    TASK_CANCEL = "task.cancel"  # tasks/cancel: stop a task's call
 
     # Teams.
     TEAM_CREATE = "team.create"
@@ -71,10 +79,12 @@ class Action(StrEnum):
     TEAM_APPROVE_PLAN = "team.approve_plan"
     TEAM_SHUTDOWN = "team.shutdown"
     TEAM_CLEANUP = "team.cleanup"
+    TEAM_LIST = "team.list"
     TEAM_TURN = "team.turn"  # one turn of a member's runner, from its wake-up to its answer
 
     # Tokens and the audit log.
     WHOAMI = "whoami"
+    CAPABILITIES_READ = "capabilities.read"  # what the server offers the caller, and its use of each quota
     TOKEN_MINT = "token.mint"
     TOKEN_REVOKE = "token.revoke"
     AUDIT_QUERY = "audit.query"
@@ -108,4 +118,4 @@ class Toolset(StrEnum):
     COMPUTER = "computer"  # headless browsers
     DISPATCH = "dispatch"  # handing tasks off and collecting their results
     TEAM = "team"  # agent teams: members, messages, tasks, plans
-    ADMIN = "admin"  # tokens, the audit log, the pools
+    ADMIN = "admin"  # capabilities, tokens, the audit log, the pools

@@ -314,8 +314,10 @@ class AuditLog:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 1000,
+        before: int | None = None,
     ) -> list[AuditEvent]:
-        """Rows matching every filter given, newest first (highest id first), at most `limit`.
+        """Rows matching every filter given, newest first (highest id first), at most `limit`,
+        with ids below `before` if given.
 
         `actor` is a user id; `since` is inclusive and `until` exclusive; a time without a zone
         is taken as UTC.
@@ -333,6 +335,8 @@ class AuditLog:
                 stmt = stmt.where(col(AuditEvent.ts) >= _utc(since))
             if until is not None:
                 stmt = stmt.where(col(AuditEvent.ts) < _utc(until))
+            if before is not None:
+                stmt = stmt.where(col(AuditEvent.id) < before)
             return list(session.exec(stmt.limit(limit)).all())
 
         return await self._store.run(query)

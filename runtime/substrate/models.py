@@ -10,11 +10,13 @@ from pydantic import BaseModel, Field
 __all__ = [
     "AuditEntry",
     "AuditFinding",
+    "AuditPage",
     "AuditVerification",
     "ExecResult",
     "FileContent",
     "FileEntry",
     "FileListing",
+    "FileReadResult",
     "FileWritten",
     "PoolInfo",
     "PortInfo",
@@ -47,6 +49,13 @@ class ExecResult(BaseModel):
     timed_out: bool
     truncated: bool = Field(description="True when stdout or stderr was cut at the output cap.")
     duration_ms: float
+    exec_n: int | None = Field(None, description="The command's number in its sandbox, for its output resources.")
+    stdout_uri: str | None = Field(
+        None, description="Set when stdout here was cut to fit the result: the resource holding all of it."
+    )
+    stderr_uri: str | None = Field(
+        None, description="Set when stderr here was cut to fit the result: the resource holding all of it."
+    )
 
 
 class FileWritten(BaseModel):
@@ -64,6 +73,22 @@ class FileContent(BaseModel):
     content: str
     size: int = Field(description="The file's full size in bytes.")
     truncated: bool = Field(description="True when only the first max_bytes were returned.")
+
+
+class FileReadResult(BaseModel):
+    """One page of a file read from /workspace: text here, or binary bytes as an embedded resource."""
+
+    path: str
+    encoding: Literal["utf-8", "binary"] = Field(
+        description="utf-8: the page is in content; binary: content is empty and the page's bytes are the "
+        "embedded resource (a blob) of this result."
+    )
+    content: str
+    size: int = Field(description="The file's full size in bytes.")
+    offset: int = Field(description="Where this page starts, in bytes.")
+    length: int = Field(description="How many bytes of the file this page holds.")
+    has_more: bool = Field(description="True when the file goes on after this page.")
+    next_offset: int | None = Field(None, description="The offset of the next page, when there is one.")
 
 
 class FileEntry(BaseModel):
@@ -150,8 +175,19 @@ class AuditEntry(BaseModel):
         "followed by its ending row, whose detail names it in started_id) or interrupted (the "
         "server stopped before the started action ended)."
     )
-    detail: dict[str, Any]
+    detail: dict[str, Any] | None = Field(
+        description="What the action was given and how it went (a command, a path, an exit code...); "
+        "null unless details=true was asked for."
+    )
     duration_ms: float
+
+
+class AuditPage(BaseModel):
+    """Audit rows, newest first, as many as fit the result budget."""
+
+    rows: list[AuditEntry]
+    more: bool = Field(description="True when more rows match: pass next_cursor to read on.")
+    next_cursor: str | None = Field(None, description="Where the next page starts; opaque, for this query only.")
 
 
 class AuditFinding(BaseModel):
@@ -189,7 +225,11 @@ class DispatchInfo(BaseModel):
     hint: str | None = Field(None, description="Set when a phrase in the task overrode the requested mode.")
     runner: str
     status: str = Field(description="queued, running, completed, failed, cancelled or interrupted.")
-    result: str | None = Field(None, description="The runner's result (the script's stdout), once completed.")
+    result: str | None = Field(
+        None,
+        description="The runner's output (a script's stdout, an agent's answer), or what it handed in with "
+        "dispatch_submit; team modes: each member's as a '[member N] ...' line.",
+    )
     error: str | None = None
     sandbox_id: str | None = Field(None, description="The sandbox the work runs in.")
     members: list[dict] | None = Field(None, description="Team modes: each member's status and result.")
@@ -275,6 +315,23 @@ class TeamView(BaseModel):
     notice: str | None = None
 
 
+class TeamTasksPage(BaseModel):
+    """A team's members and a page of its task list, within the result budget."""
+
+    team: TeamInfo
+    members: list[MemberInfo] = Field(
+        description="Every member; its plan, last output and last error cut (head and tail) to share half the budget."
+    )
+    tasks: list[TaskInfo] = Field(
+        description="Tasks from offset, oldest first: without detail, a summary (title, status, owner, a preview of "
+        "the result); with detail (or a task_id), their detail and result too, cut only to fit."
+    )
+    notice: str | None = None
+    offset: int = Field(0, description="The place in the task list of the first task here.")
+    has_more: bool = Field(False, description="True when more tasks follow: pass next_offset as offset.")
+    next_offset: int | None = None
+
+
 class Inbox(BaseModel):
     """The caller's side of a team's messages."""
 
@@ -319,6 +376,10 @@ class PageState(BaseModel):
         None,
         description="The page's accessibility tree; elements carry refs such as [ref=e5] for computer_click and computer_type.",
     )
+    snapshot_chars: int | None = Field(None, description="The whole snapshot's length, in characters.")
+    offset: int | None = Field(None, description="Where in the whole snapshot this part starts.")
+    has_more: bool | None = Field(None, description="True when the snapshot was cut: pass next_offset as offset.")
+    next_offset: int | None = None
 
 
 class ComputerList(BaseModel):

@@ -29,6 +29,7 @@ __all__ = [
     "NetworkMode",
     "PoolSettings",
     "PoolShape",
+    "ProgressSettings",
     "SandboxSettings",
     "Settings",
     "TemplateSettings",
@@ -241,6 +242,12 @@ class PoolSettings(BaseModel):
     health_interval_s: float = Field(30.0, gt=0)
     claim_timeout_s: float = Field(60.0, gt=0, description="How long a claim waits in a full pool's queue.")
     recycle: bool = Field(True, description="Wipe and reuse released runtimes; false destroys them instead.")
+    keep_warm_after_exit: bool = Field(
+        False,
+        description="Leave warm runtimes running when the server exits (adopted at the next start); "
+        "by default a graceful exit stops them, and only claimed sandboxes and computers stay.",
+    )
+    exit_grace_s: float = Field(30.0, gt=0, description="How long a graceful exit may spend stopping warm runtimes.")
     default_min: int | None = Field(None, ge=0, description="Set from POOL_MIN; overrides the default template's min.")
     default_max: int | None = Field(None, ge=1, description="Set from POOL_MAX; overrides the default template's max.")
 
@@ -256,7 +263,15 @@ class SandboxSettings(BaseModel):
     max_memory_mb: int = Field(8192, ge=64)
     exec_default_timeout_s: int = Field(60, ge=1)
     exec_max_timeout_s: int = Field(3600, ge=1)
-    output_cap_bytes: int = Field(65536, ge=1024)
+    output_cap_bytes: int = Field(
+        65536, ge=1024, description="Per stream, per exec: what is kept of the output (its head and its tail)."
+    )
+    output_scan_bytes: int = Field(
+        64 << 20, ge=1024, description="Per stream, per exec: how much output is read to find its tail."
+    )
+    exec_outputs_kept: int = Field(
+        20, ge=1, le=1000, description="Full outputs kept per sandbox for reading as resources (the newest)."
+    )
     read_cap_bytes: int = Field(1 << 20, ge=1024)
     write_cap_bytes: int = Field(10 << 20, ge=1024)
     list_max_entries: int = Field(1000, ge=1)
@@ -267,6 +282,15 @@ class SandboxSettings(BaseModel):
         600.0, gt=0, description="A snapshot taking longer than this fails; the sandbox runs on."
     )
     reaper_interval_s: float = Field(5.0, gt=0)
+
+
+class ResultSettings(BaseModel):
+    """How large a tool result may grow: every tool keeps its result's text within the budget and
+    says where the rest is (an exec's full output as a resource, a file's next page, a cursor)."""
+
+    budget_chars: int = Field(
+        16000, ge=2000, le=1_000_000, description="Characters of text one tool result carries, at most (about)."
+    )
 
 
 class ImageSettings(BaseModel):
@@ -282,6 +306,17 @@ class ImageSettings(BaseModel):
     build_on_start: bool = True
     recipes_dir: Path | None = Field(
         None, description="Where recipes live; default: the ones shipped in config/images."
+    )
+
+
+class ProgressSettings(BaseModel):
+    """How a running tool call keeps its client informed (progress notifications)."""
+
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        le=10,
+        description="A call that has sent nothing for this long sends a heartbeat (elapsed time, tail of output).",
     )
 
 
@@ -314,6 +349,8 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     teams: TeamSettings = Field(default_factory=TeamSettings)
     computers: ComputerSettings = Field(default_factory=ComputerSettings)
+    results: ResultSettings = Field(default_factory=ResultSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
     toolsets: ToolsetSettings = Field(default_factory=ToolsetSettings)
 
     @field_validator("data_dir")

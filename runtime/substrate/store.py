@@ -21,6 +21,8 @@ from dockyard.runtime.substrate.errors import NotRunningError
 
 __all__ = [
     "AuditEvent",
+    "CallTask",
+    "CallTaskStatus",
     "MemberStatus",
     "PlanStatus",
     "PoolEvent",
@@ -224,6 +226,47 @@ class Dispatch(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class CallTaskStatus(StrEnum):
+    r"""Where a long tool call handed back as a task is (stored as these strings; the wire's
+    task statuses of the MCP Tasks extension).
+
+    working --the call returned--> completed       (its result, an error result included)
+           \--the call raised-----> failed          (a protocol error, or a restart cut it short)
+           \--tasks/cancel--------> cancelled
+
+    A task that follows a dispatch (`dispatch_id` set) keeps `working` in its row: its state is
+    read from the dispatch, so a restart shows what the dispatch says. The moves are in
+    `dockyard.runtime.work.calltasks`.
+    """
+
+    WORKING = "working"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    FINAL = nonmember(frozenset({"completed", "failed", "cancelled"}))
+
+
+class CallTask(SQLModel, table=True):
+    """A tool call answered with a task handle: its unguessable id, the token it is bound to,
+    and what the call returned (the wire's result or error) once it ended."""
+
+    id: str = Field(primary_key=True)
+    tool: str
+    dispatch_id: str | None = Field(default=None, index=True)  # a dispatch's task: its state is the dispatch's
+    status: str = Field(default=CallTaskStatus.WORKING.value, index=True)
+    status_message: str | None = None
+    result: dict | None = Field(default=None, sa_column=Column(JSON))  # the CallToolResult, as the wire has it
+    error: dict | None = Field(default=None, sa_column=Column(JSON))  # a JSON-RPC error: code, message
+    workspace_id: str = Field(index=True)
+    project_id: str
+    user_id: str
+    token_id: str | None = None  # the token it is bound to (None: the local operator)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
 
 
 class RunLink(SQLModel, table=True):

@@ -110,7 +110,7 @@ async def test_a_server_killed_mid_command_leaves_the_command_started_then_inter
         async with connect(again, tenant["token"]) as client:
             # the command ran: its file is there
             assert (await call(client, "sandbox_read_file", sandbox_id=box, path="proof"))["content"] == "ran\n"
-            rows = (await call(client, "audit_query", kind="sandbox.exec"))["rows"]
+            rows = (await call(client, "audit_query", details=True, kind="sandbox.exec"))["rows"]
             started, ended = pair(rows, "sandbox.exec", box)
             assert started["detail"]["command"] == command
             assert ended["outcome"] == "interrupted" and ended["id"] > started["id"]
@@ -146,7 +146,7 @@ async def test_a_server_killed_mid_snapshot_leaves_the_snapshot_started_then_int
 
     async def check(again: Served) -> None:
         async with connect(again, tenant["token"]) as client:
-            rows = (await call(client, "audit_query", kind="sandbox.snapshot"))["rows"]
+            rows = (await call(client, "audit_query", details=True, kind="sandbox.snapshot"))["rows"]
             started, ended = pair(rows, "sandbox.snapshot", box)
             assert started["detail"]["label"] == "before the crash"
             assert ended["outcome"] == "interrupted"
@@ -181,7 +181,7 @@ async def test_a_server_killed_mid_dispatch_leaves_the_run_and_its_command_start
         async with connect(again, tenant["token"]) as client:
             after = await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=5)
             assert after["status"] == "interrupted"
-            rows = (await call(client, "audit_query"))["rows"]
+            rows = (await call(client, "audit_query", details=True))["rows"]
             started, ended = pair(rows, "dispatch.run", dispatch_id)
             assert started["detail"] == {"mode": "remote", "runner": "script"}
             assert ended["outcome"] == "interrupted"
@@ -211,7 +211,7 @@ async def test_a_server_killed_mid_team_turn_leaves_the_turn_started_then_interr
 
     async def check(again: Served) -> None:
         async with connect(again, lead["token"]) as client:
-            rows = (await call(client, "audit_query"))["rows"]
+            rows = (await call(client, "audit_query", details=True))["rows"]
             started, ended = pair(rows, "team.turn", team)
             assert started["detail"] == {"member": "worker", "turn": 1}
             assert ended["outcome"] == "interrupted"

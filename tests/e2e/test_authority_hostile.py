@@ -119,7 +119,7 @@ async def test_a_token_of_the_same_workspace_is_no_proof_for_a_dispatch_it_was_n
         state = await finished(client, victim)
     assert state["result"] == "real\n"
     async with connect(served, served.admin_key) as admin:
-        rows = (await call(admin, "audit_query", workspace_id="w", kind="dispatch.submit"))["rows"]
+        rows = (await call(admin, "audit_query", details=True, workspace_id="w", kind="dispatch.submit"))["rows"]
     assert len([row for row in rows if row["outcome"] == "denied" and row["target"] == victim]) == 3
 
 
@@ -183,7 +183,7 @@ async def test_a_run_token_dies_with_its_run_and_with_the_token_that_started_it(
     async with connect(served, ann["token"]) as client:
         await call(client, "token_revoke", token_id=starter["token_id"])
     async with connect(served, served.admin_key) as admin:
-        rows = (await call(admin, "audit_query", workspace_id="w", kind="token.revoke"))["rows"]
+        rows = (await call(admin, "audit_query", details=True, workspace_id="w", kind="token.revoke"))["rows"]
     revoked_with = rows[0]["detail"]["also_revoked"]
     assert len(revoked_with) == 1 and revoked_with[0].startswith("tok_"), rows[0]  # the run's token went too
     async with connect(served, ann["token"]) as client:
@@ -375,7 +375,7 @@ async def test_a_user_cannot_end_what_another_user_of_the_workspace_made(served:
         await call(client_boss, "sandbox_destroy", sandbox_id=sandbox)
         await call(client_boss, "team_cleanup", team_id=team)
     async with connect(served, served.admin_key) as admin:
-        rows = (await call(admin, "audit_query", workspace_id="w", actor="bob"))["rows"]
+        rows = (await call(admin, "audit_query", details=True, workspace_id="w", actor="bob"))["rows"]
     denied = {row["kind"] for row in rows if row["outcome"] == "denied"}
     assert {"sandbox.destroy", "dispatch.cancel", "team.shutdown", "team.cleanup"} <= denied, denied
 
@@ -458,5 +458,5 @@ async def test_a_snapshot_is_deleted_only_by_its_maker_or_an_admin_of_its_worksp
         assert (await call(client_boss, "snapshot_delete", snapshot_id=snapshot))["deleted"] is True
         assert "unknown snapshot" in await call_error(client_boss, "sandbox_create", from_snapshot=snapshot)
     async with connect(served, served.admin_key) as admin:
-        rows = (await call(admin, "audit_query", workspace_id="w", kind="snapshot.delete"))["rows"]
+        rows = (await call(admin, "audit_query", details=True, workspace_id="w", kind="snapshot.delete"))["rows"]
     assert sorted((row["user_id"], row["outcome"]) for row in rows) == [("bob", "denied"), ("cat", "ok")], rows

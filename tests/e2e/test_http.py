@@ -116,7 +116,7 @@ async def test_one_workspace_cannot_see_or_touch_another(served: Served) -> None
         await call(client_a, "sandbox_destroy", sandbox_id=theirs)
     # Every attempt is on the record, attributed to b's token.
     async with connect(served, served.admin_key) as admin:
-        rows = (await call(admin, "audit_query", workspace_id="b"))["rows"]
+        rows = (await call(admin, "audit_query", details=True, workspace_id="b"))["rows"]
     denied = {row["kind"] for row in rows if row["outcome"] == "denied" and row["target"] == theirs}
     assert denied >= {tool.replace("_", ".", 1) for tool, _ in attempts}, denied
     assert {row["token_id"] for row in rows if row["target"] == theirs} == {b["token_id"]}
@@ -171,8 +171,8 @@ async def test_audit_rows_of_another_workspace_stay_out_of_reach(served: Served)
     async with connect(served, a["token"]) as client_a, connect(served, b["token"]) as client_b:
         sandbox_id = (await call(client_a, "sandbox_create"))["sandbox_id"]
         await call(client_a, "sandbox_destroy", sandbox_id=sandbox_id)
-        kinds = {row["kind"] for row in (await call(client_a, "audit_query"))["rows"]}
+        kinds = {row["kind"] for row in (await call(client_a, "audit_query", details=True))["rows"]}
         assert {"sandbox.create", "sandbox.destroy"} <= kinds
-        assert all(row["workspace_id"] == "b" for row in (await call(client_b, "audit_query"))["rows"])
-        assert "only your own workspace" in await call_error(client_b, "audit_query", workspace_id="a")
+        assert all(row["workspace_id"] == "b" for row in (await call(client_b, "audit_query", details=True))["rows"])
+        assert "only your own workspace" in await call_error(client_b, "audit_query", details=True, workspace_id="a")
         assert (await call(client_b, "audit_verify"))["intact"] is True

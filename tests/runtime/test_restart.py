@@ -26,6 +26,7 @@ def containers_of(client: docker.DockerClient, settings: Settings) -> set[str]:
 async def test_restart_keeps_claims_reuses_warm_runtimes_and_removes_unknown_containers(
     settings: Settings, cleanup: None, docker_client: docker.DockerClient
 ) -> None:
+    settings.pool.keep_warm_after_exit = True  # as if it had crashed: warm runtimes are left for the restart
     async with Engine.open(settings) as engine:
         kept = await engine.sandboxes.create(engine.operator)
         await engine.sandboxes.write_file(engine.operator, kept.sandbox_id, "state.txt", "still here", "utf-8")

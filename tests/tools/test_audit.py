@@ -72,7 +72,7 @@ async def work(client: Client) -> str:
 
 
 async def rows(client: Client, **filters: Any) -> list[dict[str, Any]]:
-    return (await call(client, "audit_query", **filters))["rows"]
+    return (await call(client, "audit_query", details=True, **filters))["rows"]
 
 
 async def test_the_chain_verifies_after_real_actions_and_tampering_names_the_row(
@@ -155,12 +155,12 @@ async def test_query_filters_and_never_shows_another_workspace(client: Client, s
     assert await rows(client, until=alice["ts"]) == everything[1:]
     assert await rows(client, since=everything[3]["ts"], until=everything[1]["ts"]) == everything[2:4]
 
-    page = await call(client, "audit_query", limit=2)
+    page = await call(client, "audit_query", details=True, limit=2)
     assert (page["rows"], page["more"]) == (everything[:2], True)
     assert (await call(client, "audit_query"))["more"] is False
 
     # naming another workspace is refused, and the refusal is itself a row
-    message = await call_error(client, "audit_query", workspace_id="rival")
+    message = await call_error(client, "audit_query", details=True, workspace_id="rival")
     assert "only your own workspace's audit rows ('local')" in message and "rival" in message
     [denied] = await rows(client, kind="audit.query")
     assert (denied["outcome"], denied["target"], denied["workspace_id"]) == ("denied", "rival", "local")

@@ -155,7 +155,7 @@ async def test_a_runner_submits_its_result_through_the_bridge_once_with_its_run_
     assert seen["first"] == "accepted"
     assert "not this run's token" in seen["forged"]
     assert "already submitted" in seen["replayed"]
-    audited = (await call(client, "audit_query", kind="dispatch.submit"))["rows"]
+    audited = (await call(client, "audit_query", details=True, kind="dispatch.submit"))["rows"]
     assert sorted(row["outcome"] for row in audited) == ["denied", "denied", "ok"]
 
 
@@ -211,7 +211,7 @@ async def test_a_token_of_another_sandbox_or_no_token_at_all_gets_the_session_cl
     await call(client, "sandbox_write_file", sandbox_id=there, path="release", content="")
     done = await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=60)
     assert done["status"] == "completed", done
-    refusals = (await call(client, "audit_query", kind="bridge.token"))["rows"]
+    refusals = (await call(client, "audit_query", details=True, kind="bridge.token"))["rows"]
     assert sorted(row["outcome"] for row in refusals) == ["denied", "denied"]
     reasons = " ".join(json.dumps(row) for row in refusals)
     assert f"bound to {there}" in reasons and "unknown token" in reasons
@@ -251,6 +251,6 @@ async def test_a_token_that_is_not_utf8_gets_the_session_closed_and_the_refusal_
     here = (await call(client, "sandbox_create"))["sandbox_id"]
     odd = await sh(client, here, "DOCKYARD_TOKEN=\"$(printf 'dyt_\\377\\376')\" dockyard-call whoami", timeout_s=60)
     assert odd["exit_code"] == 1 and "closed the session unanswered" in odd["stderr"], odd
-    [refusal] = (await call(client, "audit_query", kind="bridge.token"))["rows"]
+    [refusal] = (await call(client, "audit_query", details=True, kind="bridge.token"))["rows"]
     assert refusal["outcome"] == "denied" and "unknown token" in json.dumps(refusal), refusal
     assert (await sh(client, here, "dockyard-call whoami", timeout_s=60))["exit_code"] == 0

@@ -171,11 +171,13 @@ async def test_output_flood_is_capped_with_a_visible_marker(
     assert result["exit_code"] == 0 and not result["timed_out"]
     assert result["truncated"] is True
     text = result[stream]
-    assert text.startswith(starts)
-    kept, _, marker = text.rpartition("\n[... ")
-    assert len(kept.encode()) <= OUTPUT_CAP
-    assert "truncated" in marker and str(OUTPUT_CAP) in marker
-    assert len(text) < OUTPUT_CAP + 200
+    assert text.startswith(starts) and " bytes omitted (all of it: " in text
+    assert len(text) < 16000  # the result budget; the rest is the linked resource
+    read = await client.read_resource(result[f"{stream}_uri"])
+    whole = read.contents[0].text  # type: ignore[union-attr] - a text resource
+    assert whole.startswith(starts) and f"over the {OUTPUT_CAP}-byte output cap" in whole
+    assert whole[-100:] in text  # the result ends as the whole output does
+    assert len(whole.encode()) < OUTPUT_CAP + 200
     other = result["stderr" if stream == "stdout" else "stdout"]
     assert other == ""
 

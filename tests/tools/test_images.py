@@ -124,7 +124,15 @@ async def test_a_recipe_whose_files_are_links_builds_and_caches_do_not_change_it
         before = images.recipe_hash(recipe)
         (folder / "__pycache__").mkdir()
         (folder / "__pycache__" / "x.pyc").write_bytes(b"cache")
+        (folder / ".ruff_cache").mkdir()
+        (folder / ".ruff_cache" / "state").write_bytes(b"cache")
+        (folder / "stray.pyc").write_bytes(b"byte-compiled beside its source")
+        (folder / ".note.swp").write_bytes(b"an editor's swap file")
+        (folder / "note~").write_bytes(b"an editor's backup")
         assert images.recipe_hash(recipe) == before
+        (folder / "extra").write_text("a real change\n")
+        assert images.recipe_hash(recipe) != before
+        (folder / "extra").unlink()
         tag = await images.ensure(recipe)
         ran = docker_client.containers.run(tag, ["cat", "/note"], remove=True, network_disabled=True)
         assert ran == b"linked\n"

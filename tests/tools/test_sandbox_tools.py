@@ -9,6 +9,7 @@ import urllib.request
 import anyio
 import pytest
 from mcp import Client
+from mcp.types import BlobResourceContents, EmbeddedResource
 from sqlmodel import Session, create_engine, select
 
 from dockyard.runtime.engine import instance_id
@@ -106,11 +107,17 @@ async def test_files_round_trip_text_and_binary_and_list_with_types(client: Clie
     )
 
     text = await call(client, "sandbox_read_file", sandbox_id=sid, path="src/app.txt")
-    assert (text["content"], text["encoding"], text["truncated"]) == ("héllo", "utf-8", False)
-    binary = await call(client, "sandbox_read_file", sandbox_id=sid, path="data.bin")
-    assert binary["encoding"] == "base64" and base64.b64decode(binary["content"]) == blob
-    head = await call(client, "sandbox_read_file", sandbox_id=sid, path="data.bin", max_bytes=10, encoding="base64")
-    assert base64.b64decode(head["content"]) == blob[:10] and head["truncated"] and head["size"] == 256
+    assert (text["content"], text["encoding"], text["has_more"]) == ("héllo", "utf-8", False)
+    binary = await client.call_tool("sandbox_read_file", {"sandbox_id": sid, "path": "data.bin"})
+    assert binary.structured_content is not None and binary.structured_content["encoding"] == "binary"
+    [embedded] = [block for block in binary.content if isinstance(block, EmbeddedResource)]
+    assert isinstance(embedded.resource, BlobResourceContents) and base64.b64decode(embedded.resource.blob) == blob
+    head = await client.call_tool("sandbox_read_file", {"sandbox_id": sid, "path": "data.bin", "length": 10})
+    [embedded] = [block for block in head.content if isinstance(block, EmbeddedResource)]
+    assert isinstance(embedded.resource, BlobResourceContents) and base64.b64decode(embedded.resource.blob) == blob[:10]
+    assert head.structured_content is not None
+    assert (head.structured_content["has_more"], head.structured_content["next_offset"]) == (True, 10)
+    assert head.structured_content["size"] == 256
     assert "UTF-8" in await call_error(client, "sandbox_read_file", sandbox_id=sid, path="data.bin", encoding="utf-8")
 
     owner = await sh(client, sid, "stat -c %U src/app.txt data.bin")

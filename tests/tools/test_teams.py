@@ -371,9 +371,10 @@ async def test_two_hundred_concurrent_claims_on_fifty_tasks_by_five_members_give
         view = await until(client, team, all_idle(1), timeout_s=240)
         won: list[str] = []
         refused: list[str] = []
-        for member in view["members"]:
-            assert member["last_error"] is None, member["last_error"]
-            result = json.loads(member["last_output"])
+        assert all(member["last_error"] is None for member in view["members"]), view["members"]
+        # each member's whole output: team_tasks shows it cut to fit the result budget
+        for member in rows(settings, Member):
+            result = json.loads(member.last_output)
             won += result["won"]
             refused += result["refused"]
         assert len(won) == len(set(won)) == 50 and len(refused) == 150, refused[:3]

@@ -4,6 +4,7 @@ to a dispatch's row is written and told, and how a row is shown and whom its run
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -11,6 +12,8 @@ from datetime import timedelta
 import anyio
 from sqlmodel import Session, col, func, select
 
+from dockyard.runtime.runtimes.commands import OutputCallback
+from dockyard.runtime.runtimes.outputs import head_tail
 from dockyard.runtime.substrate.actions import Scope
 from dockyard.runtime.substrate.errors import QuotaExceededError
 from dockyard.runtime.substrate.models import DispatchInfo
@@ -36,14 +39,34 @@ log = logging.getLogger(__name__)
 RUN_SCOPES = [Scope.SANDBOX_EXEC, Scope.SANDBOX_FILES, Scope.DISPATCH_READ]
 RESULT_CAP = 64 * 1024
 INTERRUPTED = "dockyard stopped while it ran; it was not re-run (dispatch it again if you want it)"
+# How much of a run's latest output a waiter that joins late hears first.
+OUTPUT_KEPT = 4096
 
 
 @dataclass
 class Running:
-    """A dispatch's background task, for cancel and for waiters."""
+    """A dispatch's background task, for cancel and for waiters, and its output as it comes."""
 
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     changed: anyio.Event = field(default_factory=anyio.Event)
+    listeners: set[OutputCallback] = field(default_factory=set)
+    latest: deque[tuple[str, str]] = field(default_factory=deque)  # (stream, text), about OUTPUT_KEPT characters
+    _kept: int = 0
+
+    async def output(self, stream: str, text: str) -> None:
+        """Output of the run's runner (or of a member, labelled): kept, and told to every listener."""
+        self.latest.append((stream, text))
+        self._kept += len(text)
+        while self._kept - len(self.latest[0][1]) >= OUTPUT_KEPT:
+            self._kept -= len(self.latest.popleft()[1])
+        for listener in list(self.listeners):
+            await listener(stream, text)
+
+    async def listen(self, listener: OutputCallback) -> None:
+        """Tell `listener` the latest output (up to OUTPUT_KEPT characters), then everything new."""
+        for stream, text in list(self.latest):
+            await listener(stream, text)
+        self.listeners.add(listener)
 
 
 class Board:
@@ -92,10 +115,11 @@ class Board:
                 log.exception("dispatch %s: change notification failed", row.id)
 
 
-def info(row: Dispatch, hint: str | None) -> DispatchInfo:
-    """A dispatch as its caller sees it."""
+def info(row: Dispatch, hint: str | None, budget_chars: int | None = None) -> DispatchInfo:
+    """A dispatch as its caller sees it: with `budget_chars`, its result, error and members'
+    results cut (head and tail) to fit, the whole left to its resource."""
     final = row.status in DispatchStatus.FINAL
-    return DispatchInfo(
+    whole = DispatchInfo(
         dispatch_id=row.id,
         mode=row.mode,
         requested_mode=row.requested_mode,
@@ -109,6 +133,28 @@ def info(row: Dispatch, hint: str | None) -> DispatchInfo:
         next_steps=None
         if final
         else f"call await_dispatch(dispatch_id='{row.id}') to collect the result; it keeps running meanwhile",
+    )
+    return whole if budget_chars is None else _fitted(whole, budget_chars)
+
+
+def _fitted(whole: DispatchInfo, budget_chars: int) -> DispatchInfo:
+    where = f"dockyard://dispatches/{whole.dispatch_id}"
+    members = whole.members or []
+    share = max(budget_chars // 4 // max(len(members), 1), 200)
+
+    def cut(text: str | None, limit: int) -> str | None:
+        return None if text is None else head_tail(text, limit, where)[0]
+
+    return whole.model_copy(
+        update={
+            "result": cut(whole.result, budget_chars // 2),
+            "error": cut(whole.error, budget_chars // 8),
+            "members": [
+                {k: cut(v, share) if isinstance(v, str) else v for k, v in member.items()} for member in members
+            ]
+            if whole.members is not None
+            else None,
+        }
     )
 
 

@@ -40,7 +40,7 @@ from dockyard.runtime.work.dispatch.records import (
 )
 from dockyard.runtime.work.dispatch.routing import TEAM_MODES, Mode, host_dir
 from dockyard.runtime.work.dispatch.states import INTERRUPT, START, move
-from dockyard.runtime.work.runners import InSandbox, Job, OnHost, Runners, RunResult
+from dockyard.runtime.work.runners import InSandbox, Job, OnHost, OutputCallback, Runners, RunResult
 
 __all__ = ["DispatchRun", "Ended"]
 
@@ -124,7 +124,7 @@ class DispatchRun:
                         detail={"mode": row.mode, "runner": row.runner},
                     )
                 ).id
-                ended = await self._work(row, owner, made)
+                ended = await self._work(row, owner, made, running)
             except TimeoutError:
                 ended = Ended(
                     DispatchStatus.FAILED, error=f"the runner did not finish within {self._profile(row).timeout_s} s"
@@ -145,14 +145,14 @@ class DispatchRun:
                 running.changed.set()
                 self._board.running.pop(row.id, None)
 
-    async def _work(self, row: Dispatch, owner: Identity, made: list[str]) -> Ended:
+    async def _work(self, row: Dispatch, owner: Identity, made: list[str], running: Running) -> Ended:
         if row.mode == Mode.USER_PC:
-            return await self._on_host(row, owner)
+            return await self._on_host(row, owner, running)
         if row.mode in TEAM_MODES:
-            return await self._team(row, owner, made)
-        return await self._in_sandbox(row, owner, made)
+            return await self._team(row, owner, made, running)
+        return await self._in_sandbox(row, owner, made, running)
 
-    async def _in_sandbox(self, row: Dispatch, owner: Identity, made: list[str]) -> Ended:
+    async def _in_sandbox(self, row: Dispatch, owner: Identity, made: list[str], running: Running) -> Ended:
         """Run a `local` or `remote` dispatch in its sandbox, with its run's token."""
         if row.mode == Mode.LOCAL:
             sandbox_id = row.caller_sandbox_id
@@ -164,10 +164,18 @@ class DispatchRun:
         profile = self._profile(row)
         timeout = min(profile.timeout_s, self._settings.sandbox.exec_max_timeout_s)
         token = await self._run_token(row, owner, RUN_SCOPES, timeout, sandbox_id)
-        job = Job(profile, row.prompt, owner, InSandbox(sandbox_id), timeout, env=runner_env(row, token.token))
+        job = Job(
+            profile,
+            row.prompt,
+            owner,
+            InSandbox(sandbox_id),
+            timeout,
+            env=runner_env(row, token.token),
+            on_output=running.output,
+        )
         return Ended.of(await self._runners.run(job), timeout)
 
-    async def _on_host(self, row: Dispatch, owner: Identity) -> Ended:
+    async def _on_host(self, row: Dispatch, owner: Identity, running: Running) -> Ended:
         """Run a confirmed `user_pc` dispatch on this machine, with its run's token."""
         await self._board.move(row.id, START, started_at=utcnow())
         assert row.prompt is not None
@@ -180,10 +188,11 @@ class DispatchRun:
             OnHost(host_dir(self._settings)),
             profile.timeout_s,
             env=runner_env(row, token.token),
+            on_output=running.output,
         )
         return Ended.of(await self._runners.run(job), profile.timeout_s)
 
-    async def _team(self, row: Dispatch, owner: Identity, made: list[str]) -> Ended:
+    async def _team(self, row: Dispatch, owner: Identity, made: list[str], running: Running) -> Ended:
         """Run every member (sharing one sandbox, or each in its own), then put their results
         together: the final result holds each member's, in order; it fails if any member failed."""
         assert row.members
@@ -204,7 +213,10 @@ class DispatchRun:
                 if sandbox_id is None:
                     sandbox_id = (await self._sandboxes.create(owner)).sandbox_id
                     made.append(sandbox_id)
-                ran = await self._runners.run(Job(profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout))
+                job = Job(
+                    profile, prompt, owner, InSandbox(sandbox_id, run_as), timeout, on_output=_labelled(running, index)
+                )
+                ran = await self._runners.run(job)
                 by_member[index] = {
                     "member": index,
                     "sandbox_id": sandbox_id,
@@ -270,6 +282,21 @@ class DispatchRun:
 
     def _profile(self, row: Dispatch) -> RunnerProfile:
         return self._settings.runners[row.runner]
+
+
+def _labelled(running: Running, member: int) -> OutputCallback:
+    """A team member's output for the dispatch's listeners, each of its lines led by `[member N] `."""
+    line_start = {"stdout": True, "stderr": True}
+
+    async def output(stream: str, text: str) -> None:
+        lines = text.splitlines(keepends=True)
+        shown = "".join(
+            f"[member {member}] {line}" if i or line_start[stream] else line for i, line in enumerate(lines)
+        )
+        line_start[stream] = text.endswith("\n")
+        await running.output(stream, shown)
+
+    return output
 
 
 def _interrupt(dispatch_id: str) -> Callable[[Session], Dispatch | None]:

@@ -18,11 +18,13 @@ import anyio
 import anyio.abc
 from sqlmodel import Session, col, or_, select
 
+from dockyard.runtime.runtimes.commands import OutputCallback
 from dockyard.runtime.runtimes.poolstatus import pool_status
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.errors import DockyardError, NotFoundError, QuotaExceededError, StateError
+from dockyard.runtime.substrate.listings import DispatchPage, DispatchRow, Window, clip
 from dockyard.runtime.substrate.models import DispatchInfo
 from dockyard.runtime.substrate.runs import link_run
 from dockyard.runtime.substrate.settings import Identity, Settings
@@ -30,6 +32,7 @@ from dockyard.runtime.substrate.store import (
     Dispatch,
     DispatchDecision,
     DispatchStatus,
+    RunLink,
     Sandbox,
     SandboxStatus,
     Store,
@@ -68,6 +71,7 @@ class DispatchService:
         runners: Runners,
     ) -> None:
         self._settings = settings
+        self._budget = settings.results.budget_chars
         self._store = store
         self._audit = audit
         self._sandboxes = sandboxes
@@ -243,7 +247,7 @@ class DispatchService:
             },
         )
         self._start(row)
-        return info(row, hint)
+        return info(row, hint, self._budget)
 
     def consent_question(
         self, who: Identity, mode: str, task_summary: str, prompt: str | None, runner: str | None
@@ -306,11 +310,11 @@ class DispatchService:
         )
         row = await self._store.get(Dispatch, dispatch_id)
         assert row is not None
-        return info(row, None)
+        return info(row, None, self._budget)
 
-    async def get(self, who: Identity, dispatch_id: str) -> DispatchInfo:
-        """The dispatch's state now."""
-        return info(await self._owned(who, dispatch_id), None)
+    async def get(self, who: Identity, dispatch_id: str, *, whole: bool = False) -> DispatchInfo:
+        """The dispatch's state now: its texts cut to the result budget unless `whole`."""
+        return info(await self._owned(who, dispatch_id), None, None if whole else self._budget)
 
     async def wait(
         self,
@@ -318,23 +322,33 @@ class DispatchService:
         dispatch_id: str,
         timeout_s: float,
         on_status: Callable[[str], Awaitable[None]] | None = None,
+        on_output: OutputCallback | None = None,
     ) -> DispatchInfo:
         """The dispatch's state once it is final or `timeout_s` has passed (it keeps running);
-        `on_status` hears each status it passes through meanwhile."""
+        `on_status` hears each status it passes through meanwhile, `on_output` its runner's
+        output (the latest few KiB first, then each chunk as it comes)."""
         row = await self._owned(who, dispatch_id)
         seen = row.status
-        with anyio.move_on_after(timeout_s):
-            while row.status not in DispatchStatus.FINAL:
-                running = self._board.running.get(dispatch_id)
-                if running is None:
-                    await anyio.sleep(0.05)  # between the row's insert and its task's start
-                else:
-                    await running.changed.wait()
-                row = await self._owned(who, dispatch_id)
-                if on_status is not None and row.status != seen:
-                    seen = row.status
-                    await on_status(seen)
-        return info(await self._owned(who, dispatch_id), None)
+        heard: Running | None = None
+        try:
+            with anyio.move_on_after(timeout_s):
+                while row.status not in DispatchStatus.FINAL:
+                    running = self._board.running.get(dispatch_id)
+                    if running is not None and on_output is not None and running is not heard:
+                        heard = running
+                        await running.listen(on_output)
+                    if running is None:
+                        await anyio.sleep(0.05)  # between the row's insert and its task's start
+                    else:
+                        await running.changed.wait()
+                    row = await self._owned(who, dispatch_id)
+                    if on_status is not None and row.status != seen:
+                        seen = row.status
+                        await on_status(seen)
+        finally:
+            if heard is not None and on_output is not None:
+                heard.listeners.discard(on_output)
+        return info(await self._owned(who, dispatch_id), None, self._budget)
 
     async def cancel(self, who: Identity, dispatch_id: str) -> DispatchInfo:
         """Stop a dispatch's runner and free its runtime; a finished one stays as it ended.
@@ -357,13 +371,53 @@ class DispatchService:
             outcome="ok",
             detail={"status": row.status, "token_id": who.token_id},
         )
-        return info(row, None)
+        return info(row, None, self._budget)
 
     async def _owned(self, who: Identity, dispatch_id: str) -> Dispatch:
         row = await self._store.get(Dispatch, dispatch_id)
         if row is None or row.workspace_id != who.workspace_id:
             raise NotFoundError(f"unknown dispatch '{dispatch_id}'; dispatch returns the ids you can wait on")
         return row
+
+    async def list_page(
+        self, who: Identity, statuses: list[str] | None, limit: int, cursor: str | None
+    ) -> DispatchPage:
+        """A page of the dispatches in the caller's reach, newest first: its workspace's, or for
+        a token bound to a sandbox (a runner, a member, a program in a sandbox) those of its own
+        run and every run it started, else those that ran in that sandbox."""
+        window = Window("dispatch_list", who, limit, cursor)
+
+        def query(session: Session) -> list[Dispatch]:
+            stmt = select(Dispatch).where(Dispatch.workspace_id == who.workspace_id)
+            if who.sandbox_id is not None and who.run_id is not None:
+                below = select(RunLink.run_id).where(RunLink.ancestor_id == who.run_id)
+                stmt = stmt.where(or_(col(Dispatch.id) == who.run_id, col(Dispatch.id).in_(below)))
+            elif who.sandbox_id is not None:
+                stmt = stmt.where(
+                    or_(Dispatch.sandbox_id == who.sandbox_id, Dispatch.caller_sandbox_id == who.sandbox_id)
+                )
+            if statuses:
+                stmt = stmt.where(col(Dispatch.status).in_(statuses))
+            return list(session.exec(window.apply(stmt, Dispatch)).all())
+
+        rows, next_cursor = window.cut(await self._store.run(query))
+        return DispatchPage(
+            dispatches=[
+                DispatchRow(
+                    dispatch_id=row.id,
+                    status=row.status,
+                    mode=row.mode,
+                    runner=row.runner,
+                    task_summary=clip(row.task_summary),
+                    user_id=row.user_id,
+                    sandbox_id=row.sandbox_id or row.caller_sandbox_id,
+                    created_at=row.created_at,
+                    finished_at=row.finished_at,
+                )
+                for row in rows
+            ],
+            next_cursor=next_cursor,
+        )
 
     async def decisions(self, who: Identity) -> list[DispatchDecision]:
         """The caller's workspace's dispatch decisions, oldest first."""

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 
+from dockyard.runtime.runtimes.commands import OutputCallback
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.errors import DockyardError, InvalidRequestError, LlmRunnerError
 from dockyard.runtime.substrate.settings import Identity, RunnerProfile
@@ -70,14 +71,16 @@ class LlmRunner:
         """Drive the model until it answers without a tool call, or until the job's time limit."""
         if not isinstance(job.where, InSandbox):
             raise InvalidRequestError("an llm runner's tools act in a sandbox; it cannot run on the host")
-        sandbox = sandbox_tools(self._sandboxes, job.owner, job.where.sandbox_id, job.env, job.where.run_as)
+        sandbox = sandbox_tools(
+            self._sandboxes, job.owner, job.where.sandbox_id, job.env, job.where.run_as, on_output=job.on_output
+        )
         conversation = job.conversation if job.conversation is not None else opening(job.prompt, job.system or SYSTEM)
         specs, carry_out = (
             (TOOLS, sandbox) if job.tools is None else ([*TOOLS, *job.tools.specs], job.tools.carry_out(sandbox))
         )
         answer = ""
         with anyio.move_on_after(job.timeout_s) as limit:
-            answer = await run_llm(job.profile, conversation, carry_out, specs)
+            answer = await run_llm(job.profile, conversation, carry_out, specs, on_output=job.on_output)
         if limit.cancelled_caught:
             return RunResult.timeout("", f"the model did not finish within {job.timeout_s} s")
         if job.on_output is not None:
@@ -86,15 +89,20 @@ class LlmRunner:
 
 
 def sandbox_tools(
-    sandboxes: SandboxService, owner: Identity, sandbox_id: str, env: dict[str, str], run_as: str | None = None
+    sandboxes: SandboxService,
+    owner: Identity,
+    sandbox_id: str,
+    env: dict[str, str],
+    run_as: str | None = None,
+    on_output: OutputCallback | None = None,
 ) -> SandboxTools:
-    """The sandbox tools, acting in `sandbox_id` as `owner` (commands also get `env`, and run as
-    the sandbox user `run_as` when given)."""
+    """The sandbox tools, acting in `sandbox_id` as `owner` (commands also get `env`, run as
+    the sandbox user `run_as` when given, and stream their output to `on_output`)."""
 
     async def carry_out(name: str, arguments: dict[str, Any]) -> str:
         if name == "exec":
             ran = await sandboxes.exec(
-                owner, sandbox_id, str(arguments.get("command", "")), runner_env=env, run_as=run_as
+                owner, sandbox_id, str(arguments.get("command", "")), runner_env=env, run_as=run_as, on_output=on_output
             )
             return json.dumps({"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr})
         if name == "read_file":
@@ -113,13 +121,19 @@ def opening(prompt: str, system: str = SYSTEM) -> list[dict[str, Any]]:
 
 
 async def run_llm(
-    profile: RunnerProfile, messages: list[dict[str, Any]], tools: SandboxTools, specs: list[dict[str, Any]] = TOOLS
+    profile: RunnerProfile,
+    messages: list[dict[str, Any]],
+    tools: SandboxTools,
+    specs: list[dict[str, Any]] = TOOLS,
+    on_output: OutputCallback | None = None,
 ) -> str:
     """Drive the model until it answers without a tool call; returns that answer.
 
     `messages` is the conversation so far (see `opening`); every turn and tool result is
     appended to it, so a caller that keeps it can go on with the same conversation later.
     `specs` are the tools offered (the sandbox tools by default); `tools` carries them out.
+    `on_output` hears what the model says on its way (text beside its tool calls) and a line
+    for each tool call; the final answer is the caller's to tell.
     """
     assert profile.url and profile.model
     headers = {"Authorization": f"Bearer {profile.api_key.get_secret_value()}"} if profile.api_key else {}
@@ -132,6 +146,8 @@ async def run_llm(
             calls = message.get("tool_calls") or []
             if not calls:
                 return str(message.get("content") or "")
+            if on_output is not None:
+                await on_output("stdout", _narration(message, calls))
             for call in calls:
                 messages.append(
                     {
@@ -141,6 +157,16 @@ async def run_llm(
                     }
                 )
     raise LlmRunnerError(f"the model did not finish within {profile.max_steps} turns")
+
+
+def _narration(message: dict[str, Any], calls: list[Any]) -> str:
+    """What a turn that calls tools shows while the run goes on: its text, then one line per call."""
+    said = str(message.get("content") or "").strip()
+    lines = [said] if said else []
+    for call in calls:
+        function = (call.get("function") if isinstance(call, dict) else None) or {}
+        lines.append(f"-> {function.get('name', '?')} {str(function.get('arguments') or '')[:200]}")
+    return "\n".join(lines) + "\n"
 
 
 async def _turn(http: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ identities dockyard acts as for a team's sandbox work."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlmodel import col, select
 
@@ -15,7 +16,14 @@ from dockyard.runtime.substrate.store import Member, MemberStatus, Store, Team, 
 from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.runtime.work.teams.views import LEAD, interrupted_notice
 
-__all__ = ["TeamAccess", "is_member", "owner", "run_of", "team_owner"]
+__all__ = ["INBOX", "TEAM", "TeamAccess", "is_member", "owner", "run_of", "team_owner"]
+
+log = logging.getLogger(__name__)
+
+TEAM = "team"
+"""A change of a team's members, tasks, plans or status."""
+INBOX = "inbox"
+"""A change of a team's messages: sent, taken by a turn, delivered."""
 
 # What a lead may still do with a team it shut down.
 _AFTER_SHUTDOWN = (Action.TEAM_TASKS, Action.TEAM_READ, Action.TEAM_SHUTDOWN, Action.TEAM_CLEANUP)
@@ -28,6 +36,22 @@ class TeamAccess:
     def __init__(self, store: Store, tokens: TokenService) -> None:
         self._store = store
         self._tokens = tokens
+        # Told the id and workspace of a team that changed, and what changed: "team" (members,
+        # tasks, plans, its status) or "inbox" (a message sent, taken or delivered).
+        self.on_change: Callable[[str, str, str], Awaitable[None]] | None = None
+
+    async def changed(self, team: Team | str, *parts: str) -> None:
+        """Tell of a change of a team (by row or id): `parts` among "team" and "inbox"."""
+        if self.on_change is None:
+            return
+        row = team if isinstance(team, Team) else await self._store.get(Team, team)
+        if row is None:
+            return
+        for part in parts:
+            try:
+                await self.on_change(row.id, row.workspace_id, part)
+            except Exception:  # a subscriber's trouble must not stop the team
+                log.exception("team %s: change notification failed", row.id)
 
     async def team(self, who: Identity, team_id: str, action: Action) -> Team:
         """A team of the caller's workspace, else a refusal on the record."""

@@ -29,7 +29,7 @@ from dockyard.runtime.substrate.settings import Identity, Settings
 from dockyard.runtime.substrate.store import Member, Message, PlanStatus, Store, Team, Token, utcnow
 from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.runtime.work.runners import InSandbox, Job, LlmTools, Runners, SandboxTools, opening
-from dockyard.runtime.work.teams.access import TeamAccess, owner, run_of, team_owner
+from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, owner, run_of, team_owner
 from dockyard.runtime.work.teams.membertools import MEMBER_TOOLS, PLAN_BLOCKED, TEAM_TOOLS, TeamTools, call_team_tool
 from dockyard.runtime.work.teams.messaging import INBOX_DIR, Messaging
 from dockyard.runtime.work.teams.states import (
@@ -285,6 +285,7 @@ class MemberLoop:
                     session.add(done)
 
             await self._store.run(deliver)
+            await self._access.changed(team, TEAM, *([INBOX] if messages else []))
             await self._audit.append(
                 owner,
                 Action.TEAM_TURN,
@@ -355,16 +356,19 @@ class MemberLoop:
     async def _move(self, member_id: str, transition: Transition[Any], **values: object) -> None:
         """Move a member along its lifecycle (and set `values`) in one transaction."""
 
-        def move(session: Session) -> None:
+        def move(session: Session) -> str | None:
             row = session.get(Member, member_id)
             if row is None:
-                return
+                return None
             transition.apply(row)
             for name, value in values.items():
                 setattr(row, name, value)
             session.add(row)
+            return row.team_id
 
-        await self._store.run(move)
+        team_id = await self._store.run(move)
+        if team_id is not None:
+            await self._access.changed(team_id, TEAM)
 
     async def _fail(self, member_id: str, error: str) -> None:
         """Mark a member failed with why, unless it was stopped meanwhile."""

@@ -21,12 +21,15 @@ __all__ = [
     "TEAM_TOOLS",
     "Body",
     "ClaimTaskId",
+    "Detail",
     "Failed",
     "MemberTool",
+    "OneTask",
     "Plan",
     "Recipient",
     "Result",
     "TaskId",
+    "TaskOffset",
     "TeamTools",
     "call_team_tool",
 ]
@@ -40,6 +43,11 @@ TaskId = Annotated[str, Field(max_length=64, description="A task you claimed.")]
 Result = Annotated[str, Field(min_length=1, max_length=4_000_000, description="What came of it.")]
 Failed = Annotated[bool, Field(description="True if the task could not be done; result says why.")]
 Plan = Annotated[str, Field(min_length=1, max_length=4_000_000, description="Your plan.")]
+Detail = Annotated[
+    bool, Field(description="Every task's detail and whole result, and members' whole plans and outputs.")
+]
+OneTask = Annotated[str | None, Field(max_length=64, description="Only this task, in full.")]
+TaskOffset = Annotated[int, Field(ge=0, description="Start the task list here (a page's next_offset).")]
 
 PLAN_BLOCKED = {"exec", "write_file"}
 """The sandbox tools an `llm` member in plan mode may not use until its plan is approved."""
@@ -50,7 +58,9 @@ class TeamTools(Protocol):
 
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> BaseModel: ...
     async def broadcast(self, who: Identity, team_id: str, body: str) -> BaseModel: ...
-    async def view(self, who: Identity, team_id: str) -> BaseModel: ...
+    async def tasks_page(
+        self, who: Identity, team_id: str, *, detail: bool, task_id: str | None, offset: int
+    ) -> BaseModel: ...
     async def inbox(self, who: Identity, team_id: str) -> BaseModel: ...
     async def claim(self, who: Identity, team_id: str, task_id: str | None) -> BaseModel: ...
     async def complete(self, who: Identity, team_id: str, task_id: str, result: str, failed: bool) -> BaseModel: ...
@@ -102,12 +112,17 @@ class TeamBroadcast(MemberTool):
 
 
 class TeamTasks(MemberTool):
-    """The team's members (status, last output) and its shared task list."""
+    """The team's members (status, last output) and its shared task list: a summary with
+    200-character previews unless detail=true, or one task in full by task_id; when has_more,
+    pass next_offset as offset for the next tasks."""
 
     name: ClassVar[str] = "team_tasks"
+    detail: Detail = False
+    task_id: OneTask = None
+    offset: TaskOffset = 0
 
     async def call(self, teams: TeamTools, who: Identity, team_id: str) -> BaseModel:
-        return await teams.view(who, team_id)
+        return await teams.tasks_page(who, team_id, detail=self.detail, task_id=self.task_id, offset=self.offset)
 
 
 class TeamRead(MemberTool):

@@ -20,7 +20,7 @@ from dockyard.runtime.substrate.errors import DockyardError, InvalidRequestError
 from dockyard.runtime.substrate.models import Inbox, MessageInfo, MessagesSent
 from dockyard.runtime.substrate.settings import Identity, TeamSettings
 from dockyard.runtime.substrate.store import Member, MemberStatus, Message, Store, Team, utcnow
-from dockyard.runtime.work.teams.access import TeamAccess, owner
+from dockyard.runtime.work.teams.access import INBOX, TeamAccess, owner
 from dockyard.runtime.work.teams.views import LEAD, interrupted_notice, message_info, wire
 
 __all__ = ["INBOX_DIR", "Doorbells", "Messaging"]
@@ -117,7 +117,10 @@ class Messaging:
         team = await self._access.team(who, team_id, Action.TEAM_READ)
         me = await self._access.party(who, team, Action.TEAM_READ)
 
+        marked = False
+
         def read(session: Session) -> tuple[list[Message], list[Message], list[Member]]:
+            nonlocal marked
             received = list(
                 session.exec(
                     select(Message).where(Message.team_id == team.id, Message.recipient == me).order_by(col(Message.id))
@@ -133,10 +136,13 @@ class Messaging:
                     if message.delivered_at is None:
                         message.taken_at = message.delivered_at = utcnow()
                         session.add(message)
+                        marked = True
             members = list(session.exec(select(Member).where(Member.team_id == team.id)).all())
             return received, sent, members
 
         received, sent, members = await self._store.run(read)
+        if marked:  # the senders' receipts changed
+            await self._access.changed(team, INBOX)
         roles = {m.id: m.role for m in members}
         return Inbox(
             received=[message_info(m, roles) for m in received],
@@ -183,6 +189,7 @@ class Messaging:
                 if member is not None:
                     await self.mirror(member)
                 self.bells.ring(recipient)
+        await self._access.changed(team, INBOX)
         return [message_info(row, roles) for row in rows]
 
     async def mirror(self, member: Member) -> None:

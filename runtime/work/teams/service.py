@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
 from sqlalchemy import delete
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from dockyard.runtime.runtimes.sandboxes import SandboxService
 from dockyard.runtime.substrate.actions import Action
 from dockyard.runtime.substrate.audit import AuditLog
 from dockyard.runtime.substrate.errors import DockyardError, InvalidRequestError
+from dockyard.runtime.substrate.listings import TeamPage, TeamRow, Window
 from dockyard.runtime.substrate.models import (
     Inbox,
     MemberInfo,
@@ -23,6 +25,7 @@ from dockyard.runtime.substrate.models import (
     TasksAdded,
     TeamForgotten,
     TeamInfo,
+    TeamTasksPage,
     TeamView,
 )
 from dockyard.runtime.substrate.runs import link_run
@@ -31,18 +34,21 @@ from dockyard.runtime.substrate.store import (
     Member,
     MemberStatus,
     Message,
+    RunLink,
     Sandbox,
     SandboxStatus,
     Store,
+    TaskStatus,
     Team,
     TeamStatus,
     TeamTask,
 )
 from dockyard.runtime.substrate.tokens import TokenService
 from dockyard.runtime.work.runners import Runners
-from dockyard.runtime.work.teams.access import TeamAccess, owner, team_owner
+from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess, is_member, owner, team_owner
 from dockyard.runtime.work.teams.members import MemberLoop
 from dockyard.runtime.work.teams.messaging import Messaging
+from dockyard.runtime.work.teams.pages import fitted
 from dockyard.runtime.work.teams.states import INTERRUPT_MEMBER, SHUT_DOWN_TEAM, STOP_MEMBER
 from dockyard.runtime.work.teams.tasks import Plans, TaskList
 from dockyard.runtime.work.teams.views import LEAD, interrupted_notice, member_info, task_info, team_info
@@ -185,8 +191,24 @@ class TeamService:
                 link_run(session, member.id, who.run_id)  # a child of the lead's run: counted in its tree
 
             await self._store.run(insert)
+        await self._access.changed(team, TEAM)
         self._loop.start(member, wait_first=False)
         return member_info(member)
+
+    @property
+    def on_change(self) -> Callable[[str, str, str], Awaitable[None]] | None:
+        """Told the id and workspace of a team that changed, and what: "team" (members, tasks,
+        plans, status) or "inbox" (messages sent, taken or delivered)."""
+        return self._access.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[str, str, str], Awaitable[None]] | None) -> None:
+        self._access.on_change = callback
+
+    async def may_read(self, who: Identity, team_id: str, action: Action) -> None:
+        """Raise (and audit) unless the caller is the team's lead or one of its members."""
+        team = await self._access.team(who, team_id, action)
+        await self._access.party(who, team, action)
 
     async def approve_plan(
         self, who: Identity, team_id: str, member_ref: str, approve: bool, feedback: str | None
@@ -230,11 +252,49 @@ class TeamService:
             counts = await self._store.run(forget)
             rec.detail.update(counts)
         self._loop.forget_team(team.id)
+        await self._access.changed(team, TEAM, INBOX)  # it is gone: a read now says so
         return TeamForgotten(
             team_id=team.id, members=counts["members"], messages=counts["messages"], tasks=counts["tasks"]
         )
 
     # -- everyone's tools -----------------------------------------------------------------
+
+    async def list_page(self, who: Identity, statuses: list[str] | None, limit: int, cursor: str | None) -> TeamPage:
+        """A page of the teams in the caller's reach, newest first: a member sees its own team;
+        a lead its workspace's, or with a token bound to a sandbox, the teams its run started."""
+        window = Window("team_list", who, limit, cursor)
+        member = await self._store.get(Member, who.run_id) if is_member(who) and who.run_id else None
+
+        def query(session: Session) -> list[tuple[Team, int, int]]:
+            stmt = select(Team).where(Team.workspace_id == who.workspace_id)
+            if is_member(who):
+                stmt = stmt.where(Team.id == (member.team_id if member is not None else None))
+            elif who.sandbox_id is not None:
+                below = select(RunLink.run_id).where(RunLink.ancestor_id == (who.run_id or who.sandbox_id))
+                stmt = stmt.where(col(Team.id).in_(below))
+            if statuses:
+                stmt = stmt.where(col(Team.status).in_(statuses))
+            teams = list(session.exec(window.apply(stmt, Team)).all())
+            return [(team, *_counts(session, team.id)) for team in teams]
+
+        found = await self._store.run(query)
+        page, next_cursor = window.cut([team for team, _, _ in found])
+        counts = {team.id: (members, open_tasks) for team, members, open_tasks in found}
+        return TeamPage(
+            teams=[
+                TeamRow(
+                    team_id=team.id,
+                    name=team.name,
+                    status=team.status,
+                    lead_user_id=team.user_id,
+                    members=counts[team.id][0],
+                    open_tasks=counts[team.id][1],
+                    created_at=team.created_at,
+                )
+                for team in page
+            ],
+            next_cursor=next_cursor,
+        )
 
     async def view(self, who: Identity, team_id: str) -> TeamView:
         """Every member's status and the shared task list."""
@@ -263,6 +323,13 @@ class TeamService:
             tasks=[task_info(t, roles) for t in tasks],
             notice=notice,
         )
+
+    async def tasks_page(
+        self, who: Identity, team_id: str, *, detail: bool, task_id: str | None, offset: int
+    ) -> TeamTasksPage:
+        """`view` within the result budget: summaries by default, the full text on request."""
+        view = await self.view(who, team_id)
+        return fitted(view, self._settings.results.budget_chars, detail=detail, task_id=task_id, offset=offset)
 
     async def message(self, who: Identity, team_id: str, to: str, body: str) -> MessagesSent:
         """Append a message to one inbox (a member's by role, or the lead's) and wake its owner."""
@@ -318,12 +385,24 @@ class TeamService:
             assert sandbox.run_id is not None
             await self._give_back(runs[sandbox.run_id], sandbox.id)
         await self._store.run(lambda s: _shut_down(s, team.id))
+        await self._access.changed(team, TEAM)
 
     async def _give_back(self, owner: Identity, sandbox_id: str) -> None:
         try:
             await self._sandboxes.destroy(owner, sandbox_id)
         except DockyardError as exc:
             log.info("sandbox %s of a team: %s", sandbox_id, exc)
+
+
+def _counts(session: Session, team_id: str) -> tuple[int, int]:
+    """A team's members, and its tasks nobody has claimed yet."""
+    members = session.exec(select(func.count()).select_from(Member).where(Member.team_id == team_id)).one()
+    open_tasks = session.exec(
+        select(func.count())
+        .select_from(TeamTask)
+        .where(TeamTask.team_id == team_id, TeamTask.status == TaskStatus.OPEN)
+    ).one()
+    return members, open_tasks
 
 
 def _stop_members(session: Session, team_id: str) -> None:

@@ -16,7 +16,7 @@ from dockyard.runtime.substrate.errors import InvalidRequestError
 from dockyard.runtime.substrate.models import MemberInfo, TaskInfo, TasksAdded
 from dockyard.runtime.substrate.settings import Identity, TeamSettings
 from dockyard.runtime.substrate.store import Member, Message, Store, TaskStatus, TeamTask, utcnow
-from dockyard.runtime.work.teams.access import TeamAccess
+from dockyard.runtime.work.teams.access import INBOX, TEAM, TeamAccess
 from dockyard.runtime.work.teams.messaging import Messaging
 from dockyard.runtime.work.teams.states import (
     APPROVE_PLAN,
@@ -71,6 +71,7 @@ class TaskList:
 
             await self._store.run(insert)
             rec.detail["task_ids"] = [row.id for row in rows]
+        await self._access.changed(team, TEAM)
         return TasksAdded(tasks=[task_info(row, {}) for row in rows])
 
     async def claim(self, who: Identity, team_id: str, task_id: str | None) -> TaskInfo:
@@ -113,6 +114,7 @@ class TaskList:
 
             claimed = await self._store.run(take)
             rec.target = claimed.id
+        await self._access.changed(team, TEAM)
         return task_info(claimed, {me: await self._access.role(me)})
 
     async def complete(self, who: Identity, team_id: str, task_id: str, result: str, failed: bool) -> TaskInfo:
@@ -135,6 +137,7 @@ class TaskList:
                 return row
 
             done = await self._store.run(finish)
+        await self._access.changed(team, TEAM)
         return task_info(done, {me: await self._access.role(me)})
 
 
@@ -182,6 +185,7 @@ class Plans:
                 return row
 
             member = await self._store.run(propose)
+        await self._access.changed(team, TEAM, INBOX)
         return member_info(member)
 
     async def answer(
@@ -226,5 +230,6 @@ class Plans:
                 return row
 
             member = await self._store.run(decide)
+        await self._access.changed(team, TEAM, INBOX)
         self._messaging.bells.ring(member.id)  # an approved member's next turn gets a token that may act
         return member_info(member, await self._access.notice_for(who, team))
