@@ -389,11 +389,14 @@ class SandboxService:
         await self._tell(row.id, row.workspace_id)
 
     async def _tell(self, sandbox_id: str, workspace_id: str) -> None:
+        # Shielded: a cancel landing here, after a create has its runtime, would leave the
+        # sandbox to nobody (the caller never learns its id); it lands at the caller's next step.
         if self.on_change is not None:
-            try:
-                await self.on_change(sandbox_id, workspace_id)
-            except Exception:  # a subscriber's trouble must not stop the sandbox's lifecycle
-                log.exception("sandbox %s: change notification failed", sandbox_id)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.on_change(sandbox_id, workspace_id)
+                except Exception:  # a subscriber's trouble must not stop the sandbox's lifecycle
+                    log.exception("sandbox %s: change notification failed", sandbox_id)
 
     def _info(self, row: Sandbox) -> SandboxInfo:
         ports = self.ports.ports(row.container_id)

@@ -206,7 +206,9 @@ async def test_a_computer_whose_browser_never_starts_fails_fast_and_leaves_nothi
     )
     try:
         async with Engine.open(settings) as engine:
-            with anyio.fail_after(60):  # the build, then a start that must not wait out its 30 s
+            with anyio.fail_after(600):  # the build first: on a loaded host it can outlast a claim's wait
+                await engine.images.ensure(recipe)
+            with anyio.fail_after(60):  # a start that must not wait out its 30 s
                 with pytest.raises(BackendError) as failed:
                     await engine.pools.claim("broken", "ws-a", _no_owner, network="none")
             assert "stopped before its browser answered: no browser in here" in str(failed.value)

@@ -7,6 +7,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+import anyio
 from sqlmodel import col, select
 
 from dockyard.runtime.substrate.actions import Action, Scope
@@ -44,14 +45,17 @@ class TeamAccess:
         """Tell of a change of a team (by row or id): `parts` among "team" and "inbox"."""
         if self.on_change is None:
             return
-        row = team if isinstance(team, Team) else await self._store.get(Team, team)
-        if row is None:
-            return
-        for part in parts:
-            try:
-                await self.on_change(row.id, row.workspace_id, part)
-            except Exception:  # a subscriber's trouble must not stop the team
-                log.exception("team %s: change notification failed", row.id)
+        # Shielded: told after the change is stored, so a cancel here would make a step that
+        # happened look as if it had not (and leave what it took to nobody).
+        with anyio.CancelScope(shield=True):
+            row = team if isinstance(team, Team) else await self._store.get(Team, team)
+            if row is None:
+                return
+            for part in parts:
+                try:
+                    await self.on_change(row.id, row.workspace_id, part)
+                except Exception:  # a subscriber's trouble must not stop the team
+                    log.exception("team %s: change notification failed", row.id)
 
     async def team(self, who: Identity, team_id: str, action: Action) -> Team:
         """A team of the caller's workspace, else a refusal on the record."""
