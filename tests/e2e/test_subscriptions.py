@@ -212,3 +212,31 @@ async def test_a_subscription_hears_nothing_once_its_token_has_expired(served: S
             await heard.next(uri, 60)  # completed, after the brief token expired
             assert (await call(client, "await_dispatch", dispatch_id=dispatch_id, timeout_s=0))["status"] == "completed"
             assert await short_heard.quiet(uri, 1) and short_heard.uris == []
+
+
+async def test_the_team_inbox_and_sandbox_resources_are_unreadable_from_another_workspace_or_a_revoked_token(
+    served: Served,
+) -> None:
+    scopes = [*TEAM, "sandbox:create", "sandbox:exec", "sandbox:files"]
+    ann = await mint(served, scopes=scopes, workspace_id="a")
+    bob = await mint(served, scopes=scopes, workspace_id="b")
+    gone = await mint(served, scopes=scopes, workspace_id="a")
+    async with connect(served, served.admin_key) as admin:
+        await call(admin, "token_revoke", token_id=gone["token_id"])
+    async with connect(served, ann["token"]) as client_a, connect(served, bob["token"]) as client_b:
+        team_id = (await call(client_a, "team_create", name="ours"))["team_id"]
+        sandbox_id = (await call(client_a, "sandbox_create"))["sandbox_id"]
+        uris = [
+            f"dockyard://teams/{team_id}",
+            f"dockyard://teams/{team_id}/inbox",
+            f"dockyard://sandboxes/{sandbox_id}",
+        ]
+        for uri in uris:
+            assert (await client_a.read_resource(uri)).contents  # the owner reads it
+            with pytest.raises(MCPError, match="unknown"):
+                await client_b.read_resource(uri)
+        with pytest.raises(MCPError, match="unknown"):
+            await client_a.read_resource("dockyard://sandboxes/sbx_0000000000000000")
+    with pytest.raises(Exception):  # noqa: B017 - a revoked token does not even get a session
+        async with connect(served, gone["token"]) as client_gone:
+            await client_gone.read_resource(uris[0])
